@@ -1,0 +1,1 @@
+"""Frontends: model formats in, IR graphs out."""

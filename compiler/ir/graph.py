@@ -1,0 +1,225 @@
+"""The IR: a Graph of Nodes in topological order, connected by typed Values.
+
+Values come from three places: graph inputs, parameters (weights and constants, whose data lives
+in the graph's WeightStore), and node outputs. Nodes are created through `Graph.add_node`, which
+checks the op against the registry, fills in attribute defaults, and infers the output types, so a
+graph is typed at every step of its construction.
+
+Integer tensors that describe shapes also carry `sym`: their contents as symbolic dims, when
+known. That is how `Reshape(x, Concat(Shape(x)[0], 64))` gets the type `[batch, 64]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .dtypes import DType
+from .symbolic import Dim, Sym, evaluate
+
+# Integer parameters up to this many elements take part in symbolic shape arithmetic.
+_SYM_MAX_ELEMENTS = 64
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple[Dim, ...]
+    dtype: DType
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(self.shape))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def numel(self) -> Dim:
+        n: Dim = 1
+        for d in self.shape:
+            n = n * d
+        return n
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.shape)
+
+    def concrete(self, env: dict[str, int]) -> tuple[int, ...]:
+        return tuple(evaluate(d, env) for d in self.shape)
+
+    def with_shape(self, shape) -> "TensorType":
+        return TensorType(tuple(shape), self.dtype)
+
+    def with_dtype(self, dtype: DType) -> "TensorType":
+        return TensorType(self.shape, dtype)
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+
+
+class Value:
+    """An edge of the graph. `kind` is 'input', 'param' or 'node'."""
+
+    __slots__ = ("name", "type", "kind", "producer", "sym")
+
+    def __init__(self, name: str, type: TensorType, kind: str, producer: "Node | None" = None,
+                 sym: tuple[Dim, ...] | Dim | None = None):
+        self.name, self.type, self.kind, self.producer, self.sym = name, type, kind, producer, sym
+
+    @property
+    def shape(self) -> tuple[Dim, ...]:
+        return self.type.shape
+
+    @property
+    def dtype(self) -> DType:
+        return self.type.dtype
+
+    def __repr__(self) -> str:
+        return f"%{self.name}: {self.type}"
+
+
+class Node:
+    __slots__ = ("op", "name", "inputs", "attrs", "outputs")
+
+    def __init__(self, op: str, name: str, inputs: list[Value | None], attrs: dict[str, Any],
+                 outputs: list[Value]):
+        self.op, self.name, self.inputs, self.attrs, self.outputs = op, name, inputs, attrs, outputs
+
+    def __repr__(self) -> str:
+        return f"Node({self.op} {self.name})"
+
+
+class Graph:
+    def __init__(self, name: str = "main", store=None):
+        from ..weights import WeightStore
+
+        self.name = name
+        self.store = store if store is not None else WeightStore()
+        self.inputs: list[Value] = []
+        self.outputs: list[Value] = []
+        self.nodes: list[Node] = []
+        self.params: dict[str, Value] = {}
+        self.metadata: dict[str, Any] = {}
+        self._value_names: set[str] = set()
+        self._node_names: set[str] = set()
+
+    # Construction ----------------------------------------------------------------------------
+    def unique_name(self, hint: str) -> str:
+        """A value name not yet used in this graph, derived from `hint`."""
+        return _unique(self._value_names, hint)
+
+    def rename(self, v: Value, name: str) -> None:
+        """Give a node output a new name (the frontend uses the names of the source model)."""
+        if v.kind != "node":
+            raise ValueError(f"only node outputs can be renamed, not {v.kind} {v.name!r}")
+        if name in self._value_names:
+            raise ValueError(f"duplicate value name {name!r}")
+        self._value_names.discard(v.name)
+        self._value_names.add(name)
+        v.name = name
+
+    def add_input(self, name: str, type: TensorType) -> Value:
+        if name in self._value_names:
+            raise ValueError(f"duplicate value name {name!r}")
+        self._value_names.add(name)
+        v = Value(name, type, "input")
+        self.inputs.append(v)
+        return v
+
+    def add_param(self, name: str, array: np.ndarray | None = None) -> Value:
+        """A weight or constant. With `array`, the data is added to the store under `name`;
+        without, `name` must already be in the store."""
+        name = self.unique_name(name)
+        if array is not None:
+            self.store.add(name, array)
+        data = self.store[name]
+        v = Value(name, TensorType(data.shape, DType.from_numpy(data.dtype)), "param")
+        if data.dtype.kind in "iu" and data.size <= _SYM_MAX_ELEMENTS and data.ndim <= 1:
+            v.sym = int(data) if data.ndim == 0 else tuple(int(x) for x in data)
+        self.params[name] = v
+        return v
+
+    def add_node(self, op: str, inputs: Sequence[Value | None], attrs: dict[str, Any] | None = None,
+                 name: str | None = None, output_names: Sequence[str] | None = None) -> list[Value]:
+        from ..ops import get_op
+
+        opdef = get_op(op)
+        inputs = list(inputs)
+        attrs = opdef.bind_attrs(attrs or {})
+        opdef.check_inputs(inputs)
+        node = Node(op, _unique(self._node_names, name or op), inputs, attrs, [])
+        types = opdef.infer(inputs, **attrs)
+        syms = opdef.propagate_sym(inputs, len(types), **attrs)
+        for i, (t, s) in enumerate(zip(types, syms)):
+            if output_names:
+                out_name = output_names[i]
+                if out_name in self._value_names:
+                    raise ValueError(f"duplicate value name {out_name!r}")
+                self._value_names.add(out_name)
+            else:
+                out_name = self.unique_name(node.name if len(types) == 1 else f"{node.name}.{i}")
+            # A dim that inference could not determine becomes a fresh symbol of its own.
+            shape = tuple(Sym.var(f"{out_name}.d{j}") if d is None else d
+                          for j, d in enumerate(t.shape))
+            node.outputs.append(Value(out_name, t.with_shape(shape), "node", node, s))
+        self.nodes.append(node)
+        return node.outputs
+
+    # Queries ---------------------------------------------------------------------------------
+    def const_value(self, v: Value | None) -> np.ndarray | None:
+        """The data of a parameter, or None for anything computed at run time."""
+        if v is None or v.kind != "param":
+            return None
+        return self.store[v.name]
+
+    def values(self) -> Iterable[Value]:
+        yield from self.inputs
+        yield from self.params.values()
+        for n in self.nodes:
+            yield from n.outputs
+
+    def consumers(self) -> dict[Value, list[Node]]:
+        users: dict[Value, list[Node]] = {v: [] for v in self.values()}
+        for n in self.nodes:
+            for v in n.inputs:
+                if v is not None:
+                    users[v].append(n)
+        return users
+
+    def symbols(self) -> set[str]:
+        """The named dims of the graph's inputs (batch, seq, past, ...)."""
+        return {a for v in self.inputs for d in v.shape if isinstance(d, Sym) for a in d.atoms}
+
+    def param_bytes(self) -> int:
+        return sum(int(self.store[n].nbytes) for n in self.params)
+
+    def param_count(self) -> int:
+        return sum(int(self.store[n].size) for n in self.params)
+
+    def to_networkx(self):
+        """A DiGraph with a node per IR node and an edge per value passed between nodes."""
+        import networkx as nx
+
+        g = nx.DiGraph()
+        for n in self.nodes:
+            g.add_node(n.name, op=n.op)
+            for v in n.inputs:
+                if v is not None and v.producer is not None:
+                    g.add_edge(v.producer.name, n.name, value=v.name)
+        return g
+
+    def __str__(self) -> str:
+        from .printer import format_graph
+
+        return format_graph(self)
+
+
+def _unique(used: set[str], hint: str) -> str:
+    name, i = hint or "v", 0
+    while name in used:
+        i += 1
+        name = f"{hint}_{i}"
+    used.add(name)
+    return name
