@@ -16,11 +16,13 @@ torch and transformers are imported only when a model is built.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,7 +239,8 @@ def _export(zm: ZooModel, path: Path, *, kv_cache, exporter, dtype, opset, exter
         kwargs["dynamic_axes"] = _dynamic_axes(input_names, output_names, kv_cache)
         kwargs["dynamo"] = False
         kwargs.pop("external_data")
-    with torch.no_grad():
+    # The exporters print progress on stdout; keep stdout for results (`llmc zoo export`).
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         torch.onnx.export(wrapper, args, str(path), **kwargs)
     if exporter == "torchscript" and external_data:
         import onnx

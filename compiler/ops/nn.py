@@ -128,7 +128,8 @@ def attention(q, k, v, mask=None, scale=None, is_causal=0):
     k and v may have fewer heads than q (grouped-query attention: each k/v head serves
     heads_q / heads_kv query heads). `mask` is boolean (True attends) or additive, and broadcasts
     to [batch, heads, seq_q, seq_kv]. With `is_causal`, query i sees keys up to
-    i + seq_kv - seq_q (the queries are the last seq_q positions).
+    i + seq_kv - seq_q (the queries are the last seq_q positions). A query that sees no key at
+    all gets zeros (as ONNX Attention defines it), not NaN.
     """
     hq, hkv = q.shape[1], k.shape[1]
     if hq != hkv:
@@ -142,4 +143,6 @@ def attention(q, k, v, mask=None, scale=None, is_causal=0):
         scores = np.where(visible, scores, -np.inf)
     if mask is not None:
         scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + _f32(mask)
-    return np.matmul(_softmax_f32(scores, -1), _f32(v)).astype(q.dtype)
+    blind = np.isneginf(scores.max(axis=-1, keepdims=True))
+    probs = np.where(blind, 0.0, _softmax_f32(np.where(blind, 0.0, scores), -1))
+    return np.matmul(probs.astype(np.float32), _f32(v)).astype(q.dtype)

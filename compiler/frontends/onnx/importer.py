@@ -218,9 +218,8 @@ class _Importer:
         self.created.extend(outs)
         return outs
 
-    def const_value(self, array: np.ndarray) -> Value:
-        hint = next((o for o in self.node.output if o), self._name())
-        return self.graph.add_param(hint, np.asarray(array))
+    def const_value(self, array: np.ndarray, name: str | None = None) -> Value:
+        return self.graph.add_param(name or f"{self._name()}.const", np.asarray(array))
 
     def scalar(self, x: float, dtype: DType) -> Value:
         return self.const_value(np.array(x, dtype.numpy()))

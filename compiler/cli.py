@@ -1,0 +1,173 @@
+"""The `llmc` command line.
+
+    llmc inspect model.onnx [--ir] [--svg FILE [--layer N]]
+    llmc ops [--markdown]
+    llmc zoo list | llmc zoo export NAME [-o model.onnx]
+
+Results go to stdout, logs (`-v`) to stderr. A problem with the input (a missing file, an
+unsupported op) prints one clear message and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import LlmcError
+
+log = logging.getLogger("llmc")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else
+                        logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except LlmcError as e:
+        print(f"llmc: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmc", description="A compiler for Transformer language models.")
+    p.add_argument("--version", action="version", version=f"llmc {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    ins = sub.add_parser("inspect", help="show a model's inputs, outputs, parameters and ops")
+    ins.add_argument("model", help="an ONNX file")
+    ins.add_argument("--ir", action="store_true", help="print the IR as text")
+    ins.add_argument("--svg", metavar="FILE", help="draw the graph (one layer if large) as SVG")
+    ins.add_argument("--layer", type=int, help="with --svg: draw this transformer layer")
+    ins.set_defaults(run=_inspect)
+
+    ops = sub.add_parser("ops", help="list the ONNX ops the frontend supports")
+    ops.add_argument("--markdown", action="store_true", help="as the table in docs/onnx-ops.md")
+    ops.set_defaults(run=_ops)
+
+    zoo = sub.add_parser("zoo", help="build the test/benchmark models (needs the 'zoo' extra)")
+    zsub = zoo.add_subparsers(metavar="ACTION")
+    zl = zsub.add_parser("list", help="list the zoo's models")
+    zl.set_defaults(run=_zoo_list)
+    ze = zsub.add_parser("export", help="export a zoo model to ONNX (cached); prints the path")
+    ze.add_argument("name", help="a model name from `llmc zoo list`")
+    ze.add_argument("-o", "--output", help="copy the ONNX file (and its data) here")
+    ze.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    ze.add_argument("--no-kv-cache", action="store_true", help="export without past/present")
+    ze.add_argument("--dtype", choices=("f32", "f16"), default="f32")
+    ze.add_argument("--opset", type=int, help="ONNX opset (the exporter's default if omitted)")
+    ze.add_argument("--external-data", action="store_true", help="weights in a separate file")
+    ze.set_defaults(run=_zoo_export)
+    return p
+
+
+def _inspect(args) -> int:
+    from .frontends.onnx import from_onnx
+
+    log.info("loading %s", args.model)
+    graph = from_onnx(args.model)
+    out = []
+    meta = graph.metadata
+    out.append(f"model:    {args.model}")
+    out.append(f"producer: {meta.get('producer') or '?'}, opset {meta.get('opset')}")
+    width = max(len(v.name) for v in graph.inputs + graph.outputs)
+    out.append("inputs:")
+    out += [f"  {v.name:<{width}}  {v.type}" for v in graph.inputs]
+    out.append("outputs:")
+    out += [f"  {v.name:<{width}}  {v.type}" for v in graph.outputs]
+    out.append(f"symbolic dims: {', '.join(sorted(graph.symbols())) or 'none'}")
+    out.append(f"parameters: {graph.param_count():,} in {len(graph.params)} tensors, "
+               f"{_bytes(graph.param_bytes())}")
+    hist = collections.Counter(n.op for n in graph.nodes)
+    out.append(f"ops: {len(graph.nodes)} nodes")
+    out += [f"  {op:<18} {count}" for op, count in hist.most_common()]
+    print("\n".join(out))
+    if args.ir:
+        print()
+        print(graph)
+    if args.svg:
+        from .ir.draw import to_svg
+
+        Path(args.svg).write_text(to_svg(graph, layer=args.layer))
+        log.info("wrote %s", args.svg)
+    return 0
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def _ops(args) -> int:
+    from .frontends.onnx.converters import CONVERTERS
+
+    if not args.markdown:
+        print("\n".join(sorted(CONVERTERS)))
+        return 0
+    sys.stdout.write(onnx_ops_markdown())
+    return 0
+
+
+def onnx_ops_markdown() -> str:
+    """docs/onnx-ops.md, generated from the converter table (a test keeps the file current)."""
+    from .frontends.onnx.converters import CONVERTERS
+
+    lines = ["# ONNX ops supported by the frontend", "",
+             "Generated by `llmc ops --markdown` from the converter table "
+             "(`compiler/frontends/onnx/converters.py`); one converter function per op.", "",
+             "| ONNX op | becomes |", "| --- | --- |"]
+    for op in sorted(CONVERTERS):
+        doc = " ".join((CONVERTERS[op].__doc__ or "").split("\n\n")[0].split())
+        lines.append(f"| {op} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def _zoo_list(args) -> int:
+    from .zoo import ZOO
+
+    for m in ZOO.values():
+        print(f"{m.name:<12} {m.family:<9} {'decoder' if m.is_decoder else 'encoder'}  "
+              + ", ".join(f"{k}={v}" for k, v in m.sizes.items()))
+    return 0
+
+
+def _zoo_export(args) -> int:
+    from . import zoo
+
+    try:
+        model = zoo.get(args.name)
+    except KeyError as e:
+        raise LlmcError(str(e.args[0])) from None
+    path = model.export(kv_cache=not args.no_kv_cache, exporter=args.exporter, dtype=args.dtype,
+                        opset=args.opset, external_data=args.external_data)
+    if args.output:
+        dest = Path(args.output)
+        shutil.copyfile(path, dest)
+        data = path.with_name("model.onnx.data")
+        if data.exists():
+            # External data is referenced by file name; keep that name next to the copy.
+            shutil.copyfile(data, dest.with_name("model.onnx.data"))
+        path = dest
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

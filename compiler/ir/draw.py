@@ -1,0 +1,89 @@
+"""Draw a graph (or one transformer layer of it) as SVG.
+
+The layout is layered: networkx's topological generations give the rows, and each row is
+ordered by the mean position of its predecessors to keep edges short. The SVG is written
+directly, so drawing needs neither Graphviz nor matplotlib.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+
+import networkx as nx
+
+from .graph import Graph
+
+_MAX_NODES = 300
+_BOX_W, _BOX_H, _GAP_X, _GAP_Y = 150, 34, 20, 36
+_LAYER = r"(?:^|[./_])(?:layers?|h|blocks?|decoder\.layers|encoder\.layer)[._]{k}(?:[./_]|$)"
+
+
+def layer_nodes(graph: Graph, k: int) -> list:
+    """The nodes of transformer layer `k`: from the first to the last node that is named after
+    layer k or consumes a weight named after it, in topological order."""
+    pattern = re.compile(_LAYER.format(k=k))
+    hits = [i for i, n in enumerate(graph.nodes)
+            if pattern.search(n.name) or any(v is not None and v.kind == "param" and
+                                             pattern.search(v.name) for v in n.inputs)]
+    return graph.nodes[hits[0]:hits[-1] + 1] if hits else []
+
+
+def select_nodes(graph: Graph, layer: int | None = None) -> tuple[list, str]:
+    """What to draw: the whole graph when small, else one layer (layer 0 unless told)."""
+    if layer is None and len(graph.nodes) <= _MAX_NODES:
+        return graph.nodes, f"{graph.name} ({len(graph.nodes)} nodes)"
+    k = 0 if layer is None else layer
+    nodes = layer_nodes(graph, k)
+    if not nodes:
+        return graph.nodes[:_MAX_NODES], f"{graph.name}: first {_MAX_NODES} nodes (no layer {k} found)"
+    return nodes, f"{graph.name}: layer {k} ({len(nodes)} nodes)"
+
+
+def to_svg(graph: Graph, layer: int | None = None, nodes=None, title: str | None = None) -> str:
+    if nodes is None:
+        nodes, title = select_nodes(graph, layer)
+    chosen = set(nodes)
+    dag = nx.DiGraph()
+    for n in nodes:
+        dag.add_node(n)
+        for v in n.inputs:
+            if v is not None and v.producer in chosen:
+                dag.add_edge(v.producer, n)
+    rows, pos = [], {}
+    for gen in nx.topological_generations(dag):
+        gen.sort(key=lambda n: (sum(pos[p][0] for p in dag.predecessors(n)) /
+                                max(1, dag.in_degree(n))) if dag.in_degree(n) else 0)
+        for x, n in enumerate(gen):
+            pos[n] = (x, len(rows))
+        rows.append(gen)
+    width = max((len(r) for r in rows), default=1) * (_BOX_W + _GAP_X) + _GAP_X
+    height = len(rows) * (_BOX_H + _GAP_Y) + 60
+    xy = {n: (_GAP_X + x * (_BOX_W + _GAP_X), 50 + y * (_BOX_H + _GAP_Y)) for n, (x, y) in pos.items()}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="monospace" font-size="11">',
+           f'<text x="{_GAP_X}" y="24" font-size="14">{html.escape(title or graph.name)}</text>']
+    for a, b in dag.edges:
+        (x1, y1), (x2, y2) = xy[a], xy[b]
+        out.append(f'<line x1="{x1 + _BOX_W / 2}" y1="{y1 + _BOX_H}" x2="{x2 + _BOX_W / 2}" '
+                   f'y2="{y2}" stroke="#999"/>')
+    for n, (x, y) in xy.items():
+        shape = str(n.outputs[0].type) if n.outputs else ""
+        out.append(f'<g><title>{html.escape(n.name)}</title>'
+                   f'<rect x="{x}" y="{y}" width="{_BOX_W}" height="{_BOX_H}" rx="4" '
+                   f'fill="{_color(n.op)}" stroke="#444"/>'
+                   f'<text x="{x + 6}" y="{y + 14}" font-weight="bold">{html.escape(n.op)}</text>'
+                   f'<text x="{x + 6}" y="{y + 27}" fill="#333">{html.escape(shape[:22])}</text></g>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _color(op: str) -> str:
+    if op in ("matmul", "attention"):
+        return "#f6c9a0"
+    if op in ("layer_norm", "rms_norm", "softmax"):
+        return "#b9dcf2"
+    if op in ("shape", "reshape", "transpose", "squeeze", "unsqueeze", "concat", "slice",
+              "gather", "expand", "split", "range", "constant_of_shape", "cast"):
+        return "#e8e8e8"
+    return "#d5f0c8"

@@ -1,0 +1,92 @@
+"""The command line: version, inspect (summary, --ir, --svg), ops, zoo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from zoo_cases import export
+
+from llmc import __version__
+from llmc.cli import main, onnx_ops_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version():
+    out = subprocess.run([sys.executable, "-m", "llmc.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"llmc {__version__}"
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "inspect" in capsys.readouterr().out
+
+
+def test_inspect_summary(capsys):
+    path = export("llama-tiny", exporter="dynamo", kv_cache=True)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "input_ids                i64[batch, seq]" in out
+    assert "past_key_values.0.key    f32[batch, 2, past, 16]" in out
+    assert "present.1.value          f32[batch, 2, past + seq, 16]" in out
+    assert "symbolic dims: batch, past, seq, total" in out
+    assert "parameters: 106,591 in" in out
+    assert "matmul             19" in out
+
+
+def test_inspect_ir_and_svg(capsys, tmp_path):
+    path = export("gpt2-tiny", exporter="torchscript", kv_cache=False)
+    svg = tmp_path / "g.svg"
+    assert main(["inspect", str(path), "--ir", "--svg", str(svg)]) == 0
+    out = capsys.readouterr().out
+    assert "graph main_graph(%input_ids: i64[batch, seq]" in out
+    assert " = matmul(" in out and "return %logits" in out
+    root = ET.parse(svg).getroot()
+    boxes = root.findall("{http://www.w3.org/2000/svg}g")
+    assert len(boxes) > 50
+
+
+def test_svg_of_one_layer(tmp_path):
+    from llmc import from_onnx
+    from llmc.ir.draw import layer_nodes, to_svg
+
+    graph = from_onnx(export("llama-tiny", exporter="torchscript", kv_cache=True))
+    layer0, layer1 = layer_nodes(graph, 0), layer_nodes(graph, 1)
+    assert 20 < len(layer0) < len(graph.nodes) and 20 < len(layer1) < len(graph.nodes)
+    assert {n.op for n in layer0} >= {"matmul", "softmax", "sigmoid"}
+    svg = to_svg(graph, layer=1)
+    assert "layer 1" in svg and svg.count("<rect") == len(layer1)
+
+
+def test_ops_markdown_is_current():
+    """docs/onnx-ops.md is generated from the converter table; regenerate with
+    `llmc ops --markdown > docs/onnx-ops.md`."""
+    assert (ROOT / "docs" / "onnx-ops.md").read_text() == onnx_ops_markdown()
+
+
+def test_zoo_list(capsys):
+    assert main(["zoo", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "llama-0.5b" in out and "gpt2-124m" in out and "bert-tiny" in out
+
+
+def test_zoo_export_copy(capsys, tmp_path):
+    out_path = tmp_path / "m.onnx"
+    assert main(["zoo", "export", "opt-tiny", "--exporter", "torchscript", "-o", str(out_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(out_path)
+    assert out_path.stat().st_size > 100_000
+
+
+def test_zoo_unknown_model(capsys):
+    assert main(["zoo", "export", "gpt5"]) == 2
+    assert "unknown zoo model 'gpt5'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["inspect"], ["zoo", "export"]])
+def test_usage_errors_exit_2(args):
+    out = subprocess.run([sys.executable, "-m", "llmc.cli", *args], capture_output=True, text=True)
+    assert out.returncode == 2 and "usage:" in out.stderr
