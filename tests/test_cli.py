@@ -50,14 +50,17 @@ def test_inspect_ir_and_svg(capsys, tmp_path):
     assert len(boxes) > 50
 
 
-def test_svg_of_one_layer(tmp_path):
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_svg_of_one_layer(exporter):
     from llmc import from_onnx
     from llmc.ir.draw import layer_nodes, to_svg
 
-    graph = from_onnx(export("llama-tiny", exporter="torchscript", kv_cache=True))
+    graph = from_onnx(export("llama-tiny", exporter=exporter, kv_cache=True))
     layer0, layer1 = layer_nodes(graph, 0), layer_nodes(graph, 1)
-    assert 20 < len(layer0) < len(graph.nodes) and 20 < len(layer1) < len(graph.nodes)
+    assert 50 < len(layer0) < len(graph.nodes) / 2 and 50 < len(layer1) < len(graph.nodes) / 2
+    assert not set(layer0) & set(layer1)
     assert {n.op for n in layer0} >= {"matmul", "softmax", "sigmoid"}
+    assert all(n.scope.startswith("model.model.layers.1") for n in layer1 if n.op == "matmul")
     svg = to_svg(graph, layer=1)
     assert "layer 1" in svg and svg.count("<rect") == len(layer1)
 

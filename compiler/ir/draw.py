@@ -19,13 +19,22 @@ _BOX_W, _BOX_H, _GAP_X, _GAP_Y = 150, 34, 20, 36
 _LAYER = r"(?:^|[./_])(?:layers?|h|blocks?|decoder\.layers|encoder\.layer)[._]{k}(?:[./_]|$)"
 
 
-def layer_nodes(graph: Graph, k: int) -> list:
-    """The nodes of transformer layer `k`: from the first to the last node that is named after
-    layer k or consumes a weight named after it, in topological order."""
+def _layer_hits(graph: Graph, k: int) -> list[int]:
+    """Nodes of layer k by their source scope; by the weights they use when no node has one."""
     pattern = re.compile(_LAYER.format(k=k))
-    hits = [i for i, n in enumerate(graph.nodes)
-            if pattern.search(n.name) or any(v is not None and v.kind == "param" and
-                                             pattern.search(v.name) for v in n.inputs)]
+    if any(n.scope for n in graph.nodes):
+        return [i for i, n in enumerate(graph.nodes) if pattern.search(n.scope)]
+    return [i for i, n in enumerate(graph.nodes)
+            if any(v is not None and v.kind == "param" and pattern.search(v.name) for v in n.inputs)]
+
+
+def layer_nodes(graph: Graph, k: int) -> list:
+    """The nodes of transformer layer `k`, in topological order: from the first to the last
+    node of that layer, and before layer k+1 starts (exporters share identical weights, such
+    as all-ones norm scales, across layers)."""
+    hits, following = _layer_hits(graph, k), _layer_hits(graph, k + 1)
+    if following:
+        hits = [i for i in hits if i < following[0]]
     return graph.nodes[hits[0]:hits[-1] + 1] if hits else []
 
 

@@ -81,11 +81,15 @@ class Value:
 
 
 class Node:
-    __slots__ = ("op", "name", "inputs", "attrs", "outputs")
+    """`scope` says where the node came from in the source model (the module path, such as
+    `model.layers.0.self_attn`), when the frontend knows it."""
+
+    __slots__ = ("op", "name", "inputs", "attrs", "outputs", "scope")
 
     def __init__(self, op: str, name: str, inputs: list[Value | None], attrs: dict[str, Any],
-                 outputs: list[Value]):
+                 outputs: list[Value], scope: str = ""):
         self.op, self.name, self.inputs, self.attrs, self.outputs = op, name, inputs, attrs, outputs
+        self.scope = scope
 
     def __repr__(self) -> str:
         return f"Node({self.op} {self.name})"
@@ -142,14 +146,15 @@ class Graph:
         return v
 
     def add_node(self, op: str, inputs: Sequence[Value | None], attrs: dict[str, Any] | None = None,
-                 name: str | None = None, output_names: Sequence[str] | None = None) -> list[Value]:
+                 name: str | None = None, output_names: Sequence[str] | None = None,
+                 scope: str = "") -> list[Value]:
         from ..ops import get_op
 
         opdef = get_op(op)
         inputs = list(inputs)
         attrs = opdef.bind_attrs(attrs or {})
         opdef.check_inputs(inputs)
-        node = Node(op, _unique(self._node_names, name or op), inputs, attrs, [])
+        node = Node(op, _unique(self._node_names, name or op), inputs, attrs, [], scope)
         types = opdef.infer(inputs, **attrs)
         syms = opdef.propagate_sym(inputs, len(types), **attrs)
         for i, (t, s) in enumerate(zip(types, syms)):

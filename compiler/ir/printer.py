@@ -28,7 +28,8 @@ def format_node(node) -> str:
     attrs = {k: v for k, v in node.attrs.items() if v is not None}
     attr_text = (" {" + ", ".join(f"{k}={_attr(v)}" for k, v in attrs.items()) + "}") if attrs else ""
     types = ", ".join(str(v.type) for v in node.outputs)
-    return f"{outs} = {node.op}({args}){attr_text}  : {types}"
+    scope = f"  # {node.scope}" if node.scope else ""
+    return f"{outs} = {node.op}({args}){attr_text}  : {types}{scope}"
 
 
 def format_graph(graph, *, params: bool = True) -> str:

@@ -8,6 +8,7 @@ converter table; a node that cannot be converted is reported with its name and o
 
 from __future__ import annotations
 
+import ast
 import inspect
 from pathlib import Path
 
@@ -45,6 +46,21 @@ def from_onnx(path) -> Graph:
 
 def _op_key(node) -> str:
     return node.op_type if node.domain in _STANDARD_DOMAINS else f"{node.domain}.{node.op_type}"
+
+
+def _scope(node) -> str:
+    """The module path a node was exported from: the dynamo exporter records it in the node's
+    metadata, the TorchScript exporter in the node's name (`/model/layers.0/mlp/Mul_1`)."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return ""
+            return scopes[-2] if isinstance(scopes, list) and len(scopes) >= 2 else ""
+    if node.name.startswith("/"):
+        return ".".join(node.name.strip("/").split("/")[:-1])
+    return ""
 
 
 def _load_proto(path: Path):
@@ -86,6 +102,7 @@ class _Importer:
                                    producer=f"{model.producer_name} {model.producer_version}".strip())
         self.env: dict[str, Value] = {}
         self.node = None
+        self.scope = ""
         self.created: list[Value] = []
 
     def run(self) -> Graph:
@@ -149,7 +166,7 @@ class _Importer:
 
     # Nodes ---------------------------------------------------------------------------------
     def _convert(self, node) -> None:
-        self.node, self.created = node, []
+        self.node, self.created, self.scope = node, [], _scope(node)
         inputs = []
         for name in node.input:
             if name and name not in self.env:
@@ -214,7 +231,7 @@ class _Importer:
         return out
 
     def emit_multi(self, op: str, inputs, **attrs) -> list[Value]:
-        outs = self.graph.add_node(op, list(inputs), attrs, name=self._name())
+        outs = self.graph.add_node(op, list(inputs), attrs, name=self._name(), scope=self.scope)
         self.created.extend(outs)
         return outs
 
