@@ -150,7 +150,8 @@ class ZooModel:
         if path.exists():
             return path
         log.info("exporting %s to %s", tag, out_dir)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=out_dir.parent if _mkdir(out_dir.parent) else None))
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=out_dir.parent))
         try:
             _export(self, tmp / "model.onnx", kv_cache=kv_cache, exporter=exporter, dtype=dtype,
                     opset=opset, external_data=external_data)
@@ -185,11 +186,6 @@ class ZooModel:
                     feeds[f"past_key_values.{i}.{kind}"] = rng.standard_normal(
                         (batch, kv_heads, past, head_dim)).astype(np_dtype)
         return feeds
-
-
-def _mkdir(p: Path) -> bool:
-    p.mkdir(parents=True, exist_ok=True)
-    return True
 
 
 ZOO: dict[str, ZooModel] = {

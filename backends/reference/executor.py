@@ -74,7 +74,10 @@ def _check_feed(v: Value, feeds: dict[str, np.ndarray], env: dict[str, int]) -> 
 
 
 def _known(d, env):
-    return d if isinstance(d, int) else d.evaluate(env)
+    try:
+        return d if isinstance(d, int) else d.evaluate(env)
+    except KeyError:
+        return "unknown"
 
 
 def _bind(d, n: int, env: dict[str, int]) -> bool:

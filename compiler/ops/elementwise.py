@@ -94,12 +94,8 @@ _binary("less", np.less, _sym_compare(operator.lt), DType.bool)
 _binary("less_equal", np.less_equal, _sym_compare(operator.le), DType.bool)
 _binary("greater", np.greater, _sym_compare(operator.gt), DType.bool)
 _binary("greater_equal", np.greater_equal, _sym_compare(operator.ge), DType.bool)
-_binary("and", np.logical_and, lambda a, b: int(bool(a) and bool(b)) if _ints(a, b) else None)
-_binary("or", np.logical_or, lambda a, b: int(bool(a) or bool(b)) if _ints(a, b) else None)
-
-
-def _ints(*xs):
-    return all(isinstance(x, int) for x in xs)
+_binary("and", np.logical_and, _sym_compare(lambda a, b: bool(a) and bool(b)))
+_binary("or", np.logical_or, _sym_compare(lambda a, b: bool(a) or bool(b)))
 
 
 def _pow_infer(inputs):

@@ -46,8 +46,10 @@ def matmul(a, b):
 # softmax --------------------------------------------------------------------------------------
 def _softmax_f32(x, axis):
     x = _f32(x)
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
+    # A row that is all -inf gives NaN, as in ONNX; exporters guard against it with IsNaN/Where.
+    with np.errstate(invalid="ignore"):
+        e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+        return e / np.sum(e, axis=axis, keepdims=True)
 
 
 @register("softmax", ("x",), {"axis": -1}, infer=_same_type)
