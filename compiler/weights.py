@@ -47,6 +47,10 @@ class WeightStore:
             raise KeyError(f"weight {name!r} is already in the store")
         self._tensors[name] = array
 
+    def discard(self, name: str) -> None:
+        """Forget a tensor no graph uses any more (its file mapping stays open)."""
+        self._tensors.pop(name, None)
+
     def map_file(self, path: Path) -> np.ndarray:
         """The whole file as a read-only uint8 array, mapped once per store."""
         path = Path(path).resolve()

@@ -44,7 +44,7 @@ def run_reference(graph: Graph, feeds: dict[str, np.ndarray], *,
     for i, node in enumerate(graph.nodes):
         args = [None if v is None else values[v] if v in values else graph.const_value(v)
                 for v in node.inputs]
-        result = get_op(node.op).ref(*args, **node.attrs)
+        result = get_op(node.op).ref(*args, **_concrete(node.attrs, env))
         results = result if isinstance(result, tuple) else (result,)
         for v, arr in zip(node.outputs, results):
             arr = np.asarray(arr)
@@ -55,6 +55,16 @@ def run_reference(graph: Graph, feeds: dict[str, np.ndarray], *,
             if v is not None and last_use.get(v) == i and v not in keep and v.kind == "node":
                 values.pop(v, None)
     return {v.name: values[v] if v in values else graph.const_value(v) for v in graph.outputs}
+
+
+def _concrete(attrs: dict, env: dict[str, int]) -> dict:
+    """Attributes with symbolic dims (the `dims` op's values) evaluated for this run."""
+    out = attrs
+    for k, v in attrs.items():
+        if isinstance(v, tuple) and any(isinstance(d, Sym) for d in v):
+            out = dict(out) if out is attrs else out
+            out[k] = tuple(d.evaluate(env) if isinstance(d, Sym) else d for d in v)
+    return out
 
 
 def _check_feed(v: Value, feeds: dict[str, np.ndarray], env: dict[str, int]) -> np.ndarray:

@@ -172,6 +172,75 @@ class Graph:
         self.nodes.append(node)
         return node.outputs
 
+    # Mutation (used by passes) ----------------------------------------------------------------
+    def replace_uses(self, old: Value, new: Value) -> None:
+        """Make every user of `old` use `new`. A graph output keeps its name: `new` takes it
+        over when it is a fresh node output, else an identity node carries the name."""
+        for node in self.nodes:
+            node.inputs = [new if v is old else v for v in node.inputs]
+        for i, v in enumerate(self.outputs):
+            if v is old:
+                self.outputs[i] = self._named_output(new, old.name)
+
+    def _named_output(self, v: Value, name: str) -> Value:
+        if v.name == name:
+            return v
+        self._value_names.discard(name)
+        if v.kind == "node" and v not in self.outputs:
+            self._value_names.discard(v.name)
+            self._value_names.add(name)
+            v.name = name
+            return v
+        return self.add_node("identity", [v], output_names=[name])[0]
+
+    def toposort(self) -> None:
+        """Restore a topological node order after rewrites appended nodes, keeping the existing
+        relative order wherever the dependencies allow."""
+        import heapq
+
+        position = {n: i for i, n in enumerate(self.nodes)}
+        users: dict[Node, list[Node]] = {n: [] for n in self.nodes}
+        pending = {}
+        for n in self.nodes:
+            producers = {v.producer for v in n.inputs if v is not None and v.producer is not None}
+            pending[n] = len(producers)
+            for p in producers:
+                users[p].append(n)
+        ready = [(position[n], n.name, n) for n in self.nodes if pending[n] == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            _, _, n = heapq.heappop(ready)
+            order.append(n)
+            for u in users[n]:
+                pending[u] -= 1
+                if pending[u] == 0:
+                    heapq.heappush(ready, (position[u], u.name, u))
+        if len(order) != len(self.nodes):
+            raise ValueError(f"graph {self.name!r} has a cycle")
+        self.nodes = order
+
+    def remove_dead(self) -> int:
+        """Drop nodes no output depends on, and params nothing uses; returns the nodes dropped.
+        Works in any node order (rewrites append nodes before the graph is re-sorted)."""
+        live: set[Value] = set()
+        live_nodes: set[Node] = set()
+        work = list(self.outputs)
+        while work:
+            v = work.pop()
+            if v in live:
+                continue
+            live.add(v)
+            if v.producer is not None and v.producer not in live_nodes:
+                live_nodes.add(v.producer)
+                work.extend(i for i in v.producer.inputs if i is not None)
+        dropped = len(self.nodes) - len(live_nodes)
+        self.nodes = [n for n in self.nodes if n in live_nodes]
+        for name in [name for name, v in self.params.items() if v not in live]:
+            del self.params[name]
+            self.store.discard(name)
+        return dropped
+
     # Queries ---------------------------------------------------------------------------------
     def const_value(self, v: Value | None) -> np.ndarray | None:
         """The data of a parameter, or None for anything computed at run time."""

@@ -133,23 +133,18 @@ def div(a: Dim, b: Dim) -> Dim:
         if b != 0 and all(c % b == 0 for c in _terms(a).values()):
             return _make({m: c // b for m, c in _terms(a).items()})
         return opaque(f"({a})//{b}")
-    bt = _terms(b)
-    if len(bt) == 1:
-        (bm, bc), = bt.items()
-        out = {}
-        for m, c in _terms(a).items():
-            rest = list(m)
-            for atom in bm:
-                if atom not in rest:
-                    break
-                rest.remove(atom)
-            else:
-                if c % bc == 0:
-                    out[tuple(rest)] = c // bc
-                    continue
-            break
-        else:
-            return _make(out)
+    # Polynomial divisor: try the quotient of leading terms, and keep it if it divides exactly
+    # (64*batch*(past + seq) // (16*(past + seq)) = 4*batch).
+    (bm, bc), at = max(_terms(b).items()), _terms(a)
+    for am, ac in at.items():
+        rest = list(am)
+        if ac % bc or any(rest.count(x) < bm.count(x) for x in set(bm)):
+            continue
+        for x in bm:
+            rest.remove(x)
+        q = _make({tuple(rest): ac // bc})
+        if as_sym(q) * b == a or q * b == a:
+            return q
     return opaque(f"({a})//({b})")
 
 

@@ -8,7 +8,6 @@ params have data in the store, and that outputs are defined.
 
 from __future__ import annotations
 
-from ..ops import get_op
 from .graph import Graph
 
 
@@ -17,6 +16,8 @@ class VerificationError(Exception):
 
 
 def verify(graph: Graph) -> None:
+    from ..ops import get_op  # the op set imports the IR: import it when first needed
+
     problems: list[str] = []
     defined = set(graph.inputs) | set(graph.params.values())
     names: dict[str, object] = {}

@@ -119,6 +119,9 @@ for _name, _fn in {"reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": n
 def _attention_infer(inputs, scale, is_causal):
     q, k, v = inputs[:3]
     same_dtype("attention", [q, k, v])
+    for t in (k, v):
+        if isinstance(q.shape[1], int) and isinstance(t.shape[1], int) and q.shape[1] % t.shape[1]:
+            raise ValueError(f"attention: {q.shape[1]} query heads cannot share {t.shape[1]} kv heads")
     return [q.type.with_shape(q.shape[:-1] + v.shape[-1:])]
 
 
@@ -133,10 +136,8 @@ def attention(q, k, v, mask=None, scale=None, is_causal=0):
     i + seq_kv - seq_q (the queries are the last seq_q positions). A query that sees no key at
     all gets zeros (as ONNX Attention defines it), not NaN.
     """
-    hq, hkv = q.shape[1], k.shape[1]
-    if hq != hkv:
-        k = np.repeat(k, hq // hkv, axis=1)
-        v = np.repeat(v, hq // hkv, axis=1)
+    k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
+    v = np.repeat(v, q.shape[1] // v.shape[1], axis=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = np.matmul(_f32(q), np.swapaxes(_f32(k), -1, -2)) * np.float32(scale)
     s, t = scores.shape[-2:]

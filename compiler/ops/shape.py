@@ -206,8 +206,8 @@ def split(x, axis, sizes, num_outputs):
 # slice ----------------------------------------------------------------------------------------
 def _slice_dim(dim, start, end, step):
     """Length of dim[start:end:step] with symbolic bounds, or None when it cannot be known.
-    Symbolic bounds are assumed to lie within the dim, as exporters write them; a negative
-    start on a symbolic dim clamps (`x[-4095:]` has min(dim, 4095) rows)."""
+    A symbolic end is assumed to lie within the dim, as exporters write it (`cos_cache[:seq]`
+    has seq rows); a negative start on a symbolic dim clamps (`x[-4095:]` has min(dim, 4095))."""
     if isinstance(dim, int) and all(isinstance(x, int) for x in (start, end)):
         return len(range(*slice(start, end, step).indices(dim)))
     if step != 1:
@@ -219,8 +219,6 @@ def _slice_dim(dim, start, end, step):
         end = dim
     elif isinstance(end, int) and end < 0:
         end = dim + end
-    elif isinstance(dim, int):
-        end = dim_min(end, dim)
     return end - start
 
 

@@ -191,7 +191,12 @@ def Split(ctx, x, split=None, *, axis=0, split_attr=None, num_outputs=None):
 
 @converter()
 def Slice(ctx, x, starts, ends, axes=None, steps=None):
-    """`slice` (starts/ends/axes/steps as inputs)"""
+    """`slice`, always with all four of starts/ends/axes/steps as inputs"""
+    n = starts.shape[0]
+    if axes is None:
+        axes = ctx.const_value(np.arange(n, dtype=np.int64))
+    if steps is None:
+        steps = ctx.const_value(np.ones(n, np.int64))
     return ctx.emit("slice", [x, starts, ends, axes, steps])
 
 

@@ -1,0 +1,141 @@
+"""Canonical forms, so that one recognition pattern covers the spellings exporters produce.
+
+- division becomes multiplication (by a folded constant, or by `reciprocal`);
+- `MatMul` by a constant 2-D weight becomes `linear` with the weight transposed once, at compile
+  time, to [out_features, in_features], and a following bias `Add` joins it;
+- a `linear` wrapped in reshapes that only flatten and restore the leading dims loses them;
+- reshapes that change nothing disappear, transposes of transposes merge, and the reshape /
+  transpose / reshape chain that swaps the last two axes becomes one transpose.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .manager import rule_pass
+from .pattern import Const, Op, Rule, Var
+
+X, Y, W, B, S, S2 = Var("x"), Var("y"), Const("w"), Const("b"), Var("s"), Var("s2")
+
+
+def _float(v) -> str | None:
+    return None if v.dtype.is_float else "not a float tensor"
+
+
+def _reciprocal(m, b):
+    return b.emit("reciprocal", [m["y"]])
+
+
+def _div_by_const(m, b):
+    c = m.data("c")
+    return b.emit("mul", [m["x"], b.param((1 / c.astype(np.float64)).astype(c.dtype), "inv")])
+
+
+def _divide(m, b):
+    return b.emit("mul", [m["x"], b.emit("reciprocal", [m["y"]])])
+
+
+def _swap_fits(m) -> str | None:
+    """reshape(transpose(reshape(x[b,h,t,d], [b*h,t,d]), (0,2,1)), [b,h,d,t]) swaps x's last two
+    axes (the dynamo exporter's spelling of k.transpose(-1, -2))."""
+    x, inner, out = m["x"], m.nodes["inner"].outputs[0], m.nodes["outer"].outputs[0]
+    if x.type.rank != 4 or inner.type.rank != 3 or inner.shape[1:] != x.shape[2:]:
+        return f"{inner.name} does not merge the two leading axes of {x.name}"
+    if out.shape != x.shape[:2] + (x.shape[3], x.shape[2]):
+        return f"{out.name} is not {x.name} with its last two axes swapped"
+    return None
+
+
+def _swap_last_two(m, b):
+    return b.emit("transpose", [m["x"]], perm=(0, 1, 3, 2))
+
+
+def _is_2d(data) -> str | None:
+    return None if data.ndim == 2 else f"weight has rank {data.ndim}, not 2"
+
+
+def _inner_fits(m) -> str | None:
+    x, w = m["x"], m["w"]
+    return None if x.shape[-1] == w.shape[0] else f"{x.name} {x.type} does not fit weight {w.type}"
+
+
+def _to_linear(m, b):
+    w = m.data("w")
+    wt = b.param(np.ascontiguousarray(w.T), f"{m['w'].name}.T")
+    return b.emit("linear", [m["x"], wt])
+
+
+def _bias_fits(m) -> str | None:
+    n = m["w"].shape[0]
+    shape = m["b"].shape
+    return None if tuple(shape) == (n,) else f"bias {m['b'].type} does not fit {n} outputs"
+
+
+def _with_bias(m, b):
+    return b.emit("linear", [m["x"], m["w"], m["b"]])
+
+
+def _flatten_fits(m) -> str | None:
+    """reshape(linear(reshape(x, [prod(lead), k])), lead + [n]) is linear(x)."""
+    x, out = m["x"], m.nodes["outer"].outputs[0]
+    inner = m.nodes["inner"].outputs[0]
+    lead = x.shape[:-1]
+    if inner.type.rank != 2 or inner.shape[-1] != x.shape[-1]:
+        return f"{inner.name} does not just flatten the leading dims"
+    if out.shape != lead + (m["w"].shape[0],):
+        return f"{out.name} does not restore the leading dims of {x.name}"
+    return None
+
+
+def _unwrap_linear(m, b):
+    inputs = [m["x"], m["w"]] + ([m["b"]] if "b" in m.values else [])
+    return b.emit("linear", inputs)
+
+
+def _same_shape(m) -> str | None:
+    v = m.nodes["r"].outputs[0]
+    return None if v.shape == m["x"].shape else "changes the shape"
+
+
+def _drop(m, b):
+    return m["x"]
+
+
+def _transpose_twice(m, b):
+    p1, p2 = m.nodes["t1"].attrs["perm"], m.nodes["t2"].attrs["perm"]
+    perm = tuple(p1[i] for i in p2)
+    if perm == tuple(range(len(perm))):
+        return m["x"]
+    return b.emit("transpose", [m["x"]], perm=perm)
+
+
+def _has_perms(m) -> str | None:
+    if m.nodes["t1"].attrs["perm"] is None or m.nodes["t2"].attrs["perm"] is None:
+        return "implicit permutation"
+    return None
+
+
+RULES = [
+    Rule("one_over", Op("div", Const("one", value=1.0), Y), _reciprocal, near_miss_depth=9),
+    Rule("div_by_const", Op("div", Var("x", where=_float), Const("c")), _div_by_const,
+         near_miss_depth=9),
+    Rule("divide", Op("div", Var("x", where=_float), Var("y")), _divide, near_miss_depth=9),
+    Rule("swap_last_two", Op("reshape", Op("transpose", Op("reshape", X, S, bind="inner"),
+                                           attrs={"perm": (0, 2, 1)}), S2, bind="outer"),
+         _swap_last_two, check=_swap_fits, near_miss_depth=4),
+    Rule("matmul_to_linear", Op("matmul", X, Const("w", where=_is_2d)), _to_linear,
+         check=_inner_fits),
+    Rule("linear_bias", Op("add", Op("linear", X, W), B), _with_bias, check=_bias_fits,
+         near_miss_depth=3),
+    Rule("linear_unflatten", Op("reshape", Op("linear", Op("reshape", X, S, bind="inner"), W),
+                                S2, bind="outer"), _unwrap_linear, check=_flatten_fits, near_miss_depth=3),
+    Rule("linear_bias_unflatten", Op("reshape", Op("linear", Op("reshape", X, S, bind="inner"), W, B),
+                                     S2, bind="outer"), _unwrap_linear, check=_flatten_fits,
+         near_miss_depth=3),
+    Rule("noop_reshape", Op(("reshape", "expand"), X, S, bind="r"), _drop, check=_same_shape,
+         near_miss_depth=9),
+    Rule("transpose_transpose", Op("transpose", Op("transpose", X, bind="t1"), bind="t2"),
+         _transpose_twice, check=_has_perms, near_miss_depth=9),
+]
+
+canonicalize = rule_pass("canonicalize", RULES)

@@ -1,0 +1,60 @@
+"""Recognize LayerNorm and RMSNorm written out as primitive ops.
+
+    RMSNorm:   w * (x * 1/sqrt(mean(x^2, -1) + eps))
+    LayerNorm: (d * 1/sqrt(mean(d^2, -1) + eps)) * w + b,  d = x - mean(x, -1)
+
+(after canonicalization, every division is a multiplication by a reciprocal). The weight must be
+a constant of the normalized size and eps a small constant; anything else is left alone, with
+the reason reported as a near miss.
+"""
+
+from __future__ import annotations
+
+from .manager import rule_pass
+from .pattern import Const, Op, Rule, Var
+
+X = Var("x")
+LAST = {"axes": lambda a: a in ((-1,), ), "keepdims": 1}
+
+
+def _eps(data) -> str | None:
+    return None if data.size == 1 and 0 < float(data.reshape(-1)[0]) < 1e-2 else \
+        f"epsilon {data.reshape(-1)[:2]} is not a small positive scalar"
+
+
+def _inv_rms(v):
+    """1/sqrt(mean(v^2, -1) + eps)"""
+    return Op("reciprocal", Op("sqrt", Op("add", Op("reduce_mean", Op("pow", v, Const("two", value=2.0)),
+                                                    attrs=LAST), Const("eps", where=_eps))))
+
+
+def _weight_fits(m) -> str | None:
+    x = m["x"]
+    for name in ("w", "b"):
+        if name in m.values and tuple(m[name].shape) != (x.shape[-1],):
+            return f"{name} {m[name].type} is not one value per feature of {x.type}"
+    return None
+
+
+def _eps_value(m) -> float:
+    return float(m.data("eps").reshape(-1)[0])
+
+
+def _rms(m, b):
+    return b.emit("rms_norm", [m["x"], m["w"]], epsilon=_eps_value(m))
+
+
+def _layer(m, b):
+    return b.emit("layer_norm", [m["x"], m["w"], m["b"]], epsilon=_eps_value(m))
+
+
+CENTERED = Op("sub", X, Op("reduce_mean", X, attrs=LAST), shared=True)
+
+RULES = [
+    Rule("rms_norm", Op("mul", Op("mul", X, _inv_rms(X)), Const("w")), _rms, check=_weight_fits,
+         near_miss_depth=3),
+    Rule("layer_norm", Op("add", Op("mul", Op("mul", CENTERED, _inv_rms(CENTERED)), Const("w")), Const("b")),
+         _layer, check=_weight_fits, near_miss_depth=4),
+]
+
+recognize_norms = rule_pass("recognize_norms", RULES)

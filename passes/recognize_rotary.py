@@ -1,0 +1,42 @@
+"""Recognize rotary position embeddings as Llama, NeoX and Phi write them:
+
+    x * cos + concat(-x[..., d/2:], x[..., :d/2]) * sin   ->   rotary(x, cos, sin)
+
+For partial rotary (NeoX, Phi) x is the rotary slice of the head; the pass-through part stays
+as it is.
+"""
+
+from __future__ import annotations
+
+from .manager import rule_pass
+from .pattern import Op, Rule, Var
+
+X, COS, SIN = Var("x"), Var("cos"), Var("sin")
+ROTATE_HALF = Op("concat", Op("neg", Op("slice", X, Var("s1"), Var("e1"), Var("a1"), Var("p1"), bind="hi")),
+                 Op("slice", X, Var("s0"), Var("e0"), Var("a0"), Var("p0"), bind="lo"),
+                 attrs={"axis": lambda a: a == -1 or a == 3})
+
+
+def _halves(m) -> str | None:
+    x = m["x"]
+    d = x.shape[-1]
+    if not isinstance(d, int) or d % 2:
+        return f"{x.name} has an odd or unknown last dim"
+    lo, hi = m.nodes["lo"].outputs[0], m.nodes["hi"].outputs[0]
+    if lo.shape != x.shape[:-1] + (d // 2,) or hi.shape != lo.shape:
+        return "the slices are not the two halves of the last axis"
+    s0, s1 = m["s0"].sym, m["s1"].sym
+    if s0 != (0,) or s1 != (d // 2,):
+        return f"slices start at {s0} and {s1}, not 0 and {d // 2}"
+    if x.type.rank != 4:
+        return f"{x.name} is not [batch, heads, seq, head_dim]"
+    return None
+
+
+def _rotary(m, b):
+    return b.emit("rotary", [m["x"], m["cos"], m["sin"]])
+
+
+RULES = [Rule("rotary", Op("add", Op("mul", X, COS), Op("mul", ROTATE_HALF, SIN)), _rotary, check=_halves)]
+
+recognize_rotary = rule_pass("recognize_rotary", RULES)
