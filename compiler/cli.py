@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--ir", action="store_true", help="print the IR as text")
     ins.add_argument("--svg", metavar="FILE", help="draw the graph (one layer if large) as SVG")
     ins.add_argument("--layer", type=int, help="with --svg: draw this transformer layer")
+    ins.add_argument("--passes", action="store_true",
+                     help="run the pass pipeline: per pass what it rewrote, op counts, near misses")
+    ins.add_argument("--dump-ir", metavar="DIR", help="with --passes: write the IR after each pass")
     ins.set_defaults(run=_inspect)
 
     ops = sub.add_parser("ops", help="list the ONNX ops the frontend supports")
@@ -97,15 +100,45 @@ def _inspect(args) -> int:
     out.append(f"ops: {len(graph.nodes)} nodes")
     out += [f"  {op:<18} {count}" for op, count in hist.most_common()]
     print("\n".join(out))
+    passed = None
+    if args.passes or args.dump_ir:
+        # passes rewrite in place: they get their own copy, the drawing keeps the original
+        passed = _run_passes(from_onnx(args.model), args.dump_ir)
     if args.ir:
         print()
-        print(graph)
+        print(passed or graph)
     if args.svg:
-        from .ir.draw import to_svg
+        from .ir.draw import to_svg, to_svg_side_by_side
 
-        Path(args.svg).write_text(to_svg(graph, layer=args.layer))
+        if passed is None:
+            svg = to_svg(graph, layer=args.layer)
+        else:
+            svg = to_svg_side_by_side(graph, passed, layer=1 if args.layer is None else args.layer)
+        Path(args.svg).write_text(svg)
         log.info("wrote %s", args.svg)
     return 0
+
+
+def _run_passes(graph, dump_ir):
+    from llmc.passes.manager import PassContext, run_passes
+    from llmc.passes.partition import kernels_per_layer
+    from llmc.passes.pipeline import default_pipeline
+
+    ctx = PassContext(debug=True, dump_dir=Path(dump_ir) if dump_ir else None)
+    passed = run_passes(graph, default_pipeline(), ctx)
+    print("\npasses:")
+    for r in ctx.reports:
+        print(f"  {r.summary()}")
+        changed = {op: (r.ops_before[op], r.ops_after[op]) for op in set(r.ops_before) | set(r.ops_after)
+                   if r.ops_before[op] != r.ops_after[op]}
+        if changed:
+            print("      ops: " + ", ".join(f"{op} {a}->{b}" for op, (a, b) in sorted(changed.items())))
+        for miss in r.near_misses:
+            print(f"      near miss: {miss}")
+    kernels = kernels_per_layer(passed)
+    if kernels:
+        print(f"kernels per layer (layer 1): {len(kernels)}: " + ", ".join(n.op for n in kernels))
+    return passed
 
 
 def _bytes(n: int) -> str:

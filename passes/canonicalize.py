@@ -4,7 +4,7 @@
 - `MatMul` by a constant 2-D weight becomes `linear` with the weight transposed once, at compile
   time, to [out_features, in_features], and a following bias `Add` joins it;
 - a `linear` wrapped in reshapes that only flatten and restore the leading dims loses them;
-- reshapes that change nothing disappear, transposes of transposes merge, and the reshape /
+- reshapes that change nothing and one-input concats disappear, transposes of transposes merge, and the reshape /
   transpose / reshape chain that swaps the last two axes becomes one transpose.
 """
 
@@ -76,20 +76,28 @@ def _with_bias(m, b):
 
 
 def _flatten_fits(m) -> str | None:
-    """reshape(linear(reshape(x, [prod(lead), k])), lead + [n]) is linear(x)."""
-    x, out = m["x"], m.nodes["outer"].outputs[0]
-    inner = m.nodes["inner"].outputs[0]
-    lead = x.shape[:-1]
-    if inner.type.rank != 2 or inner.shape[-1] != x.shape[-1]:
-        return f"{inner.name} does not just flatten the leading dims"
-    if out.shape != lead + (m["w"].shape[0],):
-        return f"{out.name} does not restore the leading dims of {x.name}"
+    """reshape(linear(reshape(x, [n, k])), lead + [m]) is linear(reshape(x, lead + [k])) when
+    n = prod(lead): the GEMM keeps the leading dims instead of flattening them."""
+    inner, out = m.nodes["inner"].outputs[0], m.nodes["outer"].outputs[0]
+    lead = out.shape[:-1]
+    if inner.type.rank != 2 or out.shape[-1] != m["w"].shape[0]:
+        return f"{inner.name} is not a [rows, features] view"
+    rows = 1
+    for d in lead:
+        rows = rows * d
+    if rows != inner.shape[0]:
+        return f"{out.name} does not restore the rows of {inner.name}"
+    if not all(isinstance(d, int) or d.atoms <= m.graph.symbols() for d in lead):
+        return f"{out.name} has dims that are not known at run time"
     return None
 
 
 def _unwrap_linear(m, b):
-    inputs = [m["x"], m["w"]] + ([m["b"]] if "b" in m.values else [])
-    return b.emit("linear", inputs)
+    x, w = m["x"], m["w"]
+    lead = m.nodes["outer"].outputs[0].shape[:-1]
+    if x.shape != lead + (w.shape[1],):
+        x = b.emit("reshape", [x, b.emit("dims", [], values=tuple(lead) + (w.shape[1],))])
+    return b.emit("linear", [x, w] + ([m["b"]] if "b" in m.values else []))
 
 
 def _same_shape(m) -> str | None:
@@ -134,6 +142,7 @@ RULES = [
          near_miss_depth=3),
     Rule("noop_reshape", Op(("reshape", "expand"), X, S, bind="r"), _drop, check=_same_shape,
          near_miss_depth=9),
+    Rule("single_concat", Op("concat", X), _drop, near_miss_depth=9),
     Rule("transpose_transpose", Op("transpose", Op("transpose", X, bind="t1"), bind="t2"),
          _transpose_twice, check=_has_perms, near_miss_depth=9),
 ]

@@ -49,13 +49,17 @@ class Op:
     attrs: dict = field(default_factory=dict)  # attr -> required value, or predicate
     bind: str | None = None  # name under which the node is bound
     shared: bool = False  # this intermediate value may have other users
+    output: int = 0  # which output of a multi-output node the value must be
+    rest: bool = False  # the args match a prefix of the inputs; the rest may be anything
 
-    def __init__(self, op, *args, attrs=None, bind=None, shared=False):
+    def __init__(self, op, *args, attrs=None, bind=None, shared=False, output=0, rest=False):
         object.__setattr__(self, "op", op)
         object.__setattr__(self, "args", args)
         object.__setattr__(self, "attrs", attrs or {})
         object.__setattr__(self, "bind", bind)
         object.__setattr__(self, "shared", shared)
+        object.__setattr__(self, "output", output)
+        object.__setattr__(self, "rest", rest)
 
     @property
     def ops(self) -> tuple[str, ...]:
@@ -123,6 +127,8 @@ def _match(pat, value: Value | None, m: Match, root: bool = False) -> None:
     if node is None or node.op not in pat.ops:
         what = f"{node.op} ({node.name})" if node is not None else value.kind
         raise NoMatch(f"{value.name} comes from {what}, not {'/'.join(pat.ops)}", node, m.depth)
+    if node.outputs[pat.output] is not value:
+        raise NoMatch(f"{value.name} is not output {pat.output} of {node.name}", node, m.depth)
     readers = len(m.users.get(value, ())) + (value in m.outputs)
     if not root and not pat.shared and readers > 1:
         raise NoMatch(f"{value.name} has {readers} readers, the pattern needs it alone", node, m.depth)
@@ -135,6 +141,8 @@ def _match(pat, value: Value | None, m: Match, root: bool = False) -> None:
     args = list(node.inputs)
     while args and args[-1] is None and len(args) > len(pat.args):
         args.pop()
+    if pat.rest:
+        args = args[:len(pat.args)]
     if len(args) != len(pat.args):
         raise NoMatch(f"{node.name} ({node.op}) has {len(args)} inputs, the pattern {len(pat.args)}",
                       node, m.depth)
@@ -184,8 +192,9 @@ class Builder:
 
 @dataclass
 class Rule:
-    """`build(match, builder)` returns the replacement of the root node's first output, or a
-    list for each of its outputs. `check(match)` may veto a match with a reason."""
+    """`build(match, builder)` returns the replacement of the root node's first output, a list
+    for each of its outputs, or a dict {old value: new value} when the rewrite also replaces
+    values of other matched nodes. `check(match)` may veto a match with a reason."""
 
     name: str
     pattern: Op
@@ -232,7 +241,9 @@ def apply_rules(graph: Graph, rules: list[Rule], counts, near_misses: list[NearM
                         misses[key], depths[key] = NearMiss(rule.name, node.name, e.reason), e.depth
                     continue
                 new = rule.build(m, Builder(graph, node))
-                for old, rep in zip(node.outputs, new if isinstance(new, list) else [new]):
+                if not isinstance(new, dict):
+                    new = dict(zip(node.outputs, new if isinstance(new, list) else [new]))
+                for old, rep in new.items():
                     if rep is not None:
                         graph.replace_uses(old, rep)
                 counts[rule.name] += 1

@@ -5,6 +5,11 @@ from __future__ import annotations
 from .canonicalize import canonicalize
 from .cse import cse
 from .dce import dce
+from .fuse_add_norm import fuse_add_norm
+from .fuse_attention_io import fuse_attention_io
+from .fuse_linear import fuse_linear
+from .fuse_qkv import fuse_qkv
+from .kv_cache import kv_cache
 from .fold_constants import fold_constants
 from .fold_shapes import fold_shapes
 from .manager import Pass
@@ -23,5 +28,14 @@ RECOGNITION: list[Pass] = [recognize_norms, recognize_activations, recognize_rot
                            recognize_attention, dce]
 
 
+# 3. KV cache: the export's concat(past, new) becomes a write into a runtime-owned cache.
+KV_CACHE: list[Pass] = [kv_cache]
+
+# 4. Fusion: sibling GEMMs merge (QKV, gate/up); rotary + cache write and the head split/merge
+#    fuse around attention; norms become GEMM prologues, bias/activation/gate/residual their
+#    epilogues; residual adds left over fuse with the norm that follows.
+FUSION: list[Pass] = [fuse_qkv, fuse_attention_io, fuse_linear, fuse_add_norm, dce]
+
+
 def default_pipeline(target: str = "reference") -> list[Pass]:
-    return CLEANUP + RECOGNITION
+    return CLEANUP + RECOGNITION + KV_CACHE + FUSION

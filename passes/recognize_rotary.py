@@ -37,6 +37,7 @@ def _rotary(m, b):
     return b.emit("rotary", [m["x"], m["cos"], m["sin"]])
 
 
-RULES = [Rule("rotary", Op("add", Op("mul", X, COS), Op("mul", ROTATE_HALF, SIN)), _rotary, check=_halves)]
+RULES = [Rule("rotary", Op("add", Op("mul", X, COS), Op("mul", ROTATE_HALF, SIN)), _rotary, check=_halves,
+              near_miss_depth=4)]
 
 recognize_rotary = rule_pass("recognize_rotary", RULES)

@@ -46,8 +46,7 @@ def test_inspect_ir_and_svg(capsys, tmp_path):
     assert "graph main_graph(%input_ids: i64[batch, seq]" in out
     assert " = matmul(" in out and "return %logits" in out
     root = ET.parse(svg).getroot()
-    boxes = root.findall("{http://www.w3.org/2000/svg}g")
-    assert len(boxes) > 50
+    assert len(list(root.iter("{http://www.w3.org/2000/svg}rect"))) > 50
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
@@ -63,6 +62,20 @@ def test_svg_of_one_layer(exporter):
     assert all(n.scope.startswith("model.model.layers.1") for n in layer1 if n.op == "matmul")
     svg = to_svg(graph, layer=1)
     assert "layer 1" in svg and svg.count("<rect") == len(layer1)
+
+
+def test_inspect_passes_dump_and_side_by_side(capsys, tmp_path):
+    path = export("llama-tiny", exporter="torchscript", kv_cache=True)
+    svg, dump = tmp_path / "layer.svg", tmp_path / "ir"
+    assert main(["inspect", str(path), "--passes", "--dump-ir", str(dump), "--svg", str(svg)]) == 0
+    out = capsys.readouterr().out
+    assert "recognize_attention: " in out and "attention 0->2" in out
+    assert "kernels per layer (layer 1): 6: fused_linear, rope_cache, attention" in out
+    dumps = sorted(p.name for p in dump.iterdir())
+    assert dumps[0] == "00-input.txt" and "08-recognize_norms.txt" in dumps
+    assert "rms_norm(" in (dump / "08-recognize_norms.txt").read_text()
+    text = svg.read_text()
+    assert "layer 1 before the passes" in text and "layer 1 after the passes (7 nodes)" in text
 
 
 def test_ops_markdown_is_current():

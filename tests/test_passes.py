@@ -14,7 +14,8 @@ import llmc
 from llmc import zoo
 from llmc.ir import verify
 from llmc.passes.manager import PassContext, run_passes
-from llmc.passes.pipeline import default_pipeline
+from llmc.passes.partition import kernels_per_layer
+from llmc.passes.pipeline import CLEANUP, RECOGNITION, default_pipeline
 
 CASES = decoder_cases() + [(name, exporter, False) for name, exporter in encoder_cases()]
 
@@ -55,14 +56,28 @@ def test_each_pass_alone_keeps_meaning(name, exporter, kv_cache, rng):
         _assert_same(graph, feeds, want, f"{p.name} alone")
 
 
-def test_pipeline_shrinks_the_graph():
+def test_recognition_finds_every_layer_op():
     graph = llmc.from_onnx(export("llama-tiny", exporter="torchscript", kv_cache=True))
     before = len(graph.nodes)
-    graph = run_passes(graph, default_pipeline())
+    graph = run_passes(graph, CLEANUP + RECOGNITION)
     ops = [n.op for n in graph.nodes]
     assert len(ops) < before / 3
     assert ops.count("attention") == 2 and ops.count("rms_norm") == 5 and ops.count("rotary") == 4
-    assert not {"shape", "gather_nd", "softmax", "matmul", "sqrt"} & set(ops)
+    assert ops.count("silu") == 2 and ops.count("linear") == 15
+    assert not {"shape", "gather_nd", "softmax", "matmul", "sqrt", "pow"} & set(ops)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "qwen2-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_decode_layer_is_at_most_six_kernels(name, exporter):
+    graph = llmc.from_onnx(export(name, exporter=exporter, kv_cache=True))
+    graph = run_passes(graph, default_pipeline(), PassContext(debug=True))
+    kernels = [n.op for n in kernels_per_layer(graph)]
+    assert len(kernels) <= 6, kernels
+    assert kernels.count("attention") == 1 and kernels.count("rope_cache") == 1
+    cache = graph.metadata["kv_cache"]
+    assert cache["layout"] == "[batch, kv_heads, max_seq, head_dim]"
+    assert [e["present"] for e in cache["entries"]] == [v.name for v in graph.outputs[1:]]
 
 
 def test_fp16_graph_survives_the_pipeline(rng):

@@ -49,9 +49,8 @@ def select_nodes(graph: Graph, layer: int | None = None) -> tuple[list, str]:
     return nodes, f"{graph.name}: layer {k} ({len(nodes)} nodes)"
 
 
-def to_svg(graph: Graph, layer: int | None = None, nodes=None, title: str | None = None) -> str:
-    if nodes is None:
-        nodes, title = select_nodes(graph, layer)
+def _render(nodes, title: str) -> tuple[list[str], int, int]:
+    """SVG elements for `nodes` laid out in layers, and the width and height they take."""
     chosen = set(nodes)
     dag = nx.DiGraph()
     for n in nodes:
@@ -69,9 +68,7 @@ def to_svg(graph: Graph, layer: int | None = None, nodes=None, title: str | None
     width = max((len(r) for r in rows), default=1) * (_BOX_W + _GAP_X) + _GAP_X
     height = len(rows) * (_BOX_H + _GAP_Y) + 60
     xy = {n: (_GAP_X + x * (_BOX_W + _GAP_X), 50 + y * (_BOX_H + _GAP_Y)) for n, (x, y) in pos.items()}
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'font-family="monospace" font-size="11">',
-           f'<text x="{_GAP_X}" y="24" font-size="14">{html.escape(title or graph.name)}</text>']
+    out = [f'<text x="{_GAP_X}" y="24" font-size="14">{html.escape(title)}</text>']
     for a, b in dag.edges:
         (x1, y1), (x2, y2) = xy[a], xy[b]
         out.append(f'<line x1="{x1 + _BOX_W / 2}" y1="{y1 + _BOX_H}" x2="{x2 + _BOX_W / 2}" '
@@ -83,8 +80,36 @@ def to_svg(graph: Graph, layer: int | None = None, nodes=None, title: str | None
                    f'fill="{_color(n.op)}" stroke="#444"/>'
                    f'<text x="{x + 6}" y="{y + 14}" font-weight="bold">{html.escape(n.op)}</text>'
                    f'<text x="{x + 6}" y="{y + 27}" fill="#333">{html.escape(shape[:22])}</text></g>')
+    return out, width, height
+
+
+def _svg(parts: list[tuple[list[str], int, int]]) -> str:
+    width = sum(w for _, w, _ in parts)
+    height = max(h for _, _, h in parts)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="monospace" font-size="11">']
+    x = 0
+    for elements, w, _ in parts:
+        out.append(f'<g transform="translate({x},0)">')
+        out += elements
+        out.append("</g>")
+        x += w
     out.append("</svg>")
     return "\n".join(out)
+
+
+def to_svg(graph: Graph, layer: int | None = None) -> str:
+    nodes, title = select_nodes(graph, layer)
+    return _svg([_render(nodes, title)])
+
+
+def to_svg_side_by_side(before: Graph, after: Graph, layer: int = 1) -> str:
+    """One transformer layer before and after the passes, next to each other."""
+    parts = []
+    for graph, when in ((before, "before"), (after, "after")):
+        nodes = layer_nodes(graph, layer) or graph.nodes[:_MAX_NODES]
+        parts.append(_render(nodes, f"layer {layer} {when} the passes ({len(nodes)} nodes)"))
+    return _svg(parts)
 
 
 def _color(op: str) -> str:

@@ -116,25 +116,28 @@ for _name, _fn in {"reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": n
 
 
 # attention ------------------------------------------------------------------------------------
-def _attention_infer(inputs, scale, is_causal):
+def _attention_infer(inputs, scale, is_causal, merge_heads):
     q, k, v = inputs[:3]
     same_dtype("attention", [q, k, v])
     for t in (k, v):
         if isinstance(q.shape[1], int) and isinstance(t.shape[1], int) and q.shape[1] % t.shape[1]:
             raise ValueError(f"attention: {q.shape[1]} query heads cannot share {t.shape[1]} kv heads")
+    if merge_heads:
+        return [q.type.with_shape((q.shape[0], q.shape[2], q.shape[1] * v.shape[-1]))]
     return [q.type.with_shape(q.shape[:-1] + v.shape[-1:])]
 
 
-@register("attention", ("q", "k", "v", "mask?"), {"scale": None, "is_causal": 0},
+@register("attention", ("q", "k", "v", "mask?"), {"scale": None, "is_causal": 0, "merge_heads": 0},
           infer=_attention_infer)
-def attention(q, k, v, mask=None, scale=None, is_causal=0):
+def attention(q, k, v, mask=None, scale=None, is_causal=0, merge_heads=0):
     """softmax(q @ k^T * scale + mask) @ v over [batch, heads, seq, head_dim] tensors.
 
     k and v may have fewer heads than q (grouped-query attention: each k/v head serves
     heads_q / heads_kv query heads). `mask` is boolean (True attends) or additive, and broadcasts
     to [batch, heads, seq_q, seq_kv]. With `is_causal`, query i sees keys up to
     i + seq_kv - seq_q (the queries are the last seq_q positions). A query that sees no key at
-    all gets zeros (as ONNX Attention defines it), not NaN.
+    all gets zeros (as ONNX Attention defines it), not NaN. With `merge_heads` the output is
+    [batch, seq, heads * head_dim], ready for the output projection.
     """
     k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
     v = np.repeat(v, q.shape[1] // v.shape[1], axis=1)
@@ -148,4 +151,8 @@ def attention(q, k, v, mask=None, scale=None, is_causal=0):
         scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + _f32(mask)
     blind = np.isneginf(scores.max(axis=-1, keepdims=True))
     probs = np.where(blind, 0.0, _softmax_f32(np.where(blind, 0.0, scores), -1))
-    return np.matmul(probs.astype(np.float32), _f32(v)).astype(q.dtype)
+    y = np.matmul(probs.astype(np.float32), _f32(v)).astype(q.dtype)
+    if merge_heads:
+        b, h, s_, d = y.shape
+        y = y.transpose(0, 2, 1, 3).reshape(b, s_, h * d)
+    return y

@@ -65,3 +65,116 @@ def rotary(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return (x * cos + rotated * sin).astype(x.dtype)
+
+
+# KV cache -------------------------------------------------------------------------------------
+def _kv_append_infer(inputs):
+    past, new = inputs
+    same_dtype("kv_append", [past, new])
+    return [past.type.with_shape(past.shape[:2] + (past.shape[2] + new.shape[2],) + past.shape[3:])]
+
+
+@register("kv_append", ("past", "new"), infer=_kv_append_infer)
+def kv_append(past, new):
+    """The cache after writing `new` behind `past`, both [batch, kv_heads, seq, head_dim]. The
+    runtime owns the cache and writes in place; as a value it is the concatenation."""
+    return np.concatenate([past, new], axis=2)
+
+
+def _split_heads(x, heads):
+    b, s, _ = x.shape
+    return x.reshape(b, s, heads, -1).transpose(0, 2, 1, 3)
+
+
+def _rope_cache_infer(inputs, heads, kv_heads):
+    q, k, v, cos, sin, past_k, past_v = (list(inputs) + [None] * 7)[:7]
+    same_dtype("rope_cache", [q, k, v])
+    b, s = q.shape[:2]
+
+    def heads_of(x, n, past):
+        d = x.shape[2] // n if isinstance(x.shape[2], int) else None
+        length = s if past is None else past.shape[2] + s
+        return x.type.with_shape((b, n, length, d))
+    return [heads_of(q, heads, None), heads_of(k, kv_heads, past_k), heads_of(v, kv_heads, past_v)]
+
+
+@register("rope_cache", ("q", "k", "v", "cos?", "sin?", "past_k?", "past_v?"),
+          {"heads": REQUIRED, "kv_heads": REQUIRED}, infer=_rope_cache_infer)
+def rope_cache(q, k, v, cos=None, sin=None, past_k=None, past_v=None, heads=1, kv_heads=1):
+    """Split the projections [batch, seq, heads*head_dim] into heads, apply the rotary embedding
+    to q and k (when cos/sin are given), and write k and v behind the cached past. Returns q
+    [batch, heads, seq, head_dim] and the caches [batch, kv_heads, past+seq, head_dim]."""
+    q, k, v = _split_heads(q, heads), _split_heads(k, kv_heads), _split_heads(v, kv_heads)
+    if cos is not None:
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+    if past_k is not None:
+        k, v = kv_append(past_k, k), kv_append(past_v, v)
+    return np.ascontiguousarray(q), k, v
+
+
+# fused linear ---------------------------------------------------------------------------------
+_ACTIVATIONS = {
+    "": lambda y: y,
+    "relu": lambda y: np.maximum(y, 0),
+    "silu": lambda y: y * sigmoid(y),
+}
+
+
+def _activate(y, activation):
+    if activation.startswith("gelu"):
+        from .elementwise import gelu
+
+        return gelu(y, "tanh" if activation == "gelu_tanh" else "none")
+    return _ACTIVATIONS[activation](y)
+
+
+def _fused_linear_infer(inputs, norm, epsilon, activation, gated):
+    x, w = inputs[:2]
+    same_dtype("fused_linear", [x, w])
+    n = w.shape[0] // 2 if gated else w.shape[0]
+    return [x.type.with_shape(x.shape[:-1] + (n,))]
+
+
+@register("fused_linear", ("x", "w", "bias?", "residual?", "norm_scale?", "norm_bias?"),
+          {"norm": "", "epsilon": 1e-5, "activation": "", "gated": 0}, infer=_fused_linear_infer)
+def fused_linear(x, w, bias=None, residual=None, norm_scale=None, norm_bias=None, norm="",
+                 epsilon=1e-5, activation="", gated=0):
+    """One GEMM with its prologue and epilogue:
+    h = norm(x) (rms or layer, when `norm`); y = h @ w.T + bias;
+    y = act(y[..., :n]) * y[..., n:] when `gated` (SwiGLU/GeGLU, gate and up concatenated),
+    else act(y); y = y + residual."""
+    from .nn import layer_norm, rms_norm
+
+    if norm == "rms":
+        x = rms_norm(x, norm_scale, epsilon=epsilon)
+    elif norm == "layer":
+        x = layer_norm(x, norm_scale, norm_bias, epsilon=epsilon)
+    y = linear(x, w, bias).astype(np.float32)
+    if gated:
+        gate, up = np.split(y, 2, axis=-1)
+        y = _activate(gate, activation) * up
+    else:
+        y = _activate(y, activation)
+    if residual is not None:
+        y = y + _f32(residual)
+    return y.astype(x.dtype)
+
+
+def _add_norm_infer(inputs, norm, epsilon):
+    a, b = inputs[:2]
+    same_dtype("add_norm", [a, b])
+    from .infer import broadcast_shapes
+
+    t = a.type.with_shape(broadcast_shapes(a.shape, b.shape))
+    return [t, t]
+
+
+@register("add_norm", ("a", "b", "scale", "bias?"), {"norm": REQUIRED, "epsilon": 1e-5},
+          infer=_add_norm_infer)
+def add_norm(a, b, scale, bias=None, norm="rms", epsilon=1e-5):
+    """The residual sum and its normalization: (a + b, norm(a + b))."""
+    from .nn import layer_norm, rms_norm
+
+    s = a + b
+    y = rms_norm(s, scale, epsilon=epsilon) if norm == "rms" else layer_norm(s, scale, bias, epsilon=epsilon)
+    return s, y

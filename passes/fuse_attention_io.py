@@ -1,0 +1,84 @@
+"""Fuse what surrounds attention into its two neighbours.
+
+Before: the projections are split into heads (reshape + transpose), q and k rotated, k and v
+appended to the cache, and after attention the heads are merged back (transpose + reshape).
+After: `rope_cache` takes the projections as the GEMM wrote them ([batch, seq, heads*head_dim])
+and does the split, the rotation and the cache write in one kernel; attention writes its output
+with the heads already merged.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from .manager import rule_pass
+from .pattern import Op, Rule, Var
+
+TO_HEADS = {"perm": (0, 2, 1, 3)}
+
+
+def _heads(name):
+    """x [batch, seq, heads*dim] -> [batch, heads, seq, dim]"""
+    return Op("transpose", Op("reshape", Var(name), Var(f"{name}_shape"), bind=f"{name}_split"),
+              attrs=TO_HEADS)
+
+
+def _variants():
+    for rotary, cached, masked in itertools.product((1, 0), repeat=3):
+        q, k, v = _heads("q"), _heads("k"), _heads("v")
+        if rotary:
+            q = Op("rotary", q, Var("cos"), Var("sin"))
+            k = Op("rotary", k, Var("cos"), Var("sin"))
+        if cached:  # the caches are graph outputs: their values stay, produced by rope_cache
+            k = Op("kv_append", Var("past_k"), k, shared=True, bind="k_cache")
+            v = Op("kv_append", Var("past_v"), v, shared=True, bind="v_cache")
+        args = (q, k, v, Var("mask")) if masked else (q, k, v)
+        yield Op("attention", *args, bind="attn")
+
+
+def _fits(m) -> str | None:
+    for name in ("q", "k", "v"):
+        x, split = m[name], m.nodes[f"{name}_split"].outputs[0]
+        if x.type.rank != 3 or split.type.rank != 4 or not isinstance(split.shape[2], int) \
+                or split.shape[:2] != x.shape[:2]:
+            return f"{split.name} does not split {x.name} [batch, seq, hidden] into heads"
+    return None
+
+
+def _build(m, b):
+    heads = m.nodes["q_split"].outputs[0].shape[2]
+    kv_heads = m.nodes["k_split"].outputs[0].shape[2]
+    inputs = [m["q"], m["k"], m["v"], m.values.get("cos"), m.values.get("sin"),
+              m.values.get("past_k"), m.values.get("past_v")]
+    q, k, v = b.emit_multi("rope_cache", inputs, heads=heads, kv_heads=kv_heads)
+    attn = m.nodes["attn"]
+    y = b.emit("attention", [q, k, v] + attn.inputs[3:], **attn.attrs)
+    new = {attn.outputs[0]: y}
+    if "k_cache" in m.nodes:
+        new[m.nodes["k_cache"].outputs[0]] = k
+        new[m.nodes["v_cache"].outputs[0]] = v
+    return new
+
+
+def _merge_fits(m) -> str | None:
+    y, out = m.nodes["attn"].outputs[0], m.nodes["out"].outputs[0]
+    b, h, s, d = y.shape
+    return None if out.shape == (b, s, h * d) else f"{out.name} does not merge the heads of {y.name}"
+
+
+def _merge(m, b):
+    attn = m.nodes["attn"]
+    return b.emit("attention", attn.inputs, **{**attn.attrs, "merge_heads": 1})
+
+
+def _merge_rule():
+    inner = Op("attention", Var("q"), Var("k"), Var("v"), bind="attn", rest=True,
+               attrs={"merge_heads": 0})
+    return Rule("merge_heads", Op("reshape", Op("transpose", inner, attrs=TO_HEADS), Var("s"), bind="out"),
+                _merge, check=_merge_fits)
+
+
+RULES = [Rule("rope_cache", p, _build, check=_fits, near_miss_depth=4) for p in _variants()]
+RULES.append(_merge_rule())
+
+fuse_attention_io = rule_pass("fuse_attention_io", RULES)

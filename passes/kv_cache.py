@@ -1,0 +1,33 @@
+"""KV cache: the export's functional `present = concat(past, new)` becomes `kv_append`, a write
+into a cache the runtime owns, and attention reads the cache. The graph records the layout it
+chose in `graph.metadata["kv_cache"]`: contiguous [batch, kv_heads, max_seq, head_dim] for now,
+and which input/output pair each cache replaces."""
+
+from __future__ import annotations
+
+from .manager import Pass, PassContext
+from .pattern import Op, Rule, Var, apply_rules
+
+LAYOUT = "[batch, kv_heads, max_seq, head_dim]"
+
+
+def _past(v) -> str | None:
+    return None if v.kind == "input" and v.type.rank == 4 else f"{v.name} is not a 4-D graph input"
+
+
+RULES = [Rule("kv_append", Op("concat", Var("past", where=_past), Var("new"),
+                              attrs={"axis": lambda a: a in (2, -2)}),
+              lambda m, b: b.emit("kv_append", [m["past"], m["new"]]))]
+
+
+def _run(graph, ctx: PassContext):
+    apply_rules(graph, RULES, ctx.current.rewrites, ctx.current.near_misses)
+    outputs = set(graph.outputs)
+    entries = [{"past": n.inputs[0].name, "present": n.outputs[0].name}
+               for n in graph.nodes if n.op == "kv_append" and n.outputs[0] in outputs]
+    if entries:
+        graph.metadata["kv_cache"] = {"layout": LAYOUT, "entries": entries}
+    return graph
+
+
+kv_cache = Pass("kv_cache", _run)
