@@ -22,9 +22,10 @@ RULES = [Rule("kv_append", Op("concat", Var("past", where=_past), Var("new"),
 
 def _run(graph, ctx: PassContext):
     apply_rules(graph, RULES, ctx.current.rewrites, ctx.current.near_misses)
-    outputs = set(graph.outputs)
-    entries = [{"past": n.inputs[0].name, "present": n.outputs[0].name}
-               for n in graph.nodes if n.op == "kv_append" and n.outputs[0] in outputs]
+    position = {v: i for i, v in enumerate(graph.outputs)}
+    appends = sorted((n for n in graph.nodes if n.op == "kv_append" and n.outputs[0] in position),
+                     key=lambda n: position[n.outputs[0]])
+    entries = [{"past": n.inputs[0].name, "present": n.outputs[0].name} for n in appends]
     if entries:
         graph.metadata["kv_cache"] = {"layout": LAYOUT, "entries": entries}
     return graph
