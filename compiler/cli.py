@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--passes", action="store_true",
                      help="run the pass pipeline: per pass what it rewrote, op counts, near misses")
     ins.add_argument("--dump-ir", metavar="DIR", help="with --passes: write the IR after each pass")
+    ins.add_argument("--max-seq-len", type=int, metavar="N",
+                     help="with --passes: specialize for contexts of at most N tokens")
     ins.set_defaults(run=_inspect)
 
     ops = sub.add_parser("ops", help="list the ONNX ops the frontend supports")
@@ -103,7 +105,7 @@ def _inspect(args) -> int:
     passed = None
     if args.passes or args.dump_ir:
         # passes rewrite in place: they get their own copy, the drawing keeps the original
-        passed = _run_passes(from_onnx(args.model), args.dump_ir)
+        passed = _run_passes(from_onnx(args.model), args.dump_ir, args.max_seq_len)
     if args.ir:
         print()
         print(passed or graph)
@@ -119,12 +121,13 @@ def _inspect(args) -> int:
     return 0
 
 
-def _run_passes(graph, dump_ir):
+def _run_passes(graph, dump_ir, max_seq_len):
     from llmc.passes.manager import PassContext, run_passes
     from llmc.passes.partition import kernels_per_layer
     from llmc.passes.pipeline import default_pipeline
 
-    ctx = PassContext(debug=True, dump_dir=Path(dump_ir) if dump_ir else None)
+    options = {"max_seq_len": max_seq_len} if max_seq_len else {}
+    ctx = PassContext(debug=True, options=options, dump_dir=Path(dump_ir) if dump_ir else None)
     passed = run_passes(graph, default_pipeline(), ctx)
     print("\npasses:")
     for r in ctx.reports:

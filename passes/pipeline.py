@@ -13,14 +13,16 @@ from .kv_cache import kv_cache
 from .fold_constants import fold_constants
 from .fold_shapes import fold_shapes
 from .manager import Pass
+from .specialize_context import specialize_context
 from .recognize_activations import recognize_activations
 from .recognize_attention import recognize_attention
 from .recognize_norms import recognize_norms
 from .recognize_rotary import recognize_rotary
 
-# 1. Clean-up: fold the shape arithmetic and constants, share what is computed twice, and bring
-#    the graph to canonical forms (MatMul+Add -> linear, transposes folded into weights).
-CLEANUP: list[Pass] = [fold_shapes, fold_constants, cse, canonicalize, fold_constants, cse, dce]
+# 1. Clean-up: specialize for the context length (when given), fold the shape arithmetic and
+#    constants, share what is computed twice, and bring the graph to canonical forms
+#    (MatMul+Add -> linear, transposes folded into weights).
+CLEANUP: list[Pass] = [specialize_context, fold_shapes, fold_constants, cse, canonicalize, fold_constants, cse, dce]
 
 # 2. Recognition: the primitive spellings of norms, activations, rotary embeddings and attention
 #    become single ops.

@@ -72,8 +72,8 @@ def test_inspect_passes_dump_and_side_by_side(capsys, tmp_path):
     assert "recognize_attention: " in out and "attention 0->2" in out
     assert "kernels per layer (layer 1): 6: fused_linear, rope_cache, attention" in out
     dumps = sorted(p.name for p in dump.iterdir())
-    assert dumps[0] == "00-input.txt" and "08-recognize_norms.txt" in dumps
-    assert "rms_norm(" in (dump / "08-recognize_norms.txt").read_text()
+    assert dumps[0] == "00-input.txt" and "09-recognize_norms.txt" in dumps
+    assert "rms_norm(" in (dump / "09-recognize_norms.txt").read_text()
     text = svg.read_text()
     assert "layer 1 before the passes" in text and "layer 1 after the passes (7 nodes)" in text
 

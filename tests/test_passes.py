@@ -18,6 +18,7 @@ from llmc.passes.partition import kernels_per_layer
 from llmc.passes.pipeline import CLEANUP, RECOGNITION, default_pipeline
 
 CASES = decoder_cases() + [(name, exporter, False) for name, exporter in encoder_cases()]
+CONTEXT = {"max_seq_len": 128}  # the tiny models' context; the feeds stay inside it
 
 
 def _feeds(name, kv_cache, rng):
@@ -39,7 +40,7 @@ def test_pipeline_keeps_meaning_after_every_pass(name, exporter, kv_cache, rng):
     path = export(name, exporter=exporter, kv_cache=kv_cache)
     feeds = _feeds(name, kv_cache, rng)
     want = llmc.run_reference(llmc.from_onnx(path), feeds)
-    graph, ctx = llmc.from_onnx(path), PassContext(debug=True)
+    graph, ctx = llmc.from_onnx(path), PassContext(debug=True, options=CONTEXT)
     for p in default_pipeline():
         graph = run_passes(graph, [p], ctx)
         _assert_same(graph, feeds, want, f"after {p.name}")
@@ -51,7 +52,7 @@ def test_each_pass_alone_keeps_meaning(name, exporter, kv_cache, rng):
     feeds = _feeds(name, kv_cache, rng)
     want = llmc.run_reference(llmc.from_onnx(path), feeds)
     for p in {p.name: p for p in default_pipeline()}.values():
-        graph = run_passes(llmc.from_onnx(path), [p], PassContext(debug=True))
+        graph = run_passes(llmc.from_onnx(path), [p], PassContext(debug=True, options=CONTEXT))
         verify(graph)
         _assert_same(graph, feeds, want, f"{p.name} alone")
 
@@ -67,17 +68,28 @@ def test_recognition_finds_every_layer_op():
     assert not {"shape", "gather_nd", "softmax", "matmul", "sqrt", "pow"} & set(ops)
 
 
-@pytest.mark.parametrize("name", ["llama-tiny", "qwen2-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("name", ["llama-tiny", "mistral-tiny", "qwen2-tiny", "gpt2-tiny"])
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_decode_layer_is_at_most_six_kernels(name, exporter):
     graph = llmc.from_onnx(export(name, exporter=exporter, kv_cache=True))
-    graph = run_passes(graph, default_pipeline(), PassContext(debug=True))
+    graph = run_passes(graph, default_pipeline(), PassContext(debug=True, options=CONTEXT))
     kernels = [n.op for n in kernels_per_layer(graph)]
     assert len(kernels) <= 6, kernels
     assert kernels.count("attention") == 1 and kernels.count("rope_cache") == 1
     cache = graph.metadata["kv_cache"]
     assert cache["layout"] == "[batch, kv_heads, max_seq, head_dim]"
     assert [e["present"] for e in cache["entries"]] == [v.name for v in graph.outputs[1:]]
+
+
+def test_sliding_window_needs_the_context_bound():
+    """Without max_seq_len, Mistral's sliding-window cache is not a plain append: the cache
+    fusion does not apply, and the report says where it stopped."""
+    graph = llmc.from_onnx(export("mistral-tiny", exporter="dynamo", kv_cache=True))
+    ctx = PassContext(debug=True)
+    graph = run_passes(graph, default_pipeline(), ctx)
+    assert len(kernels_per_layer(graph)) > 6 and "max_seq_len" not in graph.metadata
+    misses = [m for r in ctx.reports for m in r.near_misses if m.rule in ("rope_cache", "gqa_repeat")]
+    assert misses
 
 
 def test_fp16_graph_survives_the_pipeline(rng):

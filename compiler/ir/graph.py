@@ -193,6 +193,20 @@ class Graph:
             return v
         return self.add_node("identity", [v], output_names=[name])[0]
 
+    def refresh_types(self) -> None:
+        """Infer every node's output types again, in order: after a rewrite changed what a node
+        reads, or under new assumptions about the dims."""
+        from ..ops import get_op
+
+        for node in self.nodes:
+            opdef = get_op(node.op)
+            types = opdef.infer(node.inputs, **node.attrs)
+            syms = opdef.propagate_sym(node.inputs, len(types), **node.attrs)
+            for v, t, s in zip(node.outputs, types, syms):
+                shape = tuple(old if new is None else new for new, old in zip(t.shape, v.shape)) \
+                    if len(t.shape) == len(v.shape) else t.shape
+                v.type, v.sym = t.with_shape(shape), s
+
     def toposort(self) -> None:
         """Restore a topological node order after rewrites appended nodes, keeping the existing
         relative order wherever the dependencies allow."""

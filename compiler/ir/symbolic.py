@@ -11,6 +11,7 @@ A dim is a plain `int` or a `Sym`; arithmetic that folds to a constant returns a
 
 from __future__ import annotations
 
+import contextlib
 from typing import Union
 
 Dim = Union[int, "Sym"]
@@ -148,11 +149,54 @@ def div(a: Dim, b: Dim) -> Dim:
     return opaque(f"({a})//({b})")
 
 
+# Upper bounds on named dims that simplification may assume (see `assume_upper_bounds`).
+_UPPER: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def assume_upper_bounds(bounds: dict[str, int]):
+    """Within this block, max/min simplify using dim <= bound for the named dims (all dims are
+    >= 0). A compiler that specializes for a context length uses it; its runtime must then
+    refuse longer contexts."""
+    saved = dict(_UPPER)
+    _UPPER.update(bounds)
+    try:
+        yield
+    finally:
+        _UPPER.clear()
+        _UPPER.update(saved)
+
+
+def upper_bound(d: Dim) -> int | None:
+    """The largest value `d` can take under the assumed bounds, or None if unbounded."""
+    total = 0
+    for m, c in _terms(d).items():
+        if c < 0 and m:
+            continue  # a monomial of dims is >= 0: a negative term of one only lowers the value
+        p = c
+        for a in m:
+            if a not in _UPPER:
+                return None
+            p *= _UPPER[a]
+        total += p
+    return total
+
+
+def _le(a: Dim, b: Dim) -> bool:
+    """Provably a <= b (under the assumed bounds)."""
+    bound = upper_bound(a - b) if _UPPER else None
+    return bound is not None and bound <= 0
+
+
 def dim_max(a: Dim, b: Dim) -> Dim:
     if a == b:
         return a
     if isinstance(a, int) and isinstance(b, int):
         return max(a, b)
+    if _le(a, b):
+        return b
+    if _le(b, a):
+        return a
     # Dims are non-negative, so max(d, c) is d for c <= 0 when d is a sum of dims.
     for x, y in ((a, b), (b, a)):
         if isinstance(y, int) and y <= 0 and is_nonnegative(x):
@@ -170,6 +214,10 @@ def dim_min(a: Dim, b: Dim) -> Dim:
         return a
     if isinstance(a, int) and isinstance(b, int):
         return min(a, b)
+    if _le(a, b):
+        return a
+    if _le(b, a):
+        return b
     for x, y in ((a, b), (b, a)):
         if isinstance(y, int) and y >= 2**31 - 1:  # exporters use INT_MAX as "to the end"
             return x
