@@ -4,6 +4,8 @@
 - `MatMul` by a constant 2-D weight becomes `linear` with the weight transposed once, at compile
   time, to [out_features, in_features], and a following bias `Add` joins it;
 - a `linear` wrapped in reshapes that only flatten and restore the leading dims loses them;
+- scalar factors move below reshapes and transposes (where attention absorbs them), merge,
+  and vanish when they are 1;
 - reshapes that change nothing and one-input concats disappear, transposes of transposes merge, and the reshape /
   transpose / reshape chain that swaps the last two axes becomes one transpose.
 """
@@ -48,6 +50,28 @@ def _swap_fits(m) -> str | None:
 
 def _swap_last_two(m, b):
     return b.emit("transpose", [m["x"]], perm=(0, 1, 3, 2))
+
+
+def _scalar(data) -> str | None:
+    return None if data.size == 1 else "not a scalar"
+
+
+def _push_scale(m, b):
+    """view(x * c) -> view(x) * c: a scalar factor moves below reshapes and transposes, where
+    attention recognition absorbs it into its scale."""
+    view = m.nodes["view"]
+    moved = b.emit(view.op, [m["x"]] + view.inputs[1:], **view.attrs)
+    return b.emit("mul", [moved, m["c"]])
+
+
+def _keeps_shape(m) -> str | None:
+    node = m.nodes["mul"]
+    return None if node.outputs[0].type == m["x"].type else "the constant broadcasts"
+
+
+def _scales(m, b):
+    c1, c2 = m.data("c1"), m.data("c2")
+    return b.emit("mul", [m["x"], b.param((c1.reshape(()) * c2.reshape(())).astype(c1.dtype), "scale")])
 
 
 def _is_2d(data) -> str | None:
@@ -142,6 +166,12 @@ RULES = [
          near_miss_depth=3),
     Rule("noop_reshape", Op(("reshape", "expand"), X, S, bind="r"), _drop, check=_same_shape,
          near_miss_depth=9),
+    Rule("push_scale", Op(("reshape", "transpose"), Op("mul", X, Const("c", where=_scalar)),
+                          rest=True, bind="view"), _push_scale, near_miss_depth=9),
+    Rule("mul_one", Op("mul", X, Const("one", value=1.0), bind="mul"), _drop, check=_keeps_shape,
+         near_miss_depth=9),
+    Rule("mul_mul", Op("mul", Op("mul", X, Const("c1", where=_scalar)), Const("c2", where=_scalar), bind="mul"),
+         _scales, check=_keeps_shape, near_miss_depth=9),
     Rule("single_concat", Op("concat", X), _drop, near_miss_depth=9),
     Rule("transpose_transpose", Op("transpose", Op("transpose", X, bind="t1"), bind="t2"),
          _transpose_twice, check=_has_perms, near_miss_depth=9),
