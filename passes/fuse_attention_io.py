@@ -27,8 +27,8 @@ def _variants():
     for rotary, cached, masked in itertools.product((1, 0), repeat=3):
         q, k, v = _heads("q"), _heads("k"), _heads("v")
         if rotary:
-            q = Op("rotary", q, Var("cos"), Var("sin"))
-            k = Op("rotary", k, Var("cos"), Var("sin"))
+            q = Op("rotary", q, Var("cos"), Var("sin"), bind="q_rot")
+            k = Op("rotary", k, Var("cos"), Var("sin"), bind="k_rot")
         if cached:  # the caches are graph outputs: their values stay, produced by rope_cache
             k = Op("kv_append", Var("past_k"), k, shared=True, bind="k_cache")
             v = Op("kv_append", Var("past_v"), v, shared=True, bind="v_cache")
@@ -37,6 +37,8 @@ def _variants():
 
 
 def _fits(m) -> str | None:
+    if "q_rot" in m.nodes and m.nodes["q_rot"].attrs != m.nodes["k_rot"].attrs:
+        return "q and k rotate different parts of the head"
     for name in ("q", "k", "v"):
         x, split = m[name], m.nodes[f"{name}_split"].outputs[0]
         if x.type.rank != 3 or split.type.rank != 4 or not isinstance(split.shape[2], int) \
@@ -50,7 +52,8 @@ def _build(m, b):
     kv_heads = m.nodes["k_split"].outputs[0].shape[2]
     inputs = [m["q"], m["k"], m["v"], m.values.get("cos"), m.values.get("sin"),
               m.values.get("past_k"), m.values.get("past_v")]
-    q, k, v = b.emit_multi("rope_cache", inputs, heads=heads, kv_heads=kv_heads)
+    rotary_dim = m.nodes["q_rot"].attrs["rotary_dim"] if "q_rot" in m.nodes else 0
+    q, k, v = b.emit_multi("rope_cache", inputs, heads=heads, kv_heads=kv_heads, rotary_dim=rotary_dim)
     attn = m.nodes["attn"]
     y = b.emit("attention", [q, k, v] + attn.inputs[3:], **attn.attrs)
     new = {attn.outputs[0]: y}

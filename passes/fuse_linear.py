@@ -101,6 +101,24 @@ for act_op in ("gelu", "silu", "relu"):
                                                           attrs=PLAIN), bind="act"),
                       _activation(act_op), check=_no_residual))
 RULES.append(Rule("residual_epilogue", Op("add", LIN, Var("r")), _residual, check=_no_residual))
+
+
+def _chain_fits(m) -> str | None:
+    inner = m.nodes["inner"]
+    return None if len(inner.inputs) < 4 or inner.inputs[3] is None else "both GEMMs have a residual"
+
+
+def _chain(m, b):
+    """(a + b) + r with a, b GEMM outputs and a's residual b: b takes r as its residual
+    (parallel residual: attention + MLP + x, as GPT-NeoX and Phi write it)."""
+    inner = _rebuild(b, m.nodes["inner"], residual=m["r"])
+    return _rebuild(b, m.nodes["lin"], residual=inner)
+
+
+RULES.append(Rule("residual_chain", Op("add", Op("fused_linear", Var("x"), Var("w"), Var("bias"),
+                                                 Op("fused_linear", Var("x2"), rest=True, bind="inner"),
+                                                 rest=True, bind="lin"), Var("r")),
+                  _chain, check=_chain_fits))
 RULES.append(Rule("rms_norm_prologue", Op("fused_linear", Op("rms_norm", Var("nx"), Var("g"), bind="norm"),
                                           rest=True, bind="lin"), _prologue("rms"), check=_norm_fits))
 RULES.append(Rule("layer_norm_prologue", Op("fused_linear", Op("layer_norm", Var("nx"), Var("g"), bind="norm",

@@ -2,8 +2,8 @@
 
     x * cos + concat(-x[..., d/2:], x[..., :d/2]) * sin   ->   rotary(x, cos, sin)
 
-For partial rotary (NeoX, Phi) x is the rotary slice of the head; the pass-through part stays
-as it is.
+Partial rotary (NeoX, Phi: only the first d features of each head rotate) is then
+concat(rotary(x[..., :d]), x[..., d:]) and becomes rotary(x) {rotary_dim=d}.
 """
 
 from __future__ import annotations
@@ -37,7 +37,29 @@ def _rotary(m, b):
     return b.emit("rotary", [m["x"], m["cos"], m["sin"]])
 
 
+def _part(name):
+    return Op("slice", X, Var(f"{name}_s"), Var(f"{name}_e"), Var(f"{name}_a"), Var(f"{name}_p"), bind=name)
+
+
+def _split_fits(m) -> str | None:
+    rot, rest, x = m.nodes["rot"].outputs[0], m.nodes["rest"].outputs[0], m["x"]
+    d = rot.shape[-1]
+    if m["rot_s"].sym != (0,) or m["rest_s"].sym != (d,) or rest.shape[-1] + d != x.shape[-1]:
+        return "the slices are not [:d] and [d:] of the head"
+    return None
+
+
+def _partial(m, b):
+    inner = m.nodes["inner"]
+    return b.emit("rotary", [m["x"]] + inner.inputs[1:], rotary_dim=m.nodes["rot"].outputs[0].shape[-1])
+
+
 RULES = [Rule("rotary", Op("add", Op("mul", X, COS), Op("mul", ROTATE_HALF, SIN)), _rotary, check=_halves,
               near_miss_depth=4)]
+
+# Partial rotary: concat(rotary(x[..., :d]), x[..., d:]) -> rotary(x) {rotary_dim=d}
+RULES.append(Rule("partial_rotary", Op("concat", Op("rotary", _part("rot"), Var("cos"), Var("sin"), bind="inner"),
+                                       _part("rest"), attrs={"axis": lambda a: a in (-1, 3)}),
+                  _partial, check=_split_fits))
 
 recognize_rotary = rule_pass("recognize_rotary", RULES)

@@ -54,14 +54,18 @@ def silu(x):
 
 
 # rotary ---------------------------------------------------------------------------------------
-def _rotary_infer(inputs, **_):
+def _rotary_infer(inputs, rotary_dim):
     return [inputs[0].type]
 
 
-@register("rotary", ("x", "cos", "sin"), infer=_rotary_infer)
-def rotary(x, cos, sin):
+@register("rotary", ("x", "cos", "sin"), {"rotary_dim": 0}, infer=_rotary_infer)
+def rotary(x, cos, sin, rotary_dim=0):
     """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x[..., d/2:], x[..., :d/2]):
-    the rotary embedding as Llama, NeoX and Phi write it (applied to the rotary part of x)."""
+    the rotary embedding as Llama, NeoX and Phi write it. With `rotary_dim` only the first
+    rotary_dim features rotate (partial rotary, NeoX and Phi) and the rest pass through."""
+    if rotary_dim and rotary_dim < x.shape[-1]:
+        head = rotary(x[..., :rotary_dim], cos, sin)
+        return np.concatenate([head, x[..., rotary_dim:]], axis=-1)
     half = x.shape[-1] // 2
     rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return (x * cos + rotated * sin).astype(x.dtype)
@@ -86,7 +90,7 @@ def _split_heads(x, heads):
     return x.reshape(b, s, heads, -1).transpose(0, 2, 1, 3)
 
 
-def _rope_cache_infer(inputs, heads, kv_heads):
+def _rope_cache_infer(inputs, heads, kv_heads, rotary_dim):
     q, k, v, cos, sin, past_k, past_v = (list(inputs) + [None] * 7)[:7]
     same_dtype("rope_cache", [q, k, v])
     b, s = q.shape[:2]
@@ -99,14 +103,15 @@ def _rope_cache_infer(inputs, heads, kv_heads):
 
 
 @register("rope_cache", ("q", "k", "v", "cos?", "sin?", "past_k?", "past_v?"),
-          {"heads": REQUIRED, "kv_heads": REQUIRED}, infer=_rope_cache_infer)
-def rope_cache(q, k, v, cos=None, sin=None, past_k=None, past_v=None, heads=1, kv_heads=1):
+          {"heads": REQUIRED, "kv_heads": REQUIRED, "rotary_dim": 0}, infer=_rope_cache_infer)
+def rope_cache(q, k, v, cos=None, sin=None, past_k=None, past_v=None, heads=1, kv_heads=1,
+               rotary_dim=0):
     """Split the projections [batch, seq, heads*head_dim] into heads, apply the rotary embedding
     to q and k (when cos/sin are given), and write k and v behind the cached past. Returns q
     [batch, heads, seq, head_dim] and the caches [batch, kv_heads, past+seq, head_dim]."""
     q, k, v = _split_heads(q, heads), _split_heads(k, kv_heads), _split_heads(v, kv_heads)
     if cos is not None:
-        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        q, k = rotary(q, cos, sin, rotary_dim), rotary(k, cos, sin, rotary_dim)
     if past_k is not None:
         k, v = kv_append(past_k, k), kv_append(past_v, v)
     return np.ascontiguousarray(q), k, v
