@@ -3,6 +3,7 @@
 - division becomes multiplication (by a folded constant, or by `reciprocal`);
 - `MatMul` by a constant 2-D weight becomes `linear` with the weight transposed once, at compile
   time, to [out_features, in_features], and a following bias `Add` joins it;
+- a fused QKV interleaved per head (GPT-NeoX) is reordered to [q | k | v] blocks;
 - a `linear` wrapped in reshapes that only flatten and restore the leading dims loses them;
 - scalar factors move below reshapes and transposes (where attention absorbs them), merge,
   and vanish when they are 1;
@@ -72,6 +73,37 @@ def _keeps_shape(m) -> str | None:
 def _scales(m, b):
     c1, c2 = m.data("c1"), m.data("c2")
     return b.emit("mul", [m["x"], b.param((c1.reshape(()) * c2.reshape(())).astype(c1.dtype), "scale")])
+
+
+def _interleaved_fits(m) -> str | None:
+    split, heads_view = m.nodes["split"], m.nodes["view"].outputs[0]
+    if len(split.outputs) != 3 or split.attrs["axis"] not in (-1, 3):
+        return f"{split.name} does not cut the heads into q, k, v"
+    sizes = {o.shape[-1] for o in split.outputs}
+    h, width = heads_view.shape[2], heads_view.shape[3]
+    if len(sizes) != 1 or not isinstance(h, int) or width != 3 * sizes.pop():
+        return "q, k and v are not equal thirds of each head"
+    if heads_view.shape[-2:] != (h, width) or heads_view.shape[:2] != m["x"].shape[:2]:
+        return f"{heads_view.name} is not [batch, seq, heads, 3 * head_dim]"
+    return None
+
+
+def _deinterleave(m, b):
+    """linear -> [b, s, heads, 3*d] -> transpose -> split into q, k, v (GPT-NeoX) becomes one
+    linear whose weight rows are reordered once to [q heads | k heads | v heads], split, and
+    each part viewed as heads: the layout every other family has."""
+    lin, heads_view = m.nodes["lin"], m.nodes["view"].outputs[0]
+    bsz, seq, h, width = heads_view.shape
+    d = width // 3
+    rows = [hh * width + j * d + dd for j in range(3) for hh in range(h) for dd in range(d)]
+    w = b.param(m.data("w")[rows], f"{m['w'].name}.qkv")
+    inputs = [m["x"], w]
+    if len(lin.inputs) > 2 and lin.inputs[2] is not None:
+        inputs.append(b.param(b.graph.const_value(lin.inputs[2])[rows], "qkv_bias"))
+    y = b.emit("linear", inputs)
+    parts = b.emit_multi("split", [y], axis=-1, sizes=(h * d,) * 3, num_outputs=3)
+    target = b.emit("dims", [], values=(bsz, seq, h, d))
+    return [b.emit("transpose", [b.emit("reshape", [p, target])], perm=(0, 2, 1, 3)) for p in parts]
 
 
 def _is_2d(data) -> str | None:
@@ -172,6 +204,9 @@ RULES = [
          near_miss_depth=9),
     Rule("mul_mul", Op("mul", Op("mul", X, Const("c1", where=_scalar)), Const("c2", where=_scalar), bind="mul"),
          _scales, check=_keeps_shape, near_miss_depth=9),
+    Rule("deinterleave_qkv", Op("split", Op("transpose", Op("reshape", Op("linear", X, W, rest=True, bind="lin"),
+                                                            S, bind="view"), attrs={"perm": (0, 2, 1, 3)}),
+                                bind="split"), _deinterleave, check=_interleaved_fits),
     Rule("single_concat", Op("concat", X), _drop, near_miss_depth=9),
     Rule("transpose_transpose", Op("transpose", Op("transpose", X, bind="t1"), bind="t2"),
          _transpose_twice, check=_has_perms, near_miss_depth=9),
