@@ -106,6 +106,34 @@ def _deinterleave(m, b):
     return [b.emit("transpose", [b.emit("reshape", [p, target])], perm=(0, 2, 1, 3)) for p in parts]
 
 
+def _third_fits(m) -> str | None:
+    heads_view, part = m.nodes["view"].outputs[0], m.nodes["slice"].outputs[0]
+    h, width = heads_view.shape[2], heads_view.shape[3]
+    d = part.shape[-1]
+    start, end, axis, step = (m[n].sym for n in ("st", "en", "ax", "sp"))
+    if not isinstance(h, int) or not isinstance(width, int) or width != 3 * d:
+        return "the slice is not a third of each head"
+    if axis not in ((-1,), (3,)) or step != (1,) or start is None or start[0] not in (0, d, 2 * d) \
+            or end is None or end[0] - start[0] != d:
+        return "the slice is not the q, k or v third of the last axis"
+    return None
+
+
+def _deinterleave_third(m, b):
+    """One third (q, k or v) of GPT-NeoX's per-head interleaved projection, as its own linear
+    over the matching weight rows; fuse_qkv merges the three again, in blocks."""
+    lin, heads_view = m.nodes["lin"], m.nodes["view"].outputs[0]
+    bsz, seq, h, width = heads_view.shape
+    d, j = width // 3, m["st"].sym[0] // (width // 3)
+    rows = [hh * width + j * d + dd for hh in range(h) for dd in range(d)]
+    inputs = [m["x"], b.param(m.data("w")[rows], f"{m['w'].name}.part{j}")]
+    if len(lin.inputs) > 2 and lin.inputs[2] is not None:
+        inputs.append(b.param(b.graph.const_value(lin.inputs[2])[rows], "bias_part"))
+    y = b.emit("linear", inputs)
+    return b.emit("transpose", [b.emit("reshape", [y, b.emit("dims", [], values=(bsz, seq, h, d))])],
+                  perm=(0, 2, 1, 3))
+
+
 def _is_2d(data) -> str | None:
     return None if data.ndim == 2 else f"weight has rank {data.ndim}, not 2"
 
@@ -207,6 +235,12 @@ RULES = [
     Rule("deinterleave_qkv", Op("split", Op("transpose", Op("reshape", Op("linear", X, W, rest=True, bind="lin"),
                                                             S, bind="view"), attrs={"perm": (0, 2, 1, 3)}),
                                 bind="split"), _deinterleave, check=_interleaved_fits),
+    Rule("deinterleave_qkv", Op("slice", Op("transpose", Op("reshape", Op("linear", X, W, rest=True, bind="lin",
+                                                                      shared=True),
+                                                            S, bind="view", shared=True),
+                                            attrs={"perm": (0, 2, 1, 3)}, shared=True),
+                                Var("st"), Var("en"), Var("ax"), Var("sp"), bind="slice"),
+         _deinterleave_third, check=_third_fits),
     Rule("single_concat", Op("concat", X), _drop, near_miss_depth=9),
     Rule("transpose_transpose", Op("transpose", Op("transpose", X, bind="t1"), bind="t2"),
          _transpose_twice, check=_has_perms, near_miss_depth=9),
