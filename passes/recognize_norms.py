@@ -3,7 +3,8 @@
     RMSNorm:   w * (x * 1/sqrt(mean(x^2, -1) + eps))
     LayerNorm: (d * 1/sqrt(mean(d^2, -1) + eps)) * w + b,  d = x - mean(x, -1)
 
-(after canonicalization, every division is a multiplication by a reciprocal). The weight must be
+(after canonicalization, every division is a multiplication by a reciprocal); in half precision
+the RMSNorm is computed in float32 between two casts, and the op computes in float32 too. The weight must be
 a constant of the normalized size and eps a small constant; anything else is left alone, with
 the reason reported as a near miss.
 """
@@ -49,10 +50,21 @@ def _layer(m, b):
 
 
 CENTERED = Op("sub", X, Op("reduce_mean", X, attrs=LAST), shared=True)
+# Half precision: HF computes the norm in float32 between two casts.
+X32 = Op("cast", X, attrs={"to": lambda t: t.value == "f32"}, shared=True)
+
+
+def _round_trip(m) -> str | None:
+    back = m.nodes["back"]
+    if back.attrs["to"] != m["x"].dtype:
+        return f"{back.name} casts to {back.attrs['to']}, not back to {m['x'].dtype}"
+    return _weight_fits(m)
 
 RULES = [
     Rule("rms_norm", Op("mul", Op("mul", X, _inv_rms(X)), Const("w")), _rms, check=_weight_fits,
          near_miss_depth=3),
+    Rule("rms_norm", Op("mul", Op("cast", Op("mul", X32, _inv_rms(X32)), bind="back"), Const("w")), _rms,
+         check=_round_trip, near_miss_depth=4),
     Rule("layer_norm", Op("add", Op("mul", Op("mul", CENTERED, _inv_rms(CENTERED)), Const("w")), Const("b")),
          _layer, check=_weight_fits, near_miss_depth=4),
 ]

@@ -129,3 +129,44 @@ def test_attention_softmax_over_wrong_axis_is_left_alone(rng):
     assert "attention" not in [n.op for n in g.nodes]
     assert any("axis=2" in m.reason for m in ctx.reports[-1].near_misses)
     np.testing.assert_allclose(llmc.run_reference(g, feeds)["y"], want)
+
+
+def _projections(rng, same_input=True, bias=(True, True, True), const_weights=True):
+    """Three linears (q, k, v), reading one input or three."""
+    g = Graph("qkv")
+    xs = [g.add_input(f"x{i}", TensorType((batch, seq, HIDDEN), DType.f32)) for i in range(3)]
+    outs = []
+    for i, has_bias in enumerate(bias):
+        w = g.add_param(f"w{i}", rng.standard_normal((4, HIDDEN)).astype(np.float32)) if const_weights \
+            else g.add_input(f"w{i}", TensorType((4, HIDDEN), DType.f32))
+        inputs = [xs[0] if same_input else xs[i], w]
+        if has_bias:
+            inputs.append(g.add_param(f"b{i}", rng.standard_normal(4).astype(np.float32)))
+        outs += g.add_node("linear", inputs, output_names=[f"y{i}"])
+    g.outputs += outs
+    return g
+
+
+def test_qkv_merge_golden(rng):
+    from llmc.passes.fuse_qkv import fuse_qkv
+
+    g, report = _run(_projections(rng), fuse_qkv, rng)
+    assert [n.op for n in g.nodes] == ["linear", "split"]
+    assert [v.name for v in g.outputs] == ["y0", "y1", "y2"] and g.nodes[1].outputs == g.outputs
+    merged = next(n for n in g.nodes if n.op == "linear")
+    assert g.const_value(merged.inputs[1]).shape == (12, HIDDEN)
+    assert report.rewrites["merge 3 linears"] == 1
+
+
+@pytest.mark.parametrize("variant,reason", [
+    (dict(same_input=False), None),
+    (dict(bias=(True, False, True)), "differ in having a bias"),
+    (dict(const_weights=False), "not constant"),
+])
+def test_qkv_near_misses(rng, variant, reason):
+    from llmc.passes.fuse_qkv import fuse_qkv
+
+    g, report = _run(_projections(rng, **variant), fuse_qkv, rng)
+    assert [n.op for n in g.nodes].count("linear") == 3 and not report.rewrites
+    if reason:
+        assert any(reason in m.reason for m in report.near_misses), report.near_misses
