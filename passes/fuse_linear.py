@@ -40,13 +40,15 @@ def _residual(m, b):
     return _rebuild(b, m.nodes["lin"], residual=m["r"])
 
 
+def _act(m, name) -> str:
+    """The epilogue's activation name; GELU's approximation is part of it."""
+    if name == "gelu" and m.nodes["act"].attrs["approximate"] == "tanh":
+        return "gelu_tanh"
+    return name
+
+
 def _activation(name):
-    def build(m, b):
-        act = name
-        if name == "gelu":
-            act = "gelu_tanh" if m.nodes["act"].attrs["approximate"] == "tanh" else "gelu"
-        return _rebuild(b, m.nodes["lin"], activation=act)
-    return build
+    return lambda m, b: _rebuild(b, m.nodes["lin"], activation=_act(m, name))
 
 
 def _halves(m) -> str | None:
@@ -58,12 +60,7 @@ def _halves(m) -> str | None:
 
 
 def _gated(name):
-    def build(m, b):
-        act = name
-        if name == "gelu":
-            act = "gelu_tanh" if m.nodes["act"].attrs["approximate"] == "tanh" else "gelu"
-        return _rebuild(b, m.nodes["lin"], activation=act, gated=1)
-    return build
+    return lambda m, b: _rebuild(b, m.nodes["lin"], activation=_act(m, name), gated=1)
 
 
 def _norm_fits(m) -> str | None:

@@ -80,7 +80,6 @@ class Match:
         self.outputs = set(graph.outputs)  # graph outputs are readers too
         self.values: dict[str, Value] = {}
         self.nodes: dict[str, Node] = {}
-        self.matched: list[Node] = []
         self.depth = 0
 
     def __getitem__(self, name: str) -> Value:
@@ -90,10 +89,10 @@ class Match:
         return self.graph.const_value(self.values[name])
 
     def _snapshot(self):
-        return dict(self.values), dict(self.nodes), list(self.matched), self.depth
+        return dict(self.values), dict(self.nodes), self.depth
 
     def _restore(self, snap):
-        self.values, self.nodes, self.matched, self.depth = dict(snap[0]), dict(snap[1]), list(snap[2]), snap[3]
+        self.values, self.nodes, self.depth = dict(snap[0]), dict(snap[1]), snap[2]
 
 
 def match(pattern: Op, value: Value, graph: Graph, users) -> Match:
@@ -146,7 +145,6 @@ def _match(pat, value: Value | None, m: Match, root: bool = False) -> None:
     if len(args) != len(pat.args):
         raise NoMatch(f"{node.name} ({node.op}) has {len(args)} inputs, the pattern {len(pat.args)}",
                       node, m.depth)
-    m.matched.append(node)
     if pat.bind:
         m.nodes[pat.bind] = node
     orders = [args]

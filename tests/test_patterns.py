@@ -170,3 +170,37 @@ def test_qkv_near_misses(rng, variant, reason):
     assert [n.op for n in g.nodes].count("linear") == 3 and not report.rewrites
     if reason:
         assert any(reason in m.reason for m in report.near_misses), report.near_misses
+
+
+def test_geglu_epilogue_golden(rng):
+    """linear -> halves -> gelu(gate) * up becomes one GEMM with a gated GELU epilogue."""
+    from llmc.passes.fuse_linear import fuse_linear
+
+    g, x = _graph()
+    w = g.add_param("w", rng.standard_normal((12, HIDDEN)).astype(np.float32))
+    (y,) = g.add_node("linear", [x, w])
+    gate, up = g.add_node("split", [y], {"axis": -1, "sizes": (6, 6), "num_outputs": 2})
+    (act,) = g.add_node("gelu", [gate])
+    (out,) = g.add_node("mul", [act, up], output_names=["out"])
+    g.outputs.append(out)
+    g, report = _run(g, fuse_linear, rng)
+    assert [n.op for n in g.nodes] == ["fused_linear"]
+    assert g.nodes[0].attrs["gated"] == 1 and g.nodes[0].attrs["activation"] == "gelu"
+    assert report.rewrites["gated_gelu"] == 1
+
+
+def test_add_norm_golden(rng):
+    """A residual add read by a norm and by the next residual: one op, two outputs."""
+    from llmc.passes.fuse_add_norm import fuse_add_norm
+
+    g, x = _graph()
+    r = g.add_input("r", TensorType((batch, seq, HIDDEN), DType.f32))
+    (s,) = g.add_node("add", [x, r])
+    (n,) = g.add_node("rms_norm", [s, g.add_param("g", rng.standard_normal(HIDDEN).astype(np.float32))],
+                      {"epsilon": 1e-5})
+    (y,) = g.add_node("add", [n, s], output_names=["y"])
+    g.outputs.append(y)
+    g, report = _run(g, fuse_add_norm, rng)
+    assert [n.op for n in g.nodes] == ["add_norm", "add"]
+    assert g.nodes[1].inputs == [g.nodes[0].outputs[1], g.nodes[0].outputs[0]]
+    assert report.rewrites["add_rms_norm"] == 1
