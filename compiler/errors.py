@@ -5,9 +5,7 @@ The CLI prints an LlmcError's message without a traceback and exits with its `ex
 
 from __future__ import annotations
 
-
-class LlmcError(Exception):
-    exit_code = 2
+from llmc.runtime.errors import ArtifactError, LlmcError  # noqa: F401  (one base for both sides)
 
 
 class ModelLoadError(LlmcError):

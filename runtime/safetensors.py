@@ -1,0 +1,68 @@
+"""Read safetensors files as zero-copy numpy views on a memory map (numpy only; the format is an
+8-byte header length, a JSON header, and the tensors' bytes)."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import numpy as np
+
+DTYPES = {
+    "F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class SafetensorsError(ValueError):
+    pass
+
+
+def map_file(path: Path) -> np.ndarray:
+    """The whole file as a read-only uint8 array."""
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return np.zeros(0, np.uint8)
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+
+
+def entries(data: np.ndarray) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, byte offset in the file, byte length), from a mapped file."""
+    try:
+        (header_len,) = struct.unpack("<Q", data[:8].tobytes())
+        if 8 + header_len > data.size:
+            raise ValueError(f"header of {header_len} bytes does not fit in {data.size}")
+        header = json.loads(data[8:8 + header_len].tobytes())
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise SafetensorsError(f"not a safetensors file ({e})") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info.get("dtype") not in DTYPES:
+            raise SafetensorsError(f"tensor {name!r} has unsupported dtype {info.get('dtype')}")
+        start, end = info["data_offsets"]
+        out[name] = (np.dtype(DTYPES[info["dtype"]]), tuple(info["shape"]), 8 + header_len + start, end - start)
+    return out
+
+
+def tensor(data: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], offset: int, length: int | None,
+           name: str) -> np.ndarray:
+    """One tensor of a mapped file, checked against the file's size."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if length is not None and length != nbytes:
+        raise SafetensorsError(f"tensor {name!r} has {length} bytes, but {dtype}{list(shape)} needs {nbytes}")
+    if offset + nbytes > data.size:
+        raise SafetensorsError(f"tensor {name!r} needs bytes {offset}..{offset + nbytes}, but the file has "
+                               f"{data.size} (truncated?)")
+    view = data[offset:offset + nbytes]
+    if offset % dtype.itemsize:  # unaligned: numpy cannot view it in place
+        view = view.copy()
+    return view.view(dtype).reshape(shape)
+
+
+def load(path) -> dict[str, np.ndarray]:
+    data = map_file(Path(path))
+    return {name: tensor(data, *e, name) for name, e in entries(data).items()}
