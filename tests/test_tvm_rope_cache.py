@@ -1,0 +1,62 @@
+"""The TVM rope_cache kernel against the op's numpy definition: full, partial and no rotary,
+GQA, prefill into an empty cache and decode steps after a past, written in place into the
+runtime's [batch, kv_heads, max_seq, head_dim] caches without touching other rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from conftest import rel_err
+from zoo_cases import export
+
+import llmc
+from llmc.backends.tvm.rope_cache import RopeCacheSpec, build
+from llmc.backends.tvm.target import host
+from llmc.ops import get_op
+
+MAX_SEQ = 16
+
+
+def _check(spec, rng, batch, seq, past):
+    kernel = build(spec, host())["main"]
+    d = spec.head_dim
+    qkv = rng.standard_normal((batch, seq, (spec.heads + 2 * spec.kv_heads) * d)).astype(np.float32)
+    rd = max(spec.rotary_dim, 2)
+    cos, sin = (rng.standard_normal((batch, seq, rd)).astype(np.float32) for _ in range(2))
+    caches = [rng.standard_normal((batch, spec.kv_heads, MAX_SEQ, d)).astype(np.float32) for _ in range(2)]
+    dev = tvm.cpu(0)
+    args = [tvm.runtime.tensor(a, dev) for a in (qkv, cos, sin, *caches)]
+    q = tvm.runtime.tensor(np.zeros((batch, spec.heads, seq, d), np.float32), dev)
+    kernel(*args, q, past)
+
+    qp, kp, vp = np.split(qkv, [spec.heads * d, (spec.heads + spec.kv_heads) * d], axis=-1)
+    rotary = spec.rotary_dim > 0
+    want = get_op("rope_cache").ref(qp, kp, vp, cos[:, None] if rotary else None, sin[:, None] if rotary else None,
+                                    caches[0][:, :, :past], caches[1][:, :, :past], heads=spec.heads,
+                                    kv_heads=spec.kv_heads, rotary_dim=spec.rotary_dim % d)
+    assert rel_err(q.numpy(), want[0]) < 1e-6
+    for got, before, w in zip((args[3].numpy(), args[4].numpy()), caches, want[1:]):
+        assert rel_err(got[:, :, :past + seq], w) < 1e-6
+        np.testing.assert_array_equal(got[:, :, past + seq:], before[:, :, past + seq:])
+
+
+@pytest.mark.parametrize("spec", [RopeCacheSpec(4, 2, 16, 16), RopeCacheSpec(4, 4, 12, 4),
+                                  RopeCacheSpec(3, 3, 10, 0)],
+                         ids=["gqa-full", "partial", "none"])
+@pytest.mark.parametrize("batch,seq,past", [(2, 5, 0), (1, 1, 7), (2, 3, 4)], ids=["prefill", "decode", "chunk"])
+def test_kernel_matches_reference(spec, batch, seq, past, rng):
+    _check(spec, rng, batch, seq, past)
+
+
+def test_specs_of_compiled_models():
+    from llmc.passes.manager import PassContext, run_passes
+    from llmc.passes.pipeline import default_pipeline
+
+    specs = {}
+    for name in ("llama-tiny", "gpt2-tiny", "phi-tiny"):
+        graph = llmc.from_onnx(export(name, exporter="dynamo", kv_cache=True))
+        graph = run_passes(graph, default_pipeline(), PassContext(options={"max_seq_len": 128}))
+        specs[name] = {RopeCacheSpec.of(n) for n in graph.nodes if n.op == "rope_cache"}
+    assert specs == {"llama-tiny": {RopeCacheSpec(4, 2, 16, 16)}, "gpt2-tiny": {RopeCacheSpec(4, 4, 16, 0)},
+                     "phi-tiny": {RopeCacheSpec(4, 4, 16, 8)}}
