@@ -1,6 +1,6 @@
 """The TVM attention kernel against the op's numpy definition: grouped-query heads, additive
-masks with fully masked rows, causal alignment, merged or separate heads, odd head dims, and
-one build run at decode and prefill lengths."""
+masks with fully masked rows, causal alignment, merged or separate heads, odd head dims, one
+build run at decode and prefill lengths, reading the first kv_len rows of max_seq-row caches."""
 
 from __future__ import annotations
 
@@ -27,11 +27,15 @@ def test_kernel_matches_reference(spec, rng):
     dev = tvm.cpu(0)
     for batch, seq, kv_len in ((1, 1, 9), (2, 7, 7), (1, 3, 11)):  # decode, prefill, chunk
         q = rng.standard_normal((batch, spec.heads, seq, spec.head_dim)).astype(np.float32)
-        k, v = (rng.standard_normal((batch, spec.kv_heads, kv_len, spec.head_dim)).astype(np.float32)
-                for _ in range(2))
+        max_seq = kv_len + 5 if spec.masked else kv_len  # rows past kv_len must not be read
+        caches = [rng.standard_normal((batch, spec.kv_heads, max_seq, spec.head_dim)).astype(np.float32)
+                  for _ in range(2)]
+        for c in caches:
+            c[:, :, kv_len:] = np.nan  # any read past kv_len would poison the output
+        k, v = (c[:, :, :kv_len] for c in caches)
         mask = np.where(rng.random((batch, 1, seq, kv_len)) > 0.3, 0, -np.inf).astype(np.float32)
         mask[:, :, 0, :] = -np.inf  # a query that sees no key: zeros, not NaN
-        args = [q, k, v] + [mask] * spec.masked
+        args = [q, *caches] + [mask] * spec.masked
         want = get_op("attention").ref(q, k, v, mask if spec.masked else None, scale=spec.scale,
                                        is_causal=int(spec.is_causal), merge_heads=int(spec.merge_heads))
         out = tvm.runtime.tensor(np.zeros(want.shape, np.float32), dev)

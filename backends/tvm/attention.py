@@ -1,9 +1,11 @@
 """`attention` as a TVM kernel: softmax(q k^T * scale + mask) v over a KV cache.
 
-q [batch, heads, seq, d]; k, v [batch, kv_heads, kv_len, d] (grouped-query: each kv head serves
-heads / kv_heads query heads); mask [batch, 1, seq, kv_len], additive; with `merge_heads` the
-output is [batch, seq, heads * d]. seq and kv_len are symbolic: one build serves prefill and every
-decode step. A query that sees no key (its row of the mask all -inf) gets zeros, as the op says.
+q [batch, heads, seq, d]; k, v [batch, kv_heads, max_seq, d], the runtime's caches, of which the
+first kv_len rows are read (grouped-query: each kv head serves heads / kv_heads query heads);
+mask [batch, 1, seq, kv_len], additive, whose last dim gives kv_len; with `merge_heads` the output
+is [batch, seq, heads * d]. seq, kv_len and max_seq are symbolic: one build serves prefill and
+every decode step. A query that sees no key (its row of the mask all -inf) gets zeros, as the
+op says. Without a mask, the caches are read whole (kv_len = max_seq).
 
 Schedule: every stage runs in parallel over (batch, heads); P @ V keeps d in vector lanes. That
 is one parallel launch per stage (8): correct, but at decode (12 query / 4 kv heads, d 128, 1024
@@ -42,11 +44,13 @@ class AttentionSpec:
 def prim_func(spec: AttentionSpec):
     from tvm import te, tirx
 
-    b, s, t = (tirx.Var(n, "int64") for n in ("batch", "seq", "kv_len"))
+    b, s, t, m = (tirx.Var(n, "int64") for n in ("batch", "seq", "kv_len", "max_seq"))
+    if not spec.masked:
+        t = m
     h, g, d, dt = spec.heads, spec.heads // spec.kv_heads, spec.head_dim, spec.dtype
     q = te.placeholder((b, h, s, d), dt, name="q")
-    k = te.placeholder((b, spec.kv_heads, t, d), dt, name="k")
-    v = te.placeholder((b, spec.kv_heads, t, d), dt, name="v")
+    k = te.placeholder((b, spec.kv_heads, m, d), dt, name="k")
+    v = te.placeholder((b, spec.kv_heads, m, d), dt, name="v")
     mask = te.placeholder((b, 1, s, t), dt, name="mask") if spec.masked else None
     rd = te.reduce_axis((0, d), name="rd")
     neg_inf = tirx.const(float("-inf"), dt)
