@@ -21,10 +21,11 @@ class FeedError(LlmcError):
     """Inputs that do not fit the graph's inputs (names, dtypes, shapes)."""
 
 
-def run_reference(graph: Graph, feeds: dict[str, np.ndarray], *,
-                  check_types: bool = False) -> dict[str, np.ndarray]:
+def run_reference(graph: Graph, feeds: dict[str, np.ndarray], *, check_types: bool = False,
+                  trace: dict | None = None) -> dict[str, np.ndarray]:
     """Outputs of `graph` for `feeds` (numpy arrays keyed by input name), keyed by output name,
-    in the graph's output order."""
+    in the graph's output order. With `trace`, every value computed is also stored there (keyed
+    by Value), for testing backends op by op."""
     env: dict[str, int] = {}
     values: dict[Value, np.ndarray] = {}
     for v in graph.inputs:
@@ -51,6 +52,8 @@ def run_reference(graph: Graph, feeds: dict[str, np.ndarray], *,
             if check_types:
                 _check_value(node, v, arr, env)
             values[v] = arr
+            if trace is not None:
+                trace[v] = arr
         for v in node.inputs:
             if v is not None and last_use.get(v) == i and v not in keep and v.kind == "node":
                 values.pop(v, None)

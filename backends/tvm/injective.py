@@ -1,0 +1,240 @@
+"""Elementwise and data-movement ops as TVM kernels: one TE definition per op, read off a table.
+
+These are the small ops a compiled graph keeps besides its fused kernels: the embedding gather,
+and the per-step mask and rotary-table construction (range, compare, and, where, cast, cos, sin,
+concat, expand, gather_nd, ...). Shapes are symbolic: each named dim (batch, seq, past) becomes
+a TIR variable bound from the buffers at run time, and each `dims` value is evaluated the same way.
+Their schedules are plain: small ops run serial, since a parallel launch costs more than them.
+"""
+
+from __future__ import annotations
+
+from llmc.ir.symbolic import Sym
+
+
+class Dims:
+    """Named dims -> TIR variables, and IR dims -> TIR expressions."""
+
+    def __init__(self):
+        self.vars = {}
+
+    def var(self, name):
+        from tvm import tirx
+
+        if name not in self.vars:
+            self.vars[name] = tirx.Var(name.replace(".", "_").replace(" ", "_"), "int64")
+        return self.vars[name]
+
+    def expr(self, d):
+        from tvm import tirx
+
+        if isinstance(d, int):
+            return tirx.const(d, "int64")
+        total = tirx.const(0, "int64")
+        for monomial, coeff in d.terms.items():
+            term = tirx.const(coeff, "int64")
+            for atom in monomial:
+                term = term * self.var(atom)
+            total = total + term
+        return total
+
+    def shape(self, dims):
+        return tuple(self.expr(d) for d in dims)
+
+
+def _broadcast_index(t, out_index):
+    """Index into tensor `t` for an output index, numpy broadcasting (right-aligned, size-1)."""
+    rank = len(t.shape)
+    idx = out_index[len(out_index) - rank:] if rank else ()
+    return [0 if _is_one(dim) else i for dim, i in zip(t.shape, idx)]
+
+
+def _is_one(dim) -> bool:
+    return getattr(dim, "value", None) == 1
+
+
+def _elementwise(fn):
+    def make(node, ins, out_shape, dims):
+        from tvm import te
+
+        def body(*i):
+            return fn(*(t(*_broadcast_index(t, i)) for t in ins), node=node)
+        return te.compute(out_shape, body, name=node.op)
+    return make
+
+
+def _cast(x, node):
+    return x.astype(node.attrs["to"].numpy().name)
+
+
+def _where(c, x, y, node):
+    from tvm import tirx
+
+    return tirx.Select(c, x, y)  # both sides are in bounds: the eager select is fine
+
+
+def _tvm():
+    from tvm import te, tirx
+    return te, tirx
+
+
+def _gelu(x, node):
+    from .linear import _activate
+
+    return _activate(x, "gelu_tanh" if node.attrs["approximate"] == "tanh" else "gelu")
+
+
+UNARY = {"gelu": _gelu, "neg": lambda x, node: -x, "cos": lambda x, node: _tvm()[0].cos(x),
+         "sin": lambda x, node: _tvm()[0].sin(x), "exp": lambda x, node: _tvm()[0].exp(x),
+         "sqrt": lambda x, node: _tvm()[0].sqrt(x), "tanh": lambda x, node: _tvm()[0].tanh(x),
+         "sigmoid": lambda x, node: _tvm()[0].sigmoid(x), "reciprocal": lambda x, node: 1 / x,
+         "not": lambda x, node: _tvm()[1].Not(x), "cast": _cast}
+BINARY = {"add": lambda a, b, node: a + b, "sub": lambda a, b, node: a - b, "mul": lambda a, b, node: a * b,
+          "max": lambda a, b, node: _tvm()[0].max(a, b), "min": lambda a, b, node: _tvm()[0].min(a, b),
+          "equal": lambda a, b, node: a == b, "less": lambda a, b, node: a < b,
+          "less_equal": lambda a, b, node: a <= b, "greater": lambda a, b, node: a > b,
+          "greater_equal": lambda a, b, node: a >= b,
+          "and": lambda a, b, node: _tvm()[1].And(a, b), "or": lambda a, b, node: _tvm()[1].Or(a, b)}
+
+
+def _view(node, ins, out_shape, dims):
+    """reshape/squeeze/unsqueeze/flatten: the same elements, a new shape (row-major)."""
+    from tvm import te
+
+    (x,) = ins[:1]
+
+    def body(*i):
+        flat = 0
+        for dim, idx in zip(out_shape, i):
+            flat = flat * dim + idx
+        index = []
+        for dim in reversed(x.shape):
+            index.append(flat % dim)
+            flat = flat // dim
+        return x(*reversed(index))
+    return te.compute(out_shape, body, name=node.op)
+
+
+def _concat(node, ins, out_shape, dims):
+    from tvm import te, tirx
+
+    axis = node.attrs["axis"] % len(out_shape)
+    offsets, start = [], 0
+    for t in ins:
+        offsets.append(start)
+        start = start + t.shape[axis]
+
+    def body(*i):
+        value = None
+        for t, off in zip(ins, offsets):
+            idx = list(_broadcast_index(t, i))
+            idx[axis] = i[axis] - off
+            # lazily: the other inputs must not be read out of their bounds
+            value = t(*idx) if value is None else tirx.if_then_else(i[axis] >= off, t(*idx), value)
+        return value
+    return te.compute(out_shape, body, name="concat")
+
+
+def _expand(node, ins, out_shape, dims):
+    from tvm import te
+
+    x = ins[0]
+    return te.compute(out_shape, lambda *i: x(*_broadcast_index(x, i)), name="expand")
+
+
+def _gather(node, ins, out_shape, dims):
+    """x.take(indices, axis) with negative indices counted from the end."""
+    from tvm import te, tirx
+
+    x, idx = ins
+    axis = node.attrs["axis"] % len(x.shape)
+    r = len(idx.shape)
+
+    def body(*i):
+        j = idx(*i[axis:axis + r]).astype("int64")
+        j = tirx.Select(j < 0, j + x.shape[axis], j)
+        return x(*(i[:axis] + (j,) + i[axis + r:]))
+    return te.compute(out_shape, body, name="gather")
+
+
+def _gather_nd(node, ins, out_shape, dims):
+    from tvm import te
+
+    x, idx = ins
+    if node.attrs["batch_dims"]:
+        raise NotImplementedError("gather_nd with batch_dims")
+    k = int(idx.shape[-1])
+    lead = len(idx.shape) - 1
+
+    def body(*i):
+        picks = tuple(idx(*(i[:lead] + (c,))).astype("int64") for c in range(k))
+        return x(*(picks + i[lead:]))
+    return te.compute(out_shape, body, name="gather_nd")
+
+
+def _range(node, ins, out_shape, dims):
+    from tvm import te
+
+    start, _, delta = ins
+    return te.compute(out_shape, lambda i: start() + i.astype(start.dtype) * delta(), name="range")
+
+
+def _dims(node, ins, out_shape, dims):
+    from tvm import te, tirx
+
+    values = [dims.expr(v) for v in node.attrs["values"]]
+
+    def body(i):
+        out = values[-1]
+        for n in range(len(values) - 2, -1, -1):
+            out = tirx.Select(i == n, values[n], out)
+        return out
+    return te.compute(out_shape, body, name="dims")
+
+
+LOWERINGS = {**{op: _elementwise(fn) for op, fn in UNARY.items()},
+             **{op: _elementwise(fn) for op, fn in BINARY.items()},
+             "where": _elementwise(_where),
+             **{op: _view for op in ("reshape", "squeeze", "unsqueeze", "flatten", "identity")},
+             "concat": _concat, "expand": _expand, "gather": _gather, "gather_nd": _gather_nd,
+             "range": _range, "dims": _dims}
+
+
+def prim_func(node):
+    """A PrimFunc for one IR node. Arguments: its inputs (params included) in IR order, its
+    output, then the named dims it uses (int64 scalars, sorted by name: `dim_names(node)`).
+    Shape-only inputs (reshape's target, expand's shape) are not passed: the output type holds
+    the shape."""
+    from tvm import te
+
+    if node.op not in LOWERINGS:
+        raise NotImplementedError(f"no TVM lowering for op {node.op!r}")
+    dims = Dims()
+    ins = []
+    for pos, v in enumerate(node.inputs):
+        if v is None or (node.op in ("reshape", "expand") and pos == 1):
+            continue
+        ins.append(te.placeholder(dims.shape(v.shape), v.dtype.numpy().name, name=f"in{pos}"))
+    out = node.outputs[0]
+    y = LOWERINGS[node.op](node, ins, dims.shape(out.shape), dims)
+    if y.dtype != out.dtype.numpy().name:
+        y = te.compute(y.shape, lambda *i: y[i].astype(out.dtype.numpy().name), name="out")
+    return te.create_prim_func(ins + [y] + [dims.vars[n] for n in sorted(dims.vars)])
+
+
+def dim_names(node) -> list[str]:
+    """The named dims a node's kernel takes as trailing scalar arguments."""
+    names = set()
+    for v in list(node.inputs) + list(node.outputs):
+        if v is not None:
+            names.update(a for d in v.shape if isinstance(d, Sym) for a in d.atoms)
+    if node.op == "dims":
+        names.update(a for d in node.attrs["values"] if isinstance(d, Sym) for a in d.atoms)
+    return sorted(names)
+
+
+def build(node, target: dict):
+    import tvm
+
+    return tvm.compile(tvm.IRModule({"main": prim_func(node)}), target=tvm.target.Target(target))
+
