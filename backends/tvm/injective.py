@@ -192,12 +192,30 @@ def _dims(node, ins, out_shape, dims):
     return te.compute(out_shape, body, name="dims")
 
 
+def _split(node, ins, out_shapes, dims):
+    """Several outputs: each a slice of the input along the axis."""
+    from tvm import te
+
+    (x,) = ins
+    axis = node.attrs["axis"] % len(x.shape)
+
+    def part(off):
+        return lambda *i: x(*(i[:axis] + (i[axis] + off,) + i[axis + 1:]))
+
+    outs, off = [], 0
+    for n, shape in enumerate(out_shapes):
+        outs.append(te.compute(shape, part(off), name=f"part{n}"))
+        off = off + shape[axis]
+    return outs
+
+
 LOWERINGS = {**{op: _elementwise(fn) for op, fn in UNARY.items()},
              **{op: _elementwise(fn) for op, fn in BINARY.items()},
              "where": _elementwise(_where),
              **{op: _view for op in ("reshape", "squeeze", "unsqueeze", "flatten", "identity")},
              "concat": _concat, "expand": _expand, "gather": _gather, "gather_nd": _gather_nd,
-             "range": _range, "dims": _dims}
+             "range": _range, "dims": _dims, "split": _split}
+MULTI_OUTPUT = {"split"}
 
 
 def prim_func(node):
@@ -215,11 +233,15 @@ def prim_func(node):
         if v is None or (node.op in ("reshape", "expand") and pos == 1):
             continue
         ins.append(te.placeholder(dims.shape(v.shape), v.dtype.numpy().name, name=f"in{pos}"))
-    out = node.outputs[0]
-    y = LOWERINGS[node.op](node, ins, dims.shape(out.shape), dims)
-    if y.dtype != out.dtype.numpy().name:
-        y = te.compute(y.shape, lambda *i: y[i].astype(out.dtype.numpy().name), name="out")
-    return te.create_prim_func(ins + [y] + [dims.vars[n] for n in sorted(dims.vars)])
+    if node.op in MULTI_OUTPUT:
+        outs = LOWERINGS[node.op](node, ins, [dims.shape(v.shape) for v in node.outputs], dims)
+    else:
+        out = node.outputs[0]
+        y = LOWERINGS[node.op](node, ins, dims.shape(out.shape), dims)
+        if y.dtype != out.dtype.numpy().name:
+            y = te.compute(y.shape, lambda *i: y(*i).astype(out.dtype.numpy().name), name="out")
+        outs = [y]
+    return te.create_prim_func(ins + outs + [dims.vars[n] for n in sorted(dims.vars)])
 
 
 def dim_names(node) -> list[str]:
