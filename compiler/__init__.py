@@ -27,4 +27,11 @@ def run_reference(graph, feeds, **kwargs):
     return _run(graph, feeds, **kwargs)
 
 
-__all__ = ["__version__", "from_onnx", "run_reference"]
+def compile(onnx_path, target="cpu", output=None, **options):  # noqa: A001
+    """Compile an ONNX decoder (with KV cache) to a .llmc artifact; see `llmc.driver.compile`."""
+    from .driver import compile as _compile
+
+    return _compile(onnx_path, target=target, output=output, **options)
+
+
+__all__ = ["__version__", "compile", "from_onnx", "run_reference"]

@@ -1,8 +1,7 @@
 """Write a graph's artifact: its parameters as safetensors and a sealed manifest.
 
 The schema and the sealing are the runtime's (`llmc.runtime.artifact`); this module only fills
-them in. Kernel libraries and execution plans are added by the backends (later work): until
-then `kernels` and `plans` are empty and the runtime has nothing to run.
+them in, with the kernel library and the plan the backend built (`llmc.compile`).
 """
 
 from __future__ import annotations
@@ -23,16 +22,23 @@ def _describe(v) -> dict:
     return {"name": v.name, "dtype": str(v.dtype), "shape": [str(d) for d in v.shape]}
 
 
-def write_artifact(graph: Graph, output, target: dict, kernels: list | None = None,
-                   plans: dict | None = None) -> Path:
-    """Write `output` (a directory; replaced if it exists) and return its path."""
+LIBRARY = "kernels/model.so"
+
+
+def write_artifact(graph: Graph, output, target: dict, kernels: dict | None = None,
+                   plans: dict | None = None, library=None, eos_token_id: int | None = None) -> Path:
+    """Write `output` (a directory; replaced if it exists) and return its path. `library` is a
+    built TVM executable, exported to kernels/model.so."""
     from safetensors.numpy import save_file
 
     output = Path(output)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent if output.parent.exists() else None))
     try:
-        weights = {name: np.ascontiguousarray(graph.store[name]) for name in graph.params}
+        weights = {name: np.require(graph.store[name], requirements="C") for name in graph.params}
         save_file(weights, tmp / artifact.WEIGHTS)
+        if library is not None:
+            (tmp / LIBRARY).parent.mkdir()
+            library.export_library(str(tmp / LIBRARY))
         artifact.seal(tmp, {
             "llmc_version": __version__,
             "target": target,
@@ -42,8 +48,9 @@ def write_artifact(graph: Graph, output, target: dict, kernels: list | None = No
                 "outputs": [_describe(v) for v in graph.outputs],
                 "max_seq_len": graph.metadata.get("max_seq_len"),
                 "kv_cache": graph.metadata.get("kv_cache"),
+                "eos_token_id": eos_token_id,
             },
-            "kernels": kernels or [],
+            "kernels": kernels or {},
             "plans": plans or {},
         })
         if output.exists():

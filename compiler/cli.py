@@ -1,6 +1,8 @@
 """The `llmc` command line.
 
-    llmc inspect model.onnx [--ir] [--svg FILE [--layer N]]
+    llmc inspect model.onnx [--ir] [--svg FILE [--layer N]] [--passes]
+    llmc compile model.onnx --target cpu -o model.llmc
+    llmc run model.llmc --prompt-ids 1,2,3 --max-new-tokens 32
     llmc ops [--markdown]
     llmc zoo list | llmc zoo export NAME [-o model.onnx]
 
@@ -60,6 +62,26 @@ def _parser() -> argparse.ArgumentParser:
     ins.add_argument("--max-seq-len", type=int, metavar="N",
                      help="with --passes: specialize for contexts of at most N tokens")
     ins.set_defaults(run=_inspect)
+
+    comp = sub.add_parser("compile", help="compile an ONNX decoder (with KV cache) to an artifact")
+    comp.add_argument("model", help="an ONNX file exported with past_key_values inputs")
+    comp.add_argument("--target", choices=("cpu",), default="cpu")
+    comp.add_argument("-o", "--output", help="the artifact directory (default: MODEL.llmc)")
+    comp.add_argument("--max-seq-len", type=int, default=1024,
+                      help="longest context (prompt + new tokens) the artifact serves (default 1024)")
+    comp.add_argument("--eos-token-id", type=int, help="stop generating at this token")
+    comp.set_defaults(run=_compile)
+
+    run = sub.add_parser("run", help="generate tokens with a compiled artifact")
+    run.add_argument("artifact")
+    run.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    run.add_argument("--top-k", type=int)
+    run.add_argument("--top-p", type=float)
+    run.add_argument("--seed", type=int)
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.set_defaults(run=_run)
 
     ops = sub.add_parser("ops", help="list the ONNX ops the frontend supports")
     ops.add_argument("--markdown", action="store_true", help="as the table in docs/onnx-ops.md")
@@ -142,6 +164,39 @@ def _run_passes(graph, dump_ir, max_seq_len):
     if kernels:
         print(f"kernels per layer (layer 1): {len(kernels)}: " + ", ".join(n.op for n in kernels))
     return passed
+
+
+def _compile(args) -> int:
+    from . import compile as compile_model
+
+    path = compile_model(args.model, target=args.target, output=args.output, max_seq_len=args.max_seq_len,
+                         eos_token_id=args.eos_token_id)
+    print(path)
+    return 0
+
+
+def _run(args) -> int:
+    import json
+    import time
+
+    from llmc import runtime
+
+    try:
+        prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+    except ValueError:
+        raise LlmcError(f"--prompt-ids must be comma-separated integers, not {args.prompt_ids!r}") from None
+    model = runtime.load(args.artifact)
+    start = time.perf_counter()
+    tokens = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed,
+                            on_token=None if args.json else lambda t: print(t, end=" ", flush=True))
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({"prompt_ids": prompt, "new_token_ids": tokens, "seconds": round(seconds, 4)}))
+    else:
+        print()
+        log.info("%d tokens in %.3f s", len(tokens), seconds)
+    return 0
 
 
 def _bytes(n: int) -> str:

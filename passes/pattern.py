@@ -185,7 +185,7 @@ class Builder:
         return self.graph.add_node(op, list(inputs), attrs, name=f"{base}.{op}", scope=self.root.scope)
 
     def param(self, array: np.ndarray, hint: str) -> Value:
-        return self.graph.add_param(hint, np.ascontiguousarray(array))
+        return self.graph.add_param(hint, np.require(array, requirements="C"))
 
 
 @dataclass

@@ -2,4 +2,14 @@
 
 It depends on numpy and the kernel runtime only, never on torch, onnx, onnxruntime or the TVM
 compiler, so that an artifact runs where only the runtime is installed.
+
+    model = llmc.runtime.load("model.llmc")
+    new_tokens = model.generate([1, 2, 3], max_new_tokens=32)
 """
+
+
+def load(path):
+    """Open, verify and load an artifact (see `llmc.runtime.model.Model`)."""
+    from .model import load as _load
+
+    return _load(path)

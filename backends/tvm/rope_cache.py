@@ -1,6 +1,8 @@
 """`rope_cache` as a TVM kernel, writing into the runtime-owned KV cache in place.
 
-    qkv      [batch, seq, (heads + 2 kv_heads) * d]   the merged projection, as the GEMM wrote it
+    qkv      [batch, seq, row_width]                  the merged projection, as the GEMM wrote it;
+                                                       q, k, v are (heads + 2 kv_heads) * d columns
+                                                       from `offset` (Phi's row also holds fc1)
     cos, sin [batch, seq, rotary_dim]                  the rotary tables of this step's positions
     k_cache, v_cache [batch, kv_heads, max_seq, d]     owned by the runtime; rows past..past+seq are
                                                        written, nothing else is touched
@@ -23,6 +25,8 @@ class RopeCacheSpec:
     head_dim: int
     rotary_dim: int  # 0: no rotation (GPT-2, OPT)
     dtype: str = "float32"
+    row_width: int = 0  # 0: exactly q, k and v
+    offset: int = 0
 
     @staticmethod
     def of(node) -> "RopeCacheSpec":
@@ -37,7 +41,8 @@ def prim_func(spec: RopeCacheSpec):
     from tvm.script import tirx as T
 
     hq, hkv, d, dt = spec.heads, spec.kv_heads, spec.head_dim, spec.dtype
-    width = (hq + 2 * hkv) * d
+    width = spec.row_width or (hq + 2 * hkv) * d
+    off = spec.offset
     rd = max(spec.rotary_dim, 2)  # the tables' width (unused when there is no rotation)
     half = rd // 2
     rotate = spec.rotary_dim > 0
@@ -66,12 +71,12 @@ def prim_func(spec: RopeCacheSpec):
         for bi, hi, si, di in T.grid(b, hq, s, d):
             with T.sblock("q"):
                 vb, vh, vs, vd = T.axis.remap("SSSS", [bi, hi, si, di])
-                q[vb, vh, vs, vd] = rotated(qkv, vb, vs, vh * d, vd, cos, sin)
+                q[vb, vh, vs, vd] = rotated(qkv, vb, vs, off + vh * d, vd, cos, sin)
         for bi, hi, si, di in T.grid(b, hkv, s, d):
             with T.sblock("kv"):
                 vb, vh, vs, vd = T.axis.remap("SSSS", [bi, hi, si, di])
-                kc[vb, vh, past + vs, vd] = rotated(qkv, vb, vs, (hq + vh) * d, vd, cos, sin)
-                vc[vb, vh, past + vs, vd] = qkv[vb, vs, (hq + hkv + vh) * d + vd]
+                kc[vb, vh, past + vs, vd] = rotated(qkv, vb, vs, off + (hq + vh) * d, vd, cos, sin)
+                vc[vb, vh, past + vs, vd] = qkv[vb, vs, off + (hq + hkv + vh) * d + vd]
 
     return main
 

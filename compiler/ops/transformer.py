@@ -114,7 +114,7 @@ def rope_cache(q, k, v, cos=None, sin=None, past_k=None, past_v=None, heads=1, k
         q, k = rotary(q, cos, sin, rotary_dim), rotary(k, cos, sin, rotary_dim)
     if past_k is not None:
         k, v = kv_append(past_k, k), kv_append(past_v, v)
-    return np.ascontiguousarray(q), k, v
+    return np.require(q, requirements="C"), k, v
 
 
 # fused linear ---------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""Compile a passed graph to one TVM library and a static plan of kernel calls.
+
+Every node becomes a call of a kernel; equal kernels are built once (the layers of a model share
+theirs). The plan names values, not tensors: the runtime binds them to its buffers. The KV cache
+is the runtime's: `rope_cache` takes the merged QKV projection (the input of the split that
+feeds it) and writes each layer's caches in place at the current length; attention reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass, replace
+
+from llmc.ir.graph import Graph, Node
+
+from . import attention, injective, linear, rope_cache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One kernel call. `args` are value names (inputs, then outputs); `dims` the named dims
+    passed as trailing scalars; `kind` tells the runtime how to lay the arguments out."""
+
+    kernel: str
+    kind: str  # "linear", "attention", "rope_cache", "injective"
+    args: tuple[str, ...]
+    dims: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class UnsupportedGraph(ValueError):
+    pass
+
+
+def _rope_qkv(node: Node):
+    """The merged projection a rope_cache reads, its row width and where q starts in the row:
+    q, k, v must be consecutive parts of one split along the last axis."""
+    q, k, v = node.inputs[:3]
+    split = q.producer
+    parts = split.outputs if split is not None and split.op == "split" else []
+    if [k.producer, v.producer] != [split, split] or q not in parts or \
+            parts[parts.index(q):parts.index(q) + 3] != [q, k, v] or split.attrs["axis"] not in (-1, 2):
+        raise UnsupportedGraph(f"{node.name}: q, k, v are not consecutive parts of one split of a projection")
+    offset = sum(p.shape[-1] for p in parts[:parts.index(q)])
+    return split.inputs[0], offset
+
+
+def _plan_node(node: Node, graph: Graph):
+    """(kernel key, prim_func builder, step) for one node, or None for a node no kernel runs."""
+    if node.op == "fused_linear":
+        spec = linear.LinearSpec.of(node, graph)
+        slots = dict(zip(["x", "w", "bias", "residual", "norm_scale", "norm_bias"], node.inputs))
+        args = [slots[a].name for a in spec.arg_names()[:-1]] + [node.outputs[0].name]
+        return repr(spec), lambda: linear.schedule(spec).mod["main"], Step("", "linear", tuple(args))
+    if node.op == "attention":
+        spec = attention.AttentionSpec.of(node)
+        args = [v.name for v in node.inputs if v is not None] + [node.outputs[0].name]
+        return repr(spec), lambda: attention.schedule(spec).mod["main"], Step("", "attention", tuple(args))
+    if node.op == "rope_cache":
+        qkv, offset = _rope_qkv(node)
+        spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset)
+        cos, sin, past_k, past_v = node.inputs[3:7]
+        if past_k is None:
+            raise UnsupportedGraph(f"{node.name}: compiled graphs need a KV cache (export with past_key_values)")
+        tables = [cos.name, sin.name] if cos is not None else ["", ""]
+        args = [qkv.name, *tables, past_k.name, past_v.name, node.outputs[0].name]
+        return repr(spec), lambda: rope_cache.prim_func(spec), Step("", "rope_cache", tuple(args), ("past",))
+    if node.op in injective.LOWERINGS:
+        key = _node_key(node)
+        args = [v.name for pos, v in enumerate(node.inputs)
+                if v is not None and not (node.op in ("reshape", "expand") and pos == 1)]
+        return key, lambda: injective.prim_func(node), Step(
+            "", "injective", tuple(args + [v.name for v in node.outputs]), tuple(injective.dim_names(node)))
+    raise UnsupportedGraph(f"{node.name}: no TVM kernel for op {node.op!r}")
+
+
+def _node_key(node: Node) -> str:
+    """Nodes with the same op, attributes and types share a kernel."""
+    types = [str(v.type) if v is not None else "_" for v in node.inputs] + [str(v.type) for v in node.outputs]
+    return f"{node.op}|{sorted((k, repr(v)) for k, v in node.attrs.items())}|{types}"
+
+
+def compile_graph(graph: Graph, target: dict):
+    """Returns (built TVM executable, kernel table, plan)."""
+    import tvm
+
+    readers = graph.consumers()
+    funcs, plan, table = {}, [], {}
+    for node in graph.nodes:
+        if node.op == "split" and all(r.op == "rope_cache" for v in node.outputs for r in readers[v]) \
+                and all(readers[v] for v in node.outputs):
+            continue  # rope_cache reads the projection whole
+        key, make, step = _plan_node(node, graph)
+        name = table.get(key)
+        if name is None:
+            name = f"k{len(table)}_{node.op}_{hashlib.sha1(key.encode()).hexdigest()[:6]}"
+            table[key] = name
+            funcs[name] = make().with_attr("global_symbol", name)
+        plan.append(Step(name, step.kind, step.args, step.dims))
+    log.info("%d nodes -> %d kernel calls, %d distinct kernels", len(graph.nodes), len(plan), len(funcs))
+    executable = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target(target))
+    return executable, sorted(funcs), plan

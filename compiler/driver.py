@@ -1,0 +1,66 @@
+"""The compile driver behind `llmc.compile`: ONNX file in, artifact out (import, pass pipeline,
+kernels, plan, artifact)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .errors import LlmcError
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("cpu",)
+RUNTIME_DIMS = {"batch", "seq", "past", "total"}
+
+
+def _encode_dim(d, where: str):
+    if isinstance(d, int):
+        return d
+    if not d.atoms <= RUNTIME_DIMS:
+        raise LlmcError(f"{where}: dim {d} is not known at run time")
+    return [[c, list(m)] for m, c in d.terms.items()]
+
+
+def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024,
+            eos_token_id: int | None = None) -> Path:  # noqa: A001 (the public name users expect)
+    """Compile an ONNX decoder with KV cache inputs to an artifact directory; returns its path."""
+    from llmc.backends.tvm import target as targets
+    from llmc.backends.tvm.compile import UnsupportedGraph, compile_graph
+    from llmc.passes.manager import PassContext, run_passes
+    from llmc.passes.pipeline import default_pipeline
+
+    from .artifact_writer import LIBRARY, write_artifact
+    from .frontends.onnx import from_onnx
+
+    if target not in TARGETS:
+        raise LlmcError(f"target {target!r} is not supported yet; supported: {', '.join(TARGETS)}")
+    onnx_path = Path(onnx_path)
+    output = Path(output) if output else onnx_path.with_suffix(".llmc")
+    stages = []
+    start = time.perf_counter()
+    graph = from_onnx(onnx_path)
+    stages.append(("import", time.perf_counter() - start))
+    if not any(v.name.startswith("past_key_values.") for v in graph.inputs):
+        raise LlmcError(f"{onnx_path}: compiling needs a decoder exported with a KV cache "
+                        "(past_key_values.* inputs, present.* outputs)")
+    graph = run_passes(graph, default_pipeline(target), PassContext(options={"max_seq_len": max_seq_len}))
+    stages.append(("passes", time.perf_counter() - start - sum(t for _, t in stages)))
+    tvm_target = targets.host()
+    try:
+        executable, functions, plan = compile_graph(graph, tvm_target)
+    except UnsupportedGraph as e:
+        raise LlmcError(f"{onnx_path}: {e}") from None
+    stages.append(("kernels", time.perf_counter() - start - sum(t for _, t in stages)))
+    by_name = {v.name: v for v in graph.values()}
+    names = {a for step in plan for a in step.args if a} | {e["past"] for e in graph.metadata["kv_cache"]["entries"]}
+    values = {n: {"dtype": by_name[n].dtype.numpy().name,
+                  "shape": [_encode_dim(d, n) for d in by_name[n].shape]} for n in sorted(names)}
+    write_artifact(graph, output, tvm_target, kernels={"library": LIBRARY, "functions": functions},
+                   plans={"forward": [s.to_json() for s in plan], "values": values}, library=executable,
+                   eos_token_id=eos_token_id)
+    stages.append(("artifact", time.perf_counter() - start - sum(t for _, t in stages)))
+    for name, seconds in stages:
+        log.info("%-8s %.1f s", name, seconds)
+    return output

@@ -1,0 +1,108 @@
+"""Run a compiled plan: kernel calls over value buffers, with the KV caches owned here.
+
+The plan (from the artifact) lists kernel calls by value name; `values` gives each value's dtype
+and shape, whose dims are integers or polynomials over the named dims (batch, seq, past,
+total), encoded as [[coefficient, [dim, ...]], ...]. A step binds the named dims, allocates
+each value's buffer, and calls the kernels. Each layer's keys and values live in one buffer
+[batch, kv_heads, max_seq, head_dim] that `rope_cache` writes in place and attention reads.
+
+TVM kernels read 64-byte aligned memory; every buffer here is allocated so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import LlmcError
+
+ALIGN = 64
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
+def aligned_copy(a: np.ndarray) -> np.ndarray:
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def evaluate(dim, env: dict[str, int]) -> int:
+    if isinstance(dim, int):
+        return dim
+    total = 0
+    for coeff, atoms in dim:
+        term = coeff
+        for a in atoms:
+            term *= env[a]
+        total += term
+    return total
+
+
+class Executor:
+    def __init__(self, functions: dict, plan: list[dict], values: dict, weights: dict[str, np.ndarray],
+                 kv_entries: list[dict], max_seq: int):
+        self.functions, self.plan, self.values, self.max_seq = functions, plan, values, max_seq
+        self.weights = {name: aligned_copy(w) for name, w in weights.items()}
+        self.kv_entries = kv_entries
+        self.caches: dict[str, np.ndarray] = {}
+        self.batch = None
+
+    def reset(self, batch: int) -> None:
+        """Empty caches for a new sequence batch."""
+        self.batch = batch
+        self.caches = {}
+        for entry in self.kv_entries:
+            info = self.values[entry["past"]]
+            shape = [evaluate(d, {"batch": batch, "past": self.max_seq}) for d in info["shape"]]
+            self.caches[entry["past"]] = aligned_empty(shape, info["dtype"])
+            self.caches[entry["present"]] = self.caches[entry["past"]]
+
+    def _buffer(self, name: str, env) -> np.ndarray:
+        info = self.values[name]
+        return aligned_empty([evaluate(d, env) for d in info["shape"]], info["dtype"])
+
+    def run(self, feeds: dict[str, np.ndarray], past: int) -> dict[str, np.ndarray]:
+        """One forward step over `feeds` (input_ids, attention_mask, position_ids; no past:
+        the caches hold it). Returns the values named in `feeds`' graph outputs."""
+        batch, seq = feeds["input_ids"].shape
+        env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
+        if past + seq > self.max_seq:
+            raise LlmcError(f"context of {past + seq} tokens exceeds the {self.max_seq} this artifact "
+                            "was compiled for")
+        live = dict(self.weights)
+        live.update({name: aligned_copy(np.asarray(a)) for name, a in feeds.items()})
+        for name, cache in self.caches.items():
+            live[name] = cache
+        for step in self.plan:
+            fn = self.functions[step["kernel"]]
+            args = [None if not a else live[a] if a in live else self._new(live, a, env) for a in step["args"]]
+            getattr(self, f"_call_{step['kind']}")(fn, args, step, env)
+        return live
+
+    def _new(self, live, name, env):
+        live[name] = self._buffer(name, env)
+        return live[name]
+
+    def _call_injective(self, fn, args, step, env):
+        fn(*args, *[env[d] for d in step["dims"]])
+
+    def _call_linear(self, fn, args, step, env):
+        # the kernel takes rows: x, residual and y as [rows, features] (views, same bytes)
+        fn(*[a.reshape(-1, a.shape[-1]) if a.ndim > 2 else a for a in args])
+
+    def _call_attention(self, fn, args, step, env):
+        fn(*args)
+
+    def _call_rope_cache(self, fn, args, step, env):
+        qkv, cos, sin, k_cache, v_cache, q = args
+        b, s = qkv.shape[:2]
+        if cos is None:  # no rotary (GPT-2, OPT): the kernel ignores its tables
+            cos = sin = aligned_empty((b, s, 2), qkv.dtype)
+        cos, sin = (t.reshape(b, s, -1) for t in (cos, sin))  # [b, 1, s, d] -> [b, s, d]: same bytes
+        fn(qkv, cos, sin, k_cache, v_cache, q, env["past"])

@@ -1,0 +1,133 @@
+"""Compile with `llmc.compile`, run with the runtime: for every zoo decoder family, greedy
+decoding of 32 tokens gives exactly onnxruntime's tokens on the same ONNX file, and the logits
+agree within 1e-3 at every step. The runtime runs where torch, onnx and onnxruntime cannot be
+imported, and never imports TVM's compiler."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import rel_err
+from zoo_cases import export
+
+import llmc
+from llmc import runtime, zoo
+from llmc.runtime.errors import LlmcError
+
+STEPS = 32
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = llmc.compile(export(name, exporter="dynamo", kv_cache=True), output=root / f"{name}.llmc",
+                                       max_seq_len=128)
+        return cache[name]
+    return get
+
+
+def _onnxruntime_greedy(name, prompt, steps):
+    """Greedy decoding driven through onnxruntime; returns the tokens and each step's logits."""
+    path = export(name, exporter="dynamo", kv_cache=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    cfg = zoo.get(name).config()
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    past = {f"past_key_values.{i}.{k}": np.zeros((1, kv_heads, 0, head_dim), np.float32)
+            for i in range(cfg.num_hidden_layers) for k in ("key", "value")}
+    ids, new, tokens, logits = list(prompt), list(prompt), [], []
+    for _ in range(steps):
+        start = len(ids) - len(new)
+        outs = session.run(None, {"input_ids": np.array([new]), "attention_mask": np.ones((1, len(ids)), np.int64),
+                                  "position_ids": np.arange(start, len(ids))[None], **past})
+        logits.append(outs[0][0, -1])
+        token = int(outs[0][0, -1].argmax())
+        tokens.append(token)
+        ids.append(token)
+        new = [token]
+        past = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], outs[1:])}
+    return tokens, logits
+
+
+@pytest.mark.parametrize("name", [m.name for m in zoo.TINY_DECODERS])
+def test_greedy_tokens_and_logits_match_onnxruntime(name, artifacts, rng):
+    prompt = rng.integers(0, zoo.get(name).config().vocab_size, 7).tolist()
+    want_tokens, want_logits = _onnxruntime_greedy(name, prompt, STEPS)
+    model = runtime.load(artifacts(name))
+    assert model.generate(prompt, STEPS) == want_tokens
+    # the same steps, logit by logit (teacher-forced with onnxruntime's tokens)
+    model.executor.reset(batch=1)
+    logits = model.forward(np.array([prompt]), past=0)[0, -1]
+    for step, token in enumerate(want_tokens):
+        assert rel_err(logits, want_logits[step]) < 1e-3, step
+        logits = model.forward(np.array([[token]]), past=len(prompt) + step)[0, -1]
+
+
+def test_sampling_is_seeded_and_respects_top_k(artifacts):
+    model = runtime.load(artifacts("llama-tiny"))
+    kwargs = dict(temperature=0.9, top_k=5, top_p=0.95)
+    a = model.generate([3, 1, 4, 1, 5], 16, seed=7, **kwargs)
+    assert a == model.generate([3, 1, 4, 1, 5], 16, seed=7, **kwargs)
+    assert a != model.generate([3, 1, 4, 1, 5], 16, seed=8, **kwargs)
+    # with top_k=1 sampling is greedy whatever the temperature
+    assert model.generate([3, 1, 4], 8, temperature=2.0, top_k=1, seed=1) == model.generate([3, 1, 4], 8)
+
+
+def test_streaming_eos_and_context_limit(artifacts, tmp_path):
+    model = runtime.load(artifacts("gpt2-tiny"))
+    streamed = []
+    tokens = model.generate([1, 2, 3], 10, on_token=streamed.append)
+    assert streamed == tokens and len(tokens) == 10
+    model.eos_token_id = tokens[3]
+    assert model.generate([1, 2, 3], 10) == tokens[:tokens.index(tokens[3]) + 1]
+    with pytest.raises(LlmcError, match="exceeds the context of 128 tokens"):
+        model.generate([1] * 100, 29)
+
+
+def test_runtime_runs_without_torch_onnx_or_the_tvm_compiler(artifacts):
+    code = f"""
+import sys
+for name in ("torch", "onnx", "onnxruntime", "transformers"):
+    sys.modules[name] = None  # importing them now fails
+import llmc.runtime
+tokens = llmc.runtime.load({str(artifacts("llama-tiny"))!r}).generate([5, 6, 7], 4)
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tvm", "llmc") and m.split(".")[0:2] != ["llmc", "runtime"]
+               and m != "llmc")
+print(len(tokens), heavy)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "4 []"
+
+
+def test_cli_compile_and_run(tmp_path):
+    onnx_path = export("qwen2-tiny", exporter="torchscript", kv_cache=True)
+    art = tmp_path / "q.llmc"
+    done = subprocess.run([sys.executable, "-m", "llmc.cli", "compile", str(onnx_path), "--target", "cpu",
+                           "-o", str(art), "--max-seq-len", "64"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(art)
+    run = subprocess.run([sys.executable, "-m", "llmc.cli", "run", str(art), "--prompt-ids", "1,2,3",
+                          "--max-new-tokens", "5", "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["prompt_ids"] == [1, 2, 3] and len(result["new_token_ids"]) == 5
+    (art / "weights.safetensors").write_bytes(b"tampered")
+    bad = subprocess.run([sys.executable, "-m", "llmc.cli", "run", str(art), "--prompt-ids", "1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "weights.safetensors" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_compile_refuses_a_graph_without_kv_cache(tmp_path):
+    with pytest.raises(LlmcError, match="needs a decoder exported with a KV cache"):
+        llmc.compile(export("llama-tiny", exporter="dynamo", kv_cache=False), output=tmp_path / "x.llmc")
