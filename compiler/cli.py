@@ -83,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.set_defaults(run=_run)
 
+    ben = sub.add_parser("bench", help="prefill and decode speed against onnxruntime and PyTorch eager")
+    ben.add_argument("model", help="a zoo model name (all peers) or an ONNX decoder with KV cache (llmc only)")
+    ben.add_argument("--target", choices=("cpu",), default="cpu")
+    ben.add_argument("--prompt-len", type=int, default=128)
+    ben.add_argument("--new-tokens", type=int, default=128)
+    ben.add_argument("--repeats", type=int, default=3)
+    ben.add_argument("--json", metavar="FILE", help="also write every figure as JSON here")
+    ben.set_defaults(run=_bench)
+
     ops = sub.add_parser("ops", help="list the ONNX ops the frontend supports")
     ops.add_argument("--markdown", action="store_true", help="as the table in docs/onnx-ops.md")
     ops.set_defaults(run=_ops)
@@ -196,6 +205,18 @@ def _run(args) -> int:
     else:
         print()
         log.info("%d tokens in %.3f s", len(tokens), seconds)
+    return 0
+
+
+def _bench(args) -> int:
+    import json
+
+    from .bench import bench, format_table
+
+    result = bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

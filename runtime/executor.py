@@ -2,9 +2,11 @@
 
 The plan (from the artifact) lists kernel calls by value name; `values` gives each value's dtype
 and shape, whose dims are integers or polynomials over the named dims (batch, seq, past,
-total), encoded as [[coefficient, [dim, ...]], ...]. A step binds the named dims, allocates
-each value's buffer, and calls the kernels. Each layer's keys and values live in one buffer
-[batch, kv_heads, max_seq, head_dim] that `rope_cache` writes in place and attention reads.
+total), encoded as [[coefficient, [dim, ...]], ...]. `reset` allocates the arena: one buffer per
+value, at its largest shape; a step binds the named dims, takes each value as a view of the
+front of its buffer, and calls the kernels, so it allocates no tensor memory. Each layer's keys
+and values live in one buffer [batch, kv_heads, max_seq, head_dim] that `rope_cache` writes in
+place and attention reads.
 
 TVM kernels read 64-byte aligned memory; every buffer here is allocated so.
 """
@@ -51,10 +53,11 @@ class Executor:
         self.weights = {name: aligned_copy(w) for name, w in weights.items()}
         self.kv_entries = kv_entries
         self.caches: dict[str, np.ndarray] = {}
+        self.arena: dict[str, np.ndarray] = {}
         self.batch = None
 
     def reset(self, batch: int) -> None:
-        """Empty caches for a new sequence batch."""
+        """Caches and arena for a new batch of sequences (the caches start empty)."""
         self.batch = batch
         self.caches = {}
         for entry in self.kv_entries:
@@ -62,10 +65,20 @@ class Executor:
             shape = [evaluate(d, {"batch": batch, "past": self.max_seq}) for d in info["shape"]]
             self.caches[entry["past"]] = aligned_empty(shape, info["dtype"])
             self.caches[entry["present"]] = self.caches[entry["past"]]
+        largest = {"batch": batch, "seq": self.max_seq, "past": self.max_seq, "total": self.max_seq}
+        self.arena = {name: aligned_empty((self._numel(info, largest),), info["dtype"])
+                      for name, info in self.values.items() if name not in self.weights and name not in self.caches}
+        self.no_tables = aligned_empty((batch * self.max_seq * 2,), np.float32)  # rope without rotary
 
-    def _buffer(self, name: str, env) -> np.ndarray:
+    @staticmethod
+    def _numel(info, env) -> int:
+        return int(np.prod([evaluate(d, env) for d in info["shape"]], dtype=np.int64))
+
+    def _view(self, name: str, env) -> np.ndarray:
+        """The value's buffer, viewed at this step's shape (its front: aligned, contiguous)."""
         info = self.values[name]
-        return aligned_empty([evaluate(d, env) for d in info["shape"]], info["dtype"])
+        shape = [evaluate(d, env) for d in info["shape"]]
+        return self.arena[name][:int(np.prod(shape, dtype=np.int64))].reshape(shape)
 
     def run(self, feeds: dict[str, np.ndarray], past: int) -> dict[str, np.ndarray]:
         """One forward step over `feeds` (input_ids, attention_mask, position_ids; no past:
@@ -75,18 +88,22 @@ class Executor:
         if past + seq > self.max_seq:
             raise LlmcError(f"context of {past + seq} tokens exceeds the {self.max_seq} this artifact "
                             "was compiled for")
+        if self.batch != batch:
+            raise LlmcError(f"the caches hold a batch of {self.batch}, this step has {batch}")
         live = dict(self.weights)
-        live.update({name: aligned_copy(np.asarray(a)) for name, a in feeds.items()})
-        for name, cache in self.caches.items():
-            live[name] = cache
+        live.update(self.caches)
+        for name, a in feeds.items():
+            if name in self.values:  # a feed the compiled graph never reads has no buffer
+                live[name] = self._view(name, env)
+                live[name][...] = a
         for step in self.plan:
             fn = self.functions[step["kernel"]]
-            args = [None if not a else live[a] if a in live else self._new(live, a, env) for a in step["args"]]
+            args = [None if not a else live[a] if a in live else self._take(live, a, env) for a in step["args"]]
             getattr(self, f"_call_{step['kind']}")(fn, args, step, env)
         return live
 
-    def _new(self, live, name, env):
-        live[name] = self._buffer(name, env)
+    def _take(self, live, name, env):
+        live[name] = self._view(name, env)
         return live[name]
 
     def _call_injective(self, fn, args, step, env):
@@ -103,6 +120,6 @@ class Executor:
         qkv, cos, sin, k_cache, v_cache, q = args
         b, s = qkv.shape[:2]
         if cos is None:  # no rotary (GPT-2, OPT): the kernel ignores its tables
-            cos = sin = aligned_empty((b, s, 2), qkv.dtype)
+            cos = sin = self.no_tables[:b * s * 2]
         cos, sin = (t.reshape(b, s, -1) for t in (cos, sin))  # [b, 1, s, d] -> [b, s, d]: same bytes
         fn(qkv, cos, sin, k_cache, v_cache, q, env["past"])

@@ -131,3 +131,17 @@ def test_cli_compile_and_run(tmp_path):
 def test_compile_refuses_a_graph_without_kv_cache(tmp_path):
     with pytest.raises(LlmcError, match="needs a decoder exported with a KV cache"):
         llmc.compile(export("llama-tiny", exporter="dynamo", kv_cache=False), output=tmp_path / "x.llmc")
+
+
+def test_bench_measures_every_system(tmp_path):
+    from llmc.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "gpt2-tiny", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["systems"]) == {"llmc", "onnxruntime", "pytorch eager"}
+    for figures in result["systems"].values():
+        assert figures["prefill_ms"] > 0 and figures["decode_tok_s"] > 0 and 0 < figures["decode_roofline"]
+    assert 0 <= result["systems"]["llmc"]["runtime_overhead"] < 1
+    assert result["read_bandwidth_gbs"] > 1 and result["decode_weight_mb"] > 0

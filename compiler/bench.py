@@ -1,0 +1,198 @@
+"""`llmc bench`: prefill latency and decode speed of llmc against its peers, in one process.
+
+For a zoo model (or an ONNX decoder with KV cache) it compiles an artifact, then measures in
+interleaved rounds, batch 1: the prefill of a prompt and decode over new tokens, for llmc,
+onnxruntime (its full graph optimizations) and, for zoo models, PyTorch eager on the same
+weights. It reports medians, each decode speed as a fraction of the bandwidth roofline (the
+weight bytes every decode step reads, at the machine's measured streaming-read bandwidth) and
+llmc's runtime overhead per decode step (time outside the kernels).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def read_bandwidth() -> float:
+    """Streaming read GB/s over 2 GiB with every core (torch's sum; numpy's uses one core)."""
+    import torch
+
+    a = torch.ones(1 << 29)
+    a.sum()
+    best = min(_timed(lambda: a.sum()) for _ in range(8))
+    return a.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+class _Llmc:
+    name = "llmc"
+
+    def __init__(self, artifact):
+        from llmc import runtime
+
+        self.model = runtime.load(artifact)
+
+    def prefill(self, prompt):
+        self.model.executor.reset(batch=1)
+        return _timed(lambda: self.model.forward(np.array([prompt]), 0))
+
+    def decode(self, prompt, steps):
+        return [_timed(lambda i=i: self.model.forward(np.array([[1]]), len(prompt) + i)) for i in range(steps)]
+
+    def overhead(self, past) -> float:
+        """Fraction of one decode step spent outside the kernels."""
+        ex = self.model.executor
+        spent = [0.0]
+        kernels = ex.functions
+
+        def timing(fn):
+            def call(*args):
+                t = time.perf_counter()
+                fn(*args)
+                spent[0] += time.perf_counter() - t
+            return call
+        ex.functions = {k: timing(f) for k, f in kernels.items()}
+        try:
+            total = _timed(lambda: self.model.forward(np.array([[1]]), past))
+        finally:
+            ex.functions = kernels
+        return 1 - spent[0] / total
+
+
+class _OnnxRuntime:
+    name = "onnxruntime"
+
+    def __init__(self, path, cfg, threads):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.kv = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+                   cfg.hidden_size // cfg.num_attention_heads, cfg.num_hidden_layers)
+
+    def _run(self, ids, past_len, past):
+        total = past_len + ids.shape[1]
+        return self.session.run(None, {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
+                                       "position_ids": np.arange(past_len, total)[None], **past})
+
+    def _empty(self):
+        heads, dim, layers = self.kv
+        return {f"past_key_values.{i}.{k}": np.zeros((1, heads, 0, dim), np.float32)
+                for i in range(layers) for k in ("key", "value")}
+
+    def prefill(self, prompt):
+        return _timed(lambda: self._run(np.array([prompt]), 0, self._empty()))
+
+    def decode(self, prompt, steps):
+        outs = self._run(np.array([prompt]), 0, self._empty())
+        times = []
+        for i in range(steps):
+            past = {n.replace("present", "past_key_values"): v for n, v in zip(self.names[1:], outs[1:])}
+            t = time.perf_counter()
+            outs = self._run(np.array([[1]]), len(prompt) + i, past)
+            times.append(time.perf_counter() - t)
+        return times
+
+
+class _TorchEager:
+    name = "pytorch eager"
+
+    def __init__(self, zoo_model):
+        import torch
+
+        self.torch = torch
+        self.model = zoo_model.build_torch()
+
+    def prefill(self, prompt):
+        with self.torch.no_grad():
+            return _timed(lambda: self.model(self.torch.tensor([prompt]), use_cache=True))
+
+    def decode(self, prompt, steps):
+        torch = self.torch
+        with torch.no_grad():
+            cache = self.model(torch.tensor([prompt]), use_cache=True).past_key_values
+            times = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                cache = self.model(torch.tensor([[1]]), past_key_values=cache, use_cache=True).past_key_values
+                times.append(time.perf_counter() - t)
+        return times
+
+
+def decode_weight_bytes(graph) -> int:
+    """Bytes of weights every decode step reads: the GEMMs' weights (the embedding table is
+    gathered one row at a time)."""
+    return sum(int(graph.const_value(n.inputs[1]).nbytes) for n in graph.nodes if n.op == "fused_linear")
+
+
+def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 3,
+          threads: int | None = None) -> dict:
+    import os
+
+    import llmc
+    from llmc import zoo
+    from llmc.passes.manager import PassContext, run_passes
+    from llmc.passes.pipeline import default_pipeline
+
+    threads = threads or os.cpu_count()
+    zoo_model = zoo.ZOO.get(model)
+    path = zoo_model.export() if zoo_model else Path(model)
+    cfg = zoo_model.config() if zoo_model else None
+    max_seq = prompt_len + new_tokens + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        log.info("compiling %s", path)
+        artifact = llmc.compile(path, output=Path(tmp) / "model.llmc", max_seq_len=max_seq)
+        graph = run_passes(llmc.from_onnx(path), default_pipeline(), PassContext(options={"max_seq_len": max_seq}))
+        weight_bytes = decode_weight_bytes(graph)
+        systems = [_Llmc(artifact)]
+        if cfg is not None:
+            systems.append(_OnnxRuntime(path, cfg, threads))
+            systems.append(_TorchEager(zoo_model))
+        prompt = list(np.random.default_rng(0).integers(1, 100, prompt_len))
+        results = {s.name: {"prefill_s": [], "decode_step_s": []} for s in systems}
+        for round_ in range(repeats):
+            for s in systems:
+                log.info("round %d: %s", round_ + 1, s.name)
+                results[s.name]["prefill_s"].append(s.prefill(prompt))
+                results[s.name]["decode_step_s"] += s.decode(prompt, new_tokens)
+        overhead = systems[0].overhead(prompt_len)
+        bandwidth = read_bandwidth()
+    out = {"model": model, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+           "threads": threads, "read_bandwidth_gbs": round(bandwidth, 1),
+           "decode_weight_mb": round(weight_bytes / 1e6, 1), "systems": {}}
+    for name, r in results.items():
+        step = statistics.median(r["decode_step_s"])
+        out["systems"][name] = {
+            "prefill_ms": round(statistics.median(r["prefill_s"]) * 1e3, 2),
+            "decode_tok_s": round(1 / step, 2),
+            "decode_roofline": round(weight_bytes / step / 1e9 / bandwidth, 3),
+        }
+    out["systems"]["llmc"]["runtime_overhead"] = round(overhead, 3)
+    return out
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['model']}: prompt {result['prompt_len']}, {result['new_tokens']} new tokens, batch 1, "
+             f"{result['threads']} threads; read bandwidth {result['read_bandwidth_gbs']} GB/s; "
+             f"{result['decode_weight_mb']} MB of weights per decode step",
+             "| system | prefill ms | decode tok/s | % of roofline |", "| --- | --- | --- | --- |"]
+    for name, r in result["systems"].items():
+        lines.append(f"| {name} | {r['prefill_ms']} | {r['decode_tok_s']} | {r['decode_roofline']:.0%} |")
+    lines.append(f"llmc runtime overhead per decode step: {result['systems']['llmc']['runtime_overhead']:.1%}")
+    return "\n".join(lines)
