@@ -55,6 +55,8 @@ class Executor:
         self.caches: dict[str, np.ndarray] = {}
         self.arena: dict[str, np.ndarray] = {}
         self.batch = None
+        # kinds whose kernels take their arguments in another layout than the plan's values
+        self._calls = {"linear": self._call_linear, "rope_cache": self._call_rope_cache}
 
     def reset(self, batch: int) -> None:
         """Caches and arena for a new batch of sequences (the caches start empty)."""
@@ -69,6 +71,7 @@ class Executor:
         self.arena = {name: aligned_empty((self._numel(info, largest),), info["dtype"])
                       for name, info in self.values.items() if name not in self.weights and name not in self.caches}
         self.no_tables = aligned_empty((batch * self.max_seq * 2,), np.float32)  # rope without rotary
+
 
     @staticmethod
     def _numel(info, env) -> int:
@@ -99,22 +102,20 @@ class Executor:
         for step in self.plan:
             fn = self.functions[step["kernel"]]
             args = [None if not a else live[a] if a in live else self._take(live, a, env) for a in step["args"]]
-            getattr(self, f"_call_{step['kind']}")(fn, args, step, env)
+            self._calls.get(step["kind"], self._call_plain)(fn, args, step, env)
         return live
 
     def _take(self, live, name, env):
         live[name] = self._view(name, env)
         return live[name]
 
-    def _call_injective(self, fn, args, step, env):
+    def _call_plain(self, fn, args, step, env):
+        """Arguments as the plan lists them, then the named dims the kernel takes."""
         fn(*args, *[env[d] for d in step["dims"]])
 
     def _call_linear(self, fn, args, step, env):
         # the kernel takes rows: x, residual and y as [rows, features] (views, same bytes)
         fn(*[a.reshape(-1, a.shape[-1]) if a.ndim > 2 else a for a in args])
-
-    def _call_attention(self, fn, args, step, env):
-        fn(*args)
 
     def _call_rope_cache(self, fn, args, step, env):
         qkv, cos, sin, k_cache, v_cache, q = args
