@@ -13,6 +13,8 @@ TVM kernels read 64-byte aligned memory; every buffer here is allocated so.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .errors import LlmcError
@@ -71,17 +73,21 @@ class Executor:
         self.arena = {name: aligned_empty((self._numel(info, largest),), info["dtype"])
                       for name, info in self.values.items() if name not in self.weights and name not in self.caches}
         self.no_tables = aligned_empty((batch * self.max_seq * 2,), np.float32)  # rope without rotary
-
+        self._views = {name: {} for name in self.arena}
 
     @staticmethod
     def _numel(info, env) -> int:
         return int(np.prod([evaluate(d, env) for d in info["shape"]], dtype=np.int64))
 
     def _view(self, name: str, env) -> np.ndarray:
-        """The value's buffer, viewed at this step's shape (its front: aligned, contiguous)."""
-        info = self.values[name]
-        shape = [evaluate(d, env) for d in info["shape"]]
-        return self.arena[name][:int(np.prod(shape, dtype=np.int64))].reshape(shape)
+        """The value's buffer, viewed at this step's shape (its front: aligned, contiguous).
+        Views are kept per shape: from one decode step to the next most shapes repeat."""
+        shape = tuple(evaluate(d, env) for d in self.values[name]["shape"])
+        views = self._views[name]
+        view = views.get(shape)
+        if view is None:
+            view = views[shape] = self.arena[name][:math.prod(shape)].reshape(shape)
+        return view
 
     def run(self, feeds: dict[str, np.ndarray], past: int) -> dict[str, np.ndarray]:
         """One forward step over `feeds` (input_ids, attention_mask, position_ids; no past:
