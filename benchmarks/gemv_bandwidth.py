@@ -56,7 +56,7 @@ def main():
     args = parser.parse_args()
     import torch
 
-    from llmc.backends.tvm.linear import LinearSpec, build  # sets TVM_NUM_THREADS before tvm starts
+    from llmc.backends.tvm.linear import LinearSpec, build, pack  # sets TVM_NUM_THREADS before tvm starts
 
     import tvm
     from llmc.backends.tvm.target import host
@@ -78,7 +78,7 @@ def main():
         kernel = build(LinearSpec(n, k), target)["main"]
         y = tvm.runtime.tensor(np.zeros((1, n), np.float32), dev)
         tx = tvm.runtime.tensor(x, dev)
-        t_tvm = _time(lambda w: kernel(tx, w, y), [(tvm.runtime.tensor(w, dev),) for w in ws], args.repeats)
+        t_tvm = _time(lambda w: kernel(tx, w, y), [(tvm.runtime.tensor(pack(w), dev),) for w in ws], args.repeats)
         t_np = _time(lambda w: w @ x[0], [(w,) for w in ws], args.repeats)
         xt = torch.from_numpy(x[0])
         t_torch = _time(lambda w: torch.mv(w, xt), [(torch.from_numpy(w),) for w in ws], args.repeats)

@@ -26,15 +26,18 @@ LIBRARY = "kernels/model.so"
 
 
 def write_artifact(graph: Graph, output, target: dict, kernels: dict | None = None,
-                   plans: dict | None = None, library=None, eos_token_id: int | None = None) -> Path:
+                   plans: dict | None = None, library=None, eos_token_id: int | None = None,
+                   weights: dict | None = None) -> Path:
     """Write `output` (a directory; replaced if it exists) and return its path. `library` is a
-    built TVM executable, exported to kernels/model.so."""
+    built TVM executable, exported to kernels/model.so; `weights` the tensors to store (default:
+    the graph's parameters)."""
     from safetensors.numpy import save_file
 
     output = Path(output)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent if output.parent.exists() else None))
     try:
-        weights = {name: np.require(graph.store[name], requirements="C") for name in graph.params}
+        if weights is None:
+            weights = {name: np.require(graph.store[name], requirements="C") for name in graph.params}
         save_file(weights, tmp / artifact.WEIGHTS)
         if library is not None:
             (tmp / LIBRARY).parent.mkdir()

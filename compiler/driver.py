@@ -27,7 +27,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
             eos_token_id: int | None = None) -> Path:  # noqa: A001 (the public name users expect)
     """Compile an ONNX decoder with KV cache inputs to an artifact directory; returns its path."""
     from llmc.backends.tvm import target as targets
-    from llmc.backends.tvm.compile import UnsupportedGraph, compile_graph
+    from llmc.backends.tvm.compile import UnsupportedGraph, compile_graph, weights
     from llmc.passes.manager import PassContext, run_passes
     from llmc.passes.pipeline import default_pipeline
 
@@ -53,13 +53,15 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     except UnsupportedGraph as e:
         raise LlmcError(f"{onnx_path}: {e}") from None
     stages.append(("kernels", time.perf_counter() - start - sum(t for _, t in stages)))
+    tensors = weights(graph, plan)
     by_name = {v.name: v for v in graph.values()}
     names = {a for step in plan for a in step.args if a} | {e["past"] for e in graph.metadata["kv_cache"]["entries"]}
-    values = {n: {"dtype": by_name[n].dtype.numpy().name,
-                  "shape": [_encode_dim(d, n) for d in by_name[n].shape]} for n in sorted(names)}
+    values = {n: {"dtype": str(tensors[n].dtype), "shape": list(tensors[n].shape)} if n in tensors else
+              {"dtype": by_name[n].dtype.numpy().name, "shape": [_encode_dim(d, n) for d in by_name[n].shape]}
+              for n in sorted(names)}
     write_artifact(graph, output, tvm_target, kernels={"library": LIBRARY, "functions": functions},
                    plans={"forward": [s.to_json() for s in plan], "values": values}, library=executable,
-                   eos_token_id=eos_token_id)
+                   eos_token_id=eos_token_id, weights=tensors)
     stages.append(("artifact", time.perf_counter() - start - sum(t for _, t in stages)))
     for name, seconds in stages:
         log.info("%-8s %.1f s", name, seconds)

@@ -120,8 +120,9 @@ class Executor:
         fn(*args, *[env[d] for d in step["dims"]])
 
     def _call_linear(self, fn, args, step, env):
-        # the kernel takes rows: x, residual and y as [rows, features] (views, same bytes)
-        fn(*[a.reshape(-1, a.shape[-1]) if a.ndim > 2 else a for a in args])
+        # the kernel takes rows: x, residual and y as [rows, features] (views, same bytes); the
+        # weight (argument 1) is packed [n/16, k, 16] and passes as it is
+        fn(*[a.reshape(-1, a.shape[-1]) if i != 1 and a.ndim > 2 else a for i, a in enumerate(args)])
 
     def _call_rope_cache(self, fn, args, step, env):
         qkv, cos, sin, k_cache, v_cache, q = args

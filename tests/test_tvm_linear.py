@@ -14,7 +14,7 @@ from conftest import rel_err
 from zoo_cases import export
 
 import llmc
-from llmc.backends.tvm.linear import LinearSpec, build
+from llmc.backends.tvm.linear import LinearSpec, build, pack
 from llmc.backends.tvm.target import host
 from llmc.ops import get_op
 
@@ -22,7 +22,7 @@ from llmc.ops import get_op
 def _run(spec, arrays, m):
     kernel = build(spec, host())
     dev = tvm.cpu(0)
-    args = [tvm.runtime.tensor(arrays[a], dev) for a in spec.arg_names()[:-1]]
+    args = [tvm.runtime.tensor(pack(arrays[a]) if a == "w" else arrays[a], dev) for a in spec.arg_names()[:-1]]
     out = tvm.runtime.tensor(np.zeros((m, spec.out_features), arrays["x"].dtype), dev)
     kernel["main"](*args, out)
     return out.numpy()

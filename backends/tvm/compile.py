@@ -37,6 +37,9 @@ class UnsupportedGraph(ValueError):
     pass
 
 
+PACKED = ".packed16"  # the name of a GEMM weight in the kernel's layout (linear.pack)
+
+
 def _rope_qkv(node: Node):
     """The merged projection a rope_cache reads, its row width and where q starts in the row:
     q, k, v must be consecutive parts of one split along the last axis."""
@@ -55,7 +58,7 @@ def _plan_node(node: Node, graph: Graph):
     if node.op == "fused_linear":
         spec = linear.LinearSpec.of(node, graph)
         slots = dict(zip(["x", "w", "bias", "residual", "norm_scale", "norm_bias"], node.inputs))
-        args = [slots[a].name for a in spec.arg_names()[:-1]] + [node.outputs[0].name]
+        args = [slots[a].name + PACKED * (a == "w") for a in spec.arg_names()[:-1]] + [node.outputs[0].name]
         return repr(spec), lambda: linear.schedule(spec).mod["main"], Step("", "linear", tuple(args))
     if node.op == "attention":
         spec = attention.AttentionSpec.of(node)
@@ -83,6 +86,19 @@ def _node_key(node: Node) -> str:
     """Nodes with the same op, attributes and types share a kernel."""
     types = [str(v.type) if v is not None else "_" for v in node.inputs] + [str(v.type) for v in node.outputs]
     return f"{node.op}|{sorted((k, repr(v)) for k, v in node.attrs.items())}|{types}"
+
+
+def weights(graph: Graph, plan: list[Step]) -> dict:
+    """The weights the plan reads: graph parameters, and GEMM weights packed for the kernel."""
+    import numpy as np
+
+    out = {}
+    for name in {a for step in plan for a in step.args if a}:
+        if name.endswith(PACKED):
+            out[name] = linear.pack(graph.store[name[:-len(PACKED)]])
+        elif name in graph.params:
+            out[name] = np.require(graph.store[name], requirements="C")
+    return out
 
 
 def compile_graph(graph: Graph, target: dict):
