@@ -91,7 +91,8 @@ class Executor:
 
     def run(self, feeds: dict[str, np.ndarray], past: int) -> dict[str, np.ndarray]:
         """One forward step over `feeds` (input_ids, attention_mask, position_ids; no past:
-        the caches hold it). Returns the values named in `feeds`' graph outputs."""
+        the caches hold it). Returns every value of the step by name, the outputs among them
+        (views into the arena: valid until the next step)."""
         batch, seq = feeds["input_ids"].shape
         env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
         if past + seq > self.max_seq:
