@@ -77,7 +77,7 @@ class Executor:
 
     @staticmethod
     def _numel(info, env) -> int:
-        return int(np.prod([evaluate(d, env) for d in info["shape"]], dtype=np.int64))
+        return math.prod(evaluate(d, env) for d in info["shape"])
 
     def _view(self, name: str, env) -> np.ndarray:
         """The value's buffer, viewed at this step's shape (its front: aligned, contiguous).

@@ -5,7 +5,6 @@ the verifier after every pass."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from conftest import rel_err
 from zoo_cases import decoder_cases, encoder_cases, export

@@ -5,7 +5,6 @@ against its inferred (symbolic) type."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import rel_err
