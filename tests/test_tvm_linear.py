@@ -1,6 +1,6 @@
 """The TVM `fused_linear` kernel against the op's numpy definition: every prologue/epilogue,
-odd sizes (not multiples of the 64-lane vector split or the 4-feature tile), 1 row (decode)
-and several (prefill), fresh random data; and every fused_linear of a compiled Llama graph with
+odd sizes (not multiples of the 16-lane vectors or the 64-feature tile), 1 row (decode), row
+counts with and without a remainder after whole register blocks (prefill), fresh random data; and every fused_linear of a compiled Llama graph with
 its real weights."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from conftest import rel_err
 from zoo_cases import export
 
 import llmc
-from llmc.backends.tvm.linear import LinearSpec, build, pack
+from llmc.backends.tvm.linear import ROWS, LinearSpec, build, pack
 from llmc.backends.tvm.target import host
 from llmc.ops import get_op
 
@@ -36,7 +36,7 @@ def _reference(spec, a):
 
 # Every prologue/epilogue combination once; sizes and row counts alternate between them.
 CASES = [(LinearSpec(*((96, 100), (130, 70))[i % 2], bias=b, residual=r, norm=norm, activation=act, gated=g),
-          (1, 5)[i // 2 % 2])
+          (1, 2 * ROWS + 1, 5, ROWS)[i // 2 % 4])
          for i, (b, r, norm, (act, g)) in enumerate(itertools.product(
              [False, True], [False, True], ["", "rms", "layer"],
              [("", False), ("relu", False), ("gelu", False), ("gelu_tanh", False), ("silu", True)]))]

@@ -79,9 +79,9 @@ def _tvm():
 
 
 def _gelu(x, node):
-    from .linear import _activate
+    from .linear import activation_expr
 
-    return _activate(x, "gelu_tanh" if node.attrs["approximate"] == "tanh" else "gelu")
+    return activation_expr(x, "gelu_tanh" if node.attrs["approximate"] == "tanh" else "gelu")
 
 
 UNARY = {"gelu": _gelu, "neg": lambda x, node: -x, "cos": lambda x, node: _tvm()[0].cos(x),
