@@ -50,8 +50,9 @@ def evaluate(dim, env: dict[str, int]) -> int:
 
 class Executor:
     def __init__(self, functions: dict, plan: list[dict], values: dict, weights: dict[str, np.ndarray],
-                 kv_entries: list[dict], max_seq: int):
+                 kv_entries: list[dict], max_seq: int, logits: str):
         self.functions, self.plan, self.values, self.max_seq = functions, plan, values, max_seq
+        self.logits = logits
         self.weights = {name: aligned_copy(w) for name, w in weights.items()}
         self.kv_entries = kv_entries
         self.caches: dict[str, np.ndarray] = {}
@@ -73,6 +74,7 @@ class Executor:
         self.arena = {name: aligned_empty((self._numel(info, largest),), info["dtype"])
                       for name, info in self.values.items() if name not in self.weights and name not in self.caches}
         self.no_tables = aligned_empty((batch * self.max_seq * 2,), np.float32)  # rope without rotary
+        self.last_rows = {}  # per row input of the logits GEMM: its last position of each sequence
         self._views = {name: {} for name in self.arena}
 
     @staticmethod
@@ -89,10 +91,12 @@ class Executor:
             view = views[shape] = self.arena[name][:math.prod(shape)].reshape(shape)
         return view
 
-    def run(self, feeds: dict[str, np.ndarray], past: int) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], past: int, last_logits: bool = False) -> dict[str, np.ndarray]:
         """One forward step over `feeds` (input_ids, attention_mask, position_ids; no past:
         the caches hold it). Returns every value of the step by name, the outputs among them
-        (views into the arena: valid until the next step)."""
+        (views into the arena: valid until the next step). With `last_logits`, the logits are
+        computed for the last position of each sequence only, [batch, 1, vocab]: all that
+        generation reads after a prefill, and the largest GEMM of a small model's prefill."""
         batch, seq = feeds["input_ids"].shape
         env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
         if past + seq > self.max_seq:
@@ -108,9 +112,34 @@ class Executor:
                 live[name][...] = a
         for step in self.plan:
             fn = self.functions[step["kernel"]]
-            args = [None if not a else live[a] if a in live else self._take(live, a, env) for a in step["args"]]
+            if last_logits and seq > 1 and step["args"][-1] == self.logits:
+                args = self._last_position_args(live, step, env)
+            else:
+                args = [None if not a else live[a] if a in live else self._take(live, a, env) for a in step["args"]]
             self._calls.get(step["kind"], self._call_plain)(fn, args, step, env)
         return live
+
+    def _last_position_args(self, live, step, env):
+        """The logits GEMM's arguments over the last position only: its row inputs [b, s, k]
+        become [b, 1, k] (a view at batch 1, else a copy into a kept buffer), its output a view
+        at seq 1."""
+        if step["kind"] != "linear":
+            raise LlmcError(f"the logits come from a {step['kind']} kernel; only a GEMM computes them per position")
+        args = []
+        for i, name in enumerate(step["args"][:-1]):
+            a = live[name] if name in live else self._take(live, name, env)
+            if i != 1 and a is not None and a.ndim == 3:
+                rows = a[:, -1:]
+                if rows.shape[0] > 1:
+                    buf = self.last_rows.get(name)
+                    if buf is None or buf.shape != rows.shape:
+                        buf = self.last_rows[name] = aligned_empty(rows.shape, rows.dtype)
+                    buf[...] = rows
+                    rows = buf
+                a = rows
+            args.append(a)
+        live[self.logits] = self._view(self.logits, dict(env, seq=1))
+        return args + [live[self.logits]]
 
     def _take(self, live, name, env):
         live[name] = self._view(name, env)

@@ -54,16 +54,16 @@ class Model:
         self.eos_token_id = m["model"].get("eos_token_id")
         self.executor = Executor(functions, m["plans"]["forward"], m["plans"]["values"],
                                  safetensors.load(art.file(WEIGHTS)), m["model"]["kv_cache"]["entries"],
-                                 self.max_seq_len)
-        self.logits_name = m["model"]["outputs"][0]["name"]
+                                 self.max_seq_len, logits=m["model"]["outputs"][0]["name"])
 
-    def forward(self, input_ids: np.ndarray, past: int) -> np.ndarray:
-        """Logits [batch, seq, vocab] for `input_ids` after `past` cached tokens."""
+    def forward(self, input_ids: np.ndarray, past: int, last_only: bool = False) -> np.ndarray:
+        """Logits [batch, seq, vocab] for `input_ids` after `past` cached tokens; with
+        `last_only`, [batch, 1, vocab] for the last position (what generation needs)."""
         batch, seq = input_ids.shape
         feeds = {"input_ids": input_ids.astype(np.int64),
                  "attention_mask": np.ones((batch, past + seq), np.int64),
                  "position_ids": np.broadcast_to(np.arange(past, past + seq), (batch, seq)).astype(np.int64)}
-        return self.executor.run(feeds, past)[self.logits_name]
+        return self.executor.run(feeds, past, last_logits=last_only)[self.executor.logits]
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
@@ -76,7 +76,7 @@ class Model:
                             f"of {self.max_seq_len} tokens this artifact was compiled for")
         rng = np.random.default_rng(seed)
         self.executor.reset(batch=1)
-        logits = self.forward(np.array([prompt]), past=0)
+        logits = self.forward(np.array([prompt]), past=0, last_only=True)
         out, past = [], len(prompt)
         for _ in range(max_new_tokens):
             token = sample(logits[0, -1], rng, temperature, top_k, top_p)
