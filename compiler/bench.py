@@ -54,8 +54,9 @@ class _Llmc:
     def decode(self, prompt, steps):
         return [_timed(lambda i=i: self.model.forward(np.array([[1]]), len(prompt) + i)) for i in range(steps)]
 
-    def overhead(self, past) -> float:
-        """Fraction of one decode step spent outside the kernels."""
+    def overhead(self, past, steps) -> float:
+        """Fraction of the decode steps after `past` spent outside the kernels (the first
+        step binds the calls and is not counted)."""
         ex = self.model.executor
         spent = [0.0]
         kernels = ex.functions
@@ -66,11 +67,13 @@ class _Llmc:
                 fn(*args)
                 spent[0] += time.perf_counter() - t
             return call
-        ex.functions = {k: timing(f) for k, f in kernels.items()}
+        ex.set_functions({k: timing(f) for k, f in kernels.items()})
         try:
-            total = _timed(lambda: self.model.forward(np.array([[1]]), past))
+            self.model.forward(np.array([[1]]), past)
+            spent[0] = 0.0
+            total = sum(_timed(lambda i=i: self.model.forward(np.array([[1]]), past + 1 + i)) for i in range(steps))
         finally:
-            ex.functions = kernels
+            ex.set_functions(kernels)
         return 1 - spent[0] / total
 
 
@@ -175,7 +178,7 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
                 results[s.name]["prefill_s"].append(s.prefill(prompt))
                 results[s.name]["decode_step_s"] += s.decode(prompt, new_tokens)
             all_logits.append(systems[0].prefill(prompt, last_only=False))
-        overhead = systems[0].overhead(prompt_len)
+        overhead = systems[0].overhead(prompt_len, min(16, new_tokens - 1))
         bandwidth = read_bandwidth()
     out = {"model": model, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
            "threads": threads, "read_bandwidth_gbs": round(bandwidth, 1),

@@ -3,8 +3,10 @@
 The plan (from the artifact) lists kernel calls by value name; `values` gives each value's dtype
 and shape, whose dims are integers or polynomials over the named dims (batch, seq, past,
 total), encoded as [[coefficient, [dim, ...]], ...]. `reset` allocates the arena: one buffer per
-value, at its largest shape; a step binds the named dims, takes each value as a view of the
-front of its buffer, and calls the kernels, so it allocates no tensor memory. Each layer's keys
+value, at its largest shape; each value is viewed at a step's shape from the front of its
+buffer, so a step allocates no tensor memory. The kernel calls are bound once per (batch, seq):
+argument arrays are prepared then, and a decode step only re-views the few values whose shape
+grows with the context (the mask) and passes the current lengths. Each layer's keys
 and values live in one buffer [batch, kv_heads, max_seq, head_dim] that `rope_cache` writes in
 place and attention reads.
 
@@ -58,8 +60,15 @@ class Executor:
         self.caches: dict[str, np.ndarray] = {}
         self.arena: dict[str, np.ndarray] = {}
         self.batch = None
-        # kinds whose kernels take their arguments in another layout than the plan's values
-        self._calls = {"linear": self._call_linear, "rope_cache": self._call_rope_cache}
+        # values whose shape depends on the context length: re-viewed at every step
+        self.growing = {name for name, info in values.items()
+                        if any(atom in ("past", "total") for d in info["shape"] if not isinstance(d, int)
+                               for _, atoms in d for atom in atoms)}
+
+    def set_functions(self, functions: dict) -> None:
+        """Swap the kernel table (a profiler wraps the kernels); calls are bound anew."""
+        self.functions = functions
+        self._bound = {}
 
     def reset(self, batch: int) -> None:
         """Caches and arena for a new batch of sequences (the caches start empty)."""
@@ -74,8 +83,8 @@ class Executor:
         self.arena = {name: aligned_empty((self._numel(info, largest),), info["dtype"])
                       for name, info in self.values.items() if name not in self.weights and name not in self.caches}
         self.no_tables = aligned_empty((batch * self.max_seq * 2,), np.float32)  # rope without rotary
-        self.last_rows = {}  # per row input of the logits GEMM: its last position of each sequence
         self._views = {name: {} for name in self.arena}
+        self._bound = {}
 
     @staticmethod
     def _numel(info, env) -> int:
@@ -84,6 +93,10 @@ class Executor:
     def _view(self, name: str, env) -> np.ndarray:
         """The value's buffer, viewed at this step's shape (its front: aligned, contiguous).
         Views are kept per shape: from one decode step to the next most shapes repeat."""
+        if name in self.weights:
+            return self.weights[name]
+        if name in self.caches:
+            return self.caches[name]
         shape = tuple(evaluate(d, env) for d in self.values[name]["shape"])
         views = self._views[name]
         view = views.get(shape)
@@ -91,12 +104,12 @@ class Executor:
             view = views[shape] = self.arena[name][:math.prod(shape)].reshape(shape)
         return view
 
-    def run(self, feeds: dict[str, np.ndarray], past: int, last_logits: bool = False) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], past: int, last_logits: bool = False) -> np.ndarray:
         """One forward step over `feeds` (input_ids, attention_mask, position_ids; no past:
-        the caches hold it). Returns every value of the step by name, the outputs among them
-        (views into the arena: valid until the next step). With `last_logits`, the logits are
-        computed for the last position of each sequence only, [batch, 1, vocab]: all that
-        generation reads after a prefill, and the largest GEMM of a small model's prefill."""
+        the caches hold it). Returns the logits, a view into the arena valid until the next
+        step. With `last_logits`, they are computed for the last position of each sequence
+        only, [batch, 1, vocab]: all that generation reads after a prefill, and the largest
+        GEMM of a small model's prefill."""
         batch, seq = feeds["input_ids"].shape
         env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
         if past + seq > self.max_seq:
@@ -104,60 +117,64 @@ class Executor:
                             "was compiled for")
         if self.batch != batch:
             raise LlmcError(f"the caches hold a batch of {self.batch}, this step has {batch}")
-        live = dict(self.weights)
-        live.update(self.caches)
+        last_logits = last_logits and seq > 1
+        key = (seq, last_logits)
+        bound = self._bound.get(key)
+        if bound is None:
+            bound = self._bound[key] = [self._bind(step, env, last_logits) for step in self.plan]
         for name, a in feeds.items():
             if name in self.values:  # a feed the compiled graph never reads has no buffer
-                live[name] = self._view(name, env)
-                live[name][...] = a
-        for step in self.plan:
-            fn = self.functions[step["kernel"]]
-            if last_logits and seq > 1 and step["args"][-1] == self.logits:
-                args = self._last_position_args(live, step, env)
-            else:
-                args = [None if not a else live[a] if a in live else self._take(live, a, env) for a in step["args"]]
-            self._calls.get(step["kind"], self._call_plain)(fn, args, step, env)
-        return live
+                self._view(name, env)[...] = a
+        for fn, args, growing, copies, dims in bound:
+            for i, make in growing:
+                args[i] = make(env)
+            for dst, src in copies:
+                dst[...] = src
+            fn(*args, *[env[d] for d in dims])
+        return self._view(self.logits, dict(env, seq=1) if last_logits else env)
 
-    def _last_position_args(self, live, step, env):
-        """The logits GEMM's arguments over the last position only: its row inputs [b, s, k]
-        become [b, 1, k] (a view at batch 1, else a copy into a kept buffer), its output a view
-        at seq 1."""
+    def _bind(self, step, env, last_logits):
+        """(kernel, arguments, [(position, maker)] of growing arguments, copies before the
+        call, named dims) for one plan step. A maker lays a value out as the kernel takes it."""
+        kind, names = step["kind"], step["args"]
+        if last_logits and names[-1] == self.logits:
+            return self._bind_last_logits(step, env)
+        makers = [self._maker(kind, i, name) for i, name in enumerate(names)]
+        args = [None if name in self.growing else make(env) for name, make in zip(names, makers)]
+        growing = [(i, make) for i, (name, make) in enumerate(zip(names, makers)) if name in self.growing]
+        return self.functions[step["kernel"]], args, growing, [], step["dims"]
+
+    def _maker(self, kind, i, name):
+        if not name:  # rope_cache without rotary: the kernel ignores its tables
+            return lambda env: self.no_tables[:env["batch"] * env["seq"] * 2].reshape(env["batch"], env["seq"], 2)
+        if kind == "linear" and i != 1:
+            # the kernel takes rows: x, residual and y as [rows, features] (views, same bytes); the
+            # weight (argument 1) is packed [n/16, k, 16] and passes as it is
+            return lambda env: _rows(self._view(name, env))
+        if kind == "rope_cache" and i in (1, 2):  # rotary tables [b, 1, s, d] -> [b, s, d]: same bytes
+            return lambda env: self._view(name, env).reshape(env["batch"], env["seq"], -1)
+        return lambda env: self._view(name, env)
+
+    def _bind_last_logits(self, step, env):
+        """The logits GEMM over the last position only: its row inputs [b, s, k] become
+        [b, k] (a view at batch 1, else copied into a kept buffer before the call), its output
+        the logits viewed at seq 1."""
         if step["kind"] != "linear":
             raise LlmcError(f"the logits come from a {step['kind']} kernel; only a GEMM computes them per position")
-        args = []
+        args, copies = [], []
         for i, name in enumerate(step["args"][:-1]):
-            a = live[name] if name in live else self._take(live, name, env)
-            if i != 1 and a is not None and a.ndim == 3:
-                rows = a[:, -1:]
-                if rows.shape[0] > 1:
-                    buf = self.last_rows.get(name)
-                    if buf is None or buf.shape != rows.shape:
-                        buf = self.last_rows[name] = aligned_empty(rows.shape, rows.dtype)
-                    buf[...] = rows
+            a = self._view(name, env)
+            if i != 1 and a.ndim == 3:
+                rows = a[:, -1]
+                if env["batch"] > 1:
+                    buf = aligned_empty(rows.shape, rows.dtype)
+                    copies.append((buf, rows))
                     rows = buf
                 a = rows
             args.append(a)
-        live[self.logits] = self._view(self.logits, dict(env, seq=1))
-        return args + [live[self.logits]]
+        args.append(_rows(self._view(self.logits, dict(env, seq=1))))
+        return self.functions[step["kernel"]], args, [], copies, ()
 
-    def _take(self, live, name, env):
-        live[name] = self._view(name, env)
-        return live[name]
 
-    def _call_plain(self, fn, args, step, env):
-        """Arguments as the plan lists them, then the named dims the kernel takes."""
-        fn(*args, *[env[d] for d in step["dims"]])
-
-    def _call_linear(self, fn, args, step, env):
-        # the kernel takes rows: x, residual and y as [rows, features] (views, same bytes); the
-        # weight (argument 1) is packed [n/16, k, 16] and passes as it is
-        fn(*[a.reshape(-1, a.shape[-1]) if i != 1 and a.ndim > 2 else a for i, a in enumerate(args)])
-
-    def _call_rope_cache(self, fn, args, step, env):
-        qkv, cos, sin, k_cache, v_cache, q = args
-        b, s = qkv.shape[:2]
-        if cos is None:  # no rotary (GPT-2, OPT): the kernel ignores its tables
-            cos = sin = self.no_tables[:b * s * 2]
-        cos, sin = (t.reshape(b, s, -1) for t in (cos, sin))  # [b, 1, s, d] -> [b, s, d]: same bytes
-        fn(qkv, cos, sin, k_cache, v_cache, q, env["past"])
+def _rows(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1, a.shape[-1]) if a.ndim > 2 else a

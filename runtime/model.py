@@ -63,7 +63,7 @@ class Model:
         feeds = {"input_ids": input_ids.astype(np.int64),
                  "attention_mask": np.ones((batch, past + seq), np.int64),
                  "position_ids": np.broadcast_to(np.arange(past, past + seq), (batch, seq)).astype(np.int64)}
-        return self.executor.run(feeds, past, last_logits=last_only)[self.executor.logits]
+        return self.executor.run(feeds, past, last_logits=last_only)
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
