@@ -22,6 +22,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# pause before each system runs: the previous one's worker threads spin-wait for a while after
+# their last task (TVM's, onnxruntime's and OpenMP's pools all do) and would steal the cores
+SETTLE_S = 0.5
+
 
 def read_bandwidth() -> float:
     """Streaming read GB/s over 2 GiB with every core (torch's sum; numpy's uses one core)."""
@@ -175,8 +179,10 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
         for round_ in range(repeats):
             for s in systems:
                 log.info("round %d: %s", round_ + 1, s.name)
+                time.sleep(SETTLE_S)
                 results[s.name]["prefill_s"].append(s.prefill(prompt))
                 results[s.name]["decode_step_s"] += s.decode(prompt, new_tokens)
+            time.sleep(SETTLE_S)
             all_logits.append(systems[0].prefill(prompt, last_only=False))
         overhead = systems[0].overhead(prompt_len, min(16, new_tokens - 1))
         bandwidth = read_bandwidth()

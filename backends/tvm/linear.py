@@ -12,13 +12,14 @@ consecutive output features of each input feature lie together (`pack`). Output 
 sit in vector lanes: a row's product is a stream of broadcast-multiply-adds into 16-lane
 accumulators, with no horizontal reduction, and the weights stream contiguously.
 
-Rows are split into blocks of ROWS plus a remainder, each its own stage, so neither carries a
-bounds predicate (a predicated row loop keeps LLVM from holding accumulators in registers):
-- blocks: a register tile of ROWS rows x 64 features (24 of the 32 AVX-512 registers) over the
-  whole reduction, tiles in parallel; each weight vector loaded serves ROWS rows. 128-row GEMMs
-  run at 460-480 GFLOP/s on both Zen 5 cores, as fast as onnxruntime's MLAS.
-- remainder (decode's single row): tiles of 64 features in parallel, every row inside; this
-  reads the weights at memory bandwidth (benchmarks/gemv_bandwidth.py).
+Rows go in blocks of ROWS; the last block's rows past m repeat row m - 1 (a clamped index, not a
+bounds predicate: a predicated row loop keeps LLVM from holding the accumulators in registers).
+Each parallel task owns 64 output features and runs every row block over them: a register tile
+of ROWS rows x 64 features (24 of the 32 AVX-512 registers) over the whole reduction, so each
+weight vector loaded serves ROWS rows and a task's weights stay in its L2 across row blocks.
+128-row GEMMs run at 440-480 GFLOP/s on both Zen 5 cores, as fast as onnxruntime's MLAS. At
+decode (one row) the tile does 6x the arithmetic needed, which is still far from the limit: the
+weights stream from memory at its bandwidth (benchmarks/gemv_bandwidth.py).
 """
 
 from __future__ import annotations
@@ -141,18 +142,16 @@ def prim_func(spec: LinearSpec):
             h = te.compute((m, k), lambda i, j: (x[i, j] - s1[i] / k) * te.rsqrt(s2[i] / k + spec.epsilon)
                            * scale[j] + shift[j], name="normed")
     nb = packed_rows(n)
-    full = m // ROWS * ROWS  # rows in whole blocks
     red = te.reduce_axis((0, k), name="kk")
-    blocks = te.compute((m // ROWS, ROWS, nb, LANES), lambda io, ii, jb, lane: te.sum(
-        h[io * ROWS + ii, red] * w[jb, red, lane], axis=red), name="blocks")
-    red = te.reduce_axis((0, k), name="kk")
-    rest = te.compute((m - full, nb, LANES), lambda i, jb, lane: te.sum(h[full + i, red] * w[jb, red, lane], axis=red),
-                      name="rest")
+    # rows in blocks of ROWS; the last block's rows past m repeat row m - 1 (clamped, not
+    # predicated), so every block runs the same register tile
+    nblocks = (m + ROWS - 1) // ROWS
+    blocks = te.compute((nblocks, ROWS, nb, LANES), lambda io, ii, jb, lane: te.sum(
+        h[tirx.min(io * ROWS + ii, m - 1), red] * w[jb, red, lane], axis=red), name="blocks")
 
     def acc(i, jj):
-        b = tirx.min(i, full - 1)  # a clamp the region analysis understands (the branch guards it)
-        return tirx.if_then_else(i < full, blocks[b // ROWS, b % ROWS, jj // LANES, jj % LANES],
-                                 rest[i - full, jj // LANES, jj % LANES])
+        # the clamp is a no-op that lets the schedule's region analysis see the read in bounds
+        return blocks[tirx.min(i // ROWS, nblocks - 1), i % ROWS, jj // LANES, jj % LANES]
 
     bias = args["bias"] = te.placeholder((n,), dt, name="bias") if spec.bias else None
     res = args["residual"] = te.placeholder((m, spec.out_features), dt, name="residual") \
@@ -172,10 +171,9 @@ def prim_func(spec: LinearSpec):
 
 
 def schedule(spec: LinearSpec):
-    """Whole row blocks: parallel tiles of 64 features, the reduction, then ROWS x TILE x 16
-    accumulators held in registers (unrolled, vectorized). Remaining rows: parallel tiles, each
-    row, the reduction, TILE x 16 accumulators. The norm prologue is its own stage; the epilogue
-    is one stage, rows in parallel, features vectorized."""
+    """Parallel tiles of 64 features; in each, every row block: the reduction, then ROWS x TILE x
+    16 accumulators held in registers (unrolled, vectorized). The norm prologue is its own stage;
+    the epilogue is one stage, rows in parallel, features vectorized."""
     import tvm
 
     sch = tvm.s_tir.Schedule(prim_func(spec))
@@ -190,15 +188,6 @@ def schedule(spec: LinearSpec):
     sch.unroll(ii)
     sch.unroll(ji)
     sch.vectorize(lane)
-    sch.decompose_reduction(block, red)
-
-    block = sch.get_sblock("rest")
-    i, jb, lane, red = sch.get_loops(block)
-    jo, ji = sch.split(jb, [None, TILE])
-    sch.reorder(jo, i, red, ji, lane)
-    sch.parallel(jo)
-    sch.vectorize(lane)
-    sch.unroll(ji)
     sch.decompose_reduction(block, red)
 
     for block in sch.get_child_blocks(sch.get_sblock("root")):
