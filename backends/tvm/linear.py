@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 LANES, TILE, ROWS = 16, 4, 6  # vector lanes (output features), vectors per tile, rows per register tile
 EPILOGUE_STAGES = {"pre", "gate", "act", "erf_arg", "T_fast_erf", "gelu", "tanh_arg", "T_fast_tanh",
-                   "gelu_tanh"}  # inlined into y
+                   "gelu_tanh", "exp_arg", "T_fast_exp", "silu"}  # inlined into y
 
 
 def packed_rows(n: int) -> int:
@@ -99,9 +99,10 @@ def activation_expr(v, activation: str):
 
 
 def _activate(t, activation: str):
-    """act(t) as a tensor, for the epilogue. erf and tanh there use TVM's rational
-    approximations (Eigen's): the intrinsics compile to scalar library calls, and a GELU
-    epilogue took 3x longer than its 128-row GEMM. Every stage here is inlined into the epilogue."""
+    """act(t) as a tensor, for the epilogue. erf, tanh and exp there use TVM's polynomial
+    approximations (erf and tanh Eigen's): the intrinsics compile to scalar library calls, and a
+    GELU epilogue took 3x longer than its 128-row GEMM. Every stage here is inlined into the
+    epilogue."""
     from tvm import te, topi
 
     def ew(fn, *ts, name):
@@ -110,6 +111,9 @@ def _activate(t, activation: str):
     if activation == "gelu":
         erf = topi.fast_erf(ew(lambda v: v * (1 / math.sqrt(2)), t, name="erf_arg"))
         return ew(lambda v, e: 0.5 * v * (1.0 + e), t, erf, name="gelu")
+    if activation == "silu":
+        exp = topi.fast_exp(ew(lambda v: -v, t, name="exp_arg"))
+        return ew(lambda v, e: v / (1.0 + e), t, exp, name="silu")
     if activation == "gelu_tanh":
         tanh = topi.fast_tanh(ew(lambda v: math.sqrt(2 / math.pi) * (v + 0.044715 * v * v * v), t, name="tanh_arg"))
         return ew(lambda v, th: 0.5 * v * (1.0 + th), t, tanh, name="gelu_tanh")
