@@ -5,13 +5,14 @@ interleaved rounds, batch 1: the prefill of a prompt and decode over new tokens,
 onnxruntime (its full graph optimizations) and, for zoo models, PyTorch eager on the same
 weights. It reports medians, each decode speed as a fraction of the bandwidth roofline (the
 weight bytes every decode step reads, at the machine's measured streaming-read bandwidth) and
-llmc's runtime overhead per decode step (time outside the kernels). llmc's prefill computes the
+llmc's runtime overhead per decode step (time outside the kernels) and its time per kernel. llmc's prefill computes the
 logits of the last position only, as generation does; its prefill with every position's logits
 (the work the peers' graphs do) is reported beside it.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import statistics
 import tempfile
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 # pause before each system runs: the previous one's worker threads spin-wait for a while after
 # their last task (TVM's, onnxruntime's and OpenMP's pools all do) and would steal the cores
 SETTLE_S = 0.5
+PREFILLS = 3  # prefills per system and round (a prefill is short: the median needs several)
 
 
 def read_bandwidth() -> float:
@@ -58,27 +60,37 @@ class _Llmc:
     def decode(self, prompt, steps):
         return [_timed(lambda i=i: self.model.forward(np.array([[1]]), len(prompt) + i)) for i in range(steps)]
 
-    def overhead(self, past, steps) -> float:
-        """Fraction of the decode steps after `past` spent outside the kernels (the first
-        step binds the calls and is not counted)."""
+    def profile(self, prompt, steps) -> dict:
+        """Time per kernel (summed over its calls) in a prefill of `prompt` and per decode step
+        after it (mean over `steps`), and the fraction of decode time spent outside the kernels.
+        The first run of each binds the calls and is not counted."""
         ex = self.model.executor
-        spent = [0.0]
         kernels = ex.functions
+        spent, calls = collections.defaultdict(float), collections.Counter()
 
-        def timing(fn):
+        def timing(name, fn):
             def call(*args):
                 t = time.perf_counter()
                 fn(*args)
-                spent[0] += time.perf_counter() - t
+                spent[name] += time.perf_counter() - t
+                calls[name] += 1
             return call
-        ex.set_functions({k: timing(f) for k, f in kernels.items()})
+        ex.set_functions({k: timing(k, f) for k, f in kernels.items()})
         try:
-            self.model.forward(np.array([[1]]), past)
-            spent[0] = 0.0
-            total = sum(_timed(lambda i=i: self.model.forward(np.array([[1]]), past + 1 + i)) for i in range(steps))
+            self.prefill(prompt)
+            spent.clear()
+            self.prefill(prompt)
+            prefill = dict(spent)
+            self.model.forward(np.array([[1]]), len(prompt))
+            spent.clear()
+            calls.clear()
+            total = sum(_timed(lambda i=i: self.model.forward(np.array([[1]]), len(prompt) + 1 + i))
+                        for i in range(steps))
         finally:
             ex.set_functions(kernels)
-        return 1 - spent[0] / total
+        table = [{"kernel": k, "calls_per_step": calls[k] // steps, "prefill_ms": round(prefill.get(k, 0) * 1e3, 3),
+                  "decode_ms": round(spent[k] / steps * 1e3, 3)} for k in sorted(spent, key=spent.get, reverse=True)]
+        return {"overhead": 1 - sum(spent.values()) / total, "kernels": table}
 
 
 class _OnnxRuntime:
@@ -180,11 +192,12 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
             for s in systems:
                 log.info("round %d: %s", round_ + 1, s.name)
                 time.sleep(SETTLE_S)
-                results[s.name]["prefill_s"].append(s.prefill(prompt))
+                results[s.name]["prefill_s"] += [s.prefill(prompt) for _ in range(PREFILLS)]
                 results[s.name]["decode_step_s"] += s.decode(prompt, new_tokens)
             time.sleep(SETTLE_S)
-            all_logits.append(systems[0].prefill(prompt, last_only=False))
-        overhead = systems[0].overhead(prompt_len, min(16, new_tokens - 1))
+            all_logits += [systems[0].prefill(prompt, last_only=False) for _ in range(PREFILLS)]
+        time.sleep(SETTLE_S)
+        profile = systems[0].profile(prompt, min(16, new_tokens - 1))
         bandwidth = read_bandwidth()
     out = {"model": model, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
            "threads": threads, "read_bandwidth_gbs": round(bandwidth, 1),
@@ -196,7 +209,8 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
             "decode_tok_s": round(1 / step, 2),
             "decode_roofline": round(weight_bytes / step / 1e9 / bandwidth, 3),
         }
-    out["systems"]["llmc"]["runtime_overhead"] = round(overhead, 3)
+    out["systems"]["llmc"]["runtime_overhead"] = round(profile["overhead"], 3)
+    out["llmc_kernels"] = profile["kernels"]
     out["systems"]["llmc"]["prefill_all_logits_ms"] = round(statistics.median(all_logits) * 1e3, 2)
     return out
 
@@ -212,4 +226,8 @@ def format_table(result: dict) -> str:
     lines.append(f"llmc prefill computes the last position's logits (what generation reads); with every "
                  f"position's, as the peers' graphs do: {llmc['prefill_all_logits_ms']} ms")
     lines.append(f"llmc runtime overhead per decode step: {llmc['runtime_overhead']:.1%}")
+    lines += ["", "llmc, time per kernel (all its calls):", "| kernel | calls per step | prefill ms | decode ms per step |",
+              "| --- | --- | --- | --- |"]
+    lines += [f"| {k['kernel']} | {k['calls_per_step']} | {k['prefill_ms']} | {k['decode_ms']} |"
+              for k in result["llmc_kernels"][:12]]
     return "\n".join(lines)

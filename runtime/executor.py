@@ -71,7 +71,11 @@ class Executor:
         self._bound = {}
 
     def reset(self, batch: int) -> None:
-        """Caches and arena for a new batch of sequences (the caches start empty)."""
+        """Caches and arena for a new batch of sequences. The caches start empty: a step reads
+        only the positions before its `past`, so buffers of the same batch size are kept
+        (allocated and bound once, as a server would)."""
+        if batch == self.batch:
+            return
         self.batch = batch
         self.caches = {}
         for entry in self.kv_entries:

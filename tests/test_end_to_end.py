@@ -162,4 +162,8 @@ def test_bench_measures_every_system(tmp_path):
         assert figures["prefill_ms"] > 0 and figures["decode_tok_s"] > 0 and 0 < figures["decode_roofline"]
     assert 0 <= result["systems"]["llmc"]["runtime_overhead"] < 1
     assert result["systems"]["llmc"]["prefill_all_logits_ms"] > 0
+    kernels = result["llmc_kernels"]
+    assert any("fused_linear" in k["kernel"] for k in kernels) and any("attention" in k["kernel"] for k in kernels)
+    step_ms = 1e3 / result["systems"]["llmc"]["decode_tok_s"]
+    assert 0 < sum(k["decode_ms"] for k in kernels) < 2 * step_ms
     assert result["read_bandwidth_gbs"] > 1 and result["decode_weight_mb"] > 0
