@@ -51,6 +51,7 @@ def write_artifact(graph: Graph, output, target: dict, kernels: dict | None = No
                 "outputs": [_describe(v) for v in graph.outputs],
                 "max_seq_len": graph.metadata.get("max_seq_len"),
                 "kv_cache": graph.metadata.get("kv_cache"),
+                "quant": graph.metadata.get("quant"),
                 "eos_token_id": eos_token_id,
             },
             "kernels": kernels or {},

@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--max-seq-len", type=int, default=1024,
                       help="longest context (prompt + new tokens) the artifact serves (default 1024)")
     comp.add_argument("--eos-token-id", type=int, help="stop generating at this token")
+    _quant_arguments(comp)
     comp.set_defaults(run=_compile)
 
     run = sub.add_parser("run", help="generate tokens with a compiled artifact")
@@ -175,11 +176,26 @@ def _run_passes(graph, dump_ir, max_seq_len):
     return passed
 
 
+def _quant_arguments(p) -> None:
+    p.add_argument("--quant", choices=("w8", "w4"),
+                   help="weight-only quantization: w8 = int8 per output channel, w4 = 4-bit in groups")
+    p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),
+                   help="with --quant w4: input features per scale (default 128)")
+    p.add_argument("--zero-point", action="store_true", help="with --quant w4: asymmetric, a zero point per group")
+    p.add_argument("--quant-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the LM head too (default: with w8 only)")
+
+
+def _quant_options(args) -> dict:
+    return {"quant": args.quant, "group_size": args.group_size, "zero_point": args.zero_point,
+            "quant_lm_head": args.quant_lm_head}
+
+
 def _compile(args) -> int:
     from . import compile as compile_model
 
     path = compile_model(args.model, target=args.target, output=args.output, max_seq_len=args.max_seq_len,
-                         eos_token_id=args.eos_token_id)
+                         eos_token_id=args.eos_token_id, **_quant_options(args))
     print(path)
     return 0
 

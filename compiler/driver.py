@@ -24,8 +24,13 @@ def _encode_dim(d, where: str):
 
 
 def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024,
-            eos_token_id: int | None = None) -> Path:  # noqa: A001 (the public name users expect)
-    """Compile an ONNX decoder with KV cache inputs to an artifact directory; returns its path."""
+            eos_token_id: int | None = None, quant: str | None = None, group_size: int = 128,
+            zero_point: bool = False, quant_lm_head: bool | None = None) -> Path:  # noqa: A001
+    """Compile an ONNX decoder with KV cache inputs to an artifact directory; returns its path.
+
+    `quant`: "w8" (int8 weights, one scale per output channel) or "w4" (4-bit weights in groups of
+    `group_size` input features, symmetric or with `zero_point`); the LM head is quantized when
+    `quant_lm_head` (default: with w8 only). See `llmc.passes.quantize_weights`."""
     from llmc.backends.tvm import target as targets
     from llmc.backends.tvm.compile import UnsupportedGraph, compile_graph, weights
     from llmc.passes.manager import PassContext, run_passes
@@ -36,6 +41,17 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
 
     if target not in TARGETS:
         raise LlmcError(f"target {target!r} is not supported yet; supported: {', '.join(TARGETS)}")
+    options = {"max_seq_len": max_seq_len}
+    if quant:
+        from llmc.ops.transformer import QUANT_SCHEMES
+
+        if quant not in QUANT_SCHEMES:
+            raise LlmcError(f"quantization {quant!r} is not supported; supported: {', '.join(QUANT_SCHEMES)}")
+        if group_size not in (32, 64, 128):
+            raise LlmcError(f"group size {group_size} is not supported; supported: 32, 64, 128")
+        options.update(quant=quant, group_size=group_size, zero_point=zero_point)
+        if quant_lm_head is not None:
+            options["quant_lm_head"] = quant_lm_head
     onnx_path = Path(onnx_path)
     output = Path(output) if output else onnx_path.with_suffix(".llmc")
     stages = []
@@ -45,7 +61,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     if not any(v.name.startswith("past_key_values.") for v in graph.inputs):
         raise LlmcError(f"{onnx_path}: compiling needs a decoder exported with a KV cache "
                         "(past_key_values.* inputs, present.* outputs)")
-    graph = run_passes(graph, default_pipeline(target), PassContext(options={"max_seq_len": max_seq_len}))
+    graph = run_passes(graph, default_pipeline(target), PassContext(options=options))
     stages.append(("passes", time.perf_counter() - start - sum(t for _, t in stages)))
     tvm_target = targets.host()
     try:

@@ -17,6 +17,7 @@ from .specialize_context import specialize_context
 from .recognize_activations import recognize_activations
 from .recognize_attention import recognize_attention
 from .recognize_norms import recognize_norms
+from .quantize_weights import quantize_weights
 from .recognize_rotary import recognize_rotary
 
 # 1. Clean-up: specialize for the context length (when given), fold the shape arithmetic and
@@ -39,5 +40,10 @@ KV_CACHE: list[Pass] = [kv_cache]
 FUSION: list[Pass] = [fuse_qkv, fuse_attention_io, fuse_linear, fuse_add_norm, dce]
 
 
+# 5. Lowering: with the `quant` option, GEMM weights are quantized (w8, w4) and dequantized in
+#    the kernels.
+LOWERING: list[Pass] = [quantize_weights, dce]
+
+
 def default_pipeline(target: str = "reference") -> list[Pass]:
-    return CLEANUP + RECOGNITION + KV_CACHE + FUSION
+    return CLEANUP + RECOGNITION + KV_CACHE + FUSION + LOWERING

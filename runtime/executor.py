@@ -151,9 +151,9 @@ class Executor:
     def _maker(self, kind, i, name):
         if not name:  # rope_cache without rotary: the kernel ignores its tables
             return lambda env: self.no_tables[:env["batch"] * env["seq"] * 2].reshape(env["batch"], env["seq"], 2)
-        if kind == "linear" and i != 1:
+        if kind == "linear" and name not in self.weights:
             # the kernel takes rows: x, residual and y as [rows, features] (views, same bytes); the
-            # weight (argument 1) is packed [n/16, k, 16] and passes as it is
+            # weights (packed [n/16, k, 16] and the like) pass as they are
             return lambda env: _rows(self._view(name, env))
         if kind == "rope_cache" and i in (1, 2):  # rotary tables [b, 1, s, d] -> [b, s, d]: same bytes
             return lambda env: self._view(name, env).reshape(env["batch"], env["seq"], -1)
@@ -166,9 +166,9 @@ class Executor:
         if step["kind"] != "linear":
             raise LlmcError(f"the logits come from a {step['kind']} kernel; only a GEMM computes them per position")
         args, copies = [], []
-        for i, name in enumerate(step["args"][:-1]):
+        for name in step["args"][:-1]:
             a = self._view(name, env)
-            if i != 1 and a.ndim == 3:
+            if name not in self.weights and a.ndim == 3:
                 rows = a[:, -1]
                 if env["batch"] > 1:
                     buf = aligned_empty(rows.shape, rows.dtype)

@@ -6,6 +6,7 @@ its real weights."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,12 +18,14 @@ import llmc
 from llmc.backends.tvm.linear import ROWS, LinearSpec, build, pack
 from llmc.backends.tvm.target import host
 from llmc.ops import get_op
+from llmc.passes.quantize_weights import quantize
 
 
 def _run(spec, arrays, m):
     kernel = build(spec, host())
     dev = tvm.cpu(0)
-    args = [tvm.runtime.tensor(pack(arrays[a]) if a == "w" else arrays[a], dev) for a in spec.arg_names()[:-1]]
+    args = [tvm.runtime.tensor(spec.packing(a)(arrays[a]) if spec.packing(a) else arrays[a], dev)
+            for a in spec.arg_names()[:-1]]
     out = tvm.runtime.tensor(np.zeros((m, spec.out_features), arrays["x"].dtype), dev)
     kernel["main"](*args, out)
     return out.numpy()
@@ -30,8 +33,9 @@ def _run(spec, arrays, m):
 
 def _reference(spec, a):
     return get_op("fused_linear").ref(
-        a["x"], a["w"], a.get("bias"), a.get("residual"), a.get("norm_scale"), a.get("norm_bias"),
-        norm=spec.norm, epsilon=spec.epsilon, activation=spec.activation, gated=int(spec.gated))
+        a["x"], a["w"], a.get("bias"), a.get("residual"), a.get("norm_scale"), a.get("norm_bias"), a.get("w_scale"),
+        a.get("w_zero"), norm=spec.norm, epsilon=spec.epsilon, activation=spec.activation, gated=int(spec.gated),
+        quant=spec.quant, group_size=spec.group_size)
 
 
 # Every prologue/epilogue combination once; sizes and row counts alternate between them.
@@ -51,6 +55,30 @@ def test_kernel_matches_reference(spec, m, rng):
          "norm_scale": rng.standard_normal(spec.k), "norm_bias": rng.standard_normal(spec.k)}
     a = {k: v.astype(np.float32) for k, v in a.items() if k in spec.arg_names()}
     assert rel_err(_run(spec, a, m), _reference(spec, a)) < 1e-5
+
+
+# Quantized weights: w8 per channel, w4 in groups (symmetric, with zero points); odd output sizes,
+# decode and prefill row counts, with a norm prologue and a gated epilogue once each.
+QUANT_CASES = [(LinearSpec(130, 96, quant="w8"), False, 1), (LinearSpec(130, 96, quant="w8", bias=True), False, 13),
+               (LinearSpec(70, 96, quant="w4", group_size=32), False, 1),
+               (LinearSpec(70, 128, quant="w4", group_size=64, norm="rms"), True, 13),
+               (LinearSpec(96, 64, quant="w4", group_size=32, gated=True, activation="silu"), True, 5)]
+
+
+@pytest.mark.parametrize("spec,zero_point,m", QUANT_CASES, ids=lambda c: c if not isinstance(c, LinearSpec) else
+                         f"{c.n}x{c.k}-{c.quant}-g{c.group_size}{'-' + c.norm if c.norm else ''}{'-gated' * c.gated}")
+def test_quantized_kernel_matches_reference(spec, zero_point, m, rng):
+    w = rng.standard_normal((spec.n, spec.k)).astype(np.float32) / 8
+    q, scale, zero = quantize(w, spec.quant, spec.group_size, zero_point)
+    a = {"x": rng.standard_normal((m, spec.k)), "w": q, "w_scale": scale, "w_zero": zero,
+         "bias": rng.standard_normal(spec.n), "norm_scale": rng.standard_normal(spec.k)}
+    a = {k: v if k == "w" else v.astype(np.float32) for k, v in a.items() if k in spec.arg_names()}
+    want = _reference(spec, a)
+    assert rel_err(_run(spec, a, m), want) < 1e-5
+    # and the quantized weight is close to the original (the scheme's rounding error)
+    full = dict(a, w=w, w_scale=None, w_zero=None)
+    tolerance = 0.01 if spec.quant == "w8" else 0.15
+    assert rel_err(want, _reference(replace(spec, quant="", group_size=0), full)) < tolerance
 
 
 def test_every_linear_of_a_compiled_llama(rng):

@@ -37,7 +37,8 @@ class UnsupportedGraph(ValueError):
     pass
 
 
-PACKED = ".packed16"  # the name of a GEMM weight in the kernel's layout (linear.pack)
+# a GEMM weight in the kernel's layout is named after the graph's with the packing's suffix
+PACKINGS = {".packed16": "pack", ".nibbles16": "pack_nibbles"}
 
 
 def _rope_qkv(node: Node):
@@ -57,8 +58,10 @@ def _plan_node(node: Node, graph: Graph):
     """(kernel key, prim_func builder, step) for one node, or None for a node no kernel runs."""
     if node.op == "fused_linear":
         spec = linear.LinearSpec.of(node, graph)
-        slots = dict(zip(["x", "w", "bias", "residual", "norm_scale", "norm_bias"], node.inputs))
-        args = [slots[a].name + PACKED * (a == "w") for a in spec.arg_names()[:-1]] + [node.outputs[0].name]
+        slots = dict(zip(["x", "w", "bias", "residual", "norm_scale", "norm_bias", "w_scale", "w_zero"], node.inputs))
+        suffix = {fn: sfx for sfx, fn in PACKINGS.items()}
+        args = [slots[a].name + (suffix[spec.packing(a).__name__] if spec.packing(a) else "")
+                for a in spec.arg_names()[:-1]] + [node.outputs[0].name]
         return repr(spec), lambda: linear.schedule(spec).mod["main"], Step("", "linear", tuple(args))
     if node.op == "attention":
         spec = attention.AttentionSpec.of(node)
@@ -94,8 +97,9 @@ def weights(graph: Graph, plan: list[Step]) -> dict:
 
     out = {}
     for name in {a for step in plan for a in step.args if a}:
-        if name.endswith(PACKED):
-            out[name] = linear.pack(graph.store[name[:-len(PACKED)]])
+        packed = next((sfx for sfx in PACKINGS if name.endswith(sfx)), None)
+        if packed:
+            out[name] = getattr(linear, PACKINGS[packed])(graph.store[name[:-len(packed)]])
         elif name in graph.params:
             out[name] = np.require(graph.store[name], requirements="C")
     return out

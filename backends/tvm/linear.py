@@ -37,6 +37,15 @@ def packed_rows(n: int) -> int:
     return -(-n // (LANES * TILE)) * TILE
 
 
+def pack_nibbles(q):
+    """[n, k] 4-bit values (uint8 0..15) -> [packed_rows(n), k / 2, 16] bytes: input features
+    2i and 2i + 1 of an output feature in the low and high nibble of one byte."""
+    import numpy as np
+
+    p = pack(q)
+    return np.require(p[:, 0::2] | (p[:, 1::2] << 4), requirements="C")
+
+
 def pack(w):
     """[n, k] weight -> [packed_rows(n), k, 16], zero-padded: the layout the kernel reads."""
     import numpy as np
@@ -60,6 +69,8 @@ class LinearSpec:
     epsilon: float = 1e-5
     activation: str = ""  # "", "relu", "silu", "gelu", "gelu_tanh"
     gated: bool = False
+    quant: str = ""  # "", "w8", "w4": the weight's encoding (ops.transformer.dequantize)
+    group_size: int = 0
 
     @property
     def out_features(self) -> int:
@@ -73,14 +84,25 @@ class LinearSpec:
         return LinearSpec(n=n, k=k, dtype=x.dtype.numpy().name, bias=bias is not None,
                           residual=residual is not None, norm=node.attrs["norm"],
                           epsilon=node.attrs["epsilon"], activation=node.attrs["activation"],
-                          gated=bool(node.attrs["gated"]))
+                          gated=bool(node.attrs["gated"]), quant=node.attrs["quant"],
+                          group_size=node.attrs["group_size"])
 
     def arg_names(self) -> list[str]:
         """The kernel's arguments, in order."""
         names = ["x", "w"]
         names += ["bias"] * self.bias + ["residual"] * self.residual
         names += ["norm_scale"] * bool(self.norm) + ["norm_bias"] * (self.norm == "layer")
+        names += ["w_scale"] * bool(self.quant) + ["w_zero"] * (self.quant == "w4")
         return names + ["y"]
+
+    def packing(self, arg: str):
+        """How a weight argument is laid out for the kernel: `pack`, `pack_nibbles`, or None
+        (passed as the graph holds it)."""
+        if arg == "w":
+            return pack_nibbles if self.quant == "w4" else pack
+        if arg in ("w_scale", "w_zero") and self.quant == "w4":
+            return pack  # [n, groups] -> [n/16, groups, 16]: a group's scales in vector lanes
+        return None
 
 
 def activation_expr(v, activation: str):
@@ -120,6 +142,31 @@ def _activate(t, activation: str):
     return ew(lambda v: activation_expr(v, activation), t, name="act") if activation else t
 
 
+def _weight(spec: LinearSpec, args: dict):
+    """Declares the weight arguments; returns w(jb, k, lane) as f32, dequantized as read. w8's
+    per-channel scale is applied to the sums instead (the epilogue)."""
+    from tvm import te
+
+    nb, k, dt = packed_rows(spec.n), spec.k, spec.dtype
+    if not spec.quant:
+        w = args["w"] = te.placeholder((nb, k, LANES), dt, name="w")
+        return lambda jb, kk, lane: w[jb, kk, lane]
+    if spec.quant == "w8":
+        w = args["w"] = te.placeholder((nb, k, LANES), "int8", name="w")
+        args["w_scale"] = te.placeholder((spec.n,), dt, name="w_scale")
+        return lambda jb, kk, lane: w[jb, kk, lane].astype(dt)
+    groups = k // spec.group_size
+    w = args["w"] = te.placeholder((nb, k // 2, LANES), "uint8", name="w")
+    scale = args["w_scale"] = te.placeholder((nb, groups, LANES), dt, name="w_scale")
+    zero = args["w_zero"] = te.placeholder((nb, groups, LANES), dt, name="w_zero")
+
+    def dequantized(jb, kk, lane):
+        q = (w[jb, kk // 2, lane] >> (kk % 2 * 4).astype("uint8")) & 15
+        g = kk // spec.group_size
+        return (q.astype(dt) - zero[jb, g, lane]) * scale[jb, g, lane]
+    return dequantized
+
+
 def prim_func(spec: LinearSpec):
     """The kernel as a TensorIR function (unscheduled)."""
     from tvm import te, tirx
@@ -127,8 +174,9 @@ def prim_func(spec: LinearSpec):
     m = tirx.Var("m", "int64")
     n, k, dt = spec.n, spec.k, spec.dtype
     x = te.placeholder((m, k), dt, name="x")
-    w = te.placeholder((packed_rows(n), k, LANES), dt, name="w")
-    args = {"x": x, "w": w}
+    nb = packed_rows(n)
+    args = {"x": x}
+    weight = _weight(spec, args)
     h = x
     if spec.norm:
         scale = args["norm_scale"] = te.placeholder((k,), dt, name="norm_scale")
@@ -145,13 +193,12 @@ def prim_func(spec: LinearSpec):
                             name="sqdev")
             h = te.compute((m, k), lambda i, j: (x[i, j] - s1[i] / k) * te.rsqrt(s2[i] / k + spec.epsilon)
                            * scale[j] + shift[j], name="normed")
-    nb = packed_rows(n)
     red = te.reduce_axis((0, k), name="kk")
     # rows in blocks of ROWS; the last block's rows past m repeat row m - 1 (clamped, not
     # predicated), so every block runs the same register tile
     nblocks = (m + ROWS - 1) // ROWS
     blocks = te.compute((nblocks, ROWS, nb, LANES), lambda io, ii, jb, lane: te.sum(
-        h[tirx.min(io * ROWS + ii, m - 1), red] * w[jb, red, lane], axis=red), name="blocks")
+        h[tirx.min(io * ROWS + ii, m - 1), red] * weight(jb, red, lane), axis=red), name="blocks")
 
     def acc(i, jj):
         # the clamp is a no-op that lets the schedule's region analysis see the read in bounds
@@ -161,7 +208,13 @@ def prim_func(spec: LinearSpec):
     res = args["residual"] = te.placeholder((m, spec.out_features), dt, name="residual") \
         if spec.residual else None
 
-    pre = te.compute((m, n), lambda i, j: acc(i, j) + bias[j] if bias is not None else acc(i, j), name="pre")
+    channel_scale = args.get("w_scale") if spec.quant == "w8" else None
+
+    def dot(i, j):
+        a = acc(i, j) * channel_scale[j] if channel_scale is not None else acc(i, j)
+        return a + bias[j] if bias is not None else a
+
+    pre = te.compute((m, n), dot, name="pre")
     out = spec.out_features
     act = _activate(te.compute((m, out), lambda i, j: pre[i, j], name="gate") if spec.gated else pre,
                     spec.activation)

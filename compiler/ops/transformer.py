@@ -133,23 +133,49 @@ def _activate(y, activation):
     return _ACTIVATIONS[activation](y)
 
 
-def _fused_linear_infer(inputs, norm, epsilon, activation, gated):
+QUANT_SCHEMES = ("w8", "w4")
+
+
+def dequantize(q, scale, zero, quant: str, group_size: int) -> np.ndarray:
+    """The f32 weight [n, k] a weight-quantized GEMM computes with.
+    w8: q int8 [n, k], scale [n] (per output channel): q * scale.
+    w4: q uint8 [n, k] holding 0..15, scale and zero f32 [n, k / group_size] (groups of
+    consecutive input features): (q - zero) * scale; symmetric schemes have zero 8."""
+    q = q.astype(np.float32)
+    if quant == "w8":
+        return q * scale[:, None]
+    return (q - np.repeat(zero, group_size, axis=1)) * np.repeat(scale, group_size, axis=1)
+
+
+def _fused_linear_infer(inputs, norm, epsilon, activation, gated, quant, group_size):
     x, w = inputs[:2]
-    same_dtype("fused_linear", [x, w])
+    if quant:
+        scale, zero = (list(inputs) + [None] * 8)[6:8]
+        if quant not in QUANT_SCHEMES:
+            raise ValueError(f"fused_linear: unknown quantization {quant!r}")
+        if scale is None or (quant == "w4" and (zero is None or w.shape[1] % group_size)):
+            raise ValueError(f"fused_linear: {quant} weights need their scales (and zeros, whole groups)")
+    else:
+        same_dtype("fused_linear", [x, w])
     n = w.shape[0] // 2 if gated else w.shape[0]
     return [x.type.with_shape(x.shape[:-1] + (n,))]
 
 
-@register("fused_linear", ("x", "w", "bias?", "residual?", "norm_scale?", "norm_bias?"),
-          {"norm": "", "epsilon": 1e-5, "activation": "", "gated": 0}, infer=_fused_linear_infer)
-def fused_linear(x, w, bias=None, residual=None, norm_scale=None, norm_bias=None, norm="",
-                 epsilon=1e-5, activation="", gated=0):
+@register("fused_linear", ("x", "w", "bias?", "residual?", "norm_scale?", "norm_bias?", "w_scale?", "w_zero?"),
+          {"norm": "", "epsilon": 1e-5, "activation": "", "gated": 0, "quant": "", "group_size": 0},
+          infer=_fused_linear_infer)
+def fused_linear(x, w, bias=None, residual=None, norm_scale=None, norm_bias=None, w_scale=None, w_zero=None,
+                 norm="", epsilon=1e-5, activation="", gated=0, quant="", group_size=0):
     """One GEMM with its prologue and epilogue:
     h = norm(x) (rms or layer, when `norm`); y = h @ w.T + bias;
     y = act(y[..., :n]) * y[..., n:] when `gated` (SwiGLU/GeGLU, gate and up concatenated),
-    else act(y); y = y + residual."""
+    else act(y); y = y + residual.
+    With `quant`, w is quantized and `dequantize(w, w_scale, w_zero, quant, group_size)` is the
+    weight."""
     from .nn import layer_norm, rms_norm
 
+    if quant:
+        w = dequantize(w, w_scale, w_zero, quant, group_size)
     if norm == "rms":
         x = rms_norm(x, norm_scale, epsilon=epsilon)
     elif norm == "layer":

@@ -1,0 +1,96 @@
+"""Weight-only quantization of the GEMMs (`quant` option: "w8" or "w4").
+
+Every `fused_linear` over a constant weight gets its weight quantized once, here, and keeps
+computing in f32: the kernel dequantizes as it reads (the op's definition is
+`ops.transformer.dequantize`). Norms, biases, embeddings and activations stay in full precision.
+
+- w8: int8, symmetric, one scale per output channel (max |w| / 127).
+- w4: 4-bit, one scale per group of `group_size` consecutive input features and output
+  channel; symmetric (max |w| / 7, zero 8) or, with `zero_point`, asymmetric
+  ((max - min) / 15 and a zero per group). A GEMM whose input size is not a multiple of the group
+  size uses the largest group size dividing both.
+
+The LM head (the GEMM that writes the logits) is quantized only with `quant_lm_head`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from llmc.ir.graph import Graph
+from llmc.ops.transformer import QUANT_SCHEMES
+
+from .manager import Pass, PassContext
+from .pattern import Const, Op, Rule, Var, apply_rules
+
+DEFAULT_GROUP_SIZE = 128
+
+
+def quantize(w: np.ndarray, quant: str, group_size: int = DEFAULT_GROUP_SIZE, zero_point: bool = False):
+    """(q, scale, zero or None) for an f32 weight [n, k]; `dequantize` inverts it up to rounding."""
+    w = w.astype(np.float32)
+    if quant == "w8":
+        scale = np.abs(w).max(axis=1) / 127
+        scale[scale == 0] = 1
+        return np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8), scale, None
+    n, k = w.shape
+    groups = w.reshape(n, k // group_size, group_size)
+    if zero_point:
+        lo, hi = np.minimum(groups.min(axis=2), 0), np.maximum(groups.max(axis=2), 0)
+        scale = (hi - lo) / 15
+        scale[scale == 0] = 1
+        zero = np.clip(np.rint(-lo / scale), 0, 15)
+    else:
+        scale = np.abs(groups).max(axis=2) / 7
+        scale[scale == 0] = 1
+        zero = np.full_like(scale, 8)
+    q = np.clip(np.rint(groups / scale[..., None]) + zero[..., None], 0, 15)
+    return q.astype(np.uint8).reshape(n, k), scale.astype(np.float32), zero.astype(np.float32)
+
+
+def _rule(options: dict, logits: set) -> Rule:
+    quant, group = options["quant"], options.get("group_size", DEFAULT_GROUP_SIZE)
+    zero_point = options.get("zero_point", False)
+    lm_head = options.get("quant_lm_head", quant == "w8")
+
+    def check(m):
+        node = m.nodes["gemm"]
+        if node.attrs["quant"]:
+            return "already quantized"
+        if node.outputs[0] in logits and not lm_head:
+            return "the LM head stays in full precision (quant_lm_head)"
+        if quant == "w4" and node.inputs[1].shape[1] % 2:
+            return "w4 needs an even number of input features"
+        return None
+
+    def build(m, b):
+        node = m.nodes["gemm"]
+        w = m.data("w")
+        g = math.gcd(w.shape[1], group) if quant == "w4" else 0
+        q, scale, zero = quantize(w, quant, g, zero_point)
+        inputs = (list(node.inputs) + [None] * 6)[:6]
+        inputs[1] = b.param(q, f"{node.name}.q{quant[1:]}")
+        inputs += [b.param(scale, f"{node.name}.scale"), b.param(zero, f"{node.name}.zero") if zero is not None else None]
+        return b.emit("fused_linear", inputs, **{**node.attrs, "quant": quant, "group_size": g})
+
+    return Rule(f"quantize_{quant}", Op("fused_linear", Var("x"), Const("w"), bind="gemm", rest=True), build,
+                check=check)
+
+
+def _run(graph: Graph, ctx: PassContext) -> Graph:
+    options = ctx.options
+    quant = options.get("quant")
+    if not quant:
+        return graph
+    if quant not in QUANT_SCHEMES:
+        raise ValueError(f"unknown quantization {quant!r}; supported: {', '.join(QUANT_SCHEMES)}")
+    apply_rules(graph, [_rule(options, set(graph.outputs))], ctx.current.rewrites, ctx.current.near_misses)
+    graph.metadata["quant"] = {"scheme": quant, "group_size": options.get("group_size", DEFAULT_GROUP_SIZE)
+                               if quant == "w4" else 0, "zero_point": bool(options.get("zero_point", False)),
+                               "lm_head": bool(options.get("quant_lm_head", quant == "w8"))}
+    return graph
+
+
+quantize_weights = Pass("quantize_weights", _run)

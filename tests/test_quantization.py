@@ -1,0 +1,95 @@
+"""Weight-only quantization: the schemes' rounding, the pass, and compiled quantized decoders
+against the reference semantics of their quantized graphs (and near their fp32 originals)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import rel_err
+from zoo_cases import export
+
+import llmc
+from llmc import runtime, zoo
+from llmc.ops.transformer import dequantize
+from llmc.passes.manager import PassContext, run_passes
+from llmc.passes.pipeline import default_pipeline
+from llmc.passes.quantize_weights import quantize
+
+SCHEMES = [("w8", 0, False), ("w4", 32, False), ("w4", 64, True), ("w4", 128, False)]
+
+
+@pytest.mark.parametrize("quant,group,zero_point", SCHEMES)
+def test_quantize_rounds_to_the_nearest_step(quant, group, zero_point, rng):
+    w = (rng.standard_normal((40, 256)) * rng.uniform(0.01, 1, (40, 1))).astype(np.float32)
+    if zero_point:
+        w += 0.5  # groups not centred on zero: what the zero point is for
+    q, scale, zero = quantize(w, quant, group, zero_point)
+    assert q.dtype == (np.int8 if quant == "w8" else np.uint8)
+    assert q.max() <= (127 if quant == "w8" else 15) and q.min() >= (-127 if quant == "w8" else 0)
+    step = scale[:, None] if quant == "w8" else np.repeat(scale, group, axis=1)
+    assert np.all(np.abs(dequantize(q, scale, zero, quant, group) - w) <= step / 2 * (1 + 1e-5))
+
+
+def _passed(name, **options):
+    graph = llmc.from_onnx(export(name, exporter="dynamo", kv_cache=True))
+    return run_passes(graph, default_pipeline(), PassContext(options={"max_seq_len": 128, **options}))
+
+
+@pytest.mark.parametrize("quant", ["w8", "w4"])
+def test_pass_quantizes_every_gemm_and_the_lm_head_by_option(quant):
+    graph = _passed("llama-tiny", quant=quant, group_size=32)
+    gemms = [n for n in graph.nodes if n.op == "fused_linear"]
+    head = [n for n in gemms if n.outputs[0] in graph.outputs]
+    assert len(head) == 1 and head[0].attrs["quant"] == ("w8" if quant == "w8" else "")
+    assert all(n.attrs["quant"] == quant for n in gemms if n is not head[0])
+    assert graph.metadata["quant"]["scheme"] == quant
+    with_head = _passed("llama-tiny", quant=quant, group_size=32, quant_lm_head=True)
+    assert all(n.attrs["quant"] == quant for n in with_head.nodes if n.op == "fused_linear")
+    # one byte per value here (4-bit values pack two per byte in the artifact), f32 scales and zeros
+    assert _gemm_bytes(with_head) < _gemm_bytes(_passed("llama-tiny")) / (3.5 if quant == "w8" else 3)
+
+
+def _gemm_bytes(graph):
+    return sum(graph.const_value(v).nbytes for n in graph.nodes if n.op == "fused_linear"
+               for v in n.inputs[1:2] + n.inputs[6:] if v is not None)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantized")
+
+    def get(name, **options):
+        out = root / f"{name}-{'-'.join(f'{k}{v}' for k, v in options.items())}.llmc"
+        if not out.exists():
+            llmc.compile(export(name, exporter="dynamo", kv_cache=True), output=out, max_seq_len=128, **options)
+        return out
+    return get
+
+
+CASES = [("llama-tiny", {"quant": "w8"}), ("llama-tiny", {"quant": "w4", "group_size": 32}),
+         ("gpt2-tiny", {"quant": "w4", "group_size": 64, "zero_point": True}),
+         ("qwen2-tiny", {"quant": "w4", "group_size": 32, "quant_lm_head": True})]
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=lambda c: c if isinstance(c, str) else
+                         "-".join(f"{k}={v}" for k, v in c.items()))
+def test_compiled_quantized_decoder_matches_its_reference(name, options, quantized, rng):
+    graph = _passed(name, **options)
+    art = quantized(name, **options)
+    assert json.loads((art / "manifest.json").read_text())["model"]["quant"] == graph.metadata["quant"]
+    model = runtime.load(art)
+    model.executor.reset(batch=1)
+    feeds = zoo.get(name).feeds(rng, batch=1, seq=7, past=0)
+    want = llmc.run_reference(graph, feeds)["logits"]
+    assert rel_err(model.forward(feeds["input_ids"], past=0), want) < 1e-4
+    # a decode step over the quantized cache, too
+    step = zoo.get(name).feeds(rng, batch=1, seq=1, past=7)
+    step.update({k: v for k, v in llmc.run_reference(graph, feeds).items() if k.startswith("present")})
+    step = {k.replace("present", "past_key_values"): v for k, v in step.items()}
+    want = llmc.run_reference(graph, step)["logits"]
+    assert rel_err(model.forward(step["input_ids"], past=7), want) < 1e-4
+    # and near the fp32 model
+    fp32 = llmc.run_reference(_passed(name), feeds)["logits"]
+    assert rel_err(llmc.run_reference(graph, feeds)["logits"], fp32) < (0.02 if options["quant"] == "w8" else 0.3)
