@@ -12,14 +12,19 @@ consecutive output features of each input feature lie together (`pack`). Output 
 sit in vector lanes: a row's product is a stream of broadcast-multiply-adds into 16-lane
 accumulators, with no horizontal reduction, and the weights stream contiguously.
 
-Rows go in blocks of ROWS; the last block's rows past m repeat row m - 1 (a clamped index, not a
-bounds predicate: a predicated row loop keeps LLVM from holding the accumulators in registers).
-Each parallel task owns 64 output features and runs every row block over them: a register tile
-of ROWS rows x 64 features (24 of the 32 AVX-512 registers) over the whole reduction, so each
-weight vector loaded serves ROWS rows and a task's weights stay in its L2 across row blocks.
-128-row GEMMs run at 440-480 GFLOP/s on both Zen 5 cores, as fast as onnxruntime's MLAS. At
-decode (one row) the tile does 6x the arithmetic needed, which is still far from the limit: the
-weights stream from memory at its bandwidth (benchmarks/gemv_bandwidth.py).
+From ROWS rows on (prefill), rows go in blocks of ROWS; the last block's rows past m repeat row
+m - 1 (a clamped index, not a bounds predicate: a predicated row loop keeps LLVM from holding
+the accumulators in registers). Each parallel task owns 64 output features and runs every row
+block over them: a register tile of ROWS rows x 64 features (24 of the 32 AVX-512 registers)
+over the whole reduction, so each weight vector loaded serves ROWS rows and a task's weights
+stay in its L2 across row blocks. 128-row GEMMs run at 440-480 GFLOP/s on both Zen 5 cores, as
+fast as onnxruntime's MLAS. Fewer rows (decode) go one by one over the same tasks, which then
+read the weights at memory bandwidth (benchmarks/gemv_bandwidth.py); a clamped 6-row tile would
+do 6x the arithmetic, which dequantizing kernels feel.
+
+Quantized weights (`quant`): int8 with a per-channel scale applied to the sums, or 4-bit
+nibbles (two input features per byte) with per-group scales and zeros, dequantized in the
+inner loop as they are read; no f32 copy of the weights exists.
 """
 
 from __future__ import annotations
@@ -193,16 +198,21 @@ def prim_func(spec: LinearSpec):
                             name="sqdev")
             h = te.compute((m, k), lambda i, j: (x[i, j] - s1[i] / k) * te.rsqrt(s2[i] / k + spec.epsilon)
                            * scale[j] + shift[j], name="normed")
+    # from ROWS rows on: register tiles of ROWS rows (the last one clamped); fewer: row by row
+    tiled = m >= ROWS
+    nblocks = tirx.if_then_else(tiled, (m + ROWS - 1) // ROWS, 0)
     red = te.reduce_axis((0, k), name="kk")
-    # rows in blocks of ROWS; the last block's rows past m repeat row m - 1 (clamped, not
-    # predicated), so every block runs the same register tile
-    nblocks = (m + ROWS - 1) // ROWS
     blocks = te.compute((nblocks, ROWS, nb, LANES), lambda io, ii, jb, lane: te.sum(
         h[tirx.min(io * ROWS + ii, m - 1), red] * weight(jb, red, lane), axis=red), name="blocks")
+    few = tirx.if_then_else(tiled, 0, m)
+    red = te.reduce_axis((0, k), name="kk")
+    rows = te.compute((few, nb, LANES), lambda i, jb, lane: te.sum(h[i, red] * weight(jb, red, lane), axis=red),
+                      name="rows")
 
     def acc(i, jj):
-        # the clamp is a no-op that lets the schedule's region analysis see the read in bounds
-        return blocks[tirx.min(i // ROWS, nblocks - 1), i % ROWS, jj // LANES, jj % LANES]
+        # the clamps are no-ops that let the schedule's region analysis see the reads in bounds
+        return tirx.if_then_else(tiled, blocks[tirx.min(i // ROWS, nblocks - 1), i % ROWS, jj // LANES, jj % LANES],
+                                 rows[tirx.min(i, few - 1), jj // LANES, jj % LANES])
 
     bias = args["bias"] = te.placeholder((n,), dt, name="bias") if spec.bias else None
     res = args["residual"] = te.placeholder((m, spec.out_features), dt, name="residual") \
@@ -229,8 +239,9 @@ def prim_func(spec: LinearSpec):
 
 def schedule(spec: LinearSpec):
     """Parallel tiles of 64 features; in each, every row block: the reduction, then ROWS x TILE x
-    16 accumulators held in registers (unrolled, vectorized). The norm prologue is its own stage;
-    the epilogue is one stage, rows in parallel, features vectorized."""
+    16 accumulators held in registers (unrolled, vectorized). Below ROWS rows, the same tiles row
+    by row with TILE x 16 accumulators. The norm prologue is its own stage; the epilogue is one
+    stage, rows in parallel, features vectorized."""
     import tvm
 
     sch = tvm.s_tir.Schedule(prim_func(spec))
@@ -247,6 +258,16 @@ def schedule(spec: LinearSpec):
     sch.vectorize(lane)
     sch.decompose_reduction(block, red)
 
+    block = sch.get_sblock("rows")
+    i, jb, lane, red = sch.get_loops(block)
+    jo, ji = sch.split(jb, [None, TILE])
+    sch.reorder(jo, i, red, ji, lane)
+    sch.parallel(jo)
+    red = _nibble_pairs(sch, spec, red)
+    sch.vectorize(lane)
+    sch.unroll(ji)
+    sch.decompose_reduction(block, red)
+
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         if sch.get(block).name_hint in EPILOGUE_STAGES:
             sch.compute_inline(block)
@@ -254,6 +275,17 @@ def schedule(spec: LinearSpec):
     sch.vectorize(sch.split(j, [None, LANES])[1])
     sch.parallel(i)
     return sch
+
+
+def _nibble_pairs(sch, spec: LinearSpec, red):
+    """4-bit weights: the reduction steps over input features two at a time, unrolled, so the
+    byte holding both is loaded once and the nibbles come out by constant shifts. Returns the
+    outer reduction loop."""
+    if spec.quant != "w4":
+        return red
+    outer, inner = sch.split(red, [None, 2])
+    sch.unroll(inner)
+    return outer
 
 
 def build(spec: LinearSpec, target: dict):
