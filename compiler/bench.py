@@ -3,8 +3,10 @@
 For a zoo model (or an ONNX decoder with KV cache) it compiles an artifact, then measures in
 interleaved rounds, batch 1: the prefill of a prompt and decode over new tokens, for llmc,
 onnxruntime (its full graph optimizations) and, for zoo models, PyTorch eager on the same
-weights. It reports medians, each decode speed as a fraction of the bandwidth roofline (the
-weight bytes every decode step reads, at the machine's measured streaming-read bandwidth) and
+weights; with `quant`, also llmc's quantized artifacts and onnxruntime's quantized models of the
+same file (whose weight bytes are counted as llmc's for the same scheme). It reports medians,
+each decode speed as a fraction of the bandwidth roofline (the weight bytes every decode step
+reads, at the machine's measured streaming-read bandwidth) and
 llmc's runtime overhead per decode step (time outside the kernels) and its time per kernel. llmc's prefill computes the
 logits of the last position only, as generation does; its prefill with every position's logits
 (the work the peers' graphs do) is reported beside it.
@@ -46,11 +48,10 @@ def _timed(fn) -> float:
 
 
 class _Llmc:
-    name = "llmc"
-
-    def __init__(self, artifact):
+    def __init__(self, artifact, name="llmc"):
         from llmc import runtime
 
+        self.name = name
         self.model = runtime.load(artifact)
 
     def prefill(self, prompt, last_only=True):
@@ -94,11 +95,10 @@ class _Llmc:
 
 
 class _OnnxRuntime:
-    name = "onnxruntime"
-
-    def __init__(self, path, cfg, threads):
+    def __init__(self, path, cfg, threads, name="onnxruntime"):
         import onnxruntime as ort
 
+        self.name = name
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads
@@ -157,13 +157,42 @@ class _TorchEager:
 
 
 def decode_weight_bytes(graph) -> int:
-    """Bytes of weights every decode step reads: the GEMMs' weights (the embedding table is
-    gathered one row at a time)."""
-    return sum(int(graph.const_value(n.inputs[1]).nbytes) for n in graph.nodes if n.op == "fused_linear")
+    """Bytes of weights every decode step reads: the GEMMs' weights, with their scales and
+    zeros when quantized (4-bit values pack two per byte; the embedding table is gathered one
+    row at a time)."""
+    total = 0
+    for n in graph.nodes:
+        if n.op == "fused_linear":
+            w = graph.const_value(n.inputs[1]).nbytes
+            total += w // 2 if n.attrs["quant"] == "w4" else w
+            total += sum(graph.const_value(v).nbytes for v in n.inputs[6:] if v is not None)
+    return int(total)
+
+
+QUANT_MODES = {"w8": {"quant": "w8"}, "w4": {"quant": "w4", "group_size": 128}}
+
+
+def quantized_onnx(path: Path, quant: str, out: Path) -> Path:
+    """onnxruntime's own quantized model of the same file: dynamic int8 (per channel) for w8,
+    MatMulNBits 4-bit (symmetric, blocks of 128, int8 compute: accuracy level 4, its fastest)
+    for w4."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if quant == "w8":
+        quantize_dynamic(path, out, per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True)
+    else:
+        q = MatMulNBitsQuantizer(onnx.load(str(path)), bits=4, block_size=128, is_symmetric=True, accuracy_level=4)
+        q.process()
+        q.model.save_model_to_file(str(out), use_external_data_format=True)
+    return out
 
 
 def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 3,
-          threads: int | None = None) -> dict:
+          threads: int | None = None, quant: tuple[str, ...] = ()) -> dict:
+    """With `quant` (modes of QUANT_MODES), llmc's quantized artifacts and onnxruntime's
+    quantized models of the same file run too, as "llmc w8", "onnxruntime w8", ..."""
     import os
 
     import llmc
@@ -180,11 +209,23 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
         log.info("compiling %s", path)
         artifact = llmc.compile(path, output=Path(tmp) / "model.llmc", max_seq_len=max_seq)
         graph = run_passes(llmc.from_onnx(path), default_pipeline(), PassContext(options={"max_seq_len": max_seq}))
-        weight_bytes = decode_weight_bytes(graph)
+        weight_bytes = {"": decode_weight_bytes(graph)}
         systems = [_Llmc(artifact)]
         if cfg is not None:
             systems.append(_OnnxRuntime(path, cfg, threads))
             systems.append(_TorchEager(zoo_model))
+        for q in quant:
+            options = QUANT_MODES[q]
+            log.info("compiling %s (%s)", path, q)
+            art = llmc.compile(path, output=Path(tmp) / f"model-{q}.llmc", max_seq_len=max_seq, **options)
+            passed = run_passes(llmc.from_onnx(path), default_pipeline(),
+                                PassContext(options={"max_seq_len": max_seq, **options}))
+            weight_bytes[q] = decode_weight_bytes(passed)
+            systems.append(_Llmc(art, f"llmc {q}"))
+            if cfg is not None:
+                log.info("quantizing %s with onnxruntime (%s)", path, q)
+                onnx_q = quantized_onnx(path, q, Path(tmp) / f"ort-{q}.onnx")
+                systems.append(_OnnxRuntime(onnx_q, cfg, threads, f"onnxruntime {q}"))
         prompt = list(np.random.default_rng(0).integers(1, 100, prompt_len))
         results = {s.name: {"prefill_s": [], "decode_step_s": []} for s in systems}
         all_logits = []  # llmc's prefill computing every position's logits, as the peers do
@@ -201,13 +242,15 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
         bandwidth = read_bandwidth()
     out = {"model": model, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
            "threads": threads, "read_bandwidth_gbs": round(bandwidth, 1),
-           "decode_weight_mb": round(weight_bytes / 1e6, 1), "systems": {}}
+           "decode_weight_mb": round(weight_bytes[""] / 1e6, 1), "systems": {}}
     for name, r in results.items():
         step = statistics.median(r["decode_step_s"])
+        mode = name.split(" ")[-1] if name.split(" ")[-1] in QUANT_MODES else ""
         out["systems"][name] = {
             "prefill_ms": round(statistics.median(r["prefill_s"]) * 1e3, 2),
             "decode_tok_s": round(1 / step, 2),
-            "decode_roofline": round(weight_bytes / step / 1e9 / bandwidth, 3),
+            "decode_weight_mb": round(weight_bytes[mode] / 1e6, 3),
+            "decode_roofline": round(weight_bytes[mode] / step / 1e9 / bandwidth, 3),
         }
     out["systems"]["llmc"]["runtime_overhead"] = round(profile["overhead"], 3)
     out["llmc_kernels"] = profile["kernels"]
@@ -219,9 +262,11 @@ def format_table(result: dict) -> str:
     lines = [f"{result['model']}: prompt {result['prompt_len']}, {result['new_tokens']} new tokens, batch 1, "
              f"{result['threads']} threads; read bandwidth {result['read_bandwidth_gbs']} GB/s; "
              f"{result['decode_weight_mb']} MB of weights per decode step",
-             "| system | prefill ms | decode tok/s | % of roofline |", "| --- | --- | --- | --- |"]
+             "| system | prefill ms | decode tok/s | weights read per step | % of roofline |",
+             "| --- | --- | --- | --- | --- |"]
     for name, r in result["systems"].items():
-        lines.append(f"| {name} | {r['prefill_ms']} | {r['decode_tok_s']} | {r['decode_roofline']:.0%} |")
+        lines.append(f"| {name} | {r['prefill_ms']} | {r['decode_tok_s']} | {r['decode_weight_mb']} MB | "
+                     f"{r['decode_roofline']:.0%} |")
     llmc = result["systems"]["llmc"]
     lines.append(f"llmc prefill computes the last position's logits (what generation reads); with every "
                  f"position's, as the peers' graphs do: {llmc['prefill_all_logits_ms']} ms")

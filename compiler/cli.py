@@ -90,8 +90,26 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--prompt-len", type=int, default=128)
     ben.add_argument("--new-tokens", type=int, default=128)
     ben.add_argument("--repeats", type=int, default=3)
+    ben.add_argument("--quant", nargs="+", choices=("w8", "w4"), default=[],
+                     help="also run llmc's quantized artifacts (w4: groups of 128) and onnxruntime's quantized "
+                          "models (dynamic int8; MatMulNBits 4-bit)")
     ben.add_argument("--json", metavar="FILE", help="also write every figure as JSON here")
     ben.set_defaults(run=_bench)
+
+    qr = sub.add_parser("quant-report", help="quality of weight quantization against fp32: logits error, "
+                        "top-1 agreement, perplexity")
+    qr.add_argument("model", help="a zoo model name or an ONNX decoder with KV cache")
+    qr.add_argument("--quant", nargs="+", choices=("w8", "w4"), default=["w8", "w4"])
+    qr.add_argument("--group-size", nargs="+", type=int, choices=(32, 64, 128), default=[128],
+                    help="w4 group sizes to report (default 128)")
+    qr.add_argument("--zero-point", action="store_true", help="also report w4 with zero points")
+    qr.add_argument("--quant-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                    help="quantize the LM head too (default: with w8 only)")
+    qr.add_argument("--tokens", type=int, default=256, help="length of the sampled held-out sequence")
+    qr.add_argument("--token-ids", help="comma-separated held-out token ids instead of a sample")
+    qr.add_argument("--seed", type=int, default=0)
+    qr.add_argument("--json", metavar="FILE", help="also write the figures as JSON here")
+    qr.set_defaults(run=_quant_report)
 
     ops = sub.add_parser("ops", help="list the ONNX ops the frontend supports")
     ops.add_argument("--markdown", action="store_true", help="as the table in docs/onnx-ops.md")
@@ -206,10 +224,7 @@ def _run(args) -> int:
 
     from llmc import runtime
 
-    try:
-        prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-    except ValueError:
-        raise LlmcError(f"--prompt-ids must be comma-separated integers, not {args.prompt_ids!r}") from None
+    prompt = _token_ids(args.prompt_ids, "--prompt-ids")
     model = runtime.load(args.artifact)
     start = time.perf_counter()
     tokens = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -229,11 +244,44 @@ def _bench(args) -> int:
 
     from .bench import bench, format_table
 
-    result = bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+    result = bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                   quant=tuple(args.quant))
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def _quant_report(args) -> int:
+    import json
+
+    from .quant_report import format_table, report
+
+    schemes = []
+    for quant in args.quant:
+        if quant == "w8":
+            schemes.append({"quant": "w8"})
+            continue
+        for g in args.group_size:
+            schemes += [{"quant": "w4", "group_size": g, "zero_point": zp} for zp in (False, True)[:1 + args.zero_point]]
+    if args.quant_lm_head is not None:
+        schemes = [dict(s, quant_lm_head=args.quant_lm_head) for s in schemes]
+    ids = _token_ids(args.token_ids, "--token-ids") if args.token_ids else None
+    result = report(args.model, schemes, tokens=args.tokens, token_ids=ids, seed=args.seed)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _token_ids(text: str, flag: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise LlmcError(f"{flag} must be comma-separated integers, not {text!r}") from None
+    if not ids:
+        raise LlmcError(f"{flag} is empty")
+    return ids
 
 
 def _bytes(n: int) -> str:

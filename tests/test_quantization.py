@@ -93,3 +93,34 @@ def test_compiled_quantized_decoder_matches_its_reference(name, options, quantiz
     # and near the fp32 model
     fp32 = llmc.run_reference(_passed(name), feeds)["logits"]
     assert rel_err(llmc.run_reference(graph, feeds)["logits"], fp32) < (0.02 if options["quant"] == "w8" else 0.3)
+
+
+def test_quant_report_measures_every_scheme(tmp_path):
+    from llmc.cli import main
+
+    out = tmp_path / "report.json"
+    assert main(["quant-report", "llama-tiny", "--quant", "w8", "w4", "--group-size", "32", "--zero-point",
+                 "--tokens", "48", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["scheme"] for r in result["schemes"]] == ["w8", "w4 g32", "w4 g32 zero-point"]
+    w8, *w4 = result["schemes"]
+    for r in result["schemes"]:
+        assert 0 < r["mean_rel_err"] <= r["max_rel_err"] and 0 < r["top1_agreement"] <= 1
+        assert r["perplexity_fp32"] > 1 and r["perplexity"] > 1
+    # 8 bits lose less than 4
+    assert w8["mean_rel_err"] < min(r["mean_rel_err"] for r in w4) / 3
+    assert w8["top1_agreement"] >= max(r["top1_agreement"] for r in w4)
+
+
+def test_bench_runs_quantized_modes_against_onnxruntimes(tmp_path):
+    from llmc.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "llama-tiny", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
+                 "--quant", "w8", "w4", "--json", str(out)]) == 0
+    systems = json.loads(out.read_text())["systems"]
+    assert {"llmc w8", "onnxruntime w8", "llmc w4", "onnxruntime w4"} <= set(systems)
+    fp32 = systems["llmc"]["decode_weight_mb"]
+    assert systems["llmc w8"]["decode_weight_mb"] < fp32 / 3.5
+    assert systems["llmc w4"]["decode_weight_mb"] < fp32 / 2.5  # its LM head stays f32
+    assert all(s["decode_tok_s"] > 0 for s in systems.values())

@@ -1,0 +1,91 @@
+"""`llmc quant-report`: what weight quantization costs in quality, against the fp32 model.
+
+On a held-out token sequence, each quantized artifact and the fp32 one run teacher-forced (one
+pass over the sequence: every position predicts the next token from the true tokens before it,
+through the same KV cache path as decoding). Reported per scheme: the relative error of the
+logits (per position ||q - f|| / ||f||: max and mean), the top-1 agreement of the next-token
+predictions, and the perplexity of the sequence under each model.
+
+The held-out sequence is sampled from the fp32 model itself (temperature 1, seeded) unless token
+ids are given: the zoo's models have random weights, and text they were never trained on would
+measure nothing; a sample is text the model finds likely.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _logits(artifact, tokens: list[int]) -> np.ndarray:
+    from llmc import runtime
+
+    model = runtime.load(artifact)
+    model.executor.reset(batch=1)
+    return np.array(model.forward(np.array([tokens]), past=0)[0], np.float64)
+
+
+def _nll(logits: np.ndarray, tokens: list[int]) -> np.ndarray:
+    """Negative log-likelihood of each next token (positions 0 .. n-2 predict 1 .. n-1)."""
+    z = logits[:-1] - logits[:-1].max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return -logp[np.arange(len(tokens) - 1), tokens[1:]]
+
+
+def compare(fp32: np.ndarray, quant: np.ndarray, tokens: list[int]) -> dict:
+    err = np.linalg.norm(quant - fp32, axis=-1) / np.linalg.norm(fp32, axis=-1)
+    ppl32, pplq = (float(np.exp(_nll(x, tokens).mean())) for x in (fp32, quant))
+    return {"max_rel_err": round(float(err.max()), 5), "mean_rel_err": round(float(err.mean()), 5),
+            "top1_agreement": round(float((quant.argmax(-1) == fp32.argmax(-1)).mean()), 4),
+            "perplexity_fp32": round(ppl32, 3), "perplexity": round(pplq, 3),
+            "perplexity_delta": round(pplq - ppl32, 4)}
+
+
+def report(model: str, schemes: list[dict], tokens: int = 256, token_ids: list[int] | None = None,
+           seed: int = 0) -> dict:
+    """`schemes`: compile options per scheme, e.g. {"quant": "w4", "group_size": 128}."""
+    import llmc
+    from llmc import runtime, zoo
+
+    zoo_model = zoo.ZOO.get(model)
+    path = zoo_model.export() if zoo_model else Path(model)
+    n = len(token_ids) if token_ids else tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        log.info("compiling %s (fp32)", path)
+        base = llmc.compile(path, output=Path(tmp) / "fp32.llmc", max_seq_len=n + 1)
+        if not token_ids:
+            rng = np.random.default_rng(seed)
+            first = [int(t) for t in rng.integers(1, 100, 4)]
+            token_ids = first + runtime.load(base).generate(first, n - len(first), temperature=1.0, seed=seed)
+        reference = _logits(base, token_ids)
+        rows = []
+        for i, options in enumerate(schemes):
+            log.info("compiling %s (%s)", path, scheme_name(options))
+            art = llmc.compile(path, output=Path(tmp) / f"q{i}.llmc", max_seq_len=n + 1, **options)
+            rows.append({"scheme": scheme_name(options), **compare(reference, _logits(art, token_ids), token_ids)})
+    return {"model": model, "tokens": len(token_ids), "seed": seed, "schemes": rows}
+
+
+def scheme_name(options: dict) -> str:
+    name = options["quant"]
+    if name == "w4":
+        name += f" g{options.get('group_size', 128)}" + (" zero-point" if options.get("zero_point") else "")
+    if options.get("quant_lm_head") is not None:
+        name += " +LM head" if options["quant_lm_head"] else " fp32 LM head"
+    return name
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{result['model']}: {result['tokens']} held-out tokens, teacher-forced, against fp32",
+             "| scheme | max rel. logits error | mean rel. logits error | top-1 agreement | perplexity (fp32 -> q) |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in result["schemes"]:
+        lines.append(f"| {r['scheme']} | {r['max_rel_err']:.4f} | {r['mean_rel_err']:.4f} | "
+                     f"{r['top1_agreement']:.1%} | {r['perplexity_fp32']} -> {r['perplexity']} "
+                     f"({r['perplexity_delta']:+.3f}) |")
+    return "\n".join(lines)
