@@ -103,8 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     qr.add_argument("--group-size", nargs="+", type=int, choices=(32, 64, 128), default=[128],
                     help="w4 group sizes to report (default 128)")
     qr.add_argument("--zero-point", action="store_true", help="also report w4 with zero points")
-    qr.add_argument("--quant-lm-head", action=argparse.BooleanOptionalAction, default=None,
-                    help="quantize the LM head too (default: with w8 only)")
+    qr.add_argument("--lm-head", choices=("f32", "w8", "w4"), help="the LM head's encoding (default w8)")
     qr.add_argument("--tokens", type=int, default=256, help="length of the sampled held-out sequence")
     qr.add_argument("--token-ids", help="comma-separated held-out token ids instead of a sample")
     qr.add_argument("--seed", type=int, default=0)
@@ -200,13 +199,12 @@ def _quant_arguments(p) -> None:
     p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),
                    help="with --quant w4: input features per scale (default 128)")
     p.add_argument("--zero-point", action="store_true", help="with --quant w4: asymmetric, a zero point per group")
-    p.add_argument("--quant-lm-head", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize the LM head too (default: with w8 only)")
+    p.add_argument("--lm-head", choices=("f32", "w8", "w4"), help="with --quant: the LM head's encoding (default w8)")
 
 
 def _quant_options(args) -> dict:
     return {"quant": args.quant, "group_size": args.group_size, "zero_point": args.zero_point,
-            "quant_lm_head": args.quant_lm_head}
+            "lm_head": args.lm_head}
 
 
 def _compile(args) -> int:
@@ -264,8 +262,8 @@ def _quant_report(args) -> int:
             continue
         for g in args.group_size:
             schemes += [{"quant": "w4", "group_size": g, "zero_point": zp} for zp in (False, True)[:1 + args.zero_point]]
-    if args.quant_lm_head is not None:
-        schemes = [dict(s, quant_lm_head=args.quant_lm_head) for s in schemes]
+    if args.lm_head:
+        schemes = [dict(s, lm_head=args.lm_head) for s in schemes]
     ids = _token_ids(args.token_ids, "--token-ids") if args.token_ids else None
     result = report(args.model, schemes, tokens=args.tokens, token_ids=ids, seed=args.seed)
     print(format_table(result))

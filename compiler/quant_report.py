@@ -75,8 +75,8 @@ def scheme_name(options: dict) -> str:
     name = options["quant"]
     if name == "w4":
         name += f" g{options.get('group_size', 128)}" + (" zero-point" if options.get("zero_point") else "")
-    if options.get("quant_lm_head") is not None:
-        name += " +LM head" if options["quant_lm_head"] else " fp32 LM head"
+    if options.get("lm_head"):
+        name += f", LM head {options['lm_head']}"
     return name
 
 

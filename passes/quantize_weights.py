@@ -10,7 +10,9 @@ computing in f32: the kernel dequantizes as it reads (the op's definition is
   ((max - min) / 15 and a zero per group). A GEMM whose input size is not a multiple of the group
   size uses the largest group size dividing both.
 
-The LM head (the GEMM that writes the logits) is quantized only with `quant_lm_head`.
+The LM head (the GEMM that writes the logits) has its own encoding, `lm_head`: "f32", "w8" or
+"w4"; by default w8 (with w4 too: at 4 bits the head's error reaches the logits directly, and at
+8 bits it costs a quarter of its f32 bytes).
 """
 
 from __future__ import annotations
@@ -50,23 +52,31 @@ def quantize(w: np.ndarray, quant: str, group_size: int = DEFAULT_GROUP_SIZE, ze
     return q.astype(np.uint8).reshape(n, k), scale.astype(np.float32), zero.astype(np.float32)
 
 
+def lm_head_scheme(options: dict) -> str:
+    return options.get("lm_head") or "w8"
+
+
 def _rule(options: dict, logits: set) -> Rule:
-    quant, group = options["quant"], options.get("group_size", DEFAULT_GROUP_SIZE)
+    group = options.get("group_size", DEFAULT_GROUP_SIZE)
     zero_point = options.get("zero_point", False)
-    lm_head = options.get("quant_lm_head", quant == "w8")
+    head = lm_head_scheme(options)
+
+    def scheme(node) -> str:
+        return head if node.outputs[0] in logits else options["quant"]
 
     def check(m):
         node = m.nodes["gemm"]
         if node.attrs["quant"]:
             return "already quantized"
-        if node.outputs[0] in logits and not lm_head:
-            return "the LM head stays in full precision (quant_lm_head)"
-        if quant == "w4" and node.inputs[1].shape[1] % 2:
+        if scheme(node) == "f32":
+            return "the LM head stays in full precision (lm_head)"
+        if scheme(node) == "w4" and node.inputs[1].shape[1] % 2:
             return "w4 needs an even number of input features"
         return None
 
     def build(m, b):
         node = m.nodes["gemm"]
+        quant = scheme(node)
         w = m.data("w")
         g = math.gcd(w.shape[1], group) if quant == "w4" else 0
         q, scale, zero = quantize(w, quant, g, zero_point)
@@ -75,7 +85,7 @@ def _rule(options: dict, logits: set) -> Rule:
         inputs += [b.param(scale, f"{node.name}.scale"), b.param(zero, f"{node.name}.zero") if zero is not None else None]
         return b.emit("fused_linear", inputs, **{**node.attrs, "quant": quant, "group_size": g})
 
-    return Rule(f"quantize_{quant}", Op("fused_linear", Var("x"), Const("w"), bind="gemm", rest=True), build,
+    return Rule("quantize", Op("fused_linear", Var("x"), Const("w"), bind="gemm", rest=True), build,
                 check=check)
 
 
@@ -84,12 +94,13 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
     quant = options.get("quant")
     if not quant:
         return graph
-    if quant not in QUANT_SCHEMES:
-        raise ValueError(f"unknown quantization {quant!r}; supported: {', '.join(QUANT_SCHEMES)}")
+    for q in (quant, lm_head_scheme(options)):
+        if q not in QUANT_SCHEMES + ("f32",):
+            raise ValueError(f"unknown quantization {q!r}; supported: {', '.join(QUANT_SCHEMES)}")
     apply_rules(graph, [_rule(options, set(graph.outputs))], ctx.current.rewrites, ctx.current.near_misses)
     graph.metadata["quant"] = {"scheme": quant, "group_size": options.get("group_size", DEFAULT_GROUP_SIZE)
                                if quant == "w4" else 0, "zero_point": bool(options.get("zero_point", False)),
-                               "lm_head": bool(options.get("quant_lm_head", quant == "w8"))}
+                               "lm_head": lm_head_scheme(options)}
     return graph
 
 

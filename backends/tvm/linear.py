@@ -172,6 +172,27 @@ def _weight(spec: LinearSpec, args: dict):
     return dequantized
 
 
+def _grouped_rows(spec: LinearSpec, h, rows, args):
+    """4-bit row by row with the scales and zeros applied per group, not per weight:
+    sum_g scale_g * (sum_{k in g} h_k q_k - zero_g * sum_{k in g} h_k). The inner loop is then
+    a nibble's extraction, conversion and one multiply-add: decode is bound by this arithmetic
+    more than by memory at 4 bits."""
+    from tvm import te
+
+    dt, size = spec.dtype, spec.group_size
+    groups = spec.k // size
+    w, scale, zero = args["w"], args["w_scale"], args["w_zero"]
+    r = te.reduce_axis((0, size), name="r")
+    part = te.compute((rows, packed_rows(spec.n), groups, LANES), lambda i, jb, g, lane: te.sum(
+        h[i, g * size + r] * ((w[jb, (g * size + r) // 2, lane] >> ((g * size + r) % 2 * 4).astype("uint8")) & 15)
+        .astype(dt), axis=r), name="part")
+    r = te.reduce_axis((0, size), name="r")
+    hsum = te.compute((rows, groups), lambda i, g: te.sum(h[i, g * size + r], axis=r), name="hsum")
+    g = te.reduce_axis((0, groups), name="g")
+    return te.compute((rows, packed_rows(spec.n), LANES), lambda i, jb, lane: te.sum(
+        scale[jb, g, lane] * (part[i, jb, g, lane] - zero[jb, g, lane] * hsum[i, g]), axis=g), name="rows")
+
+
 def prim_func(spec: LinearSpec):
     """The kernel as a TensorIR function (unscheduled)."""
     from tvm import te, tirx
@@ -206,8 +227,11 @@ def prim_func(spec: LinearSpec):
         h[tirx.min(io * ROWS + ii, m - 1), red] * weight(jb, red, lane), axis=red), name="blocks")
     few = tirx.if_then_else(tiled, 0, m)
     red = te.reduce_axis((0, k), name="kk")
-    rows = te.compute((few, nb, LANES), lambda i, jb, lane: te.sum(h[i, red] * weight(jb, red, lane), axis=red),
-                      name="rows")
+    if spec.quant == "w4":
+        rows = _grouped_rows(spec, h, few, args)
+    else:
+        rows = te.compute((few, nb, LANES), lambda i, jb, lane: te.sum(h[i, red] * weight(jb, red, lane), axis=red),
+                          name="rows")
 
     def acc(i, jj):
         # the clamps are no-ops that let the schedule's region analysis see the reads in bounds
@@ -263,9 +287,17 @@ def schedule(spec: LinearSpec):
     jo, ji = sch.split(jb, [None, TILE])
     sch.reorder(jo, i, red, ji, lane)
     sch.parallel(jo)
-    red = _nibble_pairs(sch, spec, red)
     sch.vectorize(lane)
     sch.unroll(ji)
+    if spec.quant == "w4":  # per group: the partial sums of TILE x 16 features, in registers
+        part = sch.get_sblock("part")
+        sch.compute_at(part, red)
+        sch.set_scope(part, 0, "local")
+        *_, pji, plane, pr = sch.get_loops(part)
+        sch.reorder(pr, pji, plane)
+        sch.unroll(pji)
+        sch.vectorize(plane)
+        sch.decompose_reduction(part, _nibble_pairs(sch, spec, pr))
     sch.decompose_reduction(block, red)
 
     for block in sch.get_child_blocks(sch.get_sblock("root")):
