@@ -104,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="w4 group sizes to report (default 128)")
     qr.add_argument("--zero-point", action="store_true", help="also report w4 with zero points")
     qr.add_argument("--lm-head", choices=("f32", "w8", "w4"), help="the LM head's encoding (default w8)")
+    qr.add_argument("--awq", action="store_true", help="also report w4 with activation-aware scaling")
     qr.add_argument("--tokens", type=int, default=256, help="length of the sampled held-out sequence")
     qr.add_argument("--token-ids", help="comma-separated held-out token ids instead of a sample")
     qr.add_argument("--seed", type=int, default=0)
@@ -200,11 +201,15 @@ def _quant_arguments(p) -> None:
                    help="with --quant w4: input features per scale (default 128)")
     p.add_argument("--zero-point", action="store_true", help="with --quant w4: asymmetric, a zero point per group")
     p.add_argument("--lm-head", choices=("f32", "w8", "w4"), help="with --quant: the LM head's encoding (default w8)")
+    p.add_argument("--awq", action="store_true", help="with --quant w4: activation-aware scaling (AWQ-style)")
+    p.add_argument("--calibration-ids", help="with --awq: comma-separated token ids to calibrate on "
+                   "(default: drawn from the vocabulary)")
 
 
 def _quant_options(args) -> dict:
     return {"quant": args.quant, "group_size": args.group_size, "zero_point": args.zero_point,
-            "lm_head": args.lm_head}
+            "lm_head": args.lm_head, "awq": args.awq,
+            "calibration": _token_ids(args.calibration_ids, "--calibration-ids") if args.calibration_ids else None}
 
 
 def _compile(args) -> int:
@@ -261,7 +266,9 @@ def _quant_report(args) -> int:
             schemes.append({"quant": "w8"})
             continue
         for g in args.group_size:
-            schemes += [{"quant": "w4", "group_size": g, "zero_point": zp} for zp in (False, True)[:1 + args.zero_point]]
+            for zp in (False, True)[:1 + args.zero_point]:
+                schemes += [{"quant": "w4", "group_size": g, "zero_point": zp, "awq": awq}
+                            for awq in (False, True)[:1 + args.awq]]
     if args.lm_head:
         schemes = [dict(s, lm_head=args.lm_head) for s in schemes]
     ids = _token_ids(args.token_ids, "--token-ids") if args.token_ids else None

@@ -25,12 +25,15 @@ def _encode_dim(d, where: str):
 
 def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024,
             eos_token_id: int | None = None, quant: str | None = None, group_size: int = 128,
-            zero_point: bool = False, lm_head: str | None = None) -> Path:  # noqa: A001
+            zero_point: bool = False, lm_head: str | None = None, awq: bool = False,
+            calibration: list[int] | None = None) -> Path:  # noqa: A001
     """Compile an ONNX decoder with KV cache inputs to an artifact directory; returns its path.
 
     `quant`: "w8" (int8 weights, one scale per output channel) or "w4" (4-bit weights in groups of
     `group_size` input features, symmetric or with `zero_point`); the LM head is encoded as
-    `lm_head` says ("f32", "w8", "w4"; default "w8"). See `llmc.passes.quantize_weights`."""
+    `lm_head` says ("f32", "w8", "w4"; default "w8"). With `awq`, 4-bit weights are scaled by
+    their activations first, measured on `calibration` token ids (default: drawn from the
+    vocabulary). See `llmc.passes.quantize_weights` and `llmc.passes.awq`."""
     from llmc.backends.tvm import target as targets
     from llmc.backends.tvm.compile import UnsupportedGraph, compile_graph, weights
     from llmc.passes.manager import PassContext, run_passes
@@ -53,6 +56,9 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
         if lm_head not in (None, "f32", *QUANT_SCHEMES):
             raise LlmcError(f"LM head encoding {lm_head!r} is not supported; supported: f32, {', '.join(QUANT_SCHEMES)}")
         options["lm_head"] = lm_head
+        if awq and quant != "w4":
+            raise LlmcError("--awq applies to --quant w4")
+        options.update(awq=awq, calibration=calibration)
     onnx_path = Path(onnx_path)
     output = Path(output) if output else onnx_path.with_suffix(".llmc")
     stages = []

@@ -75,6 +75,7 @@ def scheme_name(options: dict) -> str:
     name = options["quant"]
     if name == "w4":
         name += f" g{options.get('group_size', 128)}" + (" zero-point" if options.get("zero_point") else "")
+        name += " AWQ" if options.get("awq") else ""
     if options.get("lm_head"):
         name += f", LM head {options['lm_head']}"
     return name

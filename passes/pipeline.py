@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .awq import awq
 from .canonicalize import canonicalize
 from .cse import cse
 from .dce import dce
@@ -41,8 +42,8 @@ FUSION: list[Pass] = [fuse_qkv, fuse_attention_io, fuse_linear, fuse_add_norm, d
 
 
 # 5. Lowering: with the `quant` option, GEMM weights are quantized (w8, w4) and dequantized in
-#    the kernels.
-LOWERING: list[Pass] = [quantize_weights, dce]
+#    the kernels; with `awq` too, 4-bit weights are first scaled by their activations' size.
+LOWERING: list[Pass] = [awq, quantize_weights, dce]
 
 
 def default_pipeline(target: str = "reference") -> list[Pass]:

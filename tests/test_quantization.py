@@ -75,7 +75,8 @@ def quantized(tmp_path_factory):
 CASES = [("llama-tiny", {"quant": "w8"}), ("llama-tiny", {"quant": "w4", "group_size": 32}),
          ("gpt2-tiny", {"quant": "w4", "group_size": 64, "zero_point": True}),
          ("qwen2-tiny", {"quant": "w4", "group_size": 32, "lm_head": "w4"}),
-         ("gpt2-tiny", {"quant": "w8", "lm_head": "f32"})]
+         ("gpt2-tiny", {"quant": "w8", "lm_head": "f32"}),
+         ("llama-tiny", {"quant": "w4", "group_size": 32, "awq": True})]
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=lambda c: c if isinstance(c, str) else
@@ -129,3 +130,31 @@ def test_bench_runs_quantized_modes_against_onnxruntimes(tmp_path):
     assert systems["llmc w8"]["decode_weight_mb"] < fp32 / 3.5
     assert systems["llmc w4"]["decode_weight_mb"] < systems["llmc w8"]["decode_weight_mb"]
     assert all(s["decode_tok_s"] > 0 for s in systems.values())
+
+
+def test_activation_aware_scales_protect_large_activations(rng):
+    from llmc.passes.awq import search_scales
+
+    h = rng.standard_normal((64, 256)).astype(np.float32)
+    h[:, rng.choice(256, 4, replace=False)] *= 30  # a few salient input features, as trained models have
+    w = rng.standard_normal((96, 256)).astype(np.float32)
+    scales, plain, scaled = search_scales(h, w, 128, zero_point=False)
+    assert scales is not None and scaled < 0.8 * plain
+
+
+def test_awq_folds_its_scales_without_changing_the_fp32_model(rng):
+    from llmc.passes.awq import awq
+    from llmc.passes.pipeline import CLEANUP, FUSION, KV_CACHE, RECOGNITION
+
+    before = CLEANUP + RECOGNITION + KV_CACHE + FUSION
+    path = export("llama-tiny", exporter="dynamo", kv_cache=True)
+    options = {"max_seq_len": 128, "quant": "w4", "group_size": 32, "awq": True}
+    ctx = PassContext(options=options)
+    scaled = run_passes(llmc.from_onnx(path), before + [awq], ctx)
+    # candidates: QKV and gate/up of each layer (the GEMMs with a norm prologue); a GEMM keeps
+    # plain rounding when no scaling beats it on the calibration tokens
+    assert 1 <= sum(ctx.reports[-1].rewrites.values()) <= 4
+    plain = run_passes(llmc.from_onnx(path), before, PassContext(options=options))
+    feeds = zoo.get("llama-tiny").feeds(rng, batch=1, seq=5, past=3)
+    assert rel_err(llmc.run_reference(scaled, feeds)["logits"], llmc.run_reference(plain, feeds)["logits"]) < 1e-5
+    assert any(n.inputs[1].name.endswith(".awq_w") for n in scaled.nodes if n.op == "fused_linear")
