@@ -26,16 +26,18 @@ def _encode_dim(d, where: str):
 def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024,
             eos_token_id: int | None = None, quant: str | None = None, group_size: int = 128,
             zero_point: bool = False, lm_head: str | None = None, awq: bool = False,
-            calibration: list[int] | None = None) -> Path:  # noqa: A001
+            calibration: list[int] | None = None, kv_cache: str = "f32") -> Path:  # noqa: A001
     """Compile an ONNX decoder with KV cache inputs to an artifact directory; returns its path.
 
     `quant`: "w8" (int8 weights, one scale per output channel) or "w4" (4-bit weights in groups of
     `group_size` input features, symmetric or with `zero_point`); the LM head is encoded as
     `lm_head` says ("f32", "w8", "w4"; default "w8"). With `awq`, 4-bit weights are scaled by
     their activations first, measured on `calibration` token ids (default: drawn from the
-    vocabulary). See `llmc.passes.quantize_weights` and `llmc.passes.awq`."""
+    vocabulary). See `llmc.passes.quantize_weights` and `llmc.passes.awq`.
+
+    `kv_cache`: "f32", or "int8" (one scale per head and token, dequantized inside attention)."""
     from llmc.backends.tvm import target as targets
-    from llmc.backends.tvm.compile import UnsupportedGraph, compile_graph, weights
+    from llmc.backends.tvm.compile import SCALE, UnsupportedGraph, cache_values, compile_graph, weights
     from llmc.passes.manager import PassContext, run_passes
     from llmc.passes.pipeline import default_pipeline
 
@@ -59,6 +61,8 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
         if awq and quant != "w4":
             raise LlmcError("--awq applies to --quant w4")
         options.update(awq=awq, calibration=calibration)
+    if kv_cache not in ("f32", "int8"):
+        raise LlmcError(f"KV cache {kv_cache!r} is not supported; supported: f32, int8")
     onnx_path = Path(onnx_path)
     output = Path(output) if output else onnx_path.with_suffix(".llmc")
     stages = []
@@ -70,6 +74,10 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
                         "(past_key_values.* inputs, present.* outputs)")
     graph = run_passes(graph, default_pipeline(target), PassContext(options=options))
     stages.append(("passes", time.perf_counter() - start - sum(t for _, t in stages)))
+    cache = graph.metadata["kv_cache"]
+    cache["dtype"] = kv_cache
+    if kv_cache == "int8":  # the scales are caches of their own
+        cache["entries"] += [{"past": e["past"] + SCALE, "present": e["present"] + SCALE} for e in cache["entries"]]
     tvm_target = targets.host()
     try:
         executable, functions, plan = compile_graph(graph, tvm_target)
@@ -78,10 +86,12 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     stages.append(("kernels", time.perf_counter() - start - sum(t for _, t in stages)))
     tensors = weights(graph, plan)
     by_name = {v.name: v for v in graph.values()}
-    names = {a for step in plan for a in step.args if a} | {e["past"] for e in graph.metadata["kv_cache"]["entries"]}
+    caches = cache_values(graph)
+    names = {a for step in plan for a in step.args if a} - set(caches) - {e["present"] for e in cache["entries"]}
     values = {n: {"dtype": str(tensors[n].dtype), "shape": list(tensors[n].shape)} if n in tensors else
               {"dtype": by_name[n].dtype.numpy().name, "shape": [_encode_dim(d, n) for d in by_name[n].shape]}
               for n in sorted(names)}
+    values.update({n: {"dtype": dtype, "shape": [_encode_dim(d, n) for d in shape]} for n, (dtype, shape) in caches.items()})
     write_artifact(graph, output, tvm_target, kernels={"library": LIBRARY, "functions": functions},
                    plans={"forward": [s.to_json() for s in plan], "values": values}, library=executable,
                    eos_token_id=eos_token_id, weights=tensors)

@@ -106,10 +106,11 @@ def test_quant_report_measures_every_scheme(tmp_path):
 
     out = tmp_path / "report.json"
     assert main(["quant-report", "llama-tiny", "--quant", "w8", "w4", "--group-size", "32", "--zero-point",
-                 "--tokens", "48", "--json", str(out)]) == 0
+                 "--kv-int8", "--tokens", "48", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert [r["scheme"] for r in result["schemes"]] == ["w8", "w4 g32", "w4 g32 zero-point"]
-    w8, *w4 = result["schemes"]
+    names = ["w8", "w4 g32", "w4 g32 zero-point"]
+    assert [r["scheme"] for r in result["schemes"]] == names + [f"{n}, int8 KV" for n in names]
+    w8, *w4 = result["schemes"][:3]
     for r in result["schemes"]:
         assert 0 < r["mean_rel_err"] <= r["max_rel_err"] and 0 < r["top1_agreement"] <= 1
         assert r["perplexity_fp32"] > 1 and r["perplexity"] > 1
@@ -158,3 +159,23 @@ def test_awq_folds_its_scales_without_changing_the_fp32_model(rng):
     feeds = zoo.get("llama-tiny").feeds(rng, batch=1, seq=5, past=3)
     assert rel_err(llmc.run_reference(scaled, feeds)["logits"], llmc.run_reference(plain, feeds)["logits"]) < 1e-5
     assert any(n.inputs[1].name.endswith(".awq_w") for n in scaled.nodes if n.op == "fused_linear")
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "qwen2-tiny"])
+def test_int8_kv_cache_stays_close_to_the_f32_cache(name, quantized, rng):
+    f32 = runtime.load(quantized(name))
+    art = quantized(name, kv_cache="int8")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["model"]["kv_cache"]["dtype"] == "int8"
+    assert {v["dtype"] for n, v in manifest["plans"]["values"].items() if n.startswith("past_key_values")} \
+        == {"int8", "float32"}  # the caches and their scales
+    int8 = runtime.load(art)
+    prompt = rng.integers(0, zoo.get(name).config().vocab_size, (1, 9))
+    for model in (f32, int8):
+        model.executor.reset(batch=1)
+    a, b = f32.forward(prompt, 0), int8.forward(prompt, 0)
+    assert rel_err(b, a) < 0.05
+    for step in range(8):  # decode steps read the quantized rows the earlier steps wrote
+        token = np.array([[int(a[0, -1].argmax())]])
+        a, b = f32.forward(token, 9 + step), int8.forward(token, 9 + step)
+        assert 1e-7 < rel_err(b, a) < 0.05, step

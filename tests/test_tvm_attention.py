@@ -43,3 +43,30 @@ def test_kernel_matches_reference(spec, rng):
         got = out.numpy()
         assert not np.isnan(got).any()
         assert rel_err(got, want) < 1e-5, (batch, seq, kv_len)
+
+
+@pytest.mark.parametrize("spec", [AttentionSpec(heads=4, kv_heads=2, head_dim=16, scale=0.25, kv_int8=True),
+                                  AttentionSpec(heads=3, kv_heads=3, head_dim=13, scale=0.3, merge_heads=False,
+                                                kv_int8=True)], ids=["gqa-int8", "mha-int8"])
+def test_int8_cache_kernel_matches_reference_on_the_dequantized_cache(spec, rng):
+    from llmc.backends.tvm.rope_cache import quantize_rows
+
+    kernel = build(spec, host())
+    dev = tvm.cpu(0)
+    for batch, seq, kv_len in ((1, 1, 9), (2, 7, 7)):
+        q = rng.standard_normal((batch, spec.heads, seq, spec.head_dim)).astype(np.float32)
+        max_seq = kv_len + 5
+        k, v = (rng.standard_normal((batch, spec.kv_heads, max_seq, spec.head_dim)).astype(np.float32)
+                for _ in range(2))
+        (kq, ks), (vq, vs) = quantize_rows(k), quantize_rows(v)
+        mask = np.where(rng.random((batch, 1, seq, kv_len)) > 0.3, 0, -np.inf).astype(np.float32)
+        mask[:, :, :, 0] = 0
+        dequantized = [(c * s[..., None])[:, :, :kv_len] for c, s in ((kq, ks), (vq, vs))]
+        want = get_op("attention").ref(q, *dequantized, mask, scale=spec.scale, merge_heads=int(spec.merge_heads))
+        out = tvm.runtime.tensor(np.zeros(want.shape, np.float32), dev)
+        kernel["main"](*[tvm.runtime.tensor(a, dev) for a in (q, kq, vq, ks, vs, mask)], out)
+        assert rel_err(out.numpy(), want) < 1e-5, (batch, seq, kv_len)
+        # and the int8 cache is close to the f32 one
+        full = get_op("attention").ref(q, k[:, :, :kv_len], v[:, :, :kv_len], mask, scale=spec.scale,
+                                       merge_heads=int(spec.merge_heads))
+        assert rel_err(out.numpy(), full) < 0.02

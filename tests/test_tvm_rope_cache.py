@@ -60,3 +60,36 @@ def test_specs_of_compiled_models():
         specs[name] = {RopeCacheSpec.of(n) for n in graph.nodes if n.op == "rope_cache"}
     assert specs == {"llama-tiny": {RopeCacheSpec(4, 2, 16, 16)}, "gpt2-tiny": {RopeCacheSpec(4, 4, 16, 0)},
                      "phi-tiny": {RopeCacheSpec(4, 4, 16, 8)}}
+
+
+@pytest.mark.parametrize("spec", [RopeCacheSpec(4, 2, 16, 16, kv_int8=True), RopeCacheSpec(3, 3, 10, 0, kv_int8=True)],
+                         ids=["gqa-rotary", "none"])
+def test_int8_cache_kernel_quantizes_rows(spec, rng):
+    from llmc.backends.tvm.rope_cache import quantize_rows
+
+    kernel = build(spec, host())["main"]
+    batch, seq, past, d = 2, 3, 4, spec.head_dim
+    qkv = rng.standard_normal((batch, seq, (spec.heads + 2 * spec.kv_heads) * d)).astype(np.float32)
+    rd = max(spec.rotary_dim, 2)
+    cos, sin = (rng.standard_normal((batch, seq, rd)).astype(np.float32) for _ in range(2))
+    caches = [rng.integers(-127, 128, (batch, spec.kv_heads, MAX_SEQ, d)).astype(np.int8) for _ in range(2)]
+    scales = [rng.random((batch, spec.kv_heads, MAX_SEQ)).astype(np.float32) for _ in range(2)]
+    dev = tvm.cpu(0)
+    args = [tvm.runtime.tensor(a, dev) for a in (qkv, cos, sin, *caches, *scales)]
+    q = tvm.runtime.tensor(np.zeros((batch, spec.heads, seq, d), np.float32), dev)
+    kernel(*args, q, past)
+
+    qp, kp, vp = np.split(qkv, [spec.heads * d, (spec.heads + spec.kv_heads) * d], axis=-1)
+    rotary = spec.rotary_dim > 0
+    empty = np.zeros((batch, spec.kv_heads, 0, d), np.float32)
+    want = get_op("rope_cache").ref(qp, kp, vp, cos[:, None] if rotary else None, sin[:, None] if rotary else None,
+                                    empty, empty, heads=spec.heads, kv_heads=spec.kv_heads,
+                                    rotary_dim=spec.rotary_dim % d)
+    assert rel_err(q.numpy(), want[0]) < 1e-6
+    for i in range(2):
+        values, scale = quantize_rows(want[1 + i])
+        got_values, got_scales = args[3 + i].numpy(), args[5 + i].numpy()
+        assert np.abs(got_values[:, :, past:past + seq].astype(int) - values).max() <= 1  # rounding at ties
+        np.testing.assert_allclose(got_scales[:, :, past:past + seq], scale, rtol=1e-6)
+        np.testing.assert_array_equal(got_values[:, :, :past], caches[i][:, :, :past])  # nothing else written
+        np.testing.assert_array_equal(got_scales[:, :, past + seq:], scales[i][:, :, past + seq:])

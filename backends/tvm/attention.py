@@ -30,6 +30,7 @@ class AttentionSpec:
     is_causal: bool = False
     merge_heads: bool = True
     dtype: str = "float32"
+    kv_int8: bool = False  # int8 caches with per-(head, token) scales (rope_cache.quantize_rows)
 
     @staticmethod
     def of(node) -> "AttentionSpec":
@@ -40,7 +41,7 @@ class AttentionSpec:
                              dtype=q.dtype.numpy().name)
 
     def arg_names(self) -> list[str]:
-        return ["q", "k", "v"] + ["mask"] * self.masked + ["y"]
+        return ["q", "k", "v"] + ["k_scale", "v_scale"] * self.kv_int8 + ["mask"] * self.masked + ["y"]
 
 
 def prim_func(spec: AttentionSpec):
@@ -51,20 +52,24 @@ def prim_func(spec: AttentionSpec):
         t = m
     h, g, d, dt = spec.heads, spec.heads // spec.kv_heads, spec.head_dim, spec.dtype
     q = te.placeholder((b, h, s, d), dt, name="q")
-    k = te.placeholder((b, spec.kv_heads, m, d), dt, name="k")
-    v = te.placeholder((b, spec.kv_heads, m, d), dt, name="v")
+    cache_dt = "int8" if spec.kv_int8 else dt
+    k = te.placeholder((b, spec.kv_heads, m, d), cache_dt, name="k")
+    v = te.placeholder((b, spec.kv_heads, m, d), cache_dt, name="v")
+    scales = [te.placeholder((b, spec.kv_heads, m), dt, name=n) for n in ("k_scale", "v_scale")] if spec.kv_int8 else []
     mask = te.placeholder((b, 1, s, t), dt, name="mask") if spec.masked else None
     rd = te.reduce_axis((0, d), name="rd")
     neg_inf = tirx.const(float("-inf"), dt)
 
     def score(bi, hi, si, ti):
-        x = te.sum(q[bi, hi, si, rd] * k[bi, hi // g, ti, rd], axis=rd)
+        x = te.sum(q[bi, hi, si, rd] * k[bi, hi // g, ti, rd].astype(dt), axis=rd)
         return x
 
     raw = te.compute((b, h, s, t), score, name="raw")
 
     def masked(bi, hi, si, ti):
         x = raw[bi, hi, si, ti] * tirx.const(spec.scale, dt)
+        if spec.kv_int8:  # the key's scale factors out of its dot product
+            x = x * scales[0][bi, hi // g, ti]
         if mask is not None:
             x = x + mask[bi, 0, si, ti]
         if spec.is_causal:
@@ -86,13 +91,17 @@ def prim_func(spec: AttentionSpec):
     inv = te.compute((b, h, s), lambda bi, hi, si: tirx.Select(den[bi, hi, si] > 0, 1 / den[bi, hi, si],
                                                                 tirx.const(0, dt)), name="inv")
     rt3 = te.reduce_axis((0, t), name="rt3")
-    out = te.compute((b, h, s, d), lambda bi, hi, si, di: te.sum(ex[bi, hi, si, rt3] * v[bi, hi // g, rt3, di],
-                                                                axis=rt3), name="pv")
+    def weight(bi, hi, si, ti):  # the softmax numerator, times the value's scale when int8
+        p = ex[bi, hi, si, ti]
+        return p * scales[1][bi, hi // g, ti] if spec.kv_int8 else p
+
+    out = te.compute((b, h, s, d), lambda bi, hi, si, di: te.sum(
+        weight(bi, hi, si, rt3) * v[bi, hi // g, rt3, di].astype(dt), axis=rt3), name="pv")
     if spec.merge_heads:
         y = te.compute((b, s, h * d), lambda bi, si, c: out[bi, c // d, si, c % d] * inv[bi, c // d, si], name="y")
     else:
         y = te.compute((b, h, s, d), lambda bi, hi, si, di: out[bi, hi, si, di] * inv[bi, hi, si], name="y")
-    args = [q, k, v] + ([mask] if mask is not None else [])
+    args = [q, k, v] + scales + ([mask] if mask is not None else [])
     return te.create_prim_func(args + [y])
 
 

@@ -63,18 +63,21 @@ def _plan_node(node: Node, graph: Graph):
         args = [slots[a].name + (suffix[spec.packing(a).__name__] if spec.packing(a) else "")
                 for a in spec.arg_names()[:-1]] + [node.outputs[0].name]
         return repr(spec), lambda: linear.schedule(spec).mod["main"], Step("", "linear", tuple(args))
+    int8 = kv_int8(graph)
     if node.op == "attention":
-        spec = attention.AttentionSpec.of(node)
-        args = [v.name for v in node.inputs if v is not None] + [node.outputs[0].name]
+        spec = replace(attention.AttentionSpec.of(node), kv_int8=int8)
+        q, k, v, *mask = [v.name for v in node.inputs if v is not None]
+        args = [q, k, v] + [k + SCALE, v + SCALE] * int8 + mask + [node.outputs[0].name]
         return repr(spec), lambda: attention.schedule(spec).mod["main"], Step("", "attention", tuple(args))
     if node.op == "rope_cache":
         qkv, offset = _rope_qkv(node)
-        spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset)
+        spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset, kv_int8=int8)
         cos, sin, past_k, past_v = node.inputs[3:7]
         if past_k is None:
             raise UnsupportedGraph(f"{node.name}: compiled graphs need a KV cache (export with past_key_values)")
         tables = [cos.name, sin.name] if cos is not None else ["", ""]
-        args = [qkv.name, *tables, past_k.name, past_v.name, node.outputs[0].name]
+        scales = [past_k.name + SCALE, past_v.name + SCALE] * int8
+        args = [qkv.name, *tables, past_k.name, past_v.name, *scales, node.outputs[0].name]
         return repr(spec), lambda: rope_cache.prim_func(spec), Step("", "rope_cache", tuple(args), ("past",))
     if node.op in injective.LOWERINGS:
         key = _node_key(node)
@@ -83,6 +86,31 @@ def _plan_node(node: Node, graph: Graph):
         return key, lambda: injective.prim_func(node), Step(
             "", "injective", tuple(args + [v.name for v in node.outputs]), tuple(injective.dim_names(node)))
     raise UnsupportedGraph(f"{node.name}: no TVM kernel for op {node.op!r}")
+
+
+SCALE = ".scale"  # an int8 cache's scales [batch, kv_heads, max_seq]: a cache of its own
+
+
+def kv_int8(graph: Graph) -> bool:
+    """Whether the KV cache is int8 (`graph.metadata["kv_cache"]["dtype"]`, set by the driver)."""
+    return graph.metadata.get("kv_cache", {}).get("dtype") == "int8"
+
+
+def cache_values(graph: Graph) -> dict:
+    """The runtime's caches as plan values, {name: (dtype, shape)}: with an int8 cache the keys
+    and values are int8, and their scales [batch, kv_heads, max_seq] are caches too."""
+    by_name = {v.name: v for v in graph.values()}
+    out = {}
+    for e in graph.metadata["kv_cache"]["entries"]:
+        past = by_name.get(e["past"])
+        if past is None:  # a scale entry (the driver's)
+            continue
+        if kv_int8(graph):
+            out[e["past"]] = ("int8", past.shape)
+            out[e["past"] + SCALE] = (past.dtype.numpy().name, past.shape[:-1])
+        else:
+            out[e["past"]] = (past.dtype.numpy().name, past.shape)
+    return out
 
 
 def _node_key(node: Node) -> str:
