@@ -153,7 +153,7 @@ class Executor:
             return lambda env: self.no_tables[:env["batch"] * env["seq"] * 2].reshape(env["batch"], env["seq"], 2)
         if kind == "linear" and name not in self.weights:
             # the kernel takes rows: x, residual and y as [rows, features] (views, same bytes); the
-            # weights (packed [n/16, k, 16] and the like) pass as they are
+            # weights (packed [n/64, k, 64] and the like) pass as they are
             return lambda env: _rows(self._view(name, env))
         if kind == "rope_cache" and i in (1, 2):  # rotary tables [b, 1, s, d] -> [b, s, d]: same bytes
             return lambda env: self._view(name, env).reshape(env["batch"], env["seq"], -1)
