@@ -54,13 +54,14 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
             raise LlmcError(f"quantization {quant!r} is not supported; supported: {', '.join(QUANT_SCHEMES)}")
         if group_size not in (32, 64, 128):
             raise LlmcError(f"group size {group_size} is not supported; supported: 32, 64, 128")
-        options.update(quant=quant, group_size=group_size, zero_point=zero_point)
         if lm_head not in (None, "f32", *QUANT_SCHEMES):
             raise LlmcError(f"LM head encoding {lm_head!r} is not supported; supported: f32, {', '.join(QUANT_SCHEMES)}")
-        options["lm_head"] = lm_head
-        if awq and quant != "w4":
-            raise LlmcError("--awq applies to --quant w4")
-        options.update(awq=awq, calibration=calibration)
+        options.update(quant=quant, group_size=group_size, zero_point=zero_point, lm_head=lm_head, awq=awq,
+                       calibration=calibration)
+    elif lm_head or zero_point or calibration:
+        raise LlmcError("--lm-head, --zero-point and --calibration-ids apply with --quant")
+    if (awq or calibration) and quant != "w4":
+        raise LlmcError("--awq and --calibration-ids apply to --quant w4")
     if kv_cache not in ("f32", "int8"):
         raise LlmcError(f"KV cache {kv_cache!r} is not supported; supported: f32, int8")
     onnx_path = Path(onnx_path)

@@ -3,6 +3,7 @@ against the reference semantics of their quantized graphs (and near their fp32 o
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -179,3 +180,19 @@ def test_int8_kv_cache_stays_close_to_the_f32_cache(name, quantized, rng):
         token = np.array([[int(a[0, -1].argmax())]])
         a, b = f32.forward(token, 9 + step), int8.forward(token, 9 + step)
         assert 1e-7 < rel_err(b, a) < 0.05, step
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--awq"], "--awq and --calibration-ids apply to --quant w4"),
+    (["--quant", "w8", "--awq"], "--awq and --calibration-ids apply to --quant w4"),
+    (["--zero-point"], "apply with --quant"),
+    (["--kv-cache", "int4"], "invalid choice"),
+])
+def test_compile_refuses_options_that_do_not_apply(args, message, tmp_path, capsys):
+    from llmc.cli import main
+
+    model = export("llama-tiny", exporter="dynamo", kv_cache=True)
+    with pytest.raises(SystemExit) if "invalid" in message else contextlib.nullcontext():  # argparse exits
+        assert main(["compile", str(model), "-o", str(tmp_path / "x.llmc"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.llmc").exists()
