@@ -53,25 +53,31 @@ def quantize_rows(x):
 TINY = 1e-30  # the scale of an all-zero row stays positive
 
 
+def _rotation(spec: RopeCacheSpec):
+    """(projection row width, rotary tables' width, rotated): rotated(x, vb, vs, base, vd, cos,
+    sin) is feature vd of the head starting at column `base` of a projection row, rotated."""
+    from tvm.script import tirx as T
+
+    rd = max(spec.rotary_dim, 2)  # the tables' width (unused when there is no rotation)
+    half = rd // 2
+
+    def rotated(x, vb, vs, base, vd, cos, sin):
+        if spec.rotary_dim == 0:
+            return x[vb, vs, base + vd]
+        partner = T.if_then_else(vd < half, -x[vb, vs, base + vd + half], x[vb, vs, base + vd - half])
+        return T.if_then_else(vd < rd, x[vb, vs, base + vd] * cos[vb, vs, vd] + partner * sin[vb, vs, vd],
+                              x[vb, vs, base + vd])
+    return spec.row_width or (spec.heads + 2 * spec.kv_heads) * spec.head_dim, rd, rotated
+
+
 def prim_func(spec: RopeCacheSpec):
     if spec.kv_int8:
         return _prim_func_int8(spec)
     from tvm.script import tirx as T
 
     hq, hkv, d, dt = spec.heads, spec.kv_heads, spec.head_dim, spec.dtype
-    width = spec.row_width or (hq + 2 * hkv) * d
+    width, rd, rotated = _rotation(spec)
     off = spec.offset
-    rd = max(spec.rotary_dim, 2)  # the tables' width (unused when there is no rotation)
-    half = rd // 2
-    rotate = spec.rotary_dim > 0
-
-    def rotated(x, vb, vs, base, vd, cos, sin):
-        """Feature vd of a head starting at column `base` of the projection row, rotated."""
-        if not rotate:
-            return x[vb, vs, base + vd]
-        partner = T.if_then_else(vd < half, -x[vb, vs, base + vd + half], x[vb, vs, base + vd - half])
-        return T.if_then_else(vd < rd, x[vb, vs, base + vd] * cos[vb, vs, vd] + partner * sin[vb, vs, vd],
-                              x[vb, vs, base + vd])
 
     @T.prim_func(s_tir=True)
     def main(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
@@ -110,18 +116,8 @@ def _prim_func_int8(spec: RopeCacheSpec):
     from tvm.script import tirx as T
 
     hq, hkv, d, dt = spec.heads, spec.kv_heads, spec.head_dim, spec.dtype
-    width = spec.row_width or (hq + 2 * hkv) * d
+    width, rd, rotated = _rotation(spec)
     off = spec.offset
-    rd = max(spec.rotary_dim, 2)
-    half = rd // 2
-    rotate = spec.rotary_dim > 0
-
-    def rotated(x, vb, vs, base, vd, cos, sin):
-        if not rotate:
-            return x[vb, vs, base + vd]
-        partner = T.if_then_else(vd < half, -x[vb, vs, base + vd + half], x[vb, vs, base + vd - half])
-        return T.if_then_else(vd < rd, x[vb, vs, base + vd] * cos[vb, vs, vd] + partner * sin[vb, vs, vd],
-                              x[vb, vs, base + vd])
 
     @T.prim_func(s_tir=True)
     def main(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
