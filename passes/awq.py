@@ -3,14 +3,18 @@
 Input features that carry large activations matter more to a GEMM's output than their weights'
 size says. Scaling weight column k up by s_k (and the activation down by s_k, which the norm
 prologue absorbs: its scale and shift divide by s) gives those columns finer quantization steps
-for the same output. Per GEMM with a norm prologue, s = mean|h|^alpha (h: the normalized GEMM
+for the same output. Per GEMM, s = mean|h|^alpha (h: the normalized GEMM
 input on calibration tokens, normalized so the scales' geometric mean is 1), with alpha searched
 on a grid for the smallest output error after quantization; alpha = 0 is plain round-to-nearest,
 so the search never does worse than it on the calibration data.
 
+The activations' inverse scale folds into the norm prologue of the GEMM, or, for a GEMM reading a
+gated GEMM (the MLP down projection after SwiGLU/GeGLU), into the up half of that GEMM's weight
+rows. The attention output projection keeps plain rounding (its scales would have to fold into
+the value rows, shared between query heads).
+
 Calibration data: token ids given as the `calibration` option, or tokens drawn from the model's
-own vocabulary (seeded). GEMMs without a norm prologue (attention output, MLP down projection)
-keep plain rounding: their scales would have to fold into the previous GEMM's output rows.
+own vocabulary (seeded).
 """
 
 from __future__ import annotations
@@ -68,6 +72,58 @@ def search_scales(h: np.ndarray, w: np.ndarray, group_size: int, zero_point: boo
     return best, plain, best_err
 
 
+class _NormFold:
+    """The GEMM's own norm prologue: h = norm(x); dividing its scale (and shift) by s gives h / s."""
+
+    def __init__(self, graph, node):
+        self.graph, self.node = graph, node
+        self.gamma, self.beta = (graph.const_value(v) for v in (list(node.inputs) + [None] * 6)[4:6])
+
+    def input(self, x):
+        rms = self.node.attrs["norm"] == "rms"
+        norm = get_op("rms_norm" if rms else "layer_norm")
+        return norm.ref(x, *((self.gamma,) if rms else (self.gamma, self.beta)), epsilon=self.node.attrs["epsilon"])
+
+    def divide(self, s):
+        node, graph = self.node, self.graph
+        node.inputs[4] = graph.add_param(f"{node.name}.awq_scale", (self.gamma / s).astype(self.gamma.dtype))
+        if self.beta is not None:
+            node.inputs[5] = graph.add_param(f"{node.name}.awq_bias", (self.beta / s).astype(self.beta.dtype))
+
+
+class _GateFold:
+    """A gated GEMM (SwiGLU/GeGLU) whose only reader is this GEMM: x = act(gate) * up, so dividing
+    the up half's weight rows (and bias) by s gives x / s."""
+
+    def __init__(self, graph, producer):
+        self.graph, self.producer = graph, producer
+
+    def input(self, x):
+        return x
+
+    def divide(self, s):
+        p, graph = self.producer, self.graph
+        w = graph.const_value(p.inputs[1]).astype(np.float32)
+        n = w.shape[0] // 2
+        w = np.concatenate([w[:n], w[n:] / s[:, None]])
+        p.inputs[1] = graph.add_param(f"{p.name}.awq_up", np.require(w, requirements="C"))
+        bias = graph.const_value(p.inputs[2]) if len(p.inputs) > 2 else None
+        if bias is not None:
+            p.inputs[2] = graph.add_param(f"{p.name}.awq_up_bias", np.concatenate([bias[:n], bias[n:] / s]))
+
+
+def _fold_target(graph, node, consumers):
+    """Where the inverse of a GEMM's input scales can go, or None."""
+    if node.attrs["norm"]:
+        return _NormFold(graph, node)
+    p = node.inputs[0].producer
+    if p is not None and p.op == "fused_linear" and p.attrs["gated"] and not p.attrs["quant"] \
+            and graph.const_value(p.inputs[1]) is not None and consumers[node.inputs[0]] == [node] \
+            and (len(p.inputs) < 4 or p.inputs[3] is None) and node.inputs[0] not in graph.outputs:
+        return _GateFold(graph, p)
+    return None
+
+
 def _run(graph: Graph, ctx: PassContext) -> Graph:
     options = ctx.options
     if not options.get("awq"):
@@ -84,29 +140,25 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
     run_reference(graph, _feeds(graph, list(tokens)), trace=trace)
     group = options.get("group_size", DEFAULT_GROUP_SIZE)
     head_quantized = options.get("lm_head") == "w4"
+    consumers = graph.consumers()
     for node in graph.nodes:
         if node.op != "fused_linear" or node.attrs["quant"]:
             continue
         if node.outputs[0] in graph.outputs and not head_quantized:
             continue
         w = graph.const_value(node.inputs[1])
-        if not node.attrs["norm"] or w is None:
-            ctx.current.near_misses.append(NearMiss("awq", node.name, "no norm prologue to fold the scales into"))
+        fold = _fold_target(graph, node, consumers)
+        if w is None or fold is None:
+            ctx.current.near_misses.append(NearMiss("awq", node.name, "no norm prologue or gated GEMM before it "
+                                                    "to fold the scales into"))
             continue
-        x, _, _, _, gamma, beta = (list(node.inputs) + [None] * 6)[:6]
-        x = trace[x].reshape(-1, w.shape[1]).astype(np.float32)
-        gamma, beta = graph.const_value(gamma), graph.const_value(beta)
-        norm = get_op("rms_norm" if node.attrs["norm"] == "rms" else "layer_norm")
-        args = (gamma,) if node.attrs["norm"] == "rms" else (gamma, beta)
-        h = norm.ref(x, *args, epsilon=node.attrs["epsilon"])
+        h = fold.input(trace[node.inputs[0]].reshape(-1, w.shape[1]).astype(np.float32))
         s, plain, scaled = search_scales(h, w.astype(np.float32), math.gcd(w.shape[1], group),
                                          options.get("zero_point", False))
         if s is None:
             continue
         node.inputs[1] = graph.add_param(f"{node.name}.awq_w", np.require(w * s, requirements="C"))
-        node.inputs[4] = graph.add_param(f"{node.name}.awq_scale", (gamma / s).astype(gamma.dtype))
-        if beta is not None:
-            node.inputs[5] = graph.add_param(f"{node.name}.awq_bias", (beta / s).astype(beta.dtype))
+        fold.divide(s)
         ctx.current.rewrites[f"scaled (error {scaled / plain:.0%} of rounding's)"] += 1
     graph.remove_dead()
     return graph
