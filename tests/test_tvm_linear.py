@@ -77,7 +77,7 @@ def test_quantized_kernel_matches_reference(spec, zero_point, m, rng):
     assert rel_err(_run(spec, a, m), want) < 1e-5
     # and the quantized weight is close to the original (the scheme's rounding error)
     full = dict(a, w=w, w_scale=None, w_zero=None)
-    tolerance = 0.01 if spec.quant == "w8" else 0.15
+    tolerance = 0.01 if spec.quant == "w8" else 0.3
     assert rel_err(want, _reference(replace(spec, quant="", group_size=0), full)) < tolerance
 
 
