@@ -37,7 +37,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
 
     `kv_cache`: "f32", or "int8" (one scale per head and token, dequantized inside attention)."""
     from llmc.backends.tvm import target as targets
-    from llmc.backends.tvm.compile import SCALE, UnsupportedGraph, cache_values, compile_graph, weights
+    from llmc.backends.tvm.compile import UnsupportedGraph, compile_graph, lay_out_caches, weights
     from llmc.passes.manager import PassContext, run_passes
     from llmc.passes.pipeline import default_pipeline
 
@@ -75,10 +75,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
                         "(past_key_values.* inputs, present.* outputs)")
     graph = run_passes(graph, default_pipeline(target), PassContext(options=options))
     stages.append(("passes", time.perf_counter() - start - sum(t for _, t in stages)))
-    cache = graph.metadata["kv_cache"]
-    cache["dtype"] = kv_cache
-    if kv_cache == "int8":  # the scales are caches of their own
-        cache["entries"] += [{"past": e["past"] + SCALE, "present": e["present"] + SCALE} for e in cache["entries"]]
+    caches = lay_out_caches(graph, kv_cache)
     tvm_target = targets.host()
     try:
         executable, functions, plan = compile_graph(graph, tvm_target)
@@ -87,8 +84,8 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     stages.append(("kernels", time.perf_counter() - start - sum(t for _, t in stages)))
     tensors = weights(graph, plan)
     by_name = {v.name: v for v in graph.values()}
-    caches = cache_values(graph)
-    names = {a for step in plan for a in step.args if a} - set(caches) - {e["present"] for e in cache["entries"]}
+    presents = {e["present"] for e in graph.metadata["kv_cache"]["entries"]}
+    names = {a for step in plan for a in step.args if a} - set(caches) - presents
     values = {n: {"dtype": str(tensors[n].dtype), "shape": list(tensors[n].shape)} if n in tensors else
               {"dtype": by_name[n].dtype.numpy().name, "shape": [_encode_dim(d, n) for d in by_name[n].shape]}
               for n in sorted(names)}

@@ -96,20 +96,24 @@ def kv_int8(graph: Graph) -> bool:
     return graph.metadata.get("kv_cache", {}).get("dtype") == "int8"
 
 
-def cache_values(graph: Graph) -> dict:
-    """The runtime's caches as plan values, {name: (dtype, shape)}: with an int8 cache the keys
-    and values are int8, and their scales [batch, kv_heads, max_seq] are caches too."""
+def lay_out_caches(graph: Graph, dtype: str) -> dict:
+    """Record the KV cache's encoding ("f32" or "int8") in `graph.metadata["kv_cache"]`; returns
+    the runtime's caches as plan values, {name: (dtype, shape)}. With int8 the keys and values
+    are int8, and their scales [batch, kv_heads, max_seq] are caches too, with past/present
+    pairs of their own."""
+    cache = graph.metadata["kv_cache"]
+    cache["dtype"] = dtype
     by_name = {v.name: v for v in graph.values()}
-    out = {}
-    for e in graph.metadata["kv_cache"]["entries"]:
-        past = by_name.get(e["past"])
-        if past is None:  # a scale entry (the driver's)
-            continue
-        if kv_int8(graph):
+    out, scales = {}, []
+    for e in cache["entries"]:
+        past = by_name[e["past"]]
+        if dtype == "int8":
             out[e["past"]] = ("int8", past.shape)
             out[e["past"] + SCALE] = (past.dtype.numpy().name, past.shape[:-1])
+            scales.append({"past": e["past"] + SCALE, "present": e["present"] + SCALE})
         else:
             out[e["past"]] = (past.dtype.numpy().name, past.shape)
+    cache["entries"] += scales
     return out
 
 

@@ -72,6 +72,11 @@ def _at(t, jb, kk, lane):
     return t[jb // TILE, kk, jb % TILE * LANES + lane]
 
 
+def _nibble(w, jb, kk, lane):
+    """The 4-bit value (0..15) of input feature kk in a weight laid out by `pack_nibbles`."""
+    return (_at(w, jb, kk // 2, lane) >> (kk % 2 * 4).astype("uint8")) & 15
+
+
 @dataclass(frozen=True)
 class LinearSpec:
     """What one `fused_linear` kernel computes. n: output features of the GEMM (before a gate)."""
@@ -177,9 +182,8 @@ def _weight(spec: LinearSpec, args: dict):
     zero = args["w_zero"] = te.placeholder((nb // TILE, groups, TILE * LANES), dt, name="w_zero")
 
     def dequantized(jb, kk, lane):
-        q = (_at(w, jb, kk // 2, lane) >> (kk % 2 * 4).astype("uint8")) & 15
         g = kk // spec.group_size
-        return (q.astype(dt) - _at(zero, jb, g, lane)) * _at(scale, jb, g, lane)
+        return (_nibble(w, jb, kk, lane).astype(dt) - _at(zero, jb, g, lane)) * _at(scale, jb, g, lane)
     return dequantized
 
 
@@ -195,8 +199,7 @@ def _grouped_rows(spec: LinearSpec, h, rows, args):
     w, scale, zero = args["w"], args["w_scale"], args["w_zero"]
     r = te.reduce_axis((0, size), name="r")
     part = te.compute((rows, packed_rows(spec.n), groups, LANES), lambda i, jb, g, lane: te.sum(
-        h[i, g * size + r] * ((_at(w, jb, (g * size + r) // 2, lane) >> ((g * size + r) % 2 * 4).astype("uint8")) & 15)
-        .astype(dt), axis=r), name="part")
+        h[i, g * size + r] * _nibble(w, jb, g * size + r, lane).astype(dt), axis=r), name="part")
     r = te.reduce_axis((0, size), name="r")
     hsum = te.compute((rows, groups), lambda i, g: te.sum(h[i, g * size + r], axis=r), name="hsum")
     g = te.reduce_axis((0, groups), name="g")
