@@ -250,7 +250,7 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
             "prefill_ms": round(statistics.median(r["prefill_s"]) * 1e3, 2),
             "decode_tok_s": round(1 / step, 2),
             "decode_weight_mb": round(weight_bytes[mode] / 1e6, 3),
-            "decode_roofline": round(weight_bytes[mode] / step / 1e9 / bandwidth, 3),
+            "decode_roofline": float(f"{weight_bytes[mode] / step / 1e9 / bandwidth:.3g}"),
         }
     out["systems"]["llmc"]["runtime_overhead"] = round(profile["overhead"], 3)
     out["llmc_kernels"] = profile["kernels"]

@@ -96,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--json", metavar="FILE", help="also write every figure as JSON here")
     ben.set_defaults(run=_bench)
 
+    bt = sub.add_parser("bench-torch", help="decode speed under torch.compile: eager vs inductor vs llmc")
+    bt.add_argument("model", help="a zoo model name")
+    bt.add_argument("--prompt-len", type=int, default=128)
+    bt.add_argument("--new-tokens", type=int, default=64)
+    bt.add_argument("--repeats", type=int, default=3)
+    bt.add_argument("--systems", nargs="+", choices=("eager", "inductor", "llmc"), default=["eager", "inductor", "llmc"])
+    bt.add_argument("--json", metavar="FILE", help="also write every figure as JSON here")
+    bt.set_defaults(run=_bench_torch)
+
     qr = sub.add_parser("quant-report", help="quality of weight quantization against fp32: logits error, "
                         "top-1 agreement, perplexity")
     qr.add_argument("model", help="a zoo model name or an ONNX decoder with KV cache")
@@ -252,6 +261,19 @@ def _bench(args) -> int:
 
     result = bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
                    quant=tuple(args.quant))
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _bench_torch(args) -> int:
+    import json
+
+    from .torch_bench import bench_torch, format_table
+
+    result = bench_torch(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                         systems=tuple(args.systems))
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -4,7 +4,8 @@
 - `MatMul` by a constant 2-D weight becomes `linear` with the weight transposed once, at compile
   time, to [out_features, in_features], and a following bias `Add` joins it;
 - a fused QKV interleaved per head (GPT-NeoX) is reordered to [q | k | v] blocks;
-- a `linear` wrapped in reshapes that only flatten and restore the leading dims loses them;
+- a `linear` wrapped in reshapes that only flatten and restore the leading dims loses them (the
+  flattened input may feed other GEMMs too: torch writes one flatten per projection);
 - scalar factors move below reshapes and transposes (where attention absorbs them), merge,
   and vanish when they are 1;
 - reshapes that change nothing and one-input concats disappear, transposes of transposes merge, and the reshape /
@@ -219,9 +220,9 @@ RULES = [
          check=_inner_fits),
     Rule("linear_bias", Op("add", Op("linear", X, W), B), _with_bias, check=_bias_fits,
          near_miss_depth=3),
-    Rule("linear_unflatten", Op("reshape", Op("linear", Op("reshape", X, S, bind="inner"), W),
+    Rule("linear_unflatten", Op("reshape", Op("linear", Op("reshape", X, S, bind="inner", shared=True), W),
                                 S2, bind="outer"), _unwrap_linear, check=_flatten_fits, near_miss_depth=3),
-    Rule("linear_bias_unflatten", Op("reshape", Op("linear", Op("reshape", X, S, bind="inner"), W, B),
+    Rule("linear_bias_unflatten", Op("reshape", Op("linear", Op("reshape", X, S, bind="inner", shared=True), W, B),
                                      S2, bind="outer"), _unwrap_linear, check=_flatten_fits,
          near_miss_depth=3),
     Rule("noop_reshape", Op(("reshape", "expand"), X, S, bind="r"), _drop, check=_same_shape,

@@ -17,18 +17,21 @@ from .pattern import Op, Rule, Var
 TO_HEADS = {"perm": (0, 2, 1, 3)}
 
 
-def _heads(name):
+def _heads(name, **kwargs):
     """x [batch, seq, heads*dim] -> [batch, heads, seq, dim]"""
     return Op("transpose", Op("reshape", Var(name), Var(f"{name}_shape"), bind=f"{name}_split"),
-              attrs=TO_HEADS)
+              attrs=TO_HEADS, **kwargs)
 
 
 def _variants():
     for rotary, cached, masked in itertools.product((1, 0), repeat=3):
-        q, k, v = _heads("q"), _heads("k"), _heads("v")
+        # without a cache, the keys and values may be graph outputs too (a functional cache
+        # that starts empty): rope_cache's k and v outputs then stand in for them
+        q, v = _heads("q"), _heads("v", bind="v_heads", shared=not cached)
+        k = _heads("k", bind="k_heads", shared=not (cached or rotary))
         if rotary:
             q = Op("rotary", q, Var("cos"), Var("sin"), bind="q_rot")
-            k = Op("rotary", k, Var("cos"), Var("sin"), bind="k_rot")
+            k = Op("rotary", k, Var("cos"), Var("sin"), bind="k_rot", shared=not cached)
         if cached:  # the caches are graph outputs: their values stay, produced by rope_cache
             k = Op("kv_append", Var("past_k"), k, shared=True, bind="k_cache")
             v = Op("kv_append", Var("past_v"), v, shared=True, bind="v_cache")
@@ -60,6 +63,9 @@ def _build(m, b):
     if "k_cache" in m.nodes:
         new[m.nodes["k_cache"].outputs[0]] = k
         new[m.nodes["v_cache"].outputs[0]] = v
+    else:
+        new[m.nodes["k_rot" if "k_rot" in m.nodes else "k_heads"].outputs[0]] = k
+        new[m.nodes["v_heads"].outputs[0]] = v
     return new
 
 

@@ -10,7 +10,8 @@ where the scale is applied and whether a NaN guard follows the softmax:
 
 k^T may be spelled as a transpose or, after canonicalization, any chain that swaps the last two
 axes. Keys and values repeated for grouped-query attention (unsqueeze -> expand -> reshape) are
-read before the repeat: the attention op takes fewer key/value heads than query heads.
+read before the repeat: the attention op takes fewer key/value heads than query heads. A
+scalar factor on the queries of an attention op joins its scale.
 """
 
 from __future__ import annotations
@@ -98,7 +99,19 @@ def _strip_rule(slot, with_mask):
                 check=_repeat_fits("kv"))
 
 
+def _fold_scale(m, b):
+    """attention(q * c, k, v) -> attention(q, k, v) with its scale times c (OPT scales the
+    queries before calling SDPA)."""
+    node = m.nodes["attn"]
+    q = m["q"]
+    scale = node.attrs["scale"] if node.attrs["scale"] is not None else 1 / math.sqrt(q.shape[-1])
+    return b.emit("attention", [q] + node.inputs[1:],
+                  **{**node.attrs, "scale": scale * float(m.data("c").reshape(-1)[0])})
+
+
 RULES = [Rule("attention", pattern, _build, check=_fits) for pattern in _variants()]
+RULES.append(Rule("attention_scale", Op("attention", Op("mul", Var("q"), _scalar("c")), Var("k"), Var("v"),
+                                        bind="attn", rest=True), _fold_scale))
 # k = transpose(transpose(k)): what the rewrite leaves when the export transposed k for q @ k^T.
 RULES += [r for r in CANONICAL_RULES if r.name == "transpose_transpose"]
 RULES += [_strip_rule(slot, mask) for slot in (1, 2) for mask in (False, True)]

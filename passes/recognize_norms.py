@@ -6,7 +6,7 @@
 (after canonicalization, every division is a multiplication by a reciprocal); in half precision
 the RMSNorm is computed in float32 between two casts, and the op computes in float32 too. The weight must be
 a constant of the normalized size and eps a small constant; anything else is left alone, with
-the reason reported as a near miss.
+the reason reported as a near miss. A slice of a norm's rows is taken before the norm.
 """
 
 from __future__ import annotations
@@ -68,5 +68,27 @@ RULES = [
     Rule("layer_norm", Op("add", Op("mul", Op("mul", CENTERED, _inv_rms(CENTERED)), Const("w")), Const("b")),
          _layer, check=_weight_fits, near_miss_depth=4),
 ]
+
+
+
+def _rows_only(m) -> str | None:
+    x, axes = m["x"], m["axes"].sym
+    last = x.type.rank - 1
+    if axes is None or any(a % x.type.rank == last for a in (axes if isinstance(axes, tuple) else (axes,))):
+        return "the slice cuts the normalized axis"
+    return None
+
+
+def _slice_first(m, b):
+    norm, cut = m.nodes["norm"], m.nodes["slice"]
+    rows = b.emit("slice", [m["x"]] + cut.inputs[1:])
+    return b.emit(norm.op, [rows] + norm.inputs[1:], **norm.attrs)
+
+
+# norm(x)[:, -1:] -> norm(x[:, -1:]): a norm works row by row, so the rows a slice keeps can be
+# cut first (generation's last-position logits), and the norm then joins the GEMM after it.
+RULES += [Rule("slice_before_norm", Op("slice", Op(op, X, rest=True, bind="norm"), Var("starts"), Var("ends"),
+                                       Var("axes"), rest=True, bind="slice"), _slice_first, check=_rows_only)
+          for op in ("rms_norm", "layer_norm")]
 
 recognize_norms = rule_pass("recognize_norms", RULES)

@@ -63,3 +63,51 @@ def test_small_ops_match_reference(name, exporter, rng):
 def test_every_op_has_a_kernel(name):
     ops = {n.op for n in _compiled(name, "dynamo").nodes}
     assert ops <= set(LOWERINGS) | FUSED, ops - set(LOWERINGS) - FUSED
+
+
+def _one_node(op, shapes, params=(), **attrs):
+    """A graph of one node over inputs of `shapes` (dim `n` symbolic) and constant `params`."""
+    from llmc.ir.dtypes import DType
+    from llmc.ir.graph import Graph, TensorType
+    from llmc.ir.symbolic import Sym
+
+    g = Graph()
+    dims = lambda shape: tuple(Sym.var("n") if d == "n" else d for d in shape)  # noqa: E731
+    inputs = [g.add_input(f"x{i}", TensorType(dims(s), DType.f32)) for i, s in enumerate(shapes)]
+    inputs += [g.add_param(f"p{i}", np.asarray(p)) for i, p in enumerate(params)]
+    g.add_node(op, inputs, attrs)
+    return g.nodes[0]
+
+
+@pytest.mark.parametrize("op,shapes,params,attrs", [
+    ("transpose", [("n", 3, 5, 4)], [], {"perm": (0, 2, 1, 3)}),
+    ("slice", [("n", 2, 12)], [[6], [2 ** 62], [-1], [1]], {}),
+    ("slice", [("n", 2, 12)], [[0], [6], [2], [1]], {}),
+    ("slice", [("n", 2, 12)], [[-4095], [2 ** 62], [2], [1]], {}),  # Mistral's window: clamped
+    ("slice", [("n", 7, 3)], [[1], [7], [1], [2]], {}),
+    ("layer_norm", [("n", 3, 24)], [np.float32(np.arange(24) / 7), np.float32(np.arange(24) / 5 - 1)], {"epsilon": 1e-5}),
+    ("rms_norm", [("n", 24)], [np.float32(np.arange(24) / 7)], {"epsilon": 1e-6}),
+])
+def test_lowering_matches_reference(op, shapes, params, attrs, rng):
+    """The lowerings torch.compile graphs need besides the exported ones (transpose, slice, norms
+    on their own), on a symbolic leading dim."""
+    node = _one_node(op, shapes, params, **attrs)
+    n = int(rng.integers(1, 5))
+    xs = [rng.standard_normal([n if d == "n" else d for d in s]).astype(np.float32) for s in shapes]
+    consts = [np.asarray(p) for p in params]
+    want = llmc.ops.get_op(op).ref(*xs, *consts, **node.attrs)
+    dev = tvm.cpu(0)
+    out = tvm.runtime.tensor(np.zeros(want.shape, want.dtype), dev)
+    args = [tvm.runtime.tensor(a, dev) for a in xs + [np.array(c, order="C") for c in consts]]
+    build(node, host())["main"](*args, out, *[n for _ in dim_names(node)])
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_slices_with_different_starts_get_different_kernels():
+    """Kernels are shared by node key; a slice's starts are compiled in, so they are in the key."""
+    from llmc.backends.tvm.compile import _node_key
+
+    lo = _one_node("slice", [("n", 2, 12)], [[0], [6], [-1], [1]])
+    hi = _one_node("slice", [("n", 2, 12)], [[6], [12], [-1], [1]])
+    assert lo.outputs[0].type == hi.outputs[0].type
+    assert _node_key(lo) != _node_key(hi)

@@ -34,7 +34,11 @@ class Step:
 
 
 class UnsupportedGraph(ValueError):
-    pass
+    """A node no kernel runs; `node` is its name."""
+
+    def __init__(self, message: str, node: str = ""):
+        super().__init__(message)
+        self.node = node
 
 
 # a GEMM weight in the kernel's layout is named after the graph's with the packing's suffix
@@ -49,7 +53,8 @@ def _rope_qkv(node: Node):
     parts = split.outputs if split is not None and split.op == "split" else []
     if [k.producer, v.producer] != [split, split] or q not in parts or \
             parts[parts.index(q):parts.index(q) + 3] != [q, k, v] or split.attrs["axis"] not in (-1, 2):
-        raise UnsupportedGraph(f"{node.name}: q, k, v are not consecutive parts of one split of a projection")
+        raise UnsupportedGraph(f"{node.name}: q, k, v are not consecutive parts of one split of a projection",
+                               node.name)
     offset = sum(p.shape[-1] for p in parts[:parts.index(q)])
     return split.inputs[0], offset
 
@@ -73,11 +78,13 @@ def _plan_node(node: Node, graph: Graph):
         qkv, offset = _rope_qkv(node)
         spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset, kv_int8=int8)
         cos, sin, past_k, past_v = node.inputs[3:7]
-        if past_k is None:
-            raise UnsupportedGraph(f"{node.name}: compiled graphs need a KV cache (export with past_key_values)")
+        # without a cache, the kernel writes k and v into the node's own outputs, from position 0
+        caches = [past_k.name, past_v.name] if past_k is not None else [v.name for v in node.outputs[1:]]
+        if past_k is None and int8:
+            raise UnsupportedGraph(f"{node.name}: an int8 KV cache needs a graph with past_key_values", node.name)
         tables = [cos.name, sin.name] if cos is not None else ["", ""]
-        scales = [past_k.name + SCALE, past_v.name + SCALE] * int8
-        args = [qkv.name, *tables, past_k.name, past_v.name, *scales, node.outputs[0].name]
+        scales = [c + SCALE for c in caches] * int8
+        args = [qkv.name, *tables, *caches, *scales, node.outputs[0].name]
         return repr(spec), lambda: rope_cache.prim_func(spec), Step("", "rope_cache", tuple(args), ("past",))
     if node.op in injective.LOWERINGS:
         key = _node_key(node)
@@ -85,7 +92,7 @@ def _plan_node(node: Node, graph: Graph):
                 if v is not None and not (node.op in ("reshape", "expand") and pos == 1)]
         return key, lambda: injective.prim_func(node), Step(
             "", "injective", tuple(args + [v.name for v in node.outputs]), tuple(injective.dim_names(node)))
-    raise UnsupportedGraph(f"{node.name}: no TVM kernel for op {node.op!r}")
+    raise UnsupportedGraph(f"{node.name}: no TVM kernel for op {node.op!r}", node.name)
 
 
 SCALE = ".scale"  # an int8 cache's scales [batch, kv_heads, max_seq]: a cache of its own
@@ -118,8 +125,9 @@ def lay_out_caches(graph: Graph, dtype: str) -> dict:
 
 
 def _node_key(node: Node) -> str:
-    """Nodes with the same op, attributes and types share a kernel."""
-    types = [str(v.type) if v is not None else "_" for v in node.inputs] + [str(v.type) for v in node.outputs]
+    """Nodes with the same op, attributes and types share a kernel; so do the known contents of
+    small integer inputs, which kernels may compile in (a slice's starts)."""
+    types = [f"{v.type}={v.sym}" if v is not None else "_" for v in node.inputs] + [str(v.type) for v in node.outputs]
     return f"{node.op}|{sorted((k, repr(v)) for k, v in node.attrs.items())}|{types}"
 
 
@@ -141,6 +149,13 @@ def compile_graph(graph: Graph, target: dict):
     """Returns (built TVM executable, kernel table, plan)."""
     import tvm
 
+    funcs, plan = plan_graph(graph)
+    executable = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target(target))
+    return executable, sorted(funcs), plan
+
+
+def plan_graph(graph: Graph):
+    """(kernels by name, plan), nothing built yet; UnsupportedGraph names a node no kernel runs."""
     readers = graph.consumers()
     funcs, plan, table = {}, [], {}
     for node in graph.nodes:
@@ -152,8 +167,10 @@ def compile_graph(graph: Graph, target: dict):
         if name is None:
             name = f"k{len(table)}_{node.op}_{hashlib.sha1(key.encode()).hexdigest()[:6]}"
             table[key] = name
-            funcs[name] = make().with_attr("global_symbol", name)
+            try:
+                funcs[name] = make().with_attr("global_symbol", name)
+            except NotImplementedError as e:
+                raise UnsupportedGraph(str(e), node.name) from None
         plan.append(Step(name, step.kind, step.args, step.dims))
     log.info("%d nodes -> %d kernel calls, %d distinct kernels", len(graph.nodes), len(plan), len(funcs))
-    executable = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target(target))
-    return executable, sorted(funcs), plan
+    return funcs, plan

@@ -172,6 +172,60 @@ def _gather_nd(node, ins, out_shape, dims):
     return te.compute(out_shape, body, name="gather_nd")
 
 
+def _transpose(node, ins, out_shape, dims):
+    from tvm import te
+
+    (x,) = ins
+    perm = node.attrs["perm"] or tuple(reversed(range(len(x.shape))))
+    inverse = [perm.index(a) for a in range(len(perm))]
+    return te.compute(out_shape, lambda *i: x(*(i[inverse[a]] for a in range(len(perm)))), name="transpose")
+
+
+def _slice(node, ins, out_shape, dims):
+    """Constant starts and steps (an end is implied by the output's shape)."""
+    from tvm import te, tirx
+
+    x = ins[0]
+    starts, _, axes, steps = (v.sym if v is not None else None for v in (list(node.inputs[1:]) + [None] * 3)[:4])
+    if starts is None or axes is None or steps is None:
+        raise NotImplementedError(f"{node.name}: slice with starts, axes or steps not known at compile time")
+    begin, stride = [0] * len(x.shape), [1] * len(x.shape)
+    for start, axis, step in zip(starts, axes, steps):
+        axis = axis % len(x.shape)
+        size = node.inputs[0].shape[axis]
+        if isinstance(start, int) and start < 0:  # from the end, clamped to the front (numpy)
+            start = start + size
+            begin[axis] = tirx.max(dims.expr(start), tirx.const(0, "int64")) if isinstance(start, Sym) else max(start, 0)
+        else:
+            begin[axis] = dims.expr(start)
+        stride[axis] = step
+    return te.compute(out_shape, lambda *i: x(*(b + j * st for j, b, st in zip(i, begin, stride))), name="slice")
+
+
+def _norm(node, ins, out_shape, dims):
+    """layer_norm / rms_norm over the last axis, on their own (most norms are GEMM prologues;
+    these are the ones whose output is read by more than GEMMs)."""
+    from tvm import te, tirx
+
+    x, scale, *bias = ins
+    k = x.shape[-1]
+    centered = node.op == "layer_norm"
+    n = k.astype(x.dtype)
+    if centered:
+        r = te.reduce_axis((0, k), name="r")
+        total = te.compute(x.shape[:-1], lambda *i: te.sum(x(*i, r), axis=r), name="total")
+    dev = (lambda *i: x(*i) - total(*i[:-1]) / n) if centered else (lambda *i: x(*i))
+    r2 = te.reduce_axis((0, k), name="r2")
+    squares = te.compute(x.shape[:-1], lambda *i: te.sum(dev(*i, r2) * dev(*i, r2), axis=r2), name="squares")
+    eps = tirx.const(node.attrs["epsilon"], x.dtype)
+    inv = te.compute(x.shape[:-1], lambda *i: 1 / te.sqrt(squares(*i) / n + eps), name="inv")
+
+    def body(*i):
+        y = dev(*i) * inv(*i[:-1]) * scale(i[-1])
+        return y + bias[0](i[-1]) if bias else y
+    return te.compute(out_shape, body, name=node.op)
+
+
 def _range(node, ins, out_shape, dims):
     from tvm import te
 
@@ -213,8 +267,9 @@ LOWERINGS = {**{op: _elementwise(fn) for op, fn in UNARY.items()},
              **{op: _elementwise(fn) for op, fn in BINARY.items()},
              "where": _elementwise(_where),
              **{op: _view for op in ("reshape", "squeeze", "unsqueeze", "flatten", "identity")},
-             "concat": _concat, "expand": _expand, "gather": _gather, "gather_nd": _gather_nd,
-             "range": _range, "dims": _dims, "split": _split}
+             "concat": _concat, "expand": _expand, "transpose": _transpose, "gather": _gather, "gather_nd": _gather_nd,
+             "range": _range, "dims": _dims, "split": _split, "slice": _slice,
+             "layer_norm": _norm, "rms_norm": _norm}
 MULTI_OUTPUT = {"split"}
 
 

@@ -1,0 +1,126 @@
+"""Run a compiled graph's kernel plan on torch tensors, in process (the `torch.compile` backend).
+
+The artifact runtime (`llmc.runtime`) owns its KV cache and runs the decode loop itself. Here
+the caller owns everything: a call takes the graph's inputs as torch tensors and returns its
+outputs as new torch tensors, like the eager module it replaces. Tensors pass to the TVM kernels
+through DLPack, without copies; torch's CPU allocator gives the 64-byte alignment the kernels
+assume, and an input that is not contiguous and aligned is copied once.
+
+A functional KV cache (`present = concat(past, new)`, which the KV cache pass turned into a
+write by `rope_cache`) is a new tensor [batch, kv_heads, past + seq, head_dim] per call: the past
+is copied into its front and the kernel writes the new rows after it, the same work as eager's
+concat. Symbolic dims are bound from the inputs' sizes at every call.
+"""
+
+from __future__ import annotations
+
+from llmc.backends.tvm.compile import Step, weights
+from llmc.errors import LlmcError
+from llmc.ir.graph import Graph, Value
+from llmc.ir.symbolic import Sym, evaluate
+
+ALIGN = 64
+
+
+def _torch_dtype(v: Value):
+    import torch
+
+    return getattr(torch, v.dtype.numpy().name)
+
+
+class TorchPlan:
+    """`TorchPlan(graph, executable, plan)(*inputs) -> tuple of output tensors`; `inputs` in
+    `graph.inputs` order, SymInt sizes included where `dim_inputs` names them."""
+
+    def __init__(self, graph: Graph, executable, plan: list[Step], dim_inputs: list[str] | None = None):
+        import torch
+
+        self.plan = plan
+        self.functions = {s.kernel: executable[s.kernel] for s in plan}
+        self.values = {v.name: v for v in graph.values()}
+        self.inputs = [v.name for v in graph.inputs]
+        self.outputs = [v.name for v in graph.outputs]
+        self.weights = {name: torch.from_numpy(w) for name, w in weights(graph, plan).items()}
+        self.weights = {name: w if w.data_ptr() % ALIGN == 0 else w.clone() for name, w in self.weights.items()}
+        self.weights.update({name: torch.from_numpy(graph.store[name].copy()) for name in graph.params
+                             if name in self.outputs and name not in self.weights})
+        # a cache rope_cache writes: the past it reads -> the present (its k or v output) it makes
+        self.present_of = {past.name: present.name for n in graph.nodes if n.op == "rope_cache"
+                           for past, present in zip(n.inputs[5:7], n.outputs[1:]) if past is not None}
+        # each symbol is bound from an input's size: (input position, axis), or a SymInt input
+        self.binders: dict[str, tuple[int, int | None]] = {}
+        for i, v in enumerate(graph.inputs):
+            for axis, d in enumerate(v.shape):
+                if isinstance(d, Sym) and len(d.terms) == 1 and next(iter(d.terms.items()))[1] == 1 \
+                        and len(next(iter(d.terms))) == 1:
+                    self.binders.setdefault(next(iter(d.atoms)), (i, axis))
+        self.dim_inputs = dim_inputs or []
+        unbound = graph.symbols() - set(self.binders) - set(self.dim_inputs)
+        if unbound:
+            raise LlmcError(f"dims {sorted(unbound)} are not the size of any input")
+
+    def __call__(self, *args):
+        import torch
+
+        tensors = args[:len(self.inputs)]
+        env = {name: int(a) for name, a in zip(self.dim_inputs, args[len(self.inputs):])}
+        for sym, (i, axis) in self.binders.items():
+            env[sym] = tensors[i].shape[axis]
+        bufs = dict(self.weights)
+        for name, t in zip(self.inputs, tensors):
+            if not t.is_contiguous() or t.data_ptr() % ALIGN:
+                t = t.contiguous() if t.data_ptr() % ALIGN == 0 else t.clone(memory_format=torch.contiguous_format)
+            bufs[name] = t
+
+        def buf(name):
+            b = bufs.get(name)
+            if b is None:
+                v = self.values[name]
+                b = bufs[name] = torch.empty(tuple(evaluate(d, env) for d in v.shape), dtype=_torch_dtype(v))
+            return b
+
+        for step in self.plan:
+            if step.kind == "rope_cache":
+                self._rope_cache(step, bufs, buf, env)
+                continue
+            call = [buf(a) for a in step.args]
+            if step.kind == "linear":
+                call = [a if a.dim() <= 2 or name in self.weights else a.view(-1, a.shape[-1])
+                        for name, a in zip(step.args, call)]
+            self.functions[step.kernel](*call, *[env[d] for d in step.dims])
+        return tuple(buf(name) for name in self.outputs)
+
+    def _rope_cache(self, step, bufs, buf, env):
+        """The caches: a new present holding the past (functional concat), or without a past the
+        node's own k/v outputs; the "past" dim is the length already in them."""
+        qkv, cos, sin, k, v, *rest = step.args
+        caches = []
+        for name in (k, v):
+            present = self.present_of.get(name)
+            if present is not None:
+                past = bufs[name]
+                out = buf(present)
+                out[:, :, :past.shape[2]] = past
+                caches.append(out)
+            else:
+                caches.append(buf(name))
+        x = buf(qkv)
+        batch, seq = x.shape[0], x.shape[1]
+        tables = [self._table(buf(t), batch, seq) if t else _no_tables(batch, seq) for t in (cos, sin)]
+        past_len = caches[0].shape[2] - seq
+        self.functions[step.kernel](x, *tables, *caches, *[buf(a) for a in rest], past_len)
+
+
+    @staticmethod
+    def _table(t, batch, seq):
+        """A rotary table [b, 1, s, d] as the kernel takes it, [batch, s, d]: the positions of
+        one sequence serve all of a batch when torch computed them once."""
+        t = t.reshape(t.shape[0], seq, -1)
+        return t if t.shape[0] == batch else t.expand(batch, -1, -1).contiguous()
+
+
+def _no_tables(batch, seq):
+    import torch
+
+    return torch.empty((batch, seq, 2), dtype=torch.float32)
+

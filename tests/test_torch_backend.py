@@ -1,0 +1,200 @@
+"""The FX frontend and `torch.compile(model, backend="llmc")`, against PyTorch eager.
+
+Every model is a real transformers architecture with seeded random weights; inputs are drawn
+fresh per test. The backend compiles real TVM kernels; what it cannot compile runs in eager, and
+the report says so.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from llmc import torch_backend, zoo
+from llmc.backends.reference.executor import run_reference
+from llmc.errors import LlmcError
+from llmc.frontends.fx import from_exported_program
+
+from conftest import rel_err
+
+DECODERS = [m.name for m in zoo.TINY_DECODERS]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    torch_backend.REPORTS.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _ids(rng, vocab, shape):
+    return torch.from_numpy(rng.integers(0, vocab, shape))
+
+
+def _fully_compiled():
+    assert torch_backend.REPORTS, "llmc compiled nothing"
+    for report in torch_backend.REPORTS:
+        assert not report.fallbacks, str(report)
+        assert report.compiled_nodes > 0
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_decoder_prefill_and_decode_match_eager(name, rng):
+    model = zoo.get(name).build_torch()
+    compiled = torch.compile(model, backend="llmc")
+    ids = _ids(rng, model.config.vocab_size, (2, 7))
+    nxt = _ids(rng, model.config.vocab_size, (2, 1))
+    with torch.no_grad():
+        ref = model(input_ids=ids)
+        out = compiled(input_ids=ids)
+        assert rel_err(out.logits, ref.logits) < 1e-5
+        for layer_out, layer_ref in zip(out.past_key_values.layers, ref.past_key_values.layers):
+            assert rel_err(layer_out.keys, layer_ref.keys) < 1e-5
+            assert rel_err(layer_out.values, layer_ref.values) < 1e-5
+        step = compiled(input_ids=nxt, past_key_values=out.past_key_values)
+        want = model(input_ids=nxt, past_key_values=ref.past_key_values)
+        assert rel_err(step.logits, want.logits) < 1e-5
+    _fully_compiled()
+
+
+def test_encoder_matches_eager(rng):
+    model = zoo.get("bert-tiny").build_torch()
+    compiled = torch.compile(model, backend="llmc")
+    ids = _ids(rng, model.config.vocab_size, (2, 9))
+    feeds = dict(input_ids=ids, token_type_ids=_ids(rng, 2, (2, 9)), attention_mask=torch.ones(2, 9, dtype=torch.long))
+    with torch.no_grad():
+        out, ref = compiled(**feeds), model(**feeds)
+    assert rel_err(out.last_hidden_state, ref.last_hidden_state) < 1e-5
+    assert rel_err(out.pooler_output, ref.pooler_output) < 1e-5
+    _fully_compiled()
+
+
+def _assert_same_greedy(model, got, want):
+    """Greedy tokens equal eager's, except where eager's own logits tie: random-weight models
+    have flat next-token distributions, and a last-bit difference may pick the other of two
+    logits equal to 1e-6. At the first difference, both tokens must be eager's top choice."""
+    if torch.equal(got, want):
+        return
+    i = int((got[0] != want[0]).nonzero()[0])
+    with torch.no_grad():
+        logits = model(input_ids=want[:, :i]).logits[0, -1]
+    gap = float(logits[want[0, i]] - logits[got[0, i]])
+    assert gap <= 1e-5 * float(logits.abs().max()), f"token {i}: {int(got[0, i])} instead of {int(want[0, i])}"
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_generate_greedy_tokens_equal_eager_with_bounded_recompiles(name, rng):
+    model = zoo.get(name).build_torch()
+    ids = _ids(rng, model.config.vocab_size, (1, 6))
+    kwargs = dict(max_new_tokens=64, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, **kwargs)
+        eager, model.forward = model.forward, torch.compile(model.forward, backend="llmc")
+        got = model.generate(ids, **kwargs)
+    model.forward = eager
+    _assert_same_greedy(model, got, want)
+    # prefill, the first decode step (sizes seen once are specialized), then one graph with
+    # the past length dynamic for every later step
+    assert len(torch_backend.REPORTS) == 3
+    _fully_compiled()
+
+
+def test_generate_with_static_cache_equals_eager(rng):
+    """The static cache writes with index_copy, which runs in eager; the rest compiles."""
+    model = zoo.get("llama-tiny").build_torch()
+    ids = _ids(rng, model.config.vocab_size, (1, 5))
+    kwargs = dict(max_new_tokens=32, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        want = model.generate(ids, **kwargs)
+        eager, model.forward = model.forward, torch.compile(model.forward, backend="llmc")
+        got = model.generate(ids, **kwargs)
+    model.forward = eager
+    _assert_same_greedy(model, got, want)
+    report = torch_backend.REPORTS[-1]
+    assert report.compiled_nodes > 0
+    assert any("index_copy" in reason for reason in report.fallbacks)
+
+
+class _Cumprod(torch.nn.Module):
+    """An op llmc has no converter for (cumprod) between two that it compiles."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = torch.relu(self.proj(x))
+        return torch.cumprod(y * 0.5 + 1.0, dim=-1) - y
+
+
+def test_unsupported_op_falls_back_to_eager_and_is_reported(rng, caplog):
+    module = _Cumprod().eval()
+    x = torch.from_numpy(rng.standard_normal((3, 16)).astype(np.float32))
+    compiled = torch.compile(module, backend="llmc", options={"report": True})
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="llmc.torch_backend"):
+        got, want = compiled(x), module(x)
+    assert rel_err(got, want) < 1e-5
+    report = torch_backend.REPORTS[-1]
+    assert report.compiled_nodes > 0
+    assert [reason for reason in report.fallbacks if "cumprod" in reason], str(report)
+    assert "cumprod" in caplog.text
+
+
+def test_graph_needing_gradients_runs_in_eager(rng, caplog):
+    module = _Cumprod().train()
+    x = torch.from_numpy(rng.standard_normal((3, 16)).astype(np.float32))
+    compiled = torch.compile(module, backend="llmc")
+    with caplog.at_level(logging.WARNING, logger="llmc.torch_backend"):
+        got = compiled(x)
+    got.sum().backward()
+    assert module.proj.weight.grad is not None
+    assert "gradients" in caplog.text
+    assert not torch_backend.REPORTS
+
+
+def test_changed_scalar_input_recompiles(rng):
+    """Dynamo lifts Python floats to inputs; llmc compiles them in as constants and checks them."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.eps = 1e-6
+
+        def forward(self, x):
+            return self.proj(x) * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    module = Scaled().eval()
+    compiled = torch.compile(module, backend="llmc", dynamic=True)
+    x = torch.from_numpy(rng.standard_normal((4, 8)).astype(np.float32))
+    with torch.no_grad():
+        for eps in (1e-6, 0.5):
+            module.eps = eps
+            assert rel_err(compiled(x), module(x)) < 1e-5
+
+
+def test_unknown_option_is_an_error():
+    with pytest.raises(LlmcError, match="unknown llmc option"):
+        torch_backend.llmc_backend(None, [], options={"quantise": "w8"})
+
+
+@pytest.mark.parametrize("name", ["qwen2-tiny", "gpt2-tiny"])
+def test_exported_program_imports_to_the_reference_semantics(name, rng):
+    model = zoo.get(name).build_torch()
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(input_ids=ids, use_cache=False).logits
+
+    ids = _ids(rng, model.config.vocab_size, (1, 6))
+    graph = from_exported_program(torch.export.export(Logits(), (ids,)))
+    (got,) = run_reference(graph, {graph.inputs[0].name: ids.numpy()}).values()
+    assert rel_err(got, Logits()(ids).detach().numpy()) < 1e-5
