@@ -100,7 +100,9 @@ class TorchPlan:
             if present is not None:
                 past = bufs[name]
                 out = buf(present)
-                out[:, :, :past.shape[2]] = past
+                # numpy copies on this thread: torch's parallel copy would wake its OpenMP pool
+                # while TVM's workers still spin, and the two pools fight over the cores
+                out.numpy()[:, :, :past.shape[2]] = past.numpy()
                 caches.append(out)
             else:
                 caches.append(buf(name))

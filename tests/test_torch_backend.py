@@ -198,3 +198,14 @@ def test_exported_program_imports_to_the_reference_semantics(name, rng):
     graph = from_exported_program(torch.export.export(Logits(), (ids,)))
     (got,) = run_reference(graph, {graph.inputs[0].name: ids.numpy()}).values()
     assert rel_err(got, Logits()(ids).detach().numpy()) < 1e-5
+
+
+def test_quant_option_quantizes_the_weights(rng):
+    """options={"quant": "w8"}: the GEMMs read int8 weights; outputs stay close to eager's."""
+    model = zoo.get("llama-tiny").build_torch()
+    compiled = torch.compile(model, backend="llmc", options={"quant": "w8", "dump_dir": None})
+    ids = _ids(rng, model.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        got, want = compiled(input_ids=ids).logits, model(input_ids=ids).logits
+    assert 1e-6 < rel_err(got, want) < 5e-2
+    _fully_compiled()
