@@ -255,28 +255,26 @@ def _run(args) -> int:
 
 
 def _bench(args) -> int:
-    import json
-
     from .bench import bench, format_table
 
-    result = bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                   quant=tuple(args.quant))
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    return _print_result(bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                               repeats=args.repeats, quant=tuple(args.quant)), format_table, args.json)
 
 
 def _bench_torch(args) -> int:
-    import json
-
     from .torch_bench import bench_torch, format_table
 
-    result = bench_torch(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                         systems=tuple(args.systems))
+    return _print_result(bench_torch(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                     repeats=args.repeats, systems=tuple(args.systems)), format_table, args.json)
+
+
+def _print_result(result: dict, format_table, json_path) -> int:
+    """A benchmark's table on stdout, and all its figures as JSON in `json_path` when given."""
+    import json
+
     print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

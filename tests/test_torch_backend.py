@@ -73,6 +73,17 @@ def test_encoder_matches_eager(rng):
     _fully_compiled()
 
 
+def _generate_both(model, ids, **kwargs):
+    """(llmc's tokens, eager's tokens) of greedy generation, the forward compiled for the first."""
+    kwargs = dict(do_sample=False, pad_token_id=0, **kwargs)
+    with torch.no_grad():
+        want = model.generate(ids, **kwargs)
+        eager, model.forward = model.forward, torch.compile(model.forward, backend="llmc")
+        got = model.generate(ids, **kwargs)
+    model.forward = eager
+    return got, want
+
+
 def _assert_same_greedy(model, got, want):
     """Greedy tokens equal eager's, except where eager's own logits tie: random-weight models
     have flat next-token distributions, and a last-bit difference may pick the other of two
@@ -89,13 +100,7 @@ def _assert_same_greedy(model, got, want):
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
 def test_generate_greedy_tokens_equal_eager_with_bounded_recompiles(name, rng):
     model = zoo.get(name).build_torch()
-    ids = _ids(rng, model.config.vocab_size, (1, 6))
-    kwargs = dict(max_new_tokens=64, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        want = model.generate(ids, **kwargs)
-        eager, model.forward = model.forward, torch.compile(model.forward, backend="llmc")
-        got = model.generate(ids, **kwargs)
-    model.forward = eager
+    got, want = _generate_both(model, _ids(rng, model.config.vocab_size, (1, 6)), max_new_tokens=64)
     _assert_same_greedy(model, got, want)
     # prefill, the first decode step (sizes seen once are specialized), then one graph with
     # the past length dynamic for every later step
@@ -106,13 +111,8 @@ def test_generate_greedy_tokens_equal_eager_with_bounded_recompiles(name, rng):
 def test_generate_with_static_cache_equals_eager(rng):
     """The static cache writes with index_copy, which runs in eager; the rest compiles."""
     model = zoo.get("llama-tiny").build_torch()
-    ids = _ids(rng, model.config.vocab_size, (1, 5))
-    kwargs = dict(max_new_tokens=32, do_sample=False, pad_token_id=0, cache_implementation="static")
-    with torch.no_grad():
-        want = model.generate(ids, **kwargs)
-        eager, model.forward = model.forward, torch.compile(model.forward, backend="llmc")
-        got = model.generate(ids, **kwargs)
-    model.forward = eager
+    got, want = _generate_both(model, _ids(rng, model.config.vocab_size, (1, 5)), max_new_tokens=32,
+                               cache_implementation="static")
     _assert_same_greedy(model, got, want)
     report = torch_backend.REPORTS[-1]
     assert report.compiled_nodes > 0
