@@ -118,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     qr.add_argument("--tokens", type=int, default=256, help="length of the sampled held-out sequence")
     qr.add_argument("--token-ids", help="comma-separated held-out token ids instead of a sample")
     qr.add_argument("--seed", type=int, default=0)
+    qr.add_argument("--onnxruntime", action="store_true",
+                    help="also measure onnxruntime's own quantized models of the same schemes")
     qr.add_argument("--json", metavar="FILE", help="also write the figures as JSON here")
     qr.set_defaults(run=_quant_report)
 
@@ -297,7 +299,8 @@ def _quant_report(args) -> int:
     if args.kv_int8:
         schemes += [dict(s, kv_cache="int8") for s in schemes]
     ids = _token_ids(args.token_ids, "--token-ids") if args.token_ids else None
-    result = report(args.model, schemes, tokens=args.tokens, token_ids=ids, seed=args.seed)
+    result = report(args.model, schemes, tokens=args.tokens, token_ids=ids, seed=args.seed,
+                    onnxruntime=args.onnxruntime)
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -46,9 +46,34 @@ def compare(fp32: np.ndarray, quant: np.ndarray, tokens: list[int]) -> dict:
             "perplexity_delta": round(pplq - ppl32, 4)}
 
 
+def _onnxruntime_logits(path: Path, quant: str, tokens: list[int], tmp: Path) -> np.ndarray:
+    """The same teacher-forced pass through onnxruntime's own quantized model of the file (the
+    models `llmc bench --quant` measures: dynamic int8, or MatMulNBits 4-bit)."""
+    import onnx
+
+    from .bench import _OnnxRuntime, quantized_onnx
+
+    class _Config:  # what the session needs to shape an empty past
+        def __init__(self, graph):
+            past = [i for i in graph.input if i.name.startswith("past_key_values.")]
+            dims = past[0].type.tensor_type.shape.dim
+            self.num_key_value_heads = self.num_attention_heads = dims[1].dim_value
+            self.hidden_size = dims[1].dim_value * dims[3].dim_value
+            self.num_hidden_layers = len(past) // 2
+
+    cfg = _Config(onnx.load(str(path), load_external_data=False).graph)
+    session = _OnnxRuntime(quantized_onnx(path, quant, tmp / f"ort-{quant}.onnx"), cfg, threads=0)
+    return np.array(session._run(np.array([tokens]), 0, session._empty())[0][0], np.float64)
+
+
+ONNXRUNTIME_SCHEMES = {"w8": "onnxruntime int8 (dynamic, per channel)", "w4": "onnxruntime 4-bit (MatMulNBits, g128)"}
+
+
 def report(model: str, schemes: list[dict], tokens: int = 256, token_ids: list[int] | None = None,
-           seed: int = 0) -> dict:
-    """`schemes`: compile options per scheme, e.g. {"quant": "w4", "group_size": 128}."""
+           seed: int = 0, onnxruntime: bool = False) -> dict:
+    """`schemes`: compile options per scheme, e.g. {"quant": "w4", "group_size": 128}. With
+    `onnxruntime`, onnxruntime's own quantized models of the same schemes are measured too: what
+    another engine's quantization costs on the same sequence."""
     import llmc
     from llmc import runtime, zoo
 
@@ -68,6 +93,10 @@ def report(model: str, schemes: list[dict], tokens: int = 256, token_ids: list[i
             log.info("compiling %s (%s)", path, scheme_name(options))
             art = llmc.compile(path, output=Path(tmp) / f"q{i}.llmc", max_seq_len=n + 1, **options)
             rows.append({"scheme": scheme_name(options), **compare(reference, _logits(art, token_ids), token_ids)})
+        for quant in sorted({s["quant"] for s in schemes}, reverse=True) if onnxruntime else []:
+            log.info("onnxruntime's %s model of %s", quant, path)
+            logits = _onnxruntime_logits(path, quant, token_ids, Path(tmp))
+            rows.append({"scheme": ONNXRUNTIME_SCHEMES[quant], **compare(reference, logits, token_ids)})
     return {"model": model, "tokens": len(token_ids), "seed": seed, "schemes": rows}
 
 

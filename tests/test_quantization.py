@@ -120,6 +120,18 @@ def test_quant_report_measures_every_scheme(tmp_path):
     assert w8["top1_agreement"] >= max(r["top1_agreement"] for r in w4)
 
 
+def test_quant_report_measures_onnxruntimes_quantization_too(tmp_path):
+    from llmc.cli import main
+
+    out = tmp_path / "report.json"
+    assert main(["quant-report", "llama-tiny", "--quant", "w8", "--tokens", "32", "--onnxruntime",
+                 "--json", str(out)]) == 0
+    ours, theirs = json.loads(out.read_text())["schemes"]
+    assert theirs["scheme"] == "onnxruntime int8 (dynamic, per channel)"
+    assert 0 < theirs["mean_rel_err"] < 0.1 and 0 < theirs["top1_agreement"] <= 1
+    assert 0 < ours["mean_rel_err"] < 0.1
+
+
 def test_bench_runs_quantized_modes_against_onnxruntimes(tmp_path):
     from llmc.cli import main
 
