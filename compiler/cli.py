@@ -125,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
 
     ops = sub.add_parser("ops", help="list the ONNX ops the frontend supports")
     ops.add_argument("--markdown", action="store_true", help="as the table in docs/onnx-ops.md")
+    ops.add_argument("--aten", action="store_true",
+                     help="the ATen ops the torch.fx frontend converts instead (torch.compile, torch.export)")
     ops.set_defaults(run=_ops)
 
     zoo = sub.add_parser("zoo", help="build the test/benchmark models (needs the 'zoo' extra)")
@@ -327,6 +329,11 @@ def _bytes(n: int) -> str:
 def _ops(args) -> int:
     from .frontends.onnx.converters import CONVERTERS
 
+    if args.aten:
+        from .frontends.fx import supported_ops
+
+        print("\n".join(supported_ops()))
+        return 0
     if not args.markdown:
         print("\n".join(sorted(CONVERTERS)))
         return 0

@@ -84,6 +84,13 @@ def test_ops_markdown_is_current():
     assert (ROOT / "docs" / "onnx-ops.md").read_text() == onnx_ops_markdown()
 
 
+def test_ops_aten_lists_the_fx_converters(capsys):
+    assert main(["ops", "--aten"]) == 0
+    ops = capsys.readouterr().out.split()
+    assert {"aten.mm", "aten._scaled_dot_product_flash_attention_for_cpu", "aten.native_layer_norm"} <= set(ops)
+    assert "aten.cumprod" not in ops
+
+
 def test_zoo_list(capsys):
     assert main(["zoo", "list"]) == 0
     out = capsys.readouterr().out
