@@ -16,16 +16,10 @@ from __future__ import annotations
 
 from llmc.backends.tvm.compile import Step, weights
 from llmc.errors import LlmcError
-from llmc.ir.graph import Graph, Value
+from llmc.ir.graph import Graph
 from llmc.ir.symbolic import Sym, evaluate
 
 ALIGN = 64
-
-
-def _torch_dtype(v: Value):
-    import torch
-
-    return getattr(torch, v.dtype.numpy().name)
 
 
 class TorchPlan:
@@ -37,7 +31,8 @@ class TorchPlan:
 
         self.plan = plan
         self.functions = {s.kernel: executable[s.kernel] for s in plan}
-        self.values = {v.name: v for v in graph.values()}
+        # each value's (shape, dtype), looked up when a call allocates it
+        self.layouts = {v.name: (v.shape, getattr(torch, v.dtype.numpy().name)) for v in graph.values()}
         self.inputs = [v.name for v in graph.inputs]
         self.outputs = [v.name for v in graph.outputs]
         self.weights = {name: torch.from_numpy(w) for name, w in weights(graph, plan).items()}
@@ -51,8 +46,7 @@ class TorchPlan:
         self.binders: dict[str, tuple[int, int | None]] = {}
         for i, v in enumerate(graph.inputs):
             for axis, d in enumerate(v.shape):
-                if isinstance(d, Sym) and len(d.terms) == 1 and next(iter(d.terms.items()))[1] == 1 \
-                        and len(next(iter(d.terms))) == 1:
+                if isinstance(d, Sym) and len(d.atoms) == 1 and d == Sym.var(next(iter(d.atoms))):
                     self.binders.setdefault(next(iter(d.atoms)), (i, axis))
         self.dim_inputs = dim_inputs or []
         unbound = graph.symbols() - set(self.binders) - set(self.dim_inputs)
@@ -75,8 +69,8 @@ class TorchPlan:
         def buf(name):
             b = bufs.get(name)
             if b is None:
-                v = self.values[name]
-                b = bufs[name] = torch.empty(tuple(evaluate(d, env) for d in v.shape), dtype=_torch_dtype(v))
+                shape, dtype = self.layouts[name]
+                b = bufs[name] = torch.empty(tuple(evaluate(d, env) for d in shape), dtype=dtype)
             return b
 
         for step in self.plan:
