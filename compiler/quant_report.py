@@ -6,9 +6,10 @@ through the same KV cache path as decoding). Reported per scheme: the relative e
 logits (per position ||q - f|| / ||f||: max and mean), the top-1 agreement of the next-token
 predictions, and the perplexity of the sequence under each model.
 
-The held-out sequence is sampled from the fp32 model itself (temperature 1, seeded) unless token
-ids are given: the zoo's models have random weights, and text they were never trained on would
-measure nothing; a sample is text the model finds likely.
+The held-out sequence: token ids given by the user; for the zoo's trained models, text they never
+saw (and their activation-aware scaling calibrates on text they learned from); otherwise a sample
+of the fp32 model itself (temperature 1, seeded): random-weight models were trained on nothing,
+and a sample is at least text the model finds likely.
 """
 
 from __future__ import annotations
@@ -76,9 +77,16 @@ def report(model: str, schemes: list[dict], tokens: int = 256, token_ids: list[i
     another engine's quantization costs on the same sequence."""
     import llmc
     from llmc import runtime, zoo
+    from llmc.passes import awq
 
     zoo_model = zoo.ZOO.get(model)
     path = zoo_model.export() if zoo_model else Path(model)
+    if zoo_model and not token_ids:
+        token_ids = zoo_model.text("held-out", tokens)
+        calibration = zoo_model.text("train", awq.CALIBRATION_TOKENS)
+        if calibration:
+            schemes = [dict(s, calibration=calibration) if s.get("awq") and not s.get("calibration") else s
+                       for s in schemes]
     n = len(token_ids) if token_ids else tokens
     with tempfile.TemporaryDirectory() as tmp:
         log.info("compiling %s (fp32)", path)

@@ -98,6 +98,15 @@ _BENCH_SIZES = {
                                  vocab=32000, ctx=2048)),
 }
 
+# Byte-level models trained for a few minutes on Python's stdlib source (`zoo_training`): peaked
+# predictions, for measuring what quantization costs in quality.
+_TRAINED = dict(hidden=256, layers=4, heads=4, kv_heads=2, vocab=256, ctx=512)
+_TRAINED_SIZES = {
+    "gpt2-trained": ("gpt2", dict(_TRAINED, inter=1024)),
+    "llama-trained": ("llama", dict(_TRAINED, inter=768)),
+}
+TRAIN_STEPS = 300
+
 
 @dataclass(frozen=True)
 class ZooModel:
@@ -106,6 +115,7 @@ class ZooModel:
     name: str
     family: str
     sizes: dict = field(hash=False, compare=False)
+    train_steps: int = 0  # > 0: trained on text (`zoo_training`) instead of random weights
 
     @property
     def is_decoder(self) -> bool:
@@ -118,14 +128,29 @@ class ZooModel:
         return getattr(transformers, config_cls)(**kwargs)
 
     def build_torch(self, dtype: str = "f32"):
-        """The transformers model with seeded random weights, in eval mode."""
+        """The transformers model with seeded random weights (then trained, for the trained
+        models), in eval mode."""
         import torch
         import transformers
 
         _, model_cls, _ = _FAMILIES[self.family](self.sizes)
         torch.manual_seed(0)
         model = getattr(transformers, model_cls)(self.config()).eval()
+        if self.train_steps:
+            from . import zoo_training
+
+            log.info("training %s for %d steps", self.name, self.train_steps)
+            zoo_training.train(model, self.train_steps)
         return model.half() if dtype == "f16" else model
+
+    def text(self, split: str, n: int, start: int = 0) -> list[int] | None:
+        """`n` token ids of real text for a trained model ('train': what it learned from, for
+        calibration; 'held-out': text it never saw); None for random-weight models."""
+        if not self.train_steps:
+            return None
+        from . import zoo_training
+
+        return zoo_training.token_ids(split, n, start)
 
     def export(self, *, kv_cache: bool = True, exporter: str = "dynamo", dtype: str = "f32",
                opset: int | None = None, external_data: bool = False,
@@ -142,7 +167,8 @@ class ZooModel:
         key = json.dumps(dict(
             zoo=_ZOO_FORMAT, config=self.config().to_dict(), kv=kv_cache, exporter=exporter,
             dtype=dtype, opset=opset, external=external_data, torch=torch.__version__,
-            transformers=transformers.__version__), sort_keys=True, default=str)
+            transformers=transformers.__version__, **self._training_key()),
+            sort_keys=True, default=str)
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         tag = f"{self.name}-{'kv' if kv_cache else 'nokv'}-{exporter}-{dtype}-op{opset or 'default'}"
         out_dir = Path(cache_dir or default_cache_dir()) / f"{tag}-{digest}"
@@ -163,6 +189,14 @@ class ZooModel:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
+
+    def _training_key(self) -> dict:
+        if not self.train_steps:
+            return {}
+        from . import zoo_training
+
+        return {"training": dict(steps=self.train_steps, corpus=zoo_training.corpus_digest(),
+                                 batch=zoo_training.BATCH, seq=zoo_training.SEQ, lr=zoo_training.LR)}
 
     def feeds(self, rng: np.random.Generator, *, batch: int = 1, seq: int = 7, past: int = 0,
               kv_cache: bool = True, dtype: str = "f32") -> dict[str, np.ndarray]:
@@ -191,6 +225,7 @@ class ZooModel:
 ZOO: dict[str, ZooModel] = {
     **{f"{fam}-tiny": ZooModel(f"{fam}-tiny", fam, dict(_TINY)) for fam in _FAMILIES},
     **{name: ZooModel(name, fam, sizes) for name, (fam, sizes) in _BENCH_SIZES.items()},
+    **{name: ZooModel(name, fam, sizes, TRAIN_STEPS) for name, (fam, sizes) in _TRAINED_SIZES.items()},
 }
 TINY_DECODERS = [m for m in ZOO.values() if m.name.endswith("-tiny") and m.is_decoder]
 TINY_MODELS = [m for m in ZOO.values() if m.name.endswith("-tiny")]

@@ -6,7 +6,11 @@ prologue absorbs: its scale and shift divide by s) gives those columns finer qua
 for the same output. Per GEMM, s = mean|h|^alpha (h: the normalized GEMM
 input on calibration tokens, normalized so the scales' geometric mean is 1), with alpha searched
 on a grid for the smallest output error after quantization; alpha = 0 is plain round-to-nearest,
-so the search never does worse than it on the calibration data.
+so the search never does worse than it on the calibration data. Then, as AWQ does, each group of
+each output row is clipped to the fraction of its range (1 down to 0.525) that minimizes that
+group's output error on the same inputs: a clipped outlier costs less than coarser steps for
+the whole group. The clipping applies to every GEMM, including those whose scales have nowhere
+to fold.
 
 The activations' inverse scale folds into the norm prologue of the GEMM, or, for a GEMM reading a
 gated GEMM (the MLP down projection after SwiGLU/GeGLU), into the up half of that GEMM's weight
@@ -19,6 +23,7 @@ own vocabulary (seeded).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -31,7 +36,11 @@ from .manager import Pass, PassContext
 from .pattern import NearMiss
 from .quantize_weights import DEFAULT_GROUP_SIZE, quantize
 
+log = logging.getLogger(__name__)
+
 ALPHAS = np.linspace(0, 1, 11)
+CLIP_RATIOS = 1 - np.arange(20) / 40  # AWQ's grid: down to 0.525 of the range
+BLOCK_ROWS = 64
 CALIBRATION_TOKENS = 128
 
 
@@ -54,22 +63,43 @@ def _feeds(graph: Graph, tokens: list[int]) -> dict[str, np.ndarray]:
 def search_scales(h: np.ndarray, w: np.ndarray, group_size: int, zero_point: bool):
     """(scales or None, error of plain rounding, error with the scales) for GEMM input rows h
     [t, k] and weight w [n, k]."""
-    want = h @ w.T
     magnitude = np.abs(h).mean(axis=0) + 1e-8
+    candidates = [magnitude ** alpha for alpha in ALPHAS]  # alpha 0: plain rounding
+    candidates = [(s / math.exp(np.log(s).mean())).astype(np.float32) for s in candidates]
+    inputs = [h / s for s in candidates]
+    errors = np.zeros(len(candidates))
+    for r in range(0, w.shape[0], BLOCK_ROWS):  # a block of rows at a time stays in cache
+        rows = w[r:r + BLOCK_ROWS]
+        want = h @ rows.T
+        for i, s in enumerate(candidates):
+            q, scale, zero = quantize(rows * s, "w4", group_size, zero_point)
+            errors[i] += np.square(inputs[i] @ dequantize(q, scale, zero, "w4", group_size).T - want).sum()
+    best = int(np.argmin(errors))
+    return (candidates[best] if best else None), math.sqrt(errors[0]), math.sqrt(errors[best])
 
-    def error(s):
-        q, scale, zero = quantize(w * s, "w4", group_size, zero_point)
-        return float(np.linalg.norm((h / s) @ dequantize(q, scale, zero, "w4", group_size).T - want))
 
-    best, best_err = None, error(np.ones_like(magnitude))
-    plain = best_err
-    for alpha in ALPHAS[1:]:
-        s = magnitude ** alpha
-        s /= math.exp(np.log(s).mean())
-        err = error(s)
-        if err < best_err:
-            best, best_err = s.astype(np.float32), err
-    return best, plain, best_err
+def search_clip(x: np.ndarray, w: np.ndarray, group_size: int, zero_point: bool) -> np.ndarray:
+    """w [n, k] with each row's groups clipped to the range that minimizes the group's output
+    error after 4-bit quantization, on GEMM input rows x [t, k]. A group's error is
+    e^T (x_g^T x_g) e for its weight error e, so one Gram matrix per group serves every ratio."""
+    n, k = w.shape
+    groups = k // group_size
+    xg = x.reshape(-1, groups, group_size).transpose(1, 0, 2)
+    gram = xg.transpose(0, 2, 1) @ xg  # [groups, G, G]
+    out = np.empty_like(w)
+    for r in range(0, n, BLOCK_ROWS):  # a block of rows at a time stays in cache
+        wg = w[r:r + BLOCK_ROWS].reshape(-1, groups, group_size)
+        top = np.abs(wg).max(axis=2, keepdims=True)
+        best, best_err = wg, np.full(wg.shape[:2], np.inf, np.float32)
+        for ratio in CLIP_RATIOS:
+            clipped = np.clip(wg, -ratio * top, ratio * top)
+            q, scale, zero = quantize(clipped.reshape(-1, k), "w4", group_size, zero_point)
+            e = (dequantize(q, scale, zero, "w4", group_size).reshape(wg.shape) - wg).transpose(1, 0, 2)
+            err = np.einsum("gni,gni->ng", e @ gram, e)
+            best = np.where((err < best_err)[..., None], clipped, best)
+            best_err = np.minimum(err, best_err)
+        out[r:r + BLOCK_ROWS] = best.reshape(-1, k)
+    return out
 
 
 class _NormFold:
@@ -141,25 +171,26 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
     group = options.get("group_size", DEFAULT_GROUP_SIZE)
     head_quantized = options.get("lm_head") == "w4"
     consumers = graph.consumers()
-    for node in graph.nodes:
-        if node.op != "fused_linear" or node.attrs["quant"]:
-            continue
-        if node.outputs[0] in graph.outputs and not head_quantized:
-            continue
-        w = graph.const_value(node.inputs[1])
+    gemms = [n for n in graph.nodes if n.op == "fused_linear" and not n.attrs["quant"]
+             and graph.const_value(n.inputs[1]) is not None and (head_quantized or n.outputs[0] not in graph.outputs)]
+    for i, node in enumerate(gemms):
+        log.info("awq: %s (%d/%d)", node.name, i + 1, len(gemms))
+        w = graph.const_value(node.inputs[1]).astype(np.float32)
+        group_size, zero_point = math.gcd(w.shape[1], group), options.get("zero_point", False)
+        h = trace[node.inputs[0]].reshape(-1, w.shape[1]).astype(np.float32)
         fold = _fold_target(graph, node, consumers)
-        if w is None or fold is None:
+        s = None
+        if fold is None:
             ctx.current.near_misses.append(NearMiss("awq", node.name, "no norm prologue or gated GEMM before it "
-                                                    "to fold the scales into"))
-            continue
-        h = fold.input(trace[node.inputs[0]].reshape(-1, w.shape[1]).astype(np.float32))
-        s, plain, scaled = search_scales(h, w.astype(np.float32), math.gcd(w.shape[1], group),
-                                         options.get("zero_point", False))
-        if s is None:
-            continue
-        node.inputs[1] = graph.add_param(f"{node.name}.awq_w", np.require(w * s, requirements="C"))
-        fold.divide(s)
-        ctx.current.rewrites[f"scaled (error {scaled / plain:.0%} of rounding's)"] += 1
+                                                    "to fold the scales into: clipped only"))
+        else:
+            h = fold.input(h)
+            s, _, _ = search_scales(h, w, group_size, zero_point)
+        if s is not None:
+            h, w = h / s, w * s
+            fold.divide(s)
+        node.inputs[1] = graph.add_param(f"{node.name}.awq_w", search_clip(h, w, group_size, zero_point))
+        ctx.current.rewrites["scaled and clipped" if s is not None else "clipped"] += 1
     graph.remove_dead()
     return graph
 

@@ -45,10 +45,13 @@ def quantize(w: np.ndarray, quant: str, group_size: int = DEFAULT_GROUP_SIZE, ze
         scale[scale == 0] = 1
         zero = np.clip(np.rint(-lo / scale), 0, 15)
     else:
-        scale = np.abs(groups).max(axis=2) / 7
+        scale = np.maximum(groups.max(axis=2), -groups.min(axis=2)) / 7
         scale[scale == 0] = 1
         zero = np.full_like(scale, 8)
-    q = np.clip(np.rint(groups / scale[..., None]) + zero[..., None], 0, 15)
+    q = groups / scale[..., None]  # in place from here: the pass runs over every weight
+    np.rint(q, out=q)
+    q += zero[..., None]
+    np.clip(q, 0, 15, out=q)
     return q.astype(np.uint8).reshape(n, k), scale.astype(np.float32), zero.astype(np.float32)
 
 

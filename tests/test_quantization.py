@@ -156,25 +156,41 @@ def test_activation_aware_scales_protect_large_activations(rng):
     assert scales is not None and scaled < 0.8 * plain
 
 
-def test_awq_folds_its_scales_without_changing_the_fp32_model(rng):
-    from llmc.passes.awq import awq
+def test_clipping_search_lowers_the_output_error(rng):
+    from llmc.passes.awq import search_clip
+
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+    w = rng.standard_normal((96, 256)).astype(np.float32)
+    w[rng.random(w.shape) < 0.01] *= 6  # a few outlier weights that stretch their groups' steps
+
+    def error(weights):
+        q, scale, zero = quantize(weights, "w4", 128, False)
+        return np.linalg.norm(x @ (dequantize(q, scale, zero, "w4", 128) - w).T)
+
+    clipped = search_clip(x, w, 128, zero_point=False)
+    assert np.all(np.abs(clipped) <= np.abs(w)) and np.any(clipped != w)
+    assert error(clipped) < 0.9 * error(w)
+
+
+def test_awq_folds_its_scales_without_changing_the_fp32_model(rng, monkeypatch):
+    from llmc.passes import awq as awq_module
     from llmc.passes.pipeline import CLEANUP, FUSION, KV_CACHE, RECOGNITION
 
+    monkeypatch.setattr(awq_module, "CLIP_RATIOS", np.array([1.0]))  # scales only: exact in fp32
     before = CLEANUP + RECOGNITION + KV_CACHE + FUSION
     path = export("llama-tiny", exporter="dynamo", kv_cache=True)
     options = {"max_seq_len": 128, "quant": "w4", "group_size": 32, "awq": True}
     ctx = PassContext(options=options)
-    scaled = run_passes(llmc.from_onnx(path), before + [awq], ctx)
-    # candidates: QKV and gate/up (norm prologues) and down (after the gated GEMM) of each layer;
-    # a GEMM keeps plain rounding when no scaling beats it on the calibration tokens
+    scaled = run_passes(llmc.from_onnx(path), before + [awq_module.awq], ctx)
+    # every GEMM is clipped; scaled where a scaling beats plain rounding on the calibration tokens
+    # and can fold: QKV and gate/up (norm prologues), down (into the gated GEMM's up rows)
     report = ctx.reports[-1]
-    assert 1 <= sum(report.rewrites.values()) <= 6
+    assert sum(report.rewrites.values()) == 8 and 1 <= report.rewrites["scaled and clipped"] <= 6
     assert len(report.near_misses) == 2  # the attention output projections
     plain = run_passes(llmc.from_onnx(path), before, PassContext(options=options))
     feeds = zoo.get("llama-tiny").feeds(rng, batch=1, seq=5, past=3)
     assert rel_err(llmc.run_reference(scaled, feeds)["logits"], llmc.run_reference(plain, feeds)["logits"]) < 1e-5
     weights = [n.inputs[1].name for n in scaled.nodes if n.op == "fused_linear"]
-    assert any(w.endswith(".awq_w") for w in weights)
     assert any(w.endswith(".awq_up") for w in weights)  # a down projection's scales, in the up rows
 
 
@@ -212,3 +228,21 @@ def test_compile_refuses_options_that_do_not_apply(args, message, tmp_path, caps
         assert main(["compile", str(model), "-o", str(tmp_path / "x.llmc"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.llmc").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama-trained", "gpt2-trained"])
+def test_quantization_quality_on_trained_models(name):
+    """The issue's quality targets, on byte-level models of the two architectures trained on
+    real text (random-weight models predict near-ties, see docs/benchmarks.md): over 256 held-out
+    positions, w8 agrees with fp32 on >= 99% of next tokens, w4 with activation-aware scaling on
+    >= 90%, and the scaling errs less than plain rounding."""
+    from llmc.quant_report import report
+
+    result = report(name, [{"quant": "w8"}, {"quant": "w4", "group_size": 128},
+                           {"quant": "w4", "group_size": 128, "awq": True}], tokens=256)
+    w8, rtn, awq = result["schemes"]
+    assert w8["perplexity_fp32"] < 50  # it learned the text: a uniform guess scores 256
+    assert w8["top1_agreement"] >= 0.99
+    assert awq["top1_agreement"] >= 0.90
+    assert awq["mean_rel_err"] < rtn["mean_rel_err"]
