@@ -113,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="w4 group sizes to report (default 128)")
     qr.add_argument("--zero-point", action="store_true", help="also report w4 with zero points")
     qr.add_argument("--lm-head", choices=("f32", "w8", "w4"), help="the LM head's encoding (default w8)")
+    qr.add_argument("--embedding", choices=("f32", "w8"), default="f32", help="the token embedding's encoding")
     qr.add_argument("--awq", action="store_true", help="also report w4 with activation-aware scaling")
     qr.add_argument("--kv-int8", action="store_true", help="also report each scheme with an int8 KV cache")
     qr.add_argument("--tokens", type=int, default=256, help="length of the sampled held-out sequence")
@@ -215,6 +216,8 @@ def _quant_arguments(p) -> None:
                    help="with --quant w4: input features per scale (default 128)")
     p.add_argument("--zero-point", action="store_true", help="with --quant w4: asymmetric, a zero point per group")
     p.add_argument("--lm-head", choices=("f32", "w8", "w4"), help="with --quant: the LM head's encoding (default w8)")
+    p.add_argument("--embedding", choices=("f32", "w8"), default="f32",
+                   help="with --quant: the token embedding's encoding (w8: int8 rows, a quarter of the bytes)")
     p.add_argument("--awq", action="store_true", help="with --quant w4: activation-aware scaling (AWQ-style)")
     p.add_argument("--kv-cache", choices=("f32", "int8"), default="f32",
                    help="the KV cache's encoding: int8 keeps one scale per head and token")
@@ -224,7 +227,7 @@ def _quant_arguments(p) -> None:
 
 def _quant_options(args) -> dict:
     return {"quant": args.quant, "group_size": args.group_size, "zero_point": args.zero_point,
-            "lm_head": args.lm_head, "awq": args.awq, "kv_cache": args.kv_cache,
+            "lm_head": args.lm_head, "embedding": args.embedding, "awq": args.awq, "kv_cache": args.kv_cache,
             "calibration": _token_ids(args.calibration_ids, "--calibration-ids") if args.calibration_ids else None}
 
 
@@ -298,6 +301,8 @@ def _quant_report(args) -> int:
                             for awq in (False, True)[:1 + args.awq]]
     if args.lm_head:
         schemes = [dict(s, lm_head=args.lm_head) for s in schemes]
+    if args.embedding != "f32":
+        schemes = [dict(s, embedding=args.embedding) for s in schemes]
     if args.kv_int8:
         schemes += [dict(s, kv_cache="int8") for s in schemes]
     ids = _token_ids(args.token_ids, "--token-ids") if args.token_ids else None

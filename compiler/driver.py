@@ -25,13 +25,14 @@ def _encode_dim(d, where: str):
 
 def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024,
             eos_token_id: int | None = None, quant: str | None = None, group_size: int = 128,
-            zero_point: bool = False, lm_head: str | None = None, awq: bool = False,
+            zero_point: bool = False, lm_head: str | None = None, embedding: str = "f32", awq: bool = False,
             calibration: list[int] | None = None, kv_cache: str = "f32") -> Path:  # noqa: A001
     """Compile an ONNX decoder with KV cache inputs to an artifact directory; returns its path.
 
     `quant`: "w8" (int8 weights, one scale per output channel) or "w4" (4-bit weights in groups of
     `group_size` input features, symmetric or with `zero_point`); the LM head is encoded as
-    `lm_head` says ("f32", "w8", "w4"; default "w8"). With `awq`, 4-bit weights are scaled by
+    `lm_head` says ("f32", "w8", "w4"; default "w8"), the token embedding as `embedding` says
+    ("f32" or "w8": int8 rows, a scale per row). With `awq`, 4-bit weights are scaled by
     their activations first, measured on `calibration` token ids (default: drawn from the
     vocabulary). See `llmc.passes.quantize_weights` and `llmc.passes.awq`.
 
@@ -56,10 +57,12 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
             raise LlmcError(f"group size {group_size} is not supported; supported: 32, 64, 128")
         if lm_head not in (None, "f32", *QUANT_SCHEMES):
             raise LlmcError(f"LM head encoding {lm_head!r} is not supported; supported: f32, {', '.join(QUANT_SCHEMES)}")
-        options.update(quant=quant, group_size=group_size, zero_point=zero_point, lm_head=lm_head, awq=awq,
-                       calibration=calibration)
-    elif lm_head or zero_point or calibration:
-        raise LlmcError("--lm-head, --zero-point and --calibration-ids apply with --quant")
+        if embedding not in ("f32", "w8"):
+            raise LlmcError(f"embedding encoding {embedding!r} is not supported; supported: f32, w8")
+        options.update(quant=quant, group_size=group_size, zero_point=zero_point, lm_head=lm_head,
+                       embedding=embedding, awq=awq, calibration=calibration)
+    elif lm_head or zero_point or calibration or embedding != "f32":
+        raise LlmcError("--lm-head, --embedding, --zero-point and --calibration-ids apply with --quant")
     if (awq or calibration) and quant != "w4":
         raise LlmcError("--awq and --calibration-ids apply to --quant w4")
     if kv_cache not in ("f32", "int8"):

@@ -115,6 +115,8 @@ def scheme_name(options: dict) -> str:
         name += " AWQ" if options.get("awq") else ""
     if options.get("lm_head"):
         name += f", LM head {options['lm_head']}"
+    if options.get("embedding") == "w8":
+        name += ", embedding w8"
     if options.get("kv_cache") == "int8":
         name += ", int8 KV"
     return name

@@ -13,6 +13,11 @@ computing in f32: the kernel dequantizes as it reads (the op's definition is
 The LM head (the GEMM that writes the logits) has its own encoding, `lm_head`: "f32", "w8" or
 "w4"; by default w8 (with w4 too: at 4 bits the head's error reaches the logits directly, and at
 8 bits it costs a quarter of its f32 bytes).
+
+The token embedding (the constant table gathered with one row per logit) stays f32 unless
+`embedding` is "w8": int8 rows with one scale per row, gathered and scaled on lookup. Decoding
+reads one row per token, so this saves artifact size and memory (a quarter of the table's
+bytes), not time.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import math
 
 import numpy as np
 
+from llmc.ir.dtypes import DType
 from llmc.ir.graph import Graph
 from llmc.ops.transformer import QUANT_SCHEMES
 
@@ -92,6 +98,26 @@ def _rule(options: dict, logits: set) -> Rule:
                 check=check)
 
 
+def _embedding_rule(vocab: int) -> Rule:
+    def check(m):
+        table = m.data("table")
+        if m.nodes["lookup"].attrs["axis"] != 0 or table.ndim != 2 or table.dtype != np.float32:
+            return "not a row lookup in an f32 table"
+        if table.shape[0] != vocab:
+            return f"{table.shape[0]} rows, not one per logit ({vocab}): not the token embedding"
+        return None
+
+    def build(m, b):
+        node, ids = m.nodes["lookup"], m.values["ids"]
+        q, scale, _ = quantize(m.data("table"), "w8")
+        rows = b.emit("gather", [b.param(q, f"{node.name}.q8"), ids], axis=0)
+        scales = b.emit("gather", [b.param(scale, f"{node.name}.scale"), ids], axis=0)  # 1-D: no match again
+        return b.emit("mul", [b.emit("cast", [rows], to=DType.f32), b.emit("unsqueeze", [scales], axes=[-1])])
+
+    return Rule("quantize_embedding", Op("gather", Const("table"), Var("ids"), bind="lookup"), build,
+                check=check)
+
+
 def _run(graph: Graph, ctx: PassContext) -> Graph:
     options = ctx.options
     quant = options.get("quant")
@@ -100,10 +126,16 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
     for q in (quant, lm_head_scheme(options)):
         if q not in QUANT_SCHEMES + ("f32",):
             raise ValueError(f"unknown quantization {q!r}; supported: {', '.join(QUANT_SCHEMES)}")
-    apply_rules(graph, [_rule(options, set(graph.outputs))], ctx.current.rewrites, ctx.current.near_misses)
+    embedding = options.get("embedding") or "f32"
+    if embedding not in ("f32", "w8"):
+        raise ValueError(f"unknown embedding encoding {embedding!r}; supported: f32, w8")
+    rules = [_rule(options, set(graph.outputs))]
+    if embedding == "w8":
+        rules.append(_embedding_rule(graph.outputs[0].shape[-1]))
+    apply_rules(graph, rules, ctx.current.rewrites, ctx.current.near_misses)
     graph.metadata["quant"] = {"scheme": quant, "group_size": options.get("group_size", DEFAULT_GROUP_SIZE)
                                if quant == "w4" else 0, "zero_point": bool(options.get("zero_point", False)),
-                               "lm_head": lm_head_scheme(options)}
+                               "lm_head": lm_head_scheme(options), "embedding": embedding}
     return graph
 
 

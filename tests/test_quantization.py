@@ -46,7 +46,7 @@ def test_pass_quantizes_every_gemm_and_the_lm_head_by_option(quant):
     assert len(head) == 1 and head[0].attrs["quant"] == "w8"  # the default LM head encoding
     assert all(n.attrs["quant"] == quant for n in gemms if n is not head[0])
     assert graph.metadata["quant"] == {"scheme": quant, "group_size": 32 if quant == "w4" else 0,
-                                       "zero_point": False, "lm_head": "w8"}
+                                       "zero_point": False, "lm_head": "w8", "embedding": "f32"}
     f32_head = _passed("llama-tiny", quant=quant, group_size=32, lm_head="f32")
     assert [n.attrs["quant"] for n in f32_head.nodes if n.op == "fused_linear" and n.outputs[0] in f32_head.outputs] \
         == [""]
@@ -54,6 +54,21 @@ def test_pass_quantizes_every_gemm_and_the_lm_head_by_option(quant):
     assert all(n.attrs["quant"] == quant for n in with_head.nodes if n.op == "fused_linear")
     # one byte per value here (4-bit values pack two per byte in the artifact), f32 scales and zeros
     assert _gemm_bytes(with_head) < _gemm_bytes(_passed("llama-tiny")) / (3.5 if quant == "w8" else 3)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_embedding_w8_quantizes_the_token_table_only(name, rng):
+    graph = _passed(name, quant="w8", embedding="w8")
+    vocab = graph.outputs[0].shape[-1]
+    tables = [graph.const_value(n.inputs[0]) for n in graph.nodes if n.op == "gather"
+              and graph.const_value(n.inputs[0]) is not None and graph.const_value(n.inputs[0]).ndim == 2]
+    # the token table as int8 rows; GPT-2's position table (128 rows) stays f32
+    assert [(t.shape[0], t.dtype) for t in tables if t.shape[0] == vocab] == [(vocab, np.int8)]
+    assert all(t.dtype == np.float32 for t in tables if t.shape[0] != vocab)
+    assert graph.metadata["quant"]["embedding"] == "w8"
+    feeds = zoo.get(name).feeds(rng, batch=2, seq=5, past=3)
+    plain = llmc.run_reference(_passed(name, quant="w8"), feeds)["logits"]
+    assert 0 < rel_err(llmc.run_reference(graph, feeds)["logits"], plain) < 0.02
 
 
 def _gemm_bytes(graph):
@@ -76,7 +91,7 @@ def quantized(tmp_path_factory):
 CASES = [("llama-tiny", {"quant": "w8"}), ("llama-tiny", {"quant": "w4", "group_size": 32}),
          ("gpt2-tiny", {"quant": "w4", "group_size": 64, "zero_point": True}),
          ("qwen2-tiny", {"quant": "w4", "group_size": 32, "lm_head": "w4"}),
-         ("gpt2-tiny", {"quant": "w8", "lm_head": "f32"}),
+         ("gpt2-tiny", {"quant": "w8", "lm_head": "f32", "embedding": "w8"}),
          ("llama-tiny", {"quant": "w4", "group_size": 32, "awq": True})]
 
 
@@ -218,6 +233,7 @@ def test_int8_kv_cache_stays_close_to_the_f32_cache(name, quantized, rng):
     (["--awq"], "--awq and --calibration-ids apply to --quant w4"),
     (["--quant", "w8", "--awq"], "--awq and --calibration-ids apply to --quant w4"),
     (["--zero-point"], "apply with --quant"),
+    (["--embedding", "w8"], "apply with --quant"),
     (["--kv-cache", "int4"], "invalid choice"),
 ])
 def test_compile_refuses_options_that_do_not_apply(args, message, tmp_path, capsys):
