@@ -14,8 +14,8 @@ to fold.
 
 The activations' inverse scale folds into the norm prologue of the GEMM, or, for a GEMM reading a
 gated GEMM (the MLP down projection after SwiGLU/GeGLU), into the up half of that GEMM's weight
-rows. The attention output projection keeps plain rounding (its scales would have to fold into
-the value rows, shared between query heads).
+rows. The attention output projection is clipped but not scaled (its scales would have to fold
+into the value rows, shared between query heads).
 
 Calibration data: token ids given as the `calibration` option, or tokens drawn from the model's
 own vocabulary (seeded).
