@@ -143,14 +143,14 @@ class ZooModel:
             zoo_training.train(model, self.train_steps)
         return model.half() if dtype == "f16" else model
 
-    def text(self, split: str, n: int, start: int = 0) -> list[int] | None:
+    def text(self, split: str, n: int) -> list[int] | None:
         """`n` token ids of real text for a trained model ('train': what it learned from, for
         calibration; 'held-out': text it never saw); None for random-weight models."""
         if not self.train_steps:
             return None
         from . import zoo_training
 
-        return zoo_training.token_ids(split, n, start)
+        return zoo_training.token_ids(split, n)
 
     def export(self, *, kv_cache: bool = True, exporter: str = "dynamo", dtype: str = "f32",
                opset: int | None = None, external_data: bool = False,

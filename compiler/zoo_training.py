@@ -61,11 +61,11 @@ def corpus_digest() -> str:
     return hashlib.sha256(corpus("train")).hexdigest()[:16]
 
 
-def token_ids(split: str, n: int, start: int = 0) -> list[int]:
-    """`n` byte tokens of a split, from `start`."""
-    text = corpus(split)[start:start + n]
+def token_ids(split: str, n: int) -> list[int]:
+    """The first `n` byte tokens of a split."""
+    text = corpus(split)[:n]
     if len(text) < n:
-        raise ValueError(f"the {split} corpus has fewer than {start + n} bytes")
+        raise ValueError(f"the {split} corpus has fewer than {n} bytes")
     return list(text)
 
 

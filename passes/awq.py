@@ -64,8 +64,9 @@ def search_scales(h: np.ndarray, w: np.ndarray, group_size: int, zero_point: boo
     """(scales or None, error of plain rounding, error with the scales) for GEMM input rows h
     [t, k] and weight w [n, k]."""
     magnitude = np.abs(h).mean(axis=0) + 1e-8
-    candidates = [magnitude ** alpha for alpha in ALPHAS]  # alpha 0: plain rounding
-    candidates = [(s / math.exp(np.log(s).mean())).astype(np.float32) for s in candidates]
+    # magnitude^alpha with a geometric mean of 1; alpha 0 is plain rounding
+    candidates = [np.exp(alpha * (np.log(magnitude) - np.log(magnitude).mean())).astype(np.float32)
+                  for alpha in ALPHAS]
     inputs = [h / s for s in candidates]
     errors = np.zeros(len(candidates))
     for r in range(0, w.shape[0], BLOCK_ROWS):  # a block of rows at a time stays in cache
