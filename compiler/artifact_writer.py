@@ -10,9 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from llmc.runtime import artifact
+from llmc.runtime import artifact, safetensors
 
 from . import __version__
 from .ir.graph import Graph
@@ -25,37 +23,33 @@ def _describe(v) -> dict:
 LIBRARY = "kernels/model.so"
 
 
-def write_artifact(graph: Graph, output, target: dict, kernels: dict | None = None,
-                   plans: dict | None = None, library=None, eos_token_id: int | None = None,
-                   weights: dict | None = None) -> Path:
+def write_artifact(graph: Graph, output, target: dict, cpu: dict, kernels: dict, plans: dict, library,
+                   weights: dict, eos_token_id: int | None = None) -> Path:
     """Write `output` (a directory; replaced if it exists) and return its path. `library` is a
-    built TVM executable, exported to kernels/model.so; `weights` the tensors to store (default:
-    the graph's parameters)."""
-    from safetensors.numpy import save_file
-
+    built TVM executable, exported to kernels/model.so; `weights` the tensors the plan reads;
+    `cpu` the CPU the kernels need (name, arch, features: `llmc.runtime.cpu`)."""
     output = Path(output)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent if output.parent.exists() else None))
     try:
-        if weights is None:
-            weights = {name: np.require(graph.store[name], requirements="C") for name in graph.params}
-        save_file(weights, tmp / artifact.WEIGHTS)
-        if library is not None:
-            (tmp / LIBRARY).parent.mkdir()
-            library.export_library(str(tmp / LIBRARY))
+        safetensors.save(tmp / artifact.WEIGHTS, weights)
+        (tmp / LIBRARY).parent.mkdir()
+        library.export_library(str(tmp / LIBRARY))
         artifact.seal(tmp, {
             "llmc_version": __version__,
             "target": target,
+            "cpu": cpu,
             "model": {
                 "name": graph.name,
                 "inputs": [_describe(v) for v in graph.inputs],
                 "outputs": [_describe(v) for v in graph.outputs],
                 "max_seq_len": graph.metadata.get("max_seq_len"),
+                "index_bounds": graph.index_bounds(),
                 "kv_cache": graph.metadata.get("kv_cache"),
                 "quant": graph.metadata.get("quant"),
                 "eos_token_id": eos_token_id,
             },
-            "kernels": kernels or {},
-            "plans": plans or {},
+            "kernels": kernels,
+            "plans": plans,
         })
         if output.exists():
             shutil.rmtree(output)

@@ -51,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress (-vv: debug)")
     sub = p.add_subparsers(metavar="COMMAND")
 
-    ins = sub.add_parser("inspect", help="show a model's inputs, outputs, parameters and ops")
-    ins.add_argument("model", help="an ONNX file")
+    ins = sub.add_parser("inspect", help="show a model's inputs, outputs, parameters and ops, or an "
+                         "artifact's contents and memory")
+    ins.add_argument("model", help="an ONNX file, or a compiled artifact (.llmc directory)")
     ins.add_argument("--ir", action="store_true", help="print the IR as text")
     ins.add_argument("--svg", metavar="FILE", help="draw the graph (one layer if large) as SVG")
     ins.add_argument("--layer", type=int, help="with --svg: draw this transformer layer")
@@ -66,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile an ONNX decoder (with KV cache) to an artifact")
     comp.add_argument("model", help="an ONNX file exported with past_key_values inputs")
     comp.add_argument("--target", choices=("cpu",), default="cpu")
+    comp.add_argument("--cpu", choices=("native", "x86-64-v3", "x86-64-v4"), default="native",
+                      help="the CPU the kernels may assume: this machine's (native, the fastest), or a portable "
+                           "level for artifacts shipped to other machines (v3: AVX2+FMA, v4: AVX-512)")
     comp.add_argument("-o", "--output", help="the artifact directory (default: MODEL.llmc)")
     comp.add_argument("--max-seq-len", type=int, default=1024,
                       help="longest context (prompt + new tokens) the artifact serves (default 1024)")
@@ -81,12 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--top-k", type=int)
     run.add_argument("--top-p", type=float)
     run.add_argument("--seed", type=int)
+    run.add_argument("--threads", type=int, help="kernel threads (default: every core, or $LLMC_NUM_THREADS)")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.set_defaults(run=_run)
 
     ben = sub.add_parser("bench", help="prefill and decode speed against onnxruntime and PyTorch eager")
     ben.add_argument("model", help="a zoo model name (all peers) or an ONNX decoder with KV cache (llmc only)")
-    ben.add_argument("--target", choices=("cpu",), default="cpu")
     ben.add_argument("--prompt-len", type=int, default=128)
     ben.add_argument("--new-tokens", type=int, default=128)
     ben.add_argument("--repeats", type=int, default=3)
@@ -149,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
 def _inspect(args) -> int:
     from .frontends.onnx import from_onnx
 
+    if Path(args.model).is_dir():
+        return _inspect_artifact(args.model)
     log.info("loading %s", args.model)
     graph = from_onnx(args.model)
     out = []
@@ -183,6 +189,34 @@ def _inspect(args) -> int:
             svg = to_svg_side_by_side(graph, passed, layer=1 if args.layer is None else args.layer)
         Path(args.svg).write_text(svg)
         log.info("wrote %s", args.svg)
+    return 0
+
+
+def _inspect_artifact(path) -> int:
+    """An artifact's target, model and plan, and the memory it needs to run (batch 1)."""
+    from llmc.runtime import memory, safetensors
+    from llmc.runtime.artifact import WEIGHTS, open_artifact
+
+    art = open_artifact(path)
+    m = art.manifest
+    weights = safetensors.entries(safetensors.map_file(art.file(WEIGHTS)))
+    mem = memory.footprint(m, weights, art.file(WEIGHTS).stat().st_size)
+    model = m["model"]
+    quant = model["quant"]
+    print("\n".join([
+        f"artifact: {path} (format {m['format_version']}, llmc {m['llmc_version']})",
+        f"target:   {m['target']['kind']} {m['target'].get('mtriple', '')}, CPU {m['cpu']['name']} "
+        f"(needs {', '.join(m['cpu']['features']) or 'nothing beyond the architecture'})",
+        f"model:    {model['name']}, context {model['max_seq_len']} tokens, KV cache {model['kv_cache']['dtype']}, "
+        f"weights {'f32' if not quant else quant['scheme']}",
+        f"inputs:   {', '.join(t['name'] for t in model['inputs'])}",
+        f"plan:     {len(m['plans']['forward'])} kernel calls, {len(m['kernels']['functions'])} distinct kernels",
+        "memory (batch 1, the whole context):",
+        f"  weights      {_bytes(mem['weights'])} (mapped from the file, shared between processes)",
+        f"  KV cache     {_bytes(mem['kv_cache'])}",
+        f"  activations  {_bytes(mem['activations'])} (one arena, values planned by lifetime)",
+        f"  total        {_bytes(mem['total'])}",
+    ]))
     return 0
 
 
@@ -235,7 +269,7 @@ def _compile(args) -> int:
     from . import compile as compile_model
 
     path = compile_model(args.model, target=args.target, output=args.output, max_seq_len=args.max_seq_len,
-                         eos_token_id=args.eos_token_id, **_quant_options(args))
+                         eos_token_id=args.eos_token_id, cpu=args.cpu, **_quant_options(args))
     print(path)
     return 0
 
@@ -247,7 +281,7 @@ def _run(args) -> int:
     from llmc import runtime
 
     prompt = _token_ids(args.prompt_ids, "--prompt-ids")
-    model = runtime.load(args.artifact)
+    model = runtime.load(args.artifact, threads=args.threads)
     start = time.perf_counter()
     tokens = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed,
@@ -262,14 +296,14 @@ def _run(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import bench, format_table
+    from .tools.bench import bench, format_table
 
     return _print_result(bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                                repeats=args.repeats, quant=tuple(args.quant)), format_table, args.json)
 
 
 def _bench_torch(args) -> int:
-    from .torch_bench import bench_torch, format_table
+    from .tools.torch_bench import bench_torch, format_table
 
     return _print_result(bench_torch(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                                      repeats=args.repeats, systems=tuple(args.systems)), format_table, args.json)
@@ -288,7 +322,7 @@ def _print_result(result: dict, format_table, json_path) -> int:
 def _quant_report(args) -> int:
     import json
 
-    from .quant_report import format_table, report
+    from .tools.quant_report import format_table, report
 
     schemes = []
     for quant in args.quant:

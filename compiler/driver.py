@@ -26,7 +26,7 @@ def _encode_dim(d, where: str):
 def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024,
             eos_token_id: int | None = None, quant: str | None = None, group_size: int = 128,
             zero_point: bool = False, lm_head: str | None = None, embedding: str = "f32", awq: bool = False,
-            calibration: list[int] | None = None, kv_cache: str = "f32") -> Path:  # noqa: A001
+            calibration: list[int] | None = None, kv_cache: str = "f32", cpu: str = "native") -> Path:  # noqa: A001
     """Compile an ONNX decoder with KV cache inputs to an artifact directory; returns its path.
 
     `quant`: "w8" (int8 weights, one scale per output channel) or "w4" (4-bit weights in groups of
@@ -36,7 +36,10 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     their activations first, measured on `calibration` token ids (default: drawn from the
     vocabulary). See `llmc.passes.quantize_weights` and `llmc.passes.awq`.
 
-    `kv_cache`: "f32", or "int8" (one scale per head and token, dequantized inside attention)."""
+    `kv_cache`: "f32", or "int8" (one scale per head and token, dequantized inside attention).
+
+    `cpu`: "native" (this machine's CPU: the fastest code, for this kind of CPU only), or a
+    portable x86-64 level ("x86-64-v3", "x86-64-v4") for an artifact shipped to other machines."""
     from llmc.backends.tvm import target as targets
     from llmc.backends.tvm.compile import UnsupportedGraph, compile_graph, lay_out_caches, weights
     from llmc.passes.manager import PassContext, run_passes
@@ -45,8 +48,12 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     from .artifact_writer import LIBRARY, write_artifact
     from .frontends.onnx import from_onnx
 
+    from llmc.runtime import cpu as cpus
+
     if target not in TARGETS:
         raise LlmcError(f"target {target!r} is not supported yet; supported: {', '.join(TARGETS)}")
+    if cpu != "native" and cpu not in cpus.LEVELS:
+        raise LlmcError(f"CPU {cpu!r} is not supported; supported: native, {', '.join(cpus.LEVELS)}")
     options = {"max_seq_len": max_seq_len}
     if quant:
         from llmc.ops.transformer import QUANT_SCHEMES
@@ -69,6 +76,8 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
         raise LlmcError(f"KV cache {kv_cache!r} is not supported; supported: f32, int8")
     onnx_path = Path(onnx_path)
     output = Path(output) if output else onnx_path.with_suffix(".llmc")
+    if not output.parent.is_dir():
+        raise LlmcError(f"{output}: the folder {output.parent} does not exist")
     stages = []
     start = time.perf_counter()
     graph = from_onnx(onnx_path)
@@ -79,7 +88,8 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     graph = run_passes(graph, default_pipeline(target), PassContext(options=options))
     stages.append(("passes", time.perf_counter() - start - sum(t for _, t in stages)))
     caches = lay_out_caches(graph, kv_cache)
-    tvm_target = targets.host()
+    tvm_target = targets.host(cpu)
+    cpu_info = {"name": tvm_target["mcpu"], "arch": cpus.arch(), "features": cpus.required_features(cpu)}
     try:
         executable, functions, plan = compile_graph(graph, tvm_target)
     except UnsupportedGraph as e:
@@ -93,7 +103,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
               {"dtype": by_name[n].dtype.numpy().name, "shape": [_encode_dim(d, n) for d in by_name[n].shape]}
               for n in sorted(names)}
     values.update({n: {"dtype": dtype, "shape": [_encode_dim(d, n) for d in shape]} for n, (dtype, shape) in caches.items()})
-    write_artifact(graph, output, tvm_target, kernels={"library": LIBRARY, "functions": functions},
+    write_artifact(graph, output, tvm_target, cpu_info, kernels={"library": LIBRARY, "functions": functions},
                    plans={"forward": [s.to_json() for s in plan], "values": values}, library=executable,
                    eos_token_id=eos_token_id, weights=tensors)
     stages.append(("artifact", time.perf_counter() - start - sum(t for _, t in stages)))

@@ -8,8 +8,9 @@ compiler, so that an artifact runs where only the runtime is installed.
 """
 
 
-def load(path):
-    """Open, verify and load an artifact (see `llmc.runtime.model.Model`)."""
+def load(path, threads: int | None = None):
+    """Open, verify and load an artifact (see `llmc.runtime.model.Model`); `threads`: the
+    kernels' threads (default: every core this process may use, or $LLMC_NUM_THREADS)."""
     from .model import load as _load
 
-    return _load(path)
+    return _load(path, threads)

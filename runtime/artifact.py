@@ -3,16 +3,18 @@
 An artifact is a directory:
 
     model.llmc/
-      manifest.json        format, format_version, llmc_version, target, model, kv_cache,
-                           kernels, plans, and files: {relative path: {bytes, sha256}}
-      weights.safetensors  the parameters after the passes (concatenated QKV, ...)
+      manifest.json        format, format_version, llmc_version, target, cpu, model, kernels,
+                           plans, and files: {relative path: {bytes, sha256}}
+      weights.safetensors  the parameters after the passes (concatenated QKV, ...), 64-byte aligned
       kernels/…            compiled kernel libraries (per target)
 
-The schema lives here, in the runtime; the compiler's writer imports it, so reader and writer
-cannot drift. Opening checks, before anything runs: the manifest parses and is an llmc
-manifest of a version this runtime reads, every file it lists is present with the listed size
-(not truncated) and checksum (not altered), and no listed path leaves the directory. Nothing is
-unpickled; the only code an artifact carries is the kernel libraries its manifest declares.
+The schema lives here, in the runtime (`schema.py`); the compiler's writer imports it and `seal`
+checks what it writes, so reader and writer cannot drift. Opening checks, before anything is
+allocated or run: the manifest parses, is an llmc manifest of a version this runtime reads, and
+holds to the schema in every field; every file it lists or points at is listed, relative, inside
+the directory, and present with the listed size (not truncated) and checksum (not altered).
+Nothing is unpickled; the only code an artifact carries is the kernel libraries its manifest
+declares.
 """
 
 from __future__ import annotations
@@ -22,14 +24,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import schema
 from .errors import ArtifactError
 
 FORMAT = "llmc-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the cpu and index_bounds fields, aligned weights used in place
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
-REQUIRED_FIELDS = ("format", "format_version", "llmc_version", "target", "model", "kernels", "plans",
-                   "files")
 _MAX_MANIFEST_BYTES = 64 << 20
 
 
@@ -49,12 +50,19 @@ def seal(directory, manifest: dict) -> dict:
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
         rel = path.relative_to(directory).as_posix()
         files[rel] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
-    full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
-    missing = [f for f in REQUIRED_FIELDS if f not in full]
-    if missing:
-        raise ValueError(f"manifest lacks {missing}")
-    (directory / MANIFEST).write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
+    full = json.loads(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}))
+    full["manifest_sha256"] = digest(full)
+    text = json.dumps(full, indent=1, sort_keys=True) + "\n"
+    schema.validate(full, f"{directory / MANIFEST} (as written)")
+    (directory / MANIFEST).write_text(text)
     return full
+
+
+def digest(manifest: dict) -> str:
+    """The manifest's own checksum, over every field but itself: an edit after compilation (a
+    longer context, another kernel) is refused as such rather than run."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -88,14 +96,16 @@ def open_artifact(path) -> Artifact:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{manifest_path}: format version {manifest.get('format_version')!r}; this "
                             f"runtime reads version {FORMAT_VERSION} (recompile with this llmc)")
-    missing = [f for f in REQUIRED_FIELDS if f not in manifest]
-    if missing:
-        raise ArtifactError(f"{manifest_path}: missing field(s) {missing}")
+    schema.validate(manifest, str(manifest_path))
+    if manifest["manifest_sha256"] != digest(manifest):
+        raise ArtifactError(f"{manifest_path}: altered after compilation (its checksum, manifest_sha256, does not "
+                            "match its fields); recompile rather than edit an artifact")
     root = path.resolve()
     for rel, info in manifest["files"].items():
         file = (path / rel).resolve()
-        if root not in file.parents:
-            raise ArtifactError(f"{manifest_path}: file {rel!r} lies outside the artifact")
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or root not in file.parents:
+            raise ArtifactError(f"{manifest_path}: file {rel!r} lies outside the artifact (listed paths are "
+                                "relative, inside the artifact's directory)")
         if not file.is_file():
             raise ArtifactError(f"{path / rel}: missing (the manifest lists it)")
         size = file.stat().st_size

@@ -2,15 +2,17 @@
 
 The plan (from the artifact) lists kernel calls by value name; `values` gives each value's dtype
 and shape, whose dims are integers or polynomials over the named dims (batch, seq, past,
-total), encoded as [[coefficient, [dim, ...]], ...]. `reset` allocates the arena: one buffer per
-value, at its largest shape; each value is viewed at a step's shape from the front of its
-buffer, so a step allocates no tensor memory. The kernel calls are bound once per (batch, seq):
+total), encoded as [[coefficient, [dim, ...]], ...]. The weights are used in place, as views on
+the artifact's memory map (64-byte aligned by the writer). `reset` allocates the KV caches and
+one arena for the activations, planned by lifetime (`memory.py`): values never alive together
+share its bytes. Each value is viewed at a step's shape from the front of its place in the
+arena, so a step allocates no tensor memory. The kernel calls are bound once per (batch, seq):
 argument arrays are prepared then, and a decode step only re-views the few values whose shape
-grows with the context (the mask) and passes the current lengths. Each layer's keys
-and values live in one buffer [batch, kv_heads, max_seq, head_dim] that `rope_cache` writes in
-place and attention reads.
+grows with the context (the mask) and passes the current lengths. Each layer's keys and values
+live in one buffer [batch, kv_heads, max_seq, head_dim] that `rope_cache` writes in place and
+attention reads.
 
-TVM kernels read 64-byte aligned memory; every buffer here is allocated so.
+TVM kernels read 64-byte aligned memory; every buffer here is so aligned.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import math
 
 import numpy as np
 
+from . import memory
 from .errors import LlmcError
-
-ALIGN = 64
+from .memory import ALIGN, evaluate
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -32,36 +34,28 @@ def aligned_empty(shape, dtype) -> np.ndarray:
     return raw[start:start + n].view(dtype).reshape(shape)
 
 
-def aligned_copy(a: np.ndarray) -> np.ndarray:
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """`a` itself when the kernels can read it in place, else an aligned copy."""
+    if a.ctypes.data % ALIGN == 0 and a.flags.c_contiguous and a.flags.writeable:
+        return a
     out = aligned_empty(a.shape, a.dtype)
     out[...] = a
     return out
 
 
-def evaluate(dim, env: dict[str, int]) -> int:
-    if isinstance(dim, int):
-        return dim
-    total = 0
-    for coeff, atoms in dim:
-        term = coeff
-        for a in atoms:
-            term *= env[a]
-        total += term
-    return total
-
-
 class Executor:
-    def __init__(self, functions: dict, plan: list[dict], values: dict, weights: dict[str, np.ndarray],
-                 kv_entries: list[dict], max_seq: int, logits: str):
-        self.functions, self.plan, self.values, self.max_seq = functions, plan, values, max_seq
-        self.logits = logits
-        self.weights = {name: aligned_copy(w) for name, w in weights.items()}
-        self.kv_entries = kv_entries
+    def __init__(self, functions: dict, manifest: dict, weights: dict[str, np.ndarray]):
+        self.functions, self.manifest = functions, manifest
+        self.plan, self.values = manifest["plans"]["forward"], manifest["plans"]["values"]
+        self.max_seq = manifest["model"]["max_seq_len"]
+        self.logits = manifest["model"]["outputs"][0]["name"]
+        self.weights = {name: _aligned(w) for name, w in weights.items() if name in self.values}
+        self.kv_entries = manifest["model"]["kv_cache"]["entries"]
         self.caches: dict[str, np.ndarray] = {}
         self.arena: dict[str, np.ndarray] = {}
         self.batch = None
         # values whose shape depends on the context length: re-viewed at every step
-        self.growing = {name for name, info in values.items()
+        self.growing = {name for name, info in self.values.items()
                         if any(atom in ("past", "total") for d in info["shape"] if not isinstance(d, int)
                                for _, atoms in d for atom in atoms)}
 
@@ -76,6 +70,13 @@ class Executor:
         (allocated and bound once, as a server would)."""
         if batch == self.batch:
             return
+        offsets, size = memory.arena_plan(self.manifest, self.weights, batch)
+        need = memory.cache_bytes(self.manifest, batch) + size
+        free = memory.available()
+        if free is not None and need > free:
+            raise LlmcError(f"a batch of {batch} at the artifact's context of {self.max_seq} tokens needs "
+                            f"{need / 2**30:.2f} GiB for its KV caches and activations; this machine has "
+                            f"{free / 2**30:.2f} GiB free")
         self.batch = batch
         self.caches = {}
         for entry in self.kv_entries:
@@ -83,16 +84,13 @@ class Executor:
             shape = [evaluate(d, {"batch": batch, "past": self.max_seq}) for d in info["shape"]]
             self.caches[entry["past"]] = aligned_empty(shape, info["dtype"])
             self.caches[entry["present"]] = self.caches[entry["past"]]
+        arena = aligned_empty((size,), np.uint8)
         largest = {"batch": batch, "seq": self.max_seq, "past": self.max_seq, "total": self.max_seq}
-        self.arena = {name: aligned_empty((self._numel(info, largest),), info["dtype"])
-                      for name, info in self.values.items() if name not in self.weights and name not in self.caches}
+        self.arena = {name: arena[offset:offset + memory.nbytes(self.values[name], largest)].view(self.values[name]["dtype"])
+                      for name, offset in offsets.items()}
         self.no_tables = aligned_empty((batch * self.max_seq * 2,), np.float32)  # rope without rotary
         self._views = {name: {} for name in self.arena}
         self._bound = {}
-
-    @staticmethod
-    def _numel(info, env) -> int:
-        return math.prod(evaluate(d, env) for d in info["shape"])
 
     def _view(self, name: str, env) -> np.ndarray:
         """The value's buffer, viewed at this step's shape (its front: aligned, contiguous).
@@ -129,12 +127,17 @@ class Executor:
         for name, a in feeds.items():
             if name in self.values:  # a feed the compiled graph never reads has no buffer
                 self._view(name, env)[...] = a
-        for fn, args, growing, copies, dims in bound:
-            for i, make in growing:
-                args[i] = make(env)
+        for i, (fn, args, growing, copies, dims) in enumerate(bound):
+            for j, make in growing:
+                args[j] = make(env)
             for dst, src in copies:
                 dst[...] = src
-            fn(*args, *[env[d] for d in dims])
+            try:
+                fn(*args, *[env[d] for d in dims])
+            except Exception as e:  # a kernel checks its arguments: the plan disagrees with it
+                step = self.plan[i]
+                raise LlmcError(f"plans.forward[{i}]: kernel {step['kernel']!r} refused the values "
+                                f"{[a for a in step['args'] if a]}: {str(e).strip().splitlines()[-1]}") from None
         return self._view(self.logits, dict(env, seq=1) if last_logits else env)
 
     def _bind(self, step, env, last_logits):

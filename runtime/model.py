@@ -1,79 +1,88 @@
 """Load an artifact and generate: prefill the prompt, then the compiled decode loop.
 
-Imports numpy and tvm_ffi (the kernel runtime) only. Kernels that run in parallel need TVM's
-runtime library loaded first, which ships in the apache-tvm wheel; it is found without
-importing TVM's compiler.
+Imports numpy and tvm_ffi (the kernel runtime) only, with TVM's runtime library for the
+kernels' thread pool (`threads.py`). Loading checks, in order and before anything is allocated:
+the artifact (`open_artifact`: schema, files, checksums), that this CPU can run its kernels, that
+every weight the plan reads is in the weights file with the dtype and shape the plan gives it,
+and that the KV caches and activations fit in the memory this machine has free.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from . import safetensors
+from . import cpu, memory, safetensors
 from .artifact import WEIGHTS, open_artifact
-from .errors import LlmcError
+from .errors import ArtifactError, LlmcError
 from .executor import Executor
-from .sampling import sample
-
-_RUNTIME_LOADED = False
-
-
-def _load_tvm_runtime():
-    """tvm_ffi first (it loads libtvm_ffi.so, which TVM's runtime library links against)."""
-    global _RUNTIME_LOADED
-    if _RUNTIME_LOADED:
-        return
-    import tvm_ffi  # noqa: F401
-
-    spec = importlib.util.find_spec("tvm")
-    if spec is None or not spec.submodule_search_locations:
-        raise LlmcError("TVM's runtime library is not installed (pip install apache-tvm)")
-    lib = Path(next(iter(spec.submodule_search_locations))) / "lib" / "libtvm_runtime.so"
-    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)  # parallel kernels call into it
-    _RUNTIME_LOADED = True
+from .sampling import check_options, sample
+from .threads import start as start_kernel_pool
 
 
 class Model:
-    def __init__(self, path):
+    def __init__(self, path, threads: int | None = None):
         art = open_artifact(path)
         m = art.manifest
-        if not m["plans"]:
-            raise LlmcError(f"{path}: the artifact has no execution plan")
-        _load_tvm_runtime()
+        where = str(art.file("manifest.json"))
+        cpu.check(m["cpu"], where)
+        if not m["plans"]["forward"]:
+            raise ArtifactError(f"{where}: plans.forward: the artifact has no execution plan")
+        weights = safetensors.load(art.file(WEIGHTS))
+        _check_weights(m["plans"]["values"], weights, where)
+        self.manifest = m
+        self.max_seq_len = m["model"]["max_seq_len"]
+        self.eos_token_id = m["model"]["eos_token_id"]
+        self.index_bounds = m["model"]["index_bounds"]
+        self.memory = memory.footprint(m, weights, art.file(WEIGHTS).stat().st_size)
+        self.threads = start_kernel_pool(threads)
         import tvm_ffi
 
         library = tvm_ffi.load_module(str(art.file(m["kernels"]["library"])))
-        functions = {name: library[name] for name in m["kernels"]["functions"]}
-        self.manifest = m
-        self.max_seq_len = m["model"]["max_seq_len"]
-        self.eos_token_id = m["model"].get("eos_token_id")
-        self.executor = Executor(functions, m["plans"]["forward"], m["plans"]["values"],
-                                 safetensors.load(art.file(WEIGHTS)), m["model"]["kv_cache"]["entries"],
-                                 self.max_seq_len, logits=m["model"]["outputs"][0]["name"])
+        try:
+            functions = {name: library[name] for name in m["kernels"]["functions"]}
+        except Exception as e:  # tvm_ffi raises its own error types for a missing symbol
+            raise ArtifactError(f"{where}: kernels.functions: not in the kernel library ({e})") from None
+        self.executor = Executor(functions, m, weights)
+
+    def check_ids(self, feeds: dict[str, np.ndarray]) -> None:
+        """Token ids index tables: one out of range would make the gather read outside them."""
+        for name, bound in self.index_bounds.items():
+            ids = feeds.get(name)
+            if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= bound):
+                bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+                raise LlmcError(f"{name}: token id {bad} is outside the vocabulary (0..{bound - 1})")
 
     def forward(self, input_ids: np.ndarray, past: int, last_only: bool = False) -> np.ndarray:
         """Logits [batch, seq, vocab] for `input_ids` after `past` cached tokens; with
         `last_only`, [batch, 1, vocab] for the last position (what generation needs)."""
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2 or input_ids.dtype.kind not in "iu":
+            raise LlmcError(f"input_ids: expected integer token ids [batch, seq], got {input_ids.dtype}{list(input_ids.shape)}")
         batch, seq = input_ids.shape
         feeds = {"input_ids": input_ids.astype(np.int64),
                  "attention_mask": np.ones((batch, past + seq), np.int64),
                  "position_ids": np.broadcast_to(np.arange(past, past + seq), (batch, seq)).astype(np.int64)}
+        self.check_ids(feeds)
         return self.executor.run(feeds, past, last_logits=last_only)
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
                  on_token: Callable[[int], None] | None = None) -> list[int]:
-        prompt = [int(t) for t in prompt_ids]
+        check_options(temperature, top_k, top_p)
+        try:
+            prompt = [int(t) for t in prompt_ids]
+        except (TypeError, ValueError):
+            raise LlmcError("the prompt must be a sequence of integer token ids") from None
         if not prompt:
             raise LlmcError("the prompt is empty")
+        if type(max_new_tokens) is not int or max_new_tokens < 0:
+            raise LlmcError(f"max_new_tokens {max_new_tokens!r}: must be an integer >= 0")
         if len(prompt) + max_new_tokens > self.max_seq_len:
             raise LlmcError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the context "
                             f"of {self.max_seq_len} tokens this artifact was compiled for")
+        self.check_ids({"input_ids": np.array(prompt)})
         rng = np.random.default_rng(seed)
         self.executor.reset(batch=1)
         logits = self.forward(np.array([prompt]), past=0, last_only=True)
@@ -90,5 +99,19 @@ class Model:
         return out
 
 
-def load(path) -> Model:
-    return Model(path)
+def _check_weights(values: dict, weights: dict[str, np.ndarray], where: str) -> None:
+    """Every value the plan describes with a static shape and finds in the weights file must be
+    that tensor, as the plan describes it."""
+    for name, info in values.items():
+        w = weights.get(name)
+        if w is None:
+            continue
+        if str(w.dtype) != info["dtype"] or list(w.shape) != info["shape"]:
+            raise ArtifactError(f"{where}: plans.values[{name!r}]: {info['dtype']}{info['shape']}, but the weights "
+                                f"file holds {w.dtype}{list(w.shape)}")
+
+
+def load(path, threads: int | None = None) -> Model:
+    """Open, verify and load an artifact; `threads`: the kernels' threads (default: every core,
+    or LLMC_NUM_THREADS)."""
+    return Model(path, threads)

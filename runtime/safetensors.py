@@ -1,5 +1,13 @@
-"""Read safetensors files as zero-copy numpy views on a memory map (numpy only; the format is an
-8-byte header length, a JSON header, and the tensors' bytes)."""
+"""Read and write safetensors files (numpy only; the format is an 8-byte header length, a JSON
+header, and the tensors' bytes, one after another).
+
+The runtime uses an artifact's weights in place, as numpy views on a private memory map of the
+file: nothing is copied, the pages are the page cache's (shared by every process that maps the
+file) until written, and only the pages a kernel touches are read from disk. TVM's kernels
+assume 64-byte aligned tensors, so `save` aligns every tensor's data: the header is padded with
+spaces (which JSON ignores) and the gaps between tensors are filled by padding tensors (uint8,
+named `__pad_N__`), because the format allows no holes. Any safetensors reader reads the file.
+"""
 
 from __future__ import annotations
 
@@ -20,12 +28,18 @@ class SafetensorsError(ValueError):
     pass
 
 
+ALIGN = 64
+PAD = "__pad_{}__"
+_CODES = {np.dtype(t): code for code, t in DTYPES.items()}
+
+
 def map_file(path: Path) -> np.ndarray:
-    """The whole file as a read-only uint8 array."""
+    """The whole file as a uint8 array on a private (copy-on-write) map: writable, as DLPack
+    needs to hand it to a kernel, while the file stays as it is."""
     with open(path, "rb") as f:
         if f.seek(0, 2) == 0:
             return np.zeros(0, np.uint8)
-        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
 
 
 def entries(data: np.ndarray) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
@@ -65,4 +79,31 @@ def tensor(data: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], offset: in
 
 def load(path) -> dict[str, np.ndarray]:
     data = map_file(Path(path))
-    return {name: tensor(data, *e, name) for name, e in entries(data).items()}
+    return {name: tensor(data, *e, name) for name, e in entries(data).items() if not _is_pad(name)}
+
+
+def _is_pad(name: str) -> bool:
+    return name.startswith("__pad_") and name.endswith("__")
+
+
+def save(path, tensors: dict[str, np.ndarray]) -> None:
+    """Write `tensors` with each one's data at a 64-byte aligned offset of the file."""
+    header, layout, offset = {}, [], 0
+    for name in sorted(tensors):
+        a = np.require(tensors[name], requirements="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+        if a.dtype not in _CODES:
+            raise SafetensorsError(f"tensor {name!r}: dtype {a.dtype} has no safetensors code")
+        gap = -offset % ALIGN
+        if gap:
+            header[PAD.format(len(layout))] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            layout.append(np.zeros(gap, np.uint8))
+            offset += gap
+        header[name] = {"dtype": _CODES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        layout.append(a)
+        offset += a.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for a in layout:
+            f.write(a.reshape(-1).view(np.uint8).data if a.size else b"")

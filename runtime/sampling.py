@@ -3,7 +3,21 @@ from a seeded generator."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from .errors import LlmcError
+
+
+def check_options(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse settings that have no meaning, before anything runs."""
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise LlmcError(f"temperature {temperature!r}: must be a finite number >= 0 (0: greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise LlmcError(f"top-k {top_k!r}: must be an integer >= 1")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise LlmcError(f"top-p {top_p!r}: must be a number in (0, 1]")
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0,

@@ -1,19 +1,53 @@
 """Shared fixtures. Zoo exports are cached on disk (LLMC_CACHE_DIR, default ~/.cache/llmc), so a
-model is exported once per machine, not once per test run."""
+model is exported once per machine, not once per test run.
+
+Random test data comes from the `rng` fixture: a fresh seed per test, printed when the test
+fails; `LLMC_TEST_SEED=N pytest ...` replays a failure with the seed it printed."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 
+SEED_VARIABLE = "LLMC_TEST_SEED"
+
 
 @pytest.fixture
 def rng(request):
-    """A generator seeded differently in every test, so inputs are fresh per test; the seed is
-    shown on failure."""
-    seed = np.random.SeedSequence().entropy % 2**32
+    """A generator seeded differently in every test (or by $LLMC_TEST_SEED)."""
+    text = os.environ.get(SEED_VARIABLE)
+    seed = int(text) if text else int(np.random.SeedSequence().entropy % 2**32)
     request.node.user_properties.append(("seed", seed))
     return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    seed = dict(item.user_properties).get("seed")
+    if report.failed and seed is not None:
+        report.sections.append(("random seed", f"{seed}: replay with {SEED_VARIABLE}={seed} pytest '{item.nodeid}'"))
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """`artifacts(name, **options)`: a zoo model compiled once per session (max_seq_len 128)."""
+    import llmc
+    from zoo_cases import export
+
+    root = tmp_path_factory.mktemp("artifacts")
+    cache = {}
+
+    def get(name, **options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            tag = "-".join([name] + [f"{k}{v}" for k, v in sorted(options.items())])
+            cache[key] = llmc.compile(export(name, exporter="dynamo", kv_cache=True), output=root / f"{tag}.llmc",
+                                      max_seq_len=128, **options)
+        return cache[key]
+    return get
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:

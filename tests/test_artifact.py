@@ -12,21 +12,18 @@ import pytest
 from zoo_cases import export
 
 import llmc
-from llmc.artifact_writer import write_artifact
 from llmc.passes.manager import PassContext, run_passes
 from llmc.passes.pipeline import default_pipeline
 from llmc.runtime import safetensors
-from llmc.runtime.artifact import FORMAT_VERSION, MANIFEST, WEIGHTS, open_artifact
+from llmc.runtime.artifact import FORMAT_VERSION, MANIFEST, WEIGHTS, digest, open_artifact
 from llmc.runtime.errors import ArtifactError
-
-TARGET = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+def compiled(artifacts):
     graph = llmc.from_onnx(export("llama-tiny", exporter="dynamo", kv_cache=True))
     graph = run_passes(graph, default_pipeline(), PassContext(options={"max_seq_len": 128}))
-    return graph, write_artifact(graph, tmp_path_factory.mktemp("a") / "model.llmc", TARGET)
+    return graph, artifacts("llama-tiny")
 
 
 @pytest.fixture
@@ -41,15 +38,28 @@ def test_round_trip(compiled):
     graph, path = compiled
     a = open_artifact(path)
     m = a.manifest
-    assert m["format_version"] == FORMAT_VERSION and m["target"] == TARGET
-    assert m["model"]["max_seq_len"] == 128
+    assert m["format_version"] == FORMAT_VERSION and m["target"]["kind"] == "llvm"
+    assert m["model"]["max_seq_len"] == 128 and m["model"]["index_bounds"] == {"input_ids": 256}
     assert m["model"]["kv_cache"]["layout"] == "[batch, kv_heads, max_seq, head_dim]"
     assert [i["name"] for i in m["model"]["inputs"]][:2] == ["input_ids", "attention_mask"]
     assert m["model"]["outputs"][1]["shape"] == ["batch", "2", "past + seq", "16"]
     weights = safetensors.load(a.file(WEIGHTS))
-    assert set(weights) == set(graph.params)
-    for name, arr in weights.items():
-        np.testing.assert_array_equal(arr, graph.store[name])
+    plain = set(weights) & set(graph.params)
+    assert plain and all(n in m["plans"]["values"] for n in weights)
+    for name in plain:
+        np.testing.assert_array_equal(weights[name], graph.store[name])
+    # every tensor starts 64-byte aligned in the file, for the kernels to read it in place
+    assert all(w.ctypes.data % 64 == 0 for w in weights.values())
+
+
+def test_weights_file_reads_with_the_safetensors_library(compiled):
+    from safetensors.numpy import load_file
+
+    path = open_artifact(compiled[1]).file(WEIGHTS)
+    theirs, ours = load_file(path), safetensors.load(path)
+    assert set(ours) <= set(theirs) and all(k.startswith("__pad_") for k in set(theirs) - set(ours))
+    for name, w in ours.items():
+        np.testing.assert_array_equal(theirs[name], w)
 
 
 def test_truncated_file(art):
@@ -77,15 +87,43 @@ def test_other_version(art):
     m = json.loads((art / MANIFEST).read_text())
     m["format_version"] = FORMAT_VERSION + 1
     (art / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match=r"format version 2; this runtime reads version 1"):
+    with pytest.raises(ArtifactError, match=rf"format version {FORMAT_VERSION + 1}; this runtime reads version {FORMAT_VERSION}"):
         open_artifact(art)
 
 
-def test_path_outside_the_artifact(art):
+def edit(art, change, keep_checksum=True):
+    """Change the manifest as a faulty compiler would have written it (its checksum agrees), or
+    as a hand edit would (it does not)."""
     m = json.loads((art / MANIFEST).read_text())
-    m["files"]["../escape"] = {"bytes": 1, "sha256": "0"}
+    change(m)
+    if keep_checksum:
+        m["manifest_sha256"] = digest(m)
     (art / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match="outside the artifact"):
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: m["files"].update({"../escape": {"bytes": 1, "sha256": "0" * 64}}), "'../escape' lies outside"),
+    (lambda m: m["files"].update({"/etc/passwd": {"bytes": 1, "sha256": "0" * 64}}), "'/etc/passwd' lies outside"),
+    (lambda m: m["kernels"].update(library="kernels/other.so"), "kernels.library: 'kernels/other.so' is not a listed"),
+    (lambda m: m["files"].pop(WEIGHTS), "the weights .weights.safetensors. are not listed"),
+    (lambda m: m["model"].pop("max_seq_len"), "model.max_seq_len: missing"),
+    (lambda m: m["model"].update(max_seq_len="128"), "model.max_seq_len: expected an integer >= 1"),
+    (lambda m: m["plans"]["forward"][3].update(kernel="k99_nothing"), r"plans.forward\[3\].kernel: 'k99_nothing'"),
+    (lambda m: m["plans"]["forward"][2].update(kind="conv"), r"plans.forward\[2\].kind: expected one of"),
+    (lambda m: m["plans"]["forward"][0]["args"].__setitem__(0, "nowhere"), "value 'nowhere' is not described"),
+    (lambda m: m["plans"]["values"]["input_ids"].update(shape=[[[1, ["width"]]]]), r"plans.values\['input_ids'\]"),
+    (lambda m: m.update(extra=1), "extra: unknown field"),
+    (lambda m: m.pop("cpu"), "cpu: missing"),
+])
+def test_manifest_is_held_to_its_schema(art, change, message):
+    edit(art, change)
+    with pytest.raises(ArtifactError, match=message):
+        open_artifact(art)
+
+
+def test_hand_edited_manifest(art):
+    edit(art, lambda m: m["model"].update(max_seq_len=100000), keep_checksum=False)
+    with pytest.raises(ArtifactError, match="altered after compilation"):
         open_artifact(art)
 
 

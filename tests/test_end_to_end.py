@@ -22,19 +22,6 @@ from llmc.runtime.errors import LlmcError
 STEPS = 32
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = llmc.compile(export(name, exporter="dynamo", kv_cache=True), output=root / f"{name}.llmc",
-                                       max_seq_len=128)
-        return cache[name]
-    return get
-
-
 def _onnxruntime_greedy(name, prompt, steps):
     """Greedy decoding driven through onnxruntime; returns the tokens and each step's logits."""
     path = export(name, exporter="dynamo", kv_cache=True)

@@ -253,7 +253,7 @@ def test_quantization_quality_on_trained_models(name):
     real text (random-weight models predict near-ties, see docs/benchmarks.md): over 256 held-out
     positions, w8 agrees with fp32 on >= 99% of next tokens, w4 with activation-aware scaling on
     >= 90%, and the scaling errs less than plain rounding."""
-    from llmc.quant_report import report
+    from llmc.tools.quant_report import report
 
     result = report(name, [{"quant": "w8"}, {"quant": "w4", "group_size": 128},
                            {"quant": "w4", "group_size": 128, "awq": True}], tokens=256)

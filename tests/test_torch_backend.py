@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmc import torch_backend, zoo
+from llmc import zoo
+from llmc.torch_compile import backend as torch_backend
 from llmc.backends.reference.executor import run_reference
 from llmc.errors import LlmcError
 from llmc.frontends.fx import from_exported_program
@@ -135,7 +136,7 @@ def test_unsupported_op_falls_back_to_eager_and_is_reported(rng, caplog):
     module = _Cumprod().eval()
     x = torch.from_numpy(rng.standard_normal((3, 16)).astype(np.float32))
     compiled = torch.compile(module, backend="llmc", options={"report": True})
-    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="llmc.torch_backend"):
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="llmc.torch_compile.backend"):
         got, want = compiled(x), module(x)
     assert rel_err(got, want) < 1e-5
     report = torch_backend.REPORTS[-1]
@@ -148,7 +149,7 @@ def test_graph_needing_gradients_runs_in_eager(rng, caplog):
     module = _Cumprod().train()
     x = torch.from_numpy(rng.standard_normal((3, 16)).astype(np.float32))
     compiled = torch.compile(module, backend="llmc")
-    with caplog.at_level(logging.WARNING, logger="llmc.torch_backend"):
+    with caplog.at_level(logging.WARNING, logger="llmc.torch_compile.backend"):
         got = compiled(x)
     got.sum().backward()
     assert module.proj.weight.grad is not None

@@ -276,6 +276,19 @@ class Graph:
                     users[v].append(n)
         return users
 
+    def index_bounds(self) -> dict[str, int]:
+        """Integer inputs that index a constant table (token ids into an embedding), with the
+        table's rows: the ids a run must keep below. Kernels do not check bounds, so the runtimes
+        check these inputs before they run."""
+        bounds: dict[str, int] = {}
+        users = self.consumers()
+        for v in self.inputs:
+            for n in users[v]:
+                table = self.const_value(n.inputs[0])
+                if n.op == "gather" and n.inputs[1] is v and n.attrs["axis"] == 0 and table is not None:
+                    bounds[v.name] = min(bounds.get(v.name, table.shape[0]), table.shape[0])
+        return bounds
+
     def symbols(self) -> set[str]:
         """The named dims of the graph's inputs (batch, seq, past, ...)."""
         return {a for v in self.inputs for d in v.shape if isinstance(d, Sym) for a in d.atoms}

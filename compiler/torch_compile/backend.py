@@ -215,7 +215,7 @@ class _Subgraph:
 
         from llmc.backends.tvm import target as targets
 
-        from .torch_runner import TorchPlan
+        from .runner import TorchPlan
 
         executable = tvm.compile(tvm.IRModule(self.funcs), target=tvm.target.Target(targets.host()))
         run = TorchPlan(self.graph, executable, self.plan, dim_inputs=[sym for _, sym in self.sizes])

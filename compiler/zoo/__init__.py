@@ -98,7 +98,7 @@ _BENCH_SIZES = {
                                  vocab=32000, ctx=2048)),
 }
 
-# Byte-level models trained for a few minutes on Python's stdlib source (`zoo_training`): peaked
+# Byte-level models trained for a few minutes on Python's stdlib source (`training`): peaked
 # predictions, for measuring what quantization costs in quality.
 _TRAINED = dict(hidden=256, layers=4, heads=4, kv_heads=2, vocab=256, ctx=512)
 _TRAINED_SIZES = {
@@ -115,7 +115,7 @@ class ZooModel:
     name: str
     family: str
     sizes: dict = field(hash=False, compare=False)
-    train_steps: int = 0  # > 0: trained on text (`zoo_training`) instead of random weights
+    train_steps: int = 0  # > 0: trained on text (`training`) instead of random weights
 
     @property
     def is_decoder(self) -> bool:
@@ -137,10 +137,10 @@ class ZooModel:
         torch.manual_seed(0)
         model = getattr(transformers, model_cls)(self.config()).eval()
         if self.train_steps:
-            from . import zoo_training
+            from . import training
 
             log.info("training %s for %d steps", self.name, self.train_steps)
-            zoo_training.train(model, self.train_steps)
+            training.train(model, self.train_steps)
         return model.half() if dtype == "f16" else model
 
     def text(self, split: str, n: int) -> list[int] | None:
@@ -148,9 +148,9 @@ class ZooModel:
         calibration; 'held-out': text it never saw); None for random-weight models."""
         if not self.train_steps:
             return None
-        from . import zoo_training
+        from . import training
 
-        return zoo_training.token_ids(split, n)
+        return training.token_ids(split, n)
 
     def export(self, *, kv_cache: bool = True, exporter: str = "dynamo", dtype: str = "f32",
                opset: int | None = None, external_data: bool = False,
@@ -193,10 +193,10 @@ class ZooModel:
     def _training_key(self) -> dict:
         if not self.train_steps:
             return {}
-        from . import zoo_training
+        from . import training
 
-        return {"training": dict(steps=self.train_steps, corpus=zoo_training.corpus_digest(),
-                                 batch=zoo_training.BATCH, seq=zoo_training.SEQ, lr=zoo_training.LR)}
+        return {"training": dict(steps=self.train_steps, corpus=training.corpus_digest(),
+                                 batch=training.BATCH, seq=training.SEQ, lr=training.LR)}
 
     def feeds(self, rng: np.random.Generator, *, batch: int = 1, seq: int = 7, past: int = 0,
               kv_cache: bool = True, dtype: str = "f32") -> dict[str, np.ndarray]:

@@ -48,6 +48,8 @@ class TorchPlan:
             for axis, d in enumerate(v.shape):
                 if isinstance(d, Sym) and len(d.atoms) == 1 and d == Sym.var(next(iter(d.atoms))):
                     self.binders.setdefault(next(iter(d.atoms)), (i, axis))
+        bounds = graph.index_bounds()
+        self.bounds = [(i, v.name, bounds[v.name]) for i, v in enumerate(graph.inputs) if v.name in bounds]
         self.dim_inputs = dim_inputs or []
         unbound = graph.symbols() - set(self.binders) - set(self.dim_inputs)
         if unbound:
@@ -57,6 +59,11 @@ class TorchPlan:
         import torch
 
         tensors = args[:len(self.inputs)]
+        for i, name, rows in self.bounds:  # the gather kernels do not check their indices
+            ids = tensors[i]
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+                bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+                raise LlmcError(f"{name}: index {bad} is outside the table it indexes (0..{rows - 1})")
         env = {name: int(a) for name, a in zip(self.dim_inputs, args[len(self.inputs):])}
         for sym, (i, axis) in self.binders.items():
             env[sym] = tensors[i].shape[axis]

@@ -1,0 +1,119 @@
+"""Where a plan's values live, and what an artifact needs in memory.
+
+The activations share one arena, planned by lifetime: a value is alive from the step that writes
+it (the feeds: from before the first step) to the last step that reads it (the logits: to the
+end, the caller reads them), and two values share bytes only if their lifetimes do not overlap.
+A step's outputs never share with its own inputs: both are alive at that step. Offsets are
+assigned greedily, largest value first, at the lowest 64-byte aligned offset that is free for
+its lifetime (the "greedy by size" planner of TFLite's arena allocator). Sizes are the values'
+largest, at the artifact's longest context: one arena serves every step.
+
+Weights are not counted here: the runtime uses them in place from the artifact's memory map.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+ALIGN = 64
+
+
+def evaluate(dim, env: dict[str, int]) -> int:
+    """A plan dim: an integer, or a polynomial [[coefficient, [dim, ...]], ...] over named dims."""
+    if isinstance(dim, int):
+        return dim
+    total = 0
+    for coeff, atoms in dim:
+        term = coeff
+        for a in atoms:
+            term *= env[a]
+        total += term
+    return total
+
+
+def nbytes(info: dict, env: dict[str, int]) -> int:
+    return math.prod(evaluate(d, env) for d in info["shape"]) * np.dtype(info["dtype"]).itemsize
+
+
+def lifetimes(plan: list[dict], names, feeds, results) -> dict[str, tuple[int, int]]:
+    """(first step, last step) each of `names` is alive; `feeds` are written before step 0,
+    `results` read after the last step."""
+    names = set(names)
+    lives: dict[str, list[int]] = {n: [len(plan), -1] for n in names}
+    for i, step in enumerate(plan):
+        for a in step["args"]:
+            if a in lives:
+                life = lives[a]
+                life[0], life[1] = min(life[0], i), max(life[1], i)
+    for n in names & set(feeds):
+        lives[n][0] = -1
+    for n in names & set(results):
+        lives[n][1] = len(plan)
+    return {n: (a, b) for n, (a, b) in lives.items()}
+
+
+def assign(sizes: dict[str, int], lives: dict[str, tuple[int, int]]) -> tuple[dict[str, int], int]:
+    """Byte offsets for values of `sizes` alive over `lives`, and the arena's size."""
+    placed: list[tuple[int, int, int, int]] = []  # offset, end, first, last
+    offsets = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], lives[n], n)):
+        size, (first, last) = _aligned(sizes[name]), lives[name]
+        offset = 0
+        for start, end, a, b in sorted(p for p in placed if p[2] <= last and first <= p[3]):
+            if start - offset >= size:
+                break
+            offset = max(offset, end)
+        offsets[name] = offset
+        placed.append((offset, offset + size, first, last))
+    return offsets, max((end for _, end, _, _ in placed), default=0)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def cache_bytes(manifest: dict, batch: int) -> int:
+    values = manifest["plans"]["values"]
+    env = {"batch": batch, "past": manifest["model"]["max_seq_len"]}
+    return sum(nbytes(values[e["past"]], env) for e in manifest["model"]["kv_cache"]["entries"])
+
+
+def arena_names(manifest: dict, weights) -> list[str]:
+    caches = {e["past"] for e in manifest["model"]["kv_cache"]["entries"]}
+    return [n for n in manifest["plans"]["values"] if n not in caches and n not in weights]
+
+
+def arena_plan(manifest: dict, weights, batch: int) -> tuple[dict[str, int], int]:
+    """Offsets of the activations in the arena, and its size, for `batch` sequences."""
+    names = arena_names(manifest, weights)
+    values, longest = manifest["plans"]["values"], manifest["model"]["max_seq_len"]
+    env = {"batch": batch, "seq": longest, "past": longest, "total": longest}
+    lives = lifetimes(manifest["plans"]["forward"], names, [t["name"] for t in manifest["model"]["inputs"]],
+                      [manifest["model"]["outputs"][0]["name"]])
+    return assign({n: nbytes(values[n], env) for n in names}, lives)
+
+
+def footprint(manifest: dict, weights, weight_bytes: int, batch: int = 1) -> dict[str, int]:
+    """What running the artifact holds in memory: the weights (`weights`: their names; mapped,
+    `weight_bytes` in all), the KV caches and the activations."""
+    kv = cache_bytes(manifest, batch)
+    _, arena = arena_plan(manifest, weights, batch)
+    return {"weights": weight_bytes, "kv_cache": kv, "activations": arena, "total": weight_bytes + kv + arena}
+
+
+def available() -> int | None:
+    """Memory this machine can still give (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None

@@ -1,0 +1,167 @@
+"""The manifest's schema, as data, and the check that holds a manifest to it.
+
+Every field is checked before anything is allocated or loaded: its presence, its type, and the
+range or the set of names it may take; then the references between fields (a plan step's kernel
+is one the library declares, its arguments are values the plan describes, every file the
+manifest points at is a listed file). A failure names the field by its path, e.g.
+`plans.forward[3].kernel`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ArtifactError
+
+DIMS = ("batch", "seq", "past", "total")
+DTYPES = ("float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
+KINDS = ("linear", "attention", "rope_cache", "injective")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[^\x00-\x1f]{1,512}$")
+
+
+class Invalid(ValueError):
+    pass
+
+
+# A spec is: a type (the value must be an instance), a tuple of allowed values, a one-element
+# list (a list of that spec), a dict (an object with exactly these fields; "?name" optional),
+# Map(spec) (an object whose every value is spec), or a Check (a predicate with its wording).
+@dataclass(frozen=True)
+class Map:
+    of: Any
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str
+    ok: Any
+
+    def __call__(self, v) -> bool:
+        try:
+            return bool(self.ok(v))
+        except TypeError:
+            return False
+
+
+def _int(lo: int, hi: int | None = None) -> Check:
+    return Check(f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""),
+                 lambda v: type(v) is int and v >= lo and (hi is None or v <= hi))
+
+
+NAME = Check("a name (a non-empty string)", lambda v: isinstance(v, str) and _NAME.match(v))
+OPTIONAL_INT = Check("an integer or null", lambda v: v is None or type(v) is int)
+POLY = Check("a dim: an integer, or [[coefficient, [dim names]], ...] over batch/seq/past/total",
+             lambda v: (type(v) is int and v >= 0) or (isinstance(v, list) and all(
+                 isinstance(t, list) and len(t) == 2 and type(t[0]) is int and isinstance(t[1], list)
+                 and all(a in DIMS for a in t[1]) for t in v)))
+TENSOR = {"name": NAME, "dtype": str, "shape": [str]}
+VALUE = {"dtype": DTYPES, "shape": [POLY]}
+STEP = {"kernel": NAME, "kind": KINDS, "args": [str], "dims": [DIMS]}
+FILE = {"bytes": _int(0), "sha256": Check("a sha256 hex digest", lambda v: isinstance(v, str) and _SHA256.match(v))}
+
+MANIFEST = {
+    "format": str,
+    "format_version": int,
+    "llmc_version": str,
+    "target": {"kind": NAME, "?mcpu": str, "?mtriple": str, "?mattr": [str], "?num-cores": _int(1),
+               "?fast-math-reassoc": bool, "?fast-math-contract": bool},
+    "cpu": {"name": NAME, "arch": ("x86_64", "aarch64"), "features": [NAME]},
+    "model": {
+        "name": str,
+        "inputs": [TENSOR],
+        "outputs": [TENSOR],
+        "max_seq_len": _int(1, 1 << 20),
+        "index_bounds": Map(_int(1)),
+        "kv_cache": {"layout": str, "dtype": ("f32", "int8"), "entries": [{"past": NAME, "present": NAME}]},
+        "quant": Check("null or an object", lambda v: v is None or isinstance(v, dict)),
+        "eos_token_id": OPTIONAL_INT,
+    },
+    "kernels": {"library": NAME, "functions": [NAME]},
+    "plans": {"forward": [STEP], "values": Map(VALUE)},
+    "files": Map(FILE),
+    "manifest_sha256": FILE["sha256"],
+}
+
+
+def check(value, spec, path: str) -> None:
+    """Raise Invalid naming `path` where `value` departs from `spec`."""
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise Invalid(f"{path}: expected an object, got {_show(value)}")
+        for key, sub in spec.items():
+            name = key.lstrip("?")
+            if name in value:
+                check(value[name], sub, f"{path}.{name}" if path else name)
+            elif not key.startswith("?"):
+                raise Invalid(f"{path + '.' if path else ''}{name}: missing")
+        known = {k.lstrip("?") for k in spec}
+        extra = sorted(set(value) - known)
+        if extra:
+            raise Invalid(f"{path + '.' if path else ''}{extra[0]}: unknown field")
+    elif isinstance(spec, Map):
+        if not isinstance(value, dict):
+            raise Invalid(f"{path}: expected an object, got {_show(value)}")
+        for key, sub in value.items():
+            check(sub, spec.of, f"{path}[{key!r}]")
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            raise Invalid(f"{path}: expected a list, got {_show(value)}")
+        for i, item in enumerate(value):
+            check(item, spec[0], f"{path}[{i}]")
+    elif isinstance(spec, tuple):
+        if not isinstance(value, str) or value not in spec:
+            raise Invalid(f"{path}: expected one of {', '.join(spec)}, got {_show(value)}")
+    elif isinstance(spec, Check):
+        if not spec(value):
+            raise Invalid(f"{path}: expected {spec.what}, got {_show(value)}")
+    elif spec is int:
+        if type(value) is not int:
+            raise Invalid(f"{path}: expected an integer, got {_show(value)}")
+    elif not isinstance(value, spec):
+        raise Invalid(f"{path}: expected {spec.__name__}, got {_show(value)}")
+
+
+def _show(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate(manifest: dict, where: str) -> None:
+    """The whole manifest against MANIFEST, then the references between its fields."""
+    try:
+        check(manifest, MANIFEST, "")
+        _references(manifest)
+    except Invalid as e:
+        raise ArtifactError(f"{where}: {e}") from None
+
+
+def _references(m: dict) -> None:
+    files, values = m["files"], m["plans"]["values"]
+    functions = set(m["kernels"]["functions"])
+    presents = {e["present"] for e in m["model"]["kv_cache"]["entries"]}  # the same buffers as the pasts
+    if m["kernels"]["library"] not in files:
+        raise Invalid(f"kernels.library: {m['kernels']['library']!r} is not a listed file")
+    from .artifact import WEIGHTS
+
+    if WEIGHTS not in files:
+        raise Invalid(f"files: the weights ({WEIGHTS}) are not listed")
+    for i, step in enumerate(m["plans"]["forward"]):
+        if step["kernel"] not in functions:
+            raise Invalid(f"plans.forward[{i}].kernel: {step['kernel']!r} is not a kernel of kernels.functions")
+        for j, arg in enumerate(step["args"]):
+            if arg and arg not in values and arg not in presents:
+                raise Invalid(f"plans.forward[{i}].args[{j}]: value {arg!r} is not described in plans.values")
+    for i, e in enumerate(m["model"]["kv_cache"]["entries"]):
+        if e["past"] not in values:
+            raise Invalid(f"model.kv_cache.entries[{i}].past: value {e['past']!r} is not described in plans.values")
+    if not m["model"]["outputs"]:
+        raise Invalid("model.outputs: empty (the first output is the logits)")
+    logits = m["model"]["outputs"][0]["name"]
+    if m["plans"]["forward"] and logits not in values:
+        raise Invalid(f"model.outputs[0]: the logits {logits!r} are not described in plans.values")
+    for name in m["model"]["index_bounds"]:
+        if name not in {t["name"] for t in m["model"]["inputs"]}:
+            raise Invalid(f"model.index_bounds[{name!r}]: not an input of the model")

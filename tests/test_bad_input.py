@@ -1,0 +1,146 @@
+"""The corpus of bad input: every case gets one clean line on stderr, naming the problem, and exit
+status 2 from `llmc run` or `llmc compile`; never a traceback, a crash or a silent result."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from zoo_cases import export
+
+from llmc.cli import main
+from llmc.runtime.artifact import MANIFEST, WEIGHTS, digest
+
+
+def edit(path, change, keep_checksum=True):
+    m = json.loads((path / MANIFEST).read_text())
+    change(m)
+    if keep_checksum:
+        m["manifest_sha256"] = digest(m)
+    (path / MANIFEST).write_text(json.dumps(m))
+
+
+def _linear_output(m):
+    """The output value of the first GEMM, [batch, seq, n]: its last dim is static."""
+    return next(s for s in m["plans"]["forward"] if s["kind"] == "linear")["args"][-1]
+
+
+def _widen(m):
+    m["plans"]["values"][_linear_output(m)]["shape"][-1] += 1
+
+
+# (name, how to damage a copy of the artifact or None, extra `llmc run` arguments, what the error says)
+RUN_CASES = [
+    ("missing", lambda p: shutil.rmtree(p), [], "no such artifact"),
+    ("empty file", lambda p: (shutil.rmtree(p), p.write_bytes(b"")), [], "not an llmc artifact"),
+    ("garbage file", lambda p: (shutil.rmtree(p), p.write_bytes(b"\x00garbage" * 99)), [], "not an llmc artifact"),
+    ("folder", lambda p: (p / MANIFEST).unlink(), [], "no manifest.json"),
+    ("not json", lambda p: (p / MANIFEST).write_text("[1, 2"), [], "not valid JSON"),
+    ("json array", lambda p: (p / MANIFEST).write_text("[1, 2]"), [], "not an llmc manifest"),
+    ("truncated weights", lambda p: (p / WEIGHTS).write_bytes((p / WEIGHTS).read_bytes()[:-100]), [], "truncated"),
+    ("other format version", lambda p: edit(p, lambda m: m.update(format_version=99)), [], "format version 99"),
+    ("missing field", lambda p: edit(p, lambda m: m["model"].pop("kv_cache")), [], "model.kv_cache: missing"),
+    ("unknown kernel", lambda p: edit(p, lambda m: m["plans"]["forward"][1].update(kernel="k_none")), [],
+     r"plans.forward\[1\].kernel: 'k_none' is not a kernel"),
+    ("shape disagrees with its kernel", lambda p: edit(p, _widen), [], "refused the values"),
+    ("context edited by hand", lambda p: edit(p, lambda m: m["model"].update(max_seq_len=100000), False), [],
+     "altered after compilation"),
+    ("context past this machine's memory", lambda p: edit(p, lambda m: m["model"].update(max_seq_len=100000)), [],
+     r"needs [\d.]+ GiB for its KV caches and activations; this machine has [\d.]+ GiB free"),
+    ("escaping path", lambda p: edit(p, lambda m: m["files"].update({"../x": {"bytes": 0, "sha256": "0" * 64}})), [],
+     "outside the artifact"),
+    ("library not listed", lambda p: edit(p, lambda m: m["kernels"].update(library="/tmp/evil.so")), [],
+     "is not a listed file"),
+    ("a CPU feature this CPU lacks", lambda p: edit(p, lambda m: m["cpu"]["features"].append("avx10_9")), [],
+     "this CPU lacks it"),
+    ("token id past the vocabulary", None, ["--prompt-ids", "1,2,256"], "token id 256 is outside the vocabulary"),
+    ("negative token id", None, ["--prompt-ids", "1,-2"], "token id -2 is outside the vocabulary"),
+    ("prompt over the context", None, ["--prompt-ids", ",".join(["1"] * 120), "--max-new-tokens", "9"],
+     "exceeds the context of 128"),
+    ("not token ids", None, ["--prompt-ids", "1,x"], "must be comma-separated integers"),
+    ("negative temperature", None, ["--temperature", "-0.5"], "temperature -0.5"),
+    ("top-p above 1", None, ["--temperature", "1", "--top-p", "1.5"], "top-p 1.5"),
+    ("top-p of 0", None, ["--temperature", "1", "--top-p", "0"], "top-p 0.0"),
+    ("top-k below 1", None, ["--temperature", "1", "--top-k", "0"], "top-k 0"),
+    ("no threads", None, ["--threads", "0"], "threads=0"),
+]
+
+
+@pytest.fixture(scope="module")
+def artifact(artifacts):
+    return artifacts("llama-tiny")
+
+
+def _expect_clean_error(code, err, message):
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmc: error: "), err
+    assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("name,damage,args,message", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+def test_run_refuses(name, damage, args, message, artifact, tmp_path, capsys):
+    path = shutil.copytree(artifact, tmp_path / "model.llmc")
+    if damage:
+        damage(path)
+    argv = ["run", str(path), "--max-new-tokens", "4", *args]
+    if "--prompt-ids" not in args:
+        argv += ["--prompt-ids", "1,2,3"]
+    code = main(argv)
+    _expect_clean_error(code, capsys.readouterr().err, message)
+
+
+def test_out_of_range_token_id_in_a_fresh_process(artifact):
+    """This case crashed the process (the gather read outside the table): run it as a user does."""
+    out = subprocess.run([sys.executable, "-m", "llmc.cli", "run", str(artifact), "--prompt-ids", "5,100000"],
+                         capture_output=True, text=True)
+    _expect_clean_error(out.returncode, out.stderr, "token id 100000 is outside the vocabulary")
+
+
+def _file(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _model_bytes():
+    return export("llama-tiny", exporter="dynamo", kv_cache=True).read_bytes()
+
+
+COMPILE_CASES = [
+    ("missing", lambda d: d / "none.onnx", "none.onnx"),
+    ("empty", lambda d: _file(d / "e.onnx", b""), "e.onnx"),
+    ("garbage", lambda d: _file(d / "g.onnx", b"\x08\x07garbage" * 50), "g.onnx"),
+    ("folder", lambda d: d, "compile_refuses_folder"),
+    ("truncated", lambda d: _file(d / "t.onnx", _model_bytes()[:5000]), "t.onnx"),
+]
+
+
+@pytest.mark.parametrize("name,make,message", COMPILE_CASES, ids=[c[0] for c in COMPILE_CASES])
+def test_compile_refuses(name, make, message, tmp_path, capsys):
+    code = main(["compile", str(make(tmp_path)), "-o", str(tmp_path / "out.llmc")])
+    _expect_clean_error(code, capsys.readouterr().err, message)
+
+
+def test_compile_into_a_missing_folder(tmp_path, capsys):
+    source = export("llama-tiny", exporter="dynamo", kv_cache=True)
+    code = main(["compile", str(source), "-o", str(tmp_path / "no" / "such" / "x.llmc")])
+    _expect_clean_error(code, capsys.readouterr().err, "the folder .* does not exist")
+
+
+def test_memory_the_machine_lacks_is_refused_before_allocating(artifact, monkeypatch):
+    from llmc import runtime
+    from llmc.runtime import memory
+    from llmc.runtime.errors import LlmcError
+
+    model = runtime.load(artifact)
+    need = model.memory["kv_cache"] + model.memory["activations"]
+    monkeypatch.setattr(memory, "available", lambda: need - 1)
+    with pytest.raises(LlmcError, match=r"needs .* GiB for its KV caches and activations; this machine has"):
+        model.generate([1, 2, 3], 4)
+    monkeypatch.setattr(memory, "available", lambda: need)
+    assert len(model.generate([1, 2, 3], 4)) == 4
