@@ -100,12 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--json", metavar="FILE", help="also write every figure as JSON here")
     ben.set_defaults(run=_bench)
 
-    bt = sub.add_parser("bench-torch", help="decode speed under torch.compile: eager vs inductor vs llmc")
+    bt = sub.add_parser("bench-torch", help="decode speed under torch.compile: eager, inductor (with and without "
+                        "freezing) and llmc, each in a process of its own")
     bt.add_argument("model", help="a zoo model name")
     bt.add_argument("--prompt-len", type=int, default=128)
     bt.add_argument("--new-tokens", type=int, default=64)
     bt.add_argument("--repeats", type=int, default=3)
-    bt.add_argument("--systems", nargs="+", choices=("eager", "inductor", "llmc"), default=["eager", "inductor", "llmc"])
+    bt.add_argument("--systems", nargs="+", choices=("eager", "inductor", "inductor-freezing", "llmc"),
+                    default=["eager", "inductor", "inductor-freezing", "llmc"])
     bt.add_argument("--json", metavar="FILE", help="also write every figure as JSON here")
     bt.set_defaults(run=_bench_torch)
 

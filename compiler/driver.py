@@ -78,15 +78,22 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     output = Path(output) if output else onnx_path.with_suffix(".llmc")
     if not output.parent.is_dir():
         raise LlmcError(f"{output}: the folder {output.parent} does not exist")
+    from .progress import bar
+
     stages = []
     start = time.perf_counter()
+    shown = bar(total=4, desc=f"compiling {onnx_path.name}: import")
     graph = from_onnx(onnx_path)
     stages.append(("import", time.perf_counter() - start))
+    shown.update()
+    shown.set_description(f"compiling {onnx_path.name}: passes")
     if not any(v.name.startswith("past_key_values.") for v in graph.inputs):
         raise LlmcError(f"{onnx_path}: compiling needs a decoder exported with a KV cache "
                         "(past_key_values.* inputs, present.* outputs)")
     graph = run_passes(graph, default_pipeline(target), PassContext(options=options))
     stages.append(("passes", time.perf_counter() - start - sum(t for _, t in stages)))
+    shown.update()
+    shown.set_description(f"compiling {onnx_path.name}: kernels (TVM)")
     caches = lay_out_caches(graph, kv_cache)
     tvm_target = targets.host(cpu)
     cpu_info = {"name": tvm_target["mcpu"], "arch": cpus.arch(), "features": cpus.required_features(cpu)}
@@ -95,6 +102,8 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     except UnsupportedGraph as e:
         raise LlmcError(f"{onnx_path}: {e}") from None
     stages.append(("kernels", time.perf_counter() - start - sum(t for _, t in stages)))
+    shown.update()
+    shown.set_description(f"compiling {onnx_path.name}: artifact")
     tensors = weights(graph, plan)
     by_name = {v.name: v for v in graph.values()}
     presents = {e["present"] for e in graph.metadata["kv_cache"]["entries"]}
@@ -107,6 +116,8 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
                    plans={"forward": [s.to_json() for s in plan], "values": values}, library=executable,
                    eos_token_id=eos_token_id, weights=tensors)
     stages.append(("artifact", time.perf_counter() - start - sum(t for _, t in stages)))
+    shown.update()
+    shown.close()
     for name, seconds in stages:
         log.info("%-8s %.1f s", name, seconds)
     return output

@@ -174,7 +174,9 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
     consumers = graph.consumers()
     gemms = [n for n in graph.nodes if n.op == "fused_linear" and not n.attrs["quant"]
              and graph.const_value(n.inputs[1]) is not None and (head_quantized or n.outputs[0] not in graph.outputs)]
-    for i, node in enumerate(gemms):
+    from llmc.progress import bar
+
+    for i, node in enumerate(bar(gemms, desc="AWQ search, GEMMs")):
         log.info("awq: %s (%d/%d)", node.name, i + 1, len(gemms))
         w = graph.const_value(node.inputs[1]).astype(np.float32)
         group_size, zero_point = math.gcd(w.shape[1], group), options.get("zero_point", False)

@@ -74,7 +74,11 @@ def run_passes(graph: Graph, passes: list[Pass], ctx: PassContext | None = None)
     if ctx.dump_dir:
         Path(ctx.dump_dir).mkdir(parents=True, exist_ok=True)
         (Path(ctx.dump_dir) / "00-input.txt").write_text(str(graph) + "\n")
-    for i, p in enumerate(passes, start=1):
+    from llmc.progress import bar
+
+    steps = bar(passes, desc="passes")
+    for i, p in enumerate(steps, start=1):
+        steps.set_description(f"pass {p.name}")
         report = PassReport(p.name, ops_before=collections.Counter(n.op for n in graph.nodes))
         ctx.current = report
         start = time.perf_counter()
@@ -87,5 +91,6 @@ def run_passes(graph: Graph, passes: list[Pass], ctx: PassContext | None = None)
             verify(graph)
         if ctx.dump_dir:
             (Path(ctx.dump_dir) / f"{i:02d}-{p.name}.txt").write_text(str(graph) + "\n")
+    steps.close()
     ctx.current = None
     return graph

@@ -18,6 +18,7 @@ from .artifact import WEIGHTS, open_artifact
 from .errors import ArtifactError, LlmcError
 from .executor import Executor
 from .sampling import check_options, sample
+from .threads import import_tvm_ffi
 from .threads import start as start_kernel_pool
 
 
@@ -29,7 +30,7 @@ class Model:
         cpu.check(m["cpu"], where)
         if not m["plans"]["forward"]:
             raise ArtifactError(f"{where}: plans.forward: the artifact has no execution plan")
-        weights = safetensors.load(art.file(WEIGHTS))
+        weights = safetensors.load(art.file(WEIGHTS), writable=True)
         _check_weights(m["plans"]["values"], weights, where)
         self.manifest = m
         self.max_seq_len = m["model"]["max_seq_len"]
@@ -37,9 +38,7 @@ class Model:
         self.index_bounds = m["model"]["index_bounds"]
         self.memory = memory.footprint(m, weights, art.file(WEIGHTS).stat().st_size)
         self.threads = start_kernel_pool(threads)
-        import tvm_ffi
-
-        library = tvm_ffi.load_module(str(art.file(m["kernels"]["library"])))
+        library = import_tvm_ffi().load_module(str(art.file(m["kernels"]["library"])))
         try:
             functions = {name: library[name] for name in m["kernels"]["functions"]}
         except Exception as e:  # tvm_ffi raises its own error types for a missing symbol

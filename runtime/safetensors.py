@@ -33,13 +33,15 @@ PAD = "__pad_{}__"
 _CODES = {np.dtype(t): code for code, t in DTYPES.items()}
 
 
-def map_file(path: Path) -> np.ndarray:
-    """The whole file as a uint8 array on a private (copy-on-write) map: writable, as DLPack
-    needs to hand it to a kernel, while the file stays as it is."""
+def map_file(path: Path, writable: bool = False) -> np.ndarray:
+    """The whole file as a uint8 array on a memory map: read-only, or `writable` on a private
+    (copy-on-write) map, as DLPack needs to hand a tensor to a kernel, while the file stays as
+    it is."""
     with open(path, "rb") as f:
         if f.seek(0, 2) == 0:
             return np.zeros(0, np.uint8)
-        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
+        access = mmap.ACCESS_COPY if writable else mmap.ACCESS_READ
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=access), dtype=np.uint8)
 
 
 def entries(data: np.ndarray) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
@@ -77,8 +79,8 @@ def tensor(data: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], offset: in
     return view.view(dtype).reshape(shape)
 
 
-def load(path) -> dict[str, np.ndarray]:
-    data = map_file(Path(path))
+def load(path, writable: bool = False) -> dict[str, np.ndarray]:
+    data = map_file(Path(path), writable)
     return {name: tensor(data, *e, name) for name, e in entries(data).items() if not _is_pad(name)}
 
 

@@ -14,6 +14,7 @@ import ctypes
 import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 
 from .errors import LlmcError
@@ -37,13 +38,31 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def import_tvm_ffi():
+    """tvm_ffi (it loads libtvm_ffi.so, which TVM's runtime library links against). It imports
+    torch whenever torch is installed (a workaround for a symbol clash on Windows), which cost a
+    runtime process about a second and 300 MB of resident memory for nothing: torch is hidden
+    from that import unless the process has it already. Torch tensors still pass to the kernels
+    later, through DLPack (the torch.compile backend's test runs that way too)."""
+    if "tvm_ffi" in sys.modules or "torch" in sys.modules:
+        import tvm_ffi
+
+        return tvm_ffi
+    sys.modules["torch"] = None  # makes `import torch` fail
+    try:
+        import tvm_ffi
+    finally:
+        del sys.modules["torch"]
+    return tvm_ffi
+
+
 def start(threads: int | None = None) -> int:
     """Load TVM's runtime library (once) with a pool of `threads` workers; returns the count."""
     global _POOL_SIZE
     if threads is not None and (type(threads) is not int or threads < 1):
         raise LlmcError(f"threads={threads!r}: the number of threads must be an integer of at least 1")
     n = threads or default_threads()
-    import tvm_ffi  # loads libtvm_ffi.so, which TVM's runtime library links against
+    tvm_ffi = import_tvm_ffi()
 
     if _POOL_SIZE is None:
         spec = importlib.util.find_spec("tvm")

@@ -113,3 +113,29 @@ def test_zoo_unknown_model(capsys):
 def test_usage_errors_exit_2(args):
     out = subprocess.run([sys.executable, "-m", "llmc.cli", *args], capture_output=True, text=True)
     assert out.returncode == 2 and "usage:" in out.stderr
+
+
+def test_compile_shows_progress_on_a_terminal_only(tmp_path):
+    import os
+    import pty
+
+    source = str(export("gpt2-tiny", exporter="dynamo", kv_cache=True))
+    cmd = [sys.executable, "-m", "llmc.cli", "compile", source, "--max-seq-len", "32"]
+    quiet = subprocess.run(cmd + ["-o", str(tmp_path / "a.llmc")], capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    main_fd, term = pty.openpty()
+    done = subprocess.run(cmd + ["-o", str(tmp_path / "b.llmc")], stdout=subprocess.PIPE, stderr=term)
+    os.close(term)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 1 << 16)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main_fd)
+    assert done.returncode == 0
+    text = shown.decode(errors="replace")
+    assert "compiling model.onnx: kernels (TVM)" in text and "pass recognize_attention" in text, text[-500:]

@@ -210,3 +210,16 @@ def test_quant_option_quantizes_the_weights(rng):
         got, want = compiled(input_ids=ids).logits, model(input_ids=ids).logits
     assert 1e-6 < rel_err(got, want) < 5e-2
     _fully_compiled()
+
+
+def test_bench_torch_runs_each_system_in_its_own_process(tmp_path):
+    from llmc.cli import main
+
+    out = tmp_path / "bt.json"
+    assert main(["bench-torch", "gpt2-tiny", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
+                 "--systems", "eager", "llmc", "--json", str(out)]) == 0
+    import json
+
+    rows = {r["system"]: r for r in json.loads(out.read_text())["systems"]}
+    assert set(rows) == {"eager", "llmc"} and all(r["decode_tok_s"] > 0 for r in rows.values())
+    assert rows["llmc"]["same_tokens_as_eager"]

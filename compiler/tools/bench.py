@@ -1,15 +1,21 @@
-"""`llmc bench`: prefill latency and decode speed of llmc against its peers, in one process.
+"""`llmc bench`: prefill latency and decode speed of llmc against its peers.
 
 For a zoo model (or an ONNX decoder with KV cache) it compiles an artifact, then measures in
-interleaved rounds, batch 1: the prefill of a prompt and decode over new tokens, for llmc,
-onnxruntime (its full graph optimizations) and, for zoo models, PyTorch eager on the same
-weights; with `quant`, also llmc's quantized artifacts and onnxruntime's quantized models of the
-same file (whose weight bytes are counted as llmc's for the same scheme). It reports medians,
-each decode speed as a fraction of the bandwidth roofline (the weight bytes every decode step
-reads, at the machine's measured streaming-read bandwidth) and
-llmc's runtime overhead per decode step (time outside the kernels) and its time per kernel. llmc's prefill computes the
-logits of the last position only, as generation does; its prefill with every position's logits
-(the work the peers' graphs do) is reported beside it.
+interleaved rounds, batch 1, the same threads for every system: the prefill of a prompt and
+decode over new tokens, for llmc, onnxruntime (its full graph optimizations) and, for zoo
+models, PyTorch eager on the same weights; with `quant`, also llmc's quantized artifacts and
+onnxruntime's quantized models of the same file (what its quantizer changed is reported, and a
+model it left unchanged is not labelled as quantized).
+
+llmc runs as a user gets it: each artifact in a process of its own that loads it with the
+runtime alone and never imported the compiler (`runtime_worker.py`). The peers run in this
+process. The report gives medians; each decode speed as a fraction of the bandwidth roofline
+(the weight bytes every decode step reads, at the best streaming-read bandwidth measured before
+and after the systems: `bandwidth.py`; a share above 100% is flagged as a measurement
+problem); whether each system's greedy tokens agree with onnxruntime's at this size; llmc's
+runtime overhead per decode step and its time per kernel. llmc's prefill computes the last
+position's logits, as generation does; the like-for-like figure, with every position's logits
+as the peers' graphs compute them, is reported beside it.
 """
 
 from __future__ import annotations
@@ -31,16 +37,6 @@ SETTLE_S = 0.5
 PREFILLS = 3  # prefills per system and round (a prefill is short: the median needs several)
 
 
-def read_bandwidth() -> float:
-    """Streaming read GB/s over 2 GiB with every core (torch's sum; numpy's uses one core)."""
-    import torch
-
-    a = torch.ones(1 << 29)
-    a.sum()
-    best = min(_timed(lambda: a.sum()) for _ in range(8))
-    return a.numel() * 4 / best / 1e9
-
-
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -48,50 +44,42 @@ def _timed(fn) -> float:
 
 
 class _Llmc:
-    def __init__(self, artifact, name="llmc"):
-        from llmc import runtime
+    """An artifact in a runtime worker process; the same calls as the peers."""
 
-        self.name = name
-        self.model = runtime.load(artifact)
+    def __init__(self, artifact, threads, name="llmc"):
+        import json
+        import subprocess
+        import sys
+
+        self.name, self._json = name, json
+        self.worker = subprocess.Popen([sys.executable, "-m", "llmc.tools.runtime_worker", str(artifact), str(threads)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        hello = self._json.loads(self.worker.stdout.readline() or "null")
+        if hello is None:
+            raise RuntimeError(f"the runtime worker for {artifact} did not start")
+        self.threads, self.compiler_modules = hello["threads"], hello["compiler_modules"]
+
+    def _ask(self, op, **args):
+        self.worker.stdin.write(self._json.dumps({"op": op, "args": args}) + "\n")
+        self.worker.stdin.flush()
+        return self._json.loads(self.worker.stdout.readline())
 
     def prefill(self, prompt, last_only=True):
-        self.model.executor.reset(batch=1)
-        return _timed(lambda: self.model.forward(np.array([prompt]), 0, last_only=last_only))
+        return self._ask("prefill", prompt=prompt, last_only=last_only)
 
     def decode(self, prompt, steps):
-        return [_timed(lambda i=i: self.model.forward(np.array([[1]]), len(prompt) + i)) for i in range(steps)]
+        self.prefill(prompt)
+        return self._ask("decode", prompt_len=len(prompt), steps=steps)
 
-    def profile(self, prompt, steps) -> dict:
-        """Time per kernel (summed over its calls) in a prefill of `prompt` and per decode step
-        after it (mean over `steps`), and the fraction of decode time spent outside the kernels.
-        The first run of each binds the calls and is not counted."""
-        ex = self.model.executor
-        kernels = ex.functions
-        spent, calls = collections.defaultdict(float), collections.Counter()
+    def generate(self, prompt, steps):
+        return self._ask("generate", prompt=prompt, steps=steps)
 
-        def timing(name, fn):
-            def call(*args):
-                t = time.perf_counter()
-                fn(*args)
-                spent[name] += time.perf_counter() - t
-                calls[name] += 1
-            return call
-        ex.set_functions({k: timing(k, f) for k, f in kernels.items()})
-        try:
-            self.prefill(prompt)
-            spent.clear()
-            self.prefill(prompt)
-            prefill = dict(spent)
-            self.model.forward(np.array([[1]]), len(prompt))
-            spent.clear()
-            calls.clear()
-            total = sum(_timed(lambda i=i: self.model.forward(np.array([[1]]), len(prompt) + 1 + i))
-                        for i in range(steps))
-        finally:
-            ex.set_functions(kernels)
-        table = [{"kernel": k, "calls_per_step": calls[k] // steps, "prefill_ms": round(prefill.get(k, 0) * 1e3, 3),
-                  "decode_ms": round(spent[k] / steps * 1e3, 3)} for k in sorted(spent, key=spent.get, reverse=True)]
-        return {"overhead": 1 - sum(spent.values()) / total, "kernels": table}
+    def profile(self, prompt, steps):
+        return self._ask("profile", prompt=prompt, steps=steps)
+
+    def close(self):
+        self.worker.stdin.close()
+        self.worker.wait()
 
 
 class _OnnxRuntime:
@@ -120,11 +108,22 @@ class _OnnxRuntime:
     def prefill(self, prompt):
         return _timed(lambda: self._run(np.array([prompt]), 0, self._empty()))
 
+    def _present(self, outs):
+        return {n.replace("present", "past_key_values"): v for n, v in zip(self.names[1:], outs[1:])}
+
+    def generate(self, prompt, steps):
+        outs, tokens = self._run(np.array([prompt]), 0, self._empty()), []
+        for i in range(steps):
+            tokens.append(int(outs[0][0, -1].argmax()))
+            if i + 1 < steps:
+                outs = self._run(np.array([tokens[-1:]]), len(prompt) + i, self._present(outs))
+        return tokens
+
     def decode(self, prompt, steps):
         outs = self._run(np.array([prompt]), 0, self._empty())
         times = []
         for i in range(steps):
-            past = {n.replace("present", "past_key_values"): v for n, v in zip(self.names[1:], outs[1:])}
+            past = self._present(outs)
             t = time.perf_counter()
             outs = self._run(np.array([[1]]), len(prompt) + i, past)
             times.append(time.perf_counter() - t)
@@ -134,9 +133,10 @@ class _OnnxRuntime:
 class _TorchEager:
     name = "pytorch eager"
 
-    def __init__(self, zoo_model):
+    def __init__(self, zoo_model, threads):
         import torch
 
+        torch.set_num_threads(threads)
         self.torch = torch
         self.model = zoo_model.build_torch()
 
@@ -154,6 +154,17 @@ class _TorchEager:
                 cache = self.model(torch.tensor([[1]]), past_key_values=cache, use_cache=True).past_key_values
                 times.append(time.perf_counter() - t)
         return times
+
+    def generate(self, prompt, steps):
+        torch = self.torch
+        with torch.no_grad():
+            out = self.model(torch.tensor([prompt]), use_cache=True)
+            tokens = []
+            for i in range(steps):
+                tokens.append(int(out.logits[0, -1].argmax()))
+                if i + 1 < steps:
+                    out = self.model(torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+        return tokens
 
 
 def decode_weight_bytes(graph) -> int:
@@ -189,6 +200,27 @@ def quantized_onnx(path: Path, quant: str, out: Path) -> Path:
     return out
 
 
+QUANTIZED_OPS = {"MatMulInteger": "int8 weights, int8 activations quantized per tensor at run time",
+                 "DynamicQuantizeMatMul": "int8 weights, int8 activations quantized per tensor at run time",
+                 "MatMulNBits": "4-bit weights in blocks of 128; activations quantized to int8 per block "
+                                "inside the op (accuracy level 4)"}
+
+
+def describe_quantization(path: Path) -> dict:
+    """What onnxruntime's quantizer changed: its quantized ops by kind, with what they do, and
+    the float GEMMs it left (MatMul and Gemm with a constant weight)."""
+    import collections
+
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    consts = {i.name for i in graph.initializer}
+    ops = collections.Counter(n.op_type for n in graph.node)
+    left = sum(1 for n in graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in consts)
+    return {"quantized": {op: {"count": ops[op], "what": what} for op, what in QUANTIZED_OPS.items() if ops[op]},
+            "float_gemms_left": left}
+
+
 def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 3,
           threads: int | None = None, quant: tuple[str, ...] = ()) -> dict:
     """With `quant` (modes of QUANT_MODES), llmc's quantized artifacts and onnxruntime's
@@ -200,20 +232,23 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
     from llmc.passes.manager import PassContext, run_passes
     from llmc.passes.pipeline import default_pipeline
 
-    threads = threads or os.cpu_count()
+    from .bandwidth import read_bandwidth
+
+    threads = threads or len(os.sched_getaffinity(0))
     zoo_model = zoo.ZOO.get(model)
     path = zoo_model.export() if zoo_model else Path(model)
     cfg = zoo_model.config() if zoo_model else None
     max_seq = prompt_len + new_tokens + 1
+    notes, quantization = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         log.info("compiling %s", path)
         artifact = llmc.compile(path, output=Path(tmp) / "model.llmc", max_seq_len=max_seq)
         graph = run_passes(llmc.from_onnx(path), default_pipeline(), PassContext(options={"max_seq_len": max_seq}))
         weight_bytes = {"": decode_weight_bytes(graph)}
-        systems = [_Llmc(artifact)]
+        systems = [_Llmc(artifact, threads)]
         if cfg is not None:
             systems.append(_OnnxRuntime(path, cfg, threads))
-            systems.append(_TorchEager(zoo_model))
+            systems.append(_TorchEager(zoo_model, threads))
         for q in quant:
             options = QUANT_MODES[q]
             log.info("compiling %s (%s)", path, q)
@@ -221,12 +256,18 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
             passed = run_passes(llmc.from_onnx(path), default_pipeline(),
                                 PassContext(options={"max_seq_len": max_seq, **options}))
             weight_bytes[q] = decode_weight_bytes(passed)
-            systems.append(_Llmc(art, f"llmc {q}"))
+            systems.append(_Llmc(art, threads, f"llmc {q}"))
             if cfg is not None:
                 log.info("quantizing %s with onnxruntime (%s)", path, q)
                 onnx_q = quantized_onnx(path, q, Path(tmp) / f"ort-{q}.onnx")
+                quantization[f"onnxruntime {q}"] = described = describe_quantization(onnx_q)
+                if not described["quantized"]:
+                    notes.append(f"onnxruntime's {q} quantizer changed no op of this model "
+                                 f"({described['float_gemms_left']} float GEMMs left): not measured as quantized")
+                    continue
                 systems.append(_OnnxRuntime(onnx_q, cfg, threads, f"onnxruntime {q}"))
-        prompt = list(np.random.default_rng(0).integers(1, 100, prompt_len))
+        bandwidth = {"before": read_bandwidth()}
+        prompt = [int(t) for t in np.random.default_rng(0).integers(1, 100, prompt_len)]
         results = {s.name: {"prefill_s": [], "decode_step_s": []} for s in systems}
         all_logits = []  # llmc's prefill computing every position's logits, as the peers do
         for round_ in range(repeats):
@@ -239,19 +280,36 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
             all_logits += [systems[0].prefill(prompt, last_only=False) for _ in range(PREFILLS)]
         time.sleep(SETTLE_S)
         profile = systems[0].profile(prompt, min(16, new_tokens - 1))
-        bandwidth = read_bandwidth()
+        tokens = {s.name: s.generate(prompt, new_tokens) for s in systems}
+        bandwidth["after"] = read_bandwidth()
+        for s in systems:
+            if isinstance(s, _Llmc):
+                s.close()
+    best = max(bandwidth["before"]["best"], bandwidth["after"]["best"])
+    reference = tokens.get("onnxruntime")
     out = {"model": model, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-           "threads": threads, "read_bandwidth_gbs": round(bandwidth, 1),
-           "decode_weight_mb": round(weight_bytes[""] / 1e6, 1), "systems": {}}
+           "threads": threads, "read_bandwidth_gbs": best, "bandwidth_methods": bandwidth,
+           "decode_weight_mb": round(weight_bytes[""] / 1e6, 1), "llmc_runtime": {
+               "process": "its own, the runtime alone", "threads": systems[0].threads,
+               "compiler_modules_imported": systems[0].compiler_modules},
+           "onnxruntime_quantization": quantization, "notes": notes, "systems": {}}
     for name, r in results.items():
         step = statistics.median(r["decode_step_s"])
         mode = name.split(" ")[-1] if name.split(" ")[-1] in QUANT_MODES else ""
+        share = weight_bytes[mode] / step / 1e9 / best
         out["systems"][name] = {
             "prefill_ms": round(statistics.median(r["prefill_s"]) * 1e3, 2),
             "decode_tok_s": round(1 / step, 2),
             "decode_weight_mb": round(weight_bytes[mode] / 1e6, 3),
-            "decode_roofline": float(f"{weight_bytes[mode] / step / 1e9 / bandwidth:.3g}"),
+            "decode_roofline": float(f"{share:.3g}"),
         }
+        if share > 1:
+            out["notes"].append(f"{name} read {share:.0%} of the measured bandwidth: the bandwidth was undermeasured "
+                                "(or the weights stayed in cache); its roofline share is not meaningful")
+        if reference is not None:
+            agree = [a == b for a, b in zip(tokens[name], reference)]
+            out["systems"][name]["tokens_as_onnxruntime"] = f"{sum(agree)}/{len(agree)}"
+            out["systems"][name]["first_difference"] = agree.index(False) if False in agree else None
     out["systems"]["llmc"]["runtime_overhead"] = round(profile["overhead"], 3)
     out["llmc_kernels"] = profile["kernels"]
     out["systems"]["llmc"]["prefill_all_logits_ms"] = round(statistics.median(all_logits) * 1e3, 2)
@@ -259,18 +317,29 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
 
 
 def format_table(result: dict) -> str:
+    bw = result["bandwidth_methods"]
     lines = [f"{result['model']}: prompt {result['prompt_len']}, {result['new_tokens']} new tokens, batch 1, "
-             f"{result['threads']} threads; read bandwidth {result['read_bandwidth_gbs']} GB/s; "
-             f"{result['decode_weight_mb']} MB of weights per decode step",
-             "| system | prefill ms | decode tok/s | weights read per step | % of roofline |",
-             "| --- | --- | --- | --- | --- |"]
+             f"{result['threads']} threads for every system; read bandwidth {result['read_bandwidth_gbs']} GB/s (best of "
+             f"{', '.join(f'{k} {v}' for k, v in bw['before'].items() if k != 'best')} before the systems, best "
+             f"{bw['after']['best']} after); {result['decode_weight_mb']} MB of weights per decode step",
+             f"llmc runs in a process of its own with the runtime alone ({result['llmc_runtime']['threads']} kernel "
+             f"threads; compiler modules imported: {', '.join(result['llmc_runtime']['compiler_modules_imported']) or 'none'})",
+             "| system | prefill ms | decode tok/s | weights read per step | % of roofline | greedy tokens as onnxruntime's |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, r in result["systems"].items():
+        agree = r.get("tokens_as_onnxruntime", "-")
+        if r.get("first_difference") is not None:
+            agree += f" (first difference at token {r['first_difference']})"
         lines.append(f"| {name} | {r['prefill_ms']} | {r['decode_tok_s']} | {r['decode_weight_mb']} MB | "
-                     f"{r['decode_roofline']:.0%} |")
+                     f"{r['decode_roofline']:.0%} | {agree} |")
     llmc = result["systems"]["llmc"]
-    lines.append(f"llmc prefill computes the last position's logits (what generation reads); with every "
-                 f"position's, as the peers' graphs do: {llmc['prefill_all_logits_ms']} ms")
+    lines.append(f"llmc prefill computes the last position's logits (what generation reads); like for like, with every "
+                 f"position's logits as the peers' graphs compute them: {llmc['prefill_all_logits_ms']} ms")
     lines.append(f"llmc runtime overhead per decode step: {llmc['runtime_overhead']:.1%}")
+    for name, q in result["onnxruntime_quantization"].items():
+        ops = "; ".join(f"{v['count']} {op} ({v['what']})" for op, v in q["quantized"].items()) or "nothing"
+        lines.append(f"{name}: its quantizer made {ops}; {q['float_gemms_left']} float GEMMs left as they were")
+    lines += [f"note: {n}" for n in result["notes"]]
     lines += ["", "llmc, time per kernel (all its calls):", "| kernel | calls per step | prefill ms | decode ms per step |",
               "| --- | --- | --- | --- |"]
     lines += [f"| {k['kernel']} | {k['calls_per_step']} | {k['prefill_ms']} | {k['decode_ms']} |"

@@ -1,27 +1,45 @@
-"""`llmc bench-torch`: decode speed under `torch.compile`, eager vs inductor vs llmc, in one process.
+"""`llmc bench-torch`: decode speed under `torch.compile`: eager, inductor, inductor with
+freezing, and llmc.
 
-A zoo model (transformers, seeded random weights) generates greedily with the default dynamic
-cache, batch 1, its forward run by each system in turn: PyTorch eager, `torch.compile` with
-inductor, and `torch.compile` with llmc. Each system first generates once to compile (prefill,
-the first decode step and the dynamic-length decode graph). Then, in interleaved rounds, it
+A zoo model (transformers, seeded random weights) generates greedily with the usual loop,
+`model.generate` with transformers' default dynamic cache, batch 1, its forward run by each
+system: PyTorch eager, `torch.compile` with inductor, with inductor and freezing (weights
+folded as constants, as llmc folds them), and with llmc. Each system runs in a process of its
+own: in one process the thread pools of the systems measured before (TVM's, OpenMP's) kept
+spinning into the next system's time, and an earlier version of this harness measured eager
+GPT-2 at a third of `llmc bench`'s eager figure. A system first generates once to compile
+(prefill, the first decode step and the dynamic-length decode graph); then, `repeats` times, it
 generates 1 token (the prefill) and `new_tokens` tokens; the decode speed is the extra tokens
-over the extra time, so it excludes the prefill. Medians over the rounds are reported.
+over the extra time, so it excludes the prefill. Medians are reported, and whether each system's
+greedy tokens are eager's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
+import subprocess
+import sys
 import time
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("eager", "inductor", "llmc")
-SETTLE_S = 0.5  # the previous system's worker threads spin for a while after their last task
+SYSTEMS = ("eager", "inductor", "inductor-freezing", "llmc")
 
 
-def bench_torch(model: str, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3,
-                systems=SYSTEMS) -> dict:
+def _forward(name, eager):
+    import torch
+
+    if name == "eager":
+        return eager
+    if name == "inductor-freezing":
+        return torch.compile(eager, backend="inductor", options={"freezing": True})
+    return torch.compile(eager, backend=name)
+
+
+def measure(name: str, model: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """One system, in this process."""
     import numpy as np
     import torch
 
@@ -30,48 +48,50 @@ def bench_torch(model: str, prompt_len: int = 128, new_tokens: int = 64, repeats
     torch.manual_seed(0)
     net = zoo.get(model).build_torch()
     eager = net.forward
+    net.forward = _forward(name, eager)
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, net.config.vocab_size, (1, prompt_len)))
-    forwards = {}
-    for name in systems:
-        forwards[name] = eager if name == "eager" else torch.compile(eager, backend=name)
 
-    def generate(name, n):
-        net.forward = forwards[name]
+    def generate(n):
         with torch.no_grad():
             start = time.perf_counter()
             out = net.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            seconds = time.perf_counter() - start
-        net.forward = eager
-        return out, seconds
+            return out, time.perf_counter() - start
 
-    tokens, compile_s = {}, {}
-    for name in systems:
-        log.info("%s: compiling (first generation)", name)
-        out, compile_s[name] = generate(name, new_tokens)
-        tokens[name] = out[0, prompt_len:].tolist()
-    times = {name: {"prefill": [], "total": []} for name in systems}
-    for r in range(repeats):
-        log.info("round %d/%d", r + 1, repeats)
-        for name in systems:
-            time.sleep(SETTLE_S)
-            times[name]["prefill"].append(generate(name, 1)[1])
-            times[name]["total"].append(generate(name, new_tokens)[1])
+    out, first = generate(new_tokens)
+    prefills, totals = [], []
+    for _ in range(repeats):
+        prefills.append(generate(1)[1])
+        totals.append(generate(new_tokens)[1])
+    decode = statistics.median((new_tokens - 1) / (t - p) for t, p in zip(totals, prefills))
+    return {"system": name, "decode_tok_s": round(decode, 2), "prefill_ms": round(statistics.median(prefills) * 1e3, 1),
+            "first_generation_s": round(first, 1), "tokens": out[0, prompt_len:].tolist(),
+            "threads": torch.get_num_threads()}
+
+
+def bench_torch(model: str, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3,
+                systems=SYSTEMS) -> dict:
     rows = []
     for name in systems:
-        prefill = statistics.median(times[name]["prefill"])
-        runs = zip(times[name]["total"], times[name]["prefill"])
-        decode = statistics.median((new_tokens - 1) / (t - p) for t, p in runs)
-        rows.append({"system": name, "decode_tok_s": round(decode, 2), "prefill_ms": round(prefill * 1e3, 1),
-                     "first_generation_s": round(compile_s[name], 1),
-                     "same_tokens_as_eager": tokens[name] == tokens[systems[0]]})
+        log.info("%s: measuring in a process of its own", name)
+        done = subprocess.run([sys.executable, "-m", "llmc.tools.torch_bench", name, model, str(prompt_len),
+                               str(new_tokens), str(repeats)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench-torch {name}: {done.stderr.strip().splitlines()[-1:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    first = rows[0]["tokens"]  # eager's, unless the caller left eager out
+    for r in rows:
+        r["same_tokens_as_eager"] = r["tokens"] == first
+    for r in rows:
+        del r["tokens"]
     return {"model": model, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-            "threads": torch.get_num_threads(), "systems": rows}
+            "threads": rows[0]["threads"], "systems": rows}
 
 
 def format_table(result: dict) -> str:
     base = {r["system"]: r["decode_tok_s"] for r in result["systems"]}
     lines = [f"{result['model']}: prompt {result['prompt_len']}, {result['new_tokens']} new tokens, batch 1, "
-             f"{result['threads']} threads, median of {result['repeats']}",
+             f"{result['threads']} threads, median of {result['repeats']}; transformers' generate with its dynamic "
+             "cache; each system in a process of its own",
              "| system | decode tok/s | vs eager | vs inductor | prefill ms | first generation s | tokens = eager |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     def ratio(r, peer):
@@ -82,3 +102,7 @@ def format_table(result: dict) -> str:
         lines.append(f"| {r['system']} | {r['decode_tok_s']} | {ratio(r, 'eager')} | {ratio(r, 'inductor')} | "
                      f"{r['prefill_ms']} | {r['first_generation_s']} | {same} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]))))

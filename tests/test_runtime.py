@@ -1,0 +1,125 @@
+"""The runtime in a process of its own: its kernel threads, its memory plan, and its peak memory
+against what `llmc inspect` predicts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from zoo_cases import export
+
+from llmc.cli import main
+from llmc.runtime import memory
+
+CORES = len(os.sched_getaffinity(0))
+
+
+def _fresh(code: str, **env) -> str:
+    """Run `code` in a process that never imported the compiler, with only `env` choosing threads."""
+    base = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "LLMC_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("how,env,want", [
+    ("", {}, CORES),                       # every core by default
+    ("threads=1", {}, 1),                  # load(..., threads=)
+    ("", {"LLMC_NUM_THREADS": "1"}, 1),    # the environment
+])
+def test_kernel_threads(artifacts, how, env, want):
+    code = f"import llmc.runtime as r; m = r.load({str(artifacts('llama-tiny'))!r}, {how}); print(m.threads)"
+    assert int(_fresh(code, **env)) == want
+
+
+def test_arena_planner_never_overlaps_live_values(rng):
+    n = 60
+    sizes = {f"v{i}": int(rng.integers(1, 5000)) for i in range(n)}
+    lives = {}
+    for name in sizes:
+        a = int(rng.integers(-1, 40))
+        lives[name] = (a, a + int(rng.integers(0, 8)))
+    offsets, total = memory.assign(sizes, lives)
+    for a in sizes:
+        assert offsets[a] % memory.ALIGN == 0
+        for b in sizes:
+            if a < b and lives[a][0] <= lives[b][1] and lives[b][0] <= lives[a][1]:
+                assert offsets[a] + sizes[a] <= offsets[b] or offsets[b] + sizes[b] <= offsets[a], (a, b)
+    assert max(offsets[v] + sizes[v] for v in sizes) <= total < sum(sizes.values()) + n * memory.ALIGN
+
+
+def test_arena_shares_memory_between_values(artifacts):
+    from llmc.runtime.artifact import open_artifact
+
+    m = open_artifact(artifacts("llama-tiny")).manifest
+    weights = set(json.loads(_header(artifacts("llama-tiny"))))
+    names = memory.arena_names(m, weights)
+    env = {"batch": 1, "seq": 128, "past": 128, "total": 128}
+    one_each = sum(memory.nbytes(m["plans"]["values"][n], env) for n in names)
+    _, arena = memory.arena_plan(m, weights, 1)
+    assert arena < one_each / 2, (arena, one_each)
+
+
+def _header(artifact) -> bytes:
+    data = (artifact / "weights.safetensors").read_bytes()
+    return data[8:8 + int.from_bytes(data[:8], "little")]
+
+
+PEAK = """
+import resource, sys, llmc.runtime
+from llmc.runtime import threads
+threads.start()
+def rss():  # kB, now
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
+before = rss()
+m = llmc.runtime.load(sys.argv[1])
+m.generate(list(range(1, 1 + int(sys.argv[2]))), int(sys.argv[3]))
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+print((peak - before) * 1024)
+"""
+
+
+def _peak_while_generating(artifact, prompt, new) -> int:
+    out = subprocess.run([sys.executable, "-c", PEAK, str(artifact), str(prompt), str(new)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
+def _predicted(artifact, capsys) -> dict:
+    assert main(["inspect", str(artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "memory (batch 1, the whole context)" in out
+    from llmc.runtime import safetensors
+    from llmc.runtime.artifact import open_artifact
+
+    a = open_artifact(artifact)
+    return memory.footprint(a.manifest, safetensors.entries(safetensors.map_file(a.file("weights.safetensors"))),
+                            a.file("weights.safetensors").stat().st_size)
+
+
+def test_peak_memory_is_what_inspect_predicts(artifacts, capsys):
+    art = artifacts("llama-tiny")
+    predicted = _predicted(art, capsys)
+    measured = _peak_while_generating(art, 16, 16)
+    # the target: weights + KV cache + 10% + 50 MB
+    assert measured <= (predicted["weights"] + predicted["kv_cache"]) * 1.1 + 50e6, (measured, predicted)
+
+
+@pytest.mark.slow
+def test_peak_memory_of_a_realistic_model(tmp_path, capsys):
+    """GPT-2 124M (498 MB of weights): the weights are mapped, not copied, and the rest is what
+    the plan says."""
+    import llmc
+
+    art = llmc.compile(export("gpt2-124m", exporter="dynamo", kv_cache=True), output=tmp_path / "g.llmc",
+                       max_seq_len=256)
+    predicted = _predicted(art, capsys)
+    measured = _peak_while_generating(art, 128, 128)
+    assert measured <= (predicted["weights"] + predicted["kv_cache"]) * 1.1 + 50e6, (measured, predicted)
+    assert measured <= predicted["total"] + 50e6, (measured, predicted)
+    # every GEMM weight is read while generating; of the token table only the prompt's rows
+    assert measured >= 0.7 * predicted["weights"], (measured, predicted)
