@@ -23,21 +23,6 @@ SHAPES = {  # (out_features, in_features)
 COLD_BYTES = 512 << 20  # more than any L3 of the machines we run on
 
 
-def read_bandwidth(seconds=1.0) -> float:
-    """Streaming read GB/s with every core: torch.sum over 2 GiB (numpy's sum uses one core)."""
-    import torch
-
-    a = torch.ones(1 << 29)
-    a.sum()
-    times = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        a.sum()
-        times.append(time.perf_counter() - t)
-    return a.numel() * 4 / min(times) / 1e9
-
-
 def _time(fn, sets, repeats):
     """Median over repeats of the mean time per call, rotating through the weight copies."""
     fn(*sets[0])
@@ -60,12 +45,13 @@ def main():
 
     import tvm
     from llmc.backends.tvm.target import host
+    from llmc.tools.bandwidth import read_bandwidth
 
     torch.set_num_threads(os.cpu_count())
-    bw = read_bandwidth()
+    bw = read_bandwidth()["best"]
     target = host()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, target mcpu={target['mcpu']}, "
-          f"streaming read {bw:.1f} GB/s")
+          f"streaming read {bw:.1f} GB/s (best of llmc.tools.bandwidth's methods)")
     print("| weights | MB | llmc TVM GB/s (% of read bw) | numpy GB/s | torch GB/s |")
     print("| --- | --- | --- | --- | --- |")
     dev = tvm.cpu(0)

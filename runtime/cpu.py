@@ -66,6 +66,6 @@ def check(cpu: dict, where: str) -> None:
     have = host_features()
     missing = [f for f in cpu["features"] if f not in have]
     if have and missing:
-        raise ArtifactError(f"{where}: compiled for CPU {cpu['name']!r}, which has {', '.join(missing)}; this CPU "
-                            f"lacks {'it' if len(missing) == 1 else 'them'} (recompile with --cpu x86-64-v3 "
-                            "or another portable level, or --cpu native on this machine)")
+        raise ArtifactError(f"{where}: compiled for CPU {cpu['name']!r}; this CPU lacks {', '.join(missing)} "
+                            "(recompile with --cpu native on this machine, or a portable level it has, "
+                            "e.g. --cpu x86-64-v3)")

@@ -56,7 +56,7 @@ RUN_CASES = [
     ("library not listed", lambda p: edit(p, lambda m: m["kernels"].update(library="/tmp/evil.so")), [],
      "is not a listed file"),
     ("a CPU feature this CPU lacks", lambda p: edit(p, lambda m: m["cpu"]["features"].append("avx10_9")), [],
-     "this CPU lacks it"),
+     "this CPU lacks avx10_9"),
     ("token id past the vocabulary", None, ["--prompt-ids", "1,2,256"], "token id 256 is outside the vocabulary"),
     ("negative token id", None, ["--prompt-ids", "1,-2"], "token id -2 is outside the vocabulary"),
     ("prompt over the context", None, ["--prompt-ids", ",".join(["1"] * 120), "--max-new-tokens", "9"],

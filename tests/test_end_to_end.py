@@ -162,3 +162,24 @@ def test_bench_measures_every_system(tmp_path):
     # the greedy tokens at benchmark size, against onnxruntime's
     assert result["systems"]["onnxruntime"]["tokens_as_onnxruntime"] == "4/4"
     assert result["systems"]["llmc"]["tokens_as_onnxruntime"].endswith("/4")
+
+
+def test_portable_cpu_levels(artifacts):
+    """An artifact compiled for a portable x86-64 level runs wherever that level does, with the
+    native build's tokens; one for a level this CPU lacks is refused, naming what it lacks."""
+    from llmc.runtime import cpu
+
+    native = runtime.load(artifacts("llama-tiny")).generate([5, 6, 7], 12)
+    for level in ("x86-64-v3", "x86-64-v4"):
+        path = artifacts("llama-tiny", cpu=level)
+        missing = [f for f in cpu.LEVELS[level] if f not in cpu.host_features()]
+        if missing:
+            with pytest.raises(LlmcError, match=f"this CPU lacks .*{missing[0]}"):
+                runtime.load(path)
+        else:
+            assert runtime.load(path).generate([5, 6, 7], 12) == native, level
+
+
+def test_compile_refuses_an_unknown_cpu(tmp_path):
+    with pytest.raises(LlmcError, match="CPU 'pentium' is not supported"):
+        llmc.compile(export("llama-tiny", exporter="dynamo", kv_cache=True), output=tmp_path / "x.llmc", cpu="pentium")

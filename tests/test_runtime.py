@@ -68,43 +68,20 @@ def _header(artifact) -> bytes:
     return data[8:8 + int.from_bytes(data[:8], "little")]
 
 
-PEAK = """
-import resource, sys, llmc.runtime
-from llmc.runtime import threads
-threads.start()
-def rss():  # kB, now
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
-before = rss()
-m = llmc.runtime.load(sys.argv[1])
-m.generate(list(range(1, 1 + int(sys.argv[2]))), int(sys.argv[3]))
-peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
-print((peak - before) * 1024)
-"""
+def _peak(artifact, capsys, prompt, new):
+    """(measured peak rise while generating, the footprint `llmc inspect` prints)."""
+    from llmc.cli import _bytes
+    from llmc.tools.peak_memory import measure
 
-
-def _peak_while_generating(artifact, prompt, new) -> int:
-    out = subprocess.run([sys.executable, "-c", PEAK, str(artifact), str(prompt), str(new)],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return int(out.stdout)
-
-
-def _predicted(artifact, capsys) -> dict:
+    result = measure(artifact, prompt, new)
+    predicted = result["predicted"]
     assert main(["inspect", str(artifact)]) == 0
-    out = capsys.readouterr().out
-    assert "memory (batch 1, the whole context)" in out
-    from llmc.runtime import safetensors
-    from llmc.runtime.artifact import open_artifact
-
-    a = open_artifact(artifact)
-    return memory.footprint(a.manifest, safetensors.entries(safetensors.map_file(a.file("weights.safetensors"))),
-                            a.file("weights.safetensors").stat().st_size)
+    assert f"total        {_bytes(predicted['total'])}" in capsys.readouterr().out
+    return result["generate"], predicted
 
 
 def test_peak_memory_is_what_inspect_predicts(artifacts, capsys):
-    art = artifacts("llama-tiny")
-    predicted = _predicted(art, capsys)
-    measured = _peak_while_generating(art, 16, 16)
+    measured, predicted = _peak(artifacts("llama-tiny"), capsys, 16, 16)
     # the target: weights + KV cache + 10% + 50 MB
     assert measured <= (predicted["weights"] + predicted["kv_cache"]) * 1.1 + 50e6, (measured, predicted)
 
@@ -117,8 +94,7 @@ def test_peak_memory_of_a_realistic_model(tmp_path, capsys):
 
     art = llmc.compile(export("gpt2-124m", exporter="dynamo", kv_cache=True), output=tmp_path / "g.llmc",
                        max_seq_len=256)
-    predicted = _predicted(art, capsys)
-    measured = _peak_while_generating(art, 128, 128)
+    measured, predicted = _peak(art, capsys, 128, 128)
     assert measured <= (predicted["weights"] + predicted["kv_cache"]) * 1.1 + 50e6, (measured, predicted)
     assert measured <= predicted["total"] + 50e6, (measured, predicted)
     # every GEMM weight is read while generating; of the token table only the prompt's rows

@@ -223,3 +223,16 @@ def test_bench_torch_runs_each_system_in_its_own_process(tmp_path):
     rows = {r["system"]: r for r in json.loads(out.read_text())["systems"]}
     assert set(rows) == {"eager", "llmc"} and all(r["decode_tok_s"] > 0 for r in rows.values())
     assert rows["llmc"]["same_tokens_as_eager"]
+
+
+@pytest.mark.parametrize("bad", [256, -1])
+def test_token_ids_outside_the_vocabulary_are_refused(bad, rng):
+    """The embedding gather does not check its indices: the runner does, before any kernel."""
+    model = zoo.get("llama-tiny").build_torch()
+    compiled = torch.compile(model, backend="llmc")
+    ids = _ids(rng, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        compiled(input_ids=ids)
+        ids[0, 2] = bad
+        with pytest.raises(LlmcError, match=f"index {bad} is outside the table it indexes"):
+            compiled(input_ids=ids)

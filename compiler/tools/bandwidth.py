@@ -48,12 +48,12 @@ def numpy_threads(seconds: float = 1.0) -> float:
 def llmc_gemv(seconds: float = 1.0) -> float:
     from llmc.backends.tvm.linear import LinearSpec, build, pack
     from llmc.backends.tvm.target import host
-
-    import tvm_ffi  # noqa: F401
+    from llmc.runtime.executor import aligned_empty
 
     n = k = int((BYTES // 4) ** 0.5)
-    w = pack(np.ones((n, k), np.float32))
-    x, y = np.ones((1, k), np.float32), np.zeros((1, n), np.float32)
+    w, x, y = aligned_empty((n // 64, k, 64), np.float32), aligned_empty((1, k), np.float32), aligned_empty((1, n), np.float32)
+    w[...] = pack(np.ones((n, k), np.float32))  # the kernels read 64-byte aligned memory
+    x[...] = 1
     kernel = build(LinearSpec(n, k), host())["main"]
     return _best(lambda: kernel(x, w, y), seconds)
 

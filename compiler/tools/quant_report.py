@@ -49,10 +49,11 @@ def compare(fp32: np.ndarray, quant: np.ndarray, tokens: list[int]) -> dict:
 
 def _onnxruntime_logits(path: Path, quant: str, tokens: list[int], tmp: Path) -> np.ndarray:
     """The same teacher-forced pass through onnxruntime's own quantized model of the file (the
-    models `llmc bench --quant` measures: dynamic int8, or MatMulNBits 4-bit)."""
+    models `llmc bench --quant` measures: dynamic int8, or MatMulNBits 4-bit), and what its
+    quantizer changed; no logits when it changed nothing."""
     import onnx
 
-    from .bench import _OnnxRuntime, quantized_onnx
+    from .bench import _OnnxRuntime, describe_quantization, quantized_onnx
 
     class _Config:  # what the session needs to shape an empty past
         def __init__(self, graph):
@@ -63,8 +64,12 @@ def _onnxruntime_logits(path: Path, quant: str, tokens: list[int], tmp: Path) ->
             self.num_hidden_layers = len(past) // 2
 
     cfg = _Config(onnx.load(str(path), load_external_data=False).graph)
-    session = _OnnxRuntime(quantized_onnx(path, quant, tmp / f"ort-{quant}.onnx"), cfg, threads=0)
-    return np.array(session._run(np.array([tokens]), 0, session._empty())[0][0], np.float64)
+    quantized = quantized_onnx(path, quant, tmp / f"ort-{quant}.onnx")
+    described = describe_quantization(quantized)
+    if not described["quantized"]:
+        return None, described
+    session = _OnnxRuntime(quantized, cfg, threads=0)
+    return np.array(session._run(np.array([tokens]), 0, session._empty())[0][0], np.float64), described
 
 
 ONNXRUNTIME_SCHEMES = {"w8": "onnxruntime int8 (dynamic, per channel)", "w4": "onnxruntime 4-bit (MatMulNBits, g128)"}
@@ -96,16 +101,22 @@ def report(model: str, schemes: list[dict], tokens: int = 256, token_ids: list[i
             first = [int(t) for t in rng.integers(1, 100, 4)]
             token_ids = first + runtime.load(base).generate(first, n - len(first), temperature=1.0, seed=seed)
         reference = _logits(base, token_ids)
-        rows = []
+        rows, notes = [], []
         for i, options in enumerate(schemes):
             log.info("compiling %s (%s)", path, scheme_name(options))
             art = llmc.compile(path, output=Path(tmp) / f"q{i}.llmc", max_seq_len=n + 1, **options)
             rows.append({"scheme": scheme_name(options), **compare(reference, _logits(art, token_ids), token_ids)})
         for quant in sorted({s["quant"] for s in schemes}, reverse=True) if onnxruntime else []:
             log.info("onnxruntime's %s model of %s", quant, path)
-            logits = _onnxruntime_logits(path, quant, token_ids, Path(tmp))
-            rows.append({"scheme": ONNXRUNTIME_SCHEMES[quant], **compare(reference, logits, token_ids)})
-    return {"model": model, "tokens": len(token_ids), "seed": seed, "schemes": rows}
+            logits, described = _onnxruntime_logits(path, quant, token_ids, Path(tmp))
+            changed = ", ".join(f"{v['count']} {op}" for op, v in described["quantized"].items())
+            left = f"{described['float_gemms_left']} float GEMMs left"
+            if logits is None:
+                notes.append(f"{ONNXRUNTIME_SCHEMES[quant]}: its quantizer changed nothing ({left}); not reported")
+                continue
+            rows.append({"scheme": f"{ONNXRUNTIME_SCHEMES[quant]}: {changed}, {left}",
+                         **compare(reference, logits, token_ids)})
+    return {"model": model, "tokens": len(token_ids), "seed": seed, "schemes": rows, "notes": notes}
 
 
 def scheme_name(options: dict) -> str:
@@ -130,4 +141,5 @@ def format_table(result: dict) -> str:
         lines.append(f"| {r['scheme']} | {r['max_rel_err']:.4f} | {r['mean_rel_err']:.4f} | "
                      f"{r['top1_agreement']:.1%} | {r['perplexity_fp32']} -> {r['perplexity']} "
                      f"({r['perplexity_delta']:+.3f}) |")
+    lines += [f"note: {n}" for n in result.get("notes", [])]
     return "\n".join(lines)
