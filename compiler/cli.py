@@ -205,13 +205,15 @@ def _inspect_artifact(path) -> int:
     mem = memory.footprint(m, weights, art.file(WEIGHTS).stat().st_size)
     model = m["model"]
     quant = model["quant"]
+    pasts = {e["past"] for e in model["kv_cache"]["entries"]}
     print("\n".join([
         f"artifact: {path} (format {m['format_version']}, llmc {m['llmc_version']})",
         f"target:   {m['target']['kind']} {m['target'].get('mtriple', '')}, CPU {m['cpu']['name']} "
         f"(needs {', '.join(m['cpu']['features']) or 'nothing beyond the architecture'})",
         f"model:    {model['name']}, context {model['max_seq_len']} tokens, KV cache {model['kv_cache']['dtype']}, "
         f"weights {'f32' if not quant else quant['scheme']}",
-        f"inputs:   {', '.join(t['name'] for t in model['inputs'])}",
+        f"inputs:   {', '.join(t['name'] for t in model['inputs'] if t['name'] not in pasts)}"
+        + (f", and {len(pasts)} KV-cache inputs" if pasts else ""),
         f"plan:     {len(m['plans']['forward'])} kernel calls, {len(m['kernels']['functions'])} distinct kernels",
         "memory (batch 1, the whole context):",
         f"  weights      {_bytes(mem['weights'])} (mapped from the file, shared between processes)",
