@@ -113,7 +113,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
               for n in sorted(names)}
     values.update({n: {"dtype": dtype, "shape": [_encode_dim(d, n) for d in shape]} for n, (dtype, shape) in caches.items()})
     write_artifact(graph, output, tvm_target, cpu_info, kernels={"library": LIBRARY, "functions": functions},
-                   plans={"forward": [s.to_json() for s in plan], "values": values}, library=executable,
+                   plans={"forward": [s.to_json() for s in plan], "values": values, "weights": sorted(tensors)}, library=executable,
                    eos_token_id=eos_token_id, weights=tensors)
     stages.append(("artifact", time.perf_counter() - start - sum(t for _, t in stages)))
     shown.update()

@@ -2,9 +2,10 @@
 
 Imports numpy and tvm_ffi (the kernel runtime) only, with TVM's runtime library for the
 kernels' thread pool (`threads.py`). Loading checks, in order and before anything is allocated:
-the artifact (`open_artifact`: schema, files, checksums), that this CPU can run its kernels, that
-every weight the plan reads is in the weights file with the dtype and shape the plan gives it,
-and that the KV caches and activations fit in the memory this machine has free.
+the artifact (`open_artifact`: schema, files, checksums), that this CPU can run its kernels, and
+that every weight the plan reads (`plans.weights`) is in the weights file with the dtype and
+shape the plan gives it. When a batch's buffers are first allocated, the executor checks that
+the KV caches and activations fit in the memory this machine has free.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Model:
         if not m["plans"]["forward"]:
             raise ArtifactError(f"{where}: plans.forward: the artifact has no execution plan")
         weights = safetensors.load(art.file(WEIGHTS), writable=True)
-        _check_weights(m["plans"]["values"], weights, where)
+        _check_weights(m["plans"], weights, where)
         self.manifest = m
         self.max_seq_len = m["model"]["max_seq_len"]
         self.eos_token_id = m["model"]["eos_token_id"]
@@ -98,13 +99,12 @@ class Model:
         return out
 
 
-def _check_weights(values: dict, weights: dict[str, np.ndarray], where: str) -> None:
-    """Every value the plan describes with a static shape and finds in the weights file must be
-    that tensor, as the plan describes it."""
-    for name, info in values.items():
-        w = weights.get(name)
+def _check_weights(plans: dict, weights: dict[str, np.ndarray], where: str) -> None:
+    """Every weight the plan reads is in the weights file, as the plan describes it."""
+    for i, name in enumerate(plans["weights"]):
+        w, info = weights.get(name), plans["values"][name]
         if w is None:
-            continue
+            raise ArtifactError(f"{where}: plans.weights[{i}]: {name!r} is not in {WEIGHTS}")
         if str(w.dtype) != info["dtype"] or list(w.shape) != info["shape"]:
             raise ArtifactError(f"{where}: plans.values[{name!r}]: {info['dtype']}{info['shape']}, but the weights "
                                 f"file holds {w.dtype}{list(w.shape)}")

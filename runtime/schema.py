@@ -80,7 +80,7 @@ MANIFEST = {
         "eos_token_id": OPTIONAL_INT,
     },
     "kernels": {"library": NAME, "functions": [NAME]},
-    "plans": {"forward": [STEP], "values": Map(VALUE)},
+    "plans": {"forward": [STEP], "values": Map(VALUE), "weights": [NAME]},
     "files": Map(FILE),
     "manifest_sha256": FILE["sha256"],
 }
@@ -154,6 +154,9 @@ def _references(m: dict) -> None:
         for j, arg in enumerate(step["args"]):
             if arg and arg not in values and arg not in presents:
                 raise Invalid(f"plans.forward[{i}].args[{j}]: value {arg!r} is not described in plans.values")
+    for i, name in enumerate(m["plans"]["weights"]):
+        if name not in values:
+            raise Invalid(f"plans.weights[{i}]: {name!r} is not described in plans.values")
     for i, e in enumerate(m["model"]["kv_cache"]["entries"]):
         if e["past"] not in values:
             raise Invalid(f"model.kv_cache.entries[{i}].past: value {e['past']!r} is not described in plans.values")

@@ -114,6 +114,7 @@ def edit(art, change, keep_checksum=True):
     (lambda m: m["plans"]["values"]["input_ids"].update(shape=[[[1, ["width"]]]]), r"plans.values\['input_ids'\]"),
     (lambda m: m.update(extra=1), "extra: unknown field"),
     (lambda m: m.pop("cpu"), "cpu: missing"),
+    (lambda m: m["plans"]["weights"].append("ghost"), r"plans.weights\[\d+\]: 'ghost' is not described"),
 ])
 def test_manifest_is_held_to_its_schema(art, change, message):
     edit(art, change)

@@ -33,6 +33,17 @@ def _widen(m):
     m["plans"]["values"][_linear_output(m)]["shape"][-1] += 1
 
 
+def _unweigh(m):
+    """The first weight described as another, absent, tensor."""
+    name = m["plans"]["weights"][0]
+    m["plans"]["weights"][0] = "ghost"
+    m["plans"]["values"]["ghost"] = m["plans"]["values"][name]
+
+
+def _reshape_weight(m):
+    m["plans"]["values"][m["plans"]["weights"][0]]["shape"][0] += 1
+
+
 # (name, how to damage a copy of the artifact or None, extra `llmc run` arguments, what the error says)
 RUN_CASES = [
     ("missing", lambda p: shutil.rmtree(p), [], "no such artifact"),
@@ -47,6 +58,8 @@ RUN_CASES = [
     ("unknown kernel", lambda p: edit(p, lambda m: m["plans"]["forward"][1].update(kernel="k_none")), [],
      r"plans.forward\[1\].kernel: 'k_none' is not a kernel"),
     ("shape disagrees with its kernel", lambda p: edit(p, _widen), [], "refused the values"),
+    ("a weight missing from the file", lambda p: edit(p, _unweigh), [], r"plans.weights\[0\]: .* is not in weights"),
+    ("a weight of another shape", lambda p: edit(p, _reshape_weight), [], r"plans.values\[.*\]: .* but the weights file holds"),
     ("context edited by hand", lambda p: edit(p, lambda m: m["model"].update(max_seq_len=100000), False), [],
      "altered after compilation"),
     ("context past this machine's memory", lambda p: edit(p, lambda m: m["model"].update(max_seq_len=100000)), [],
