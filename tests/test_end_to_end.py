@@ -152,8 +152,10 @@ def test_bench_measures_every_system(tmp_path):
     assert result["systems"]["llmc"]["prefill_all_logits_ms"] > 0
     kernels = result["llmc_kernels"]
     assert any("fused_linear" in k["kernel"] for k in kernels) and any("attention" in k["kernel"] for k in kernels)
-    step_ms = 1e3 / result["systems"]["llmc"]["decode_tok_s"]
-    assert 0 < sum(k["decode_ms"] for k in kernels) < 2 * step_ms
+    # the kernels' time and the step's come from the same profiled steps: runtime_overhead >= 0
+    # above says the kernels took no longer than the steps (a median from other rounds, as this
+    # test once compared with, is no bound for 3 profiled steps on a busy machine)
+    assert sum(k["decode_ms"] for k in kernels) > 0
     assert result["read_bandwidth_gbs"] > 1 and result["decode_weight_mb"] > 0
     assert result["read_bandwidth_gbs"] >= max(result["bandwidth_methods"]["before"].values())
     # llmc ran as a user gets it: a fresh process with the runtime alone, every core

@@ -150,6 +150,7 @@ def test_quant_report_measures_onnxruntimes_quantization_too(tmp_path):
     assert 0 < ours["mean_rel_err"] < 0.1
 
 
+@pytest.mark.slow
 def test_bench_runs_quantized_modes_against_onnxruntimes(tmp_path):
     from llmc.cli import main
 

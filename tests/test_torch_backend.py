@@ -212,6 +212,7 @@ def test_quant_option_quantizes_the_weights(rng):
     _fully_compiled()
 
 
+@pytest.mark.slow
 def test_bench_torch_runs_each_system_in_its_own_process(tmp_path):
     from llmc.cli import main
 
