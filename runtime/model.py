@@ -82,7 +82,6 @@ class Model:
         if len(prompt) + max_new_tokens > self.max_seq_len:
             raise LlmcError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the context "
                             f"of {self.max_seq_len} tokens this artifact was compiled for")
-        self.check_ids({"input_ids": np.array(prompt)})
         rng = np.random.default_rng(seed)
         self.executor.reset(batch=1)
         logits = self.forward(np.array([prompt]), past=0, last_only=True)

@@ -209,8 +209,6 @@ QUANTIZED_OPS = {"MatMulInteger": "int8 weights, int8 activations quantized per 
 def describe_quantization(path: Path) -> dict:
     """What onnxruntime's quantizer changed: its quantized ops by kind, with what they do, and
     the float GEMMs it left (MatMul and Gemm with a constant weight)."""
-    import collections
-
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
