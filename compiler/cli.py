@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     ins.set_defaults(run=_inspect)
 
     comp = sub.add_parser("compile", help="compile an ONNX decoder (with KV cache) to an artifact")
-    comp.add_argument("model", help="an ONNX file exported with past_key_values inputs")
+    comp.add_argument("model", help="an ONNX decoder with a KV cache, as any exporter writes it")
     comp.add_argument("--target", choices=("cpu",), default="cpu")
     comp.add_argument("--cpu", choices=("native", "x86-64-v3", "x86-64-v4"), default="native",
                       help="the CPU the kernels may assume: this machine's (native, the fastest), or a portable "
@@ -158,7 +158,11 @@ def _inspect(args) -> int:
     if Path(args.model).is_dir():
         return _inspect_artifact(args.model)
     log.info("loading %s", args.model)
-    graph = from_onnx(args.model)
+    try:
+        graph = from_onnx(args.model)
+    except LlmcError:
+        _inspect_file(args.model)  # what the file holds, then why it does not convert
+        raise
     out = []
     meta = graph.metadata
     out.append(f"model:    {args.model}")
@@ -192,6 +196,25 @@ def _inspect(args) -> int:
         Path(args.svg).write_text(svg)
         log.info("wrote %s", args.svg)
     return 0
+
+
+def _inspect_file(path) -> None:
+    """Inputs, outputs and ops of an ONNX file that does not convert, read from the file itself."""
+    from .frontends.onnx.importer import describe_file
+
+    try:
+        info = describe_file(path)
+    except LlmcError:
+        return  # not even readable: the error says so
+    width = max(len(name) for name, _ in info["inputs"] + info["outputs"])
+    out = [f"model:    {path}", f"producer: {info['producer'] or '?'}, opset {info['opset']}", "inputs:"]
+    out += [f"  {name:<{width}}  {desc}" for name, desc in info["inputs"]]
+    out.append("outputs:")
+    out += [f"  {name:<{width}}  {desc}" for name, desc in info["outputs"]]
+    out.append(f"ops: {sum(info['ops'].values())} nodes")
+    out += [f"  {op:<40} {count}" + ("" if op in info["supported"] else "  (unsupported)")
+            for op, count in info["ops"].most_common()]
+    print("\n".join(out))
 
 
 def _inspect_artifact(path) -> int:

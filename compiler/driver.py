@@ -12,13 +12,16 @@ from .errors import LlmcError
 log = logging.getLogger(__name__)
 
 TARGETS = ("cpu",)
-RUNTIME_DIMS = {"batch", "seq", "past", "total"}
 
 
 def _encode_dim(d, where: str):
+    """A dim as the plan holds it: its atoms are the run-time dims or expressions over them
+    (`min(seq, 1)`), which the runtime evaluates (`llmc.runtime.dims`)."""
+    from llmc.runtime.dims import is_atom
+
     if isinstance(d, int):
         return d
-    if not d.atoms <= RUNTIME_DIMS:
+    if not all(is_atom(a) for a in d.atoms):
         raise LlmcError(f"{where}: dim {d} is not known at run time")
     return [[c, list(m)] for m, c in d.terms.items()]
 
@@ -83,13 +86,13 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     stages = []
     start = time.perf_counter()
     shown = bar(total=4, desc=f"compiling {onnx_path.name}: import")
-    graph = from_onnx(onnx_path)
+    graph = from_onnx(onnx_path, decoder=True)
     stages.append(("import", time.perf_counter() - start))
     shown.update()
     shown.set_description(f"compiling {onnx_path.name}: passes")
-    if not any(v.name.startswith("past_key_values.") for v in graph.inputs):
-        raise LlmcError(f"{onnx_path}: compiling needs a decoder exported with a KV cache "
-                        "(past_key_values.* inputs, present.* outputs)")
+    if not graph.metadata["kv_pairs"]:
+        raise LlmcError(f"{onnx_path}: the decoder has no KV cache (no float input that a concat extends "
+                        "into an output); compiling one exported without a cache is not supported yet")
     graph = run_passes(graph, default_pipeline(target), PassContext(options=options))
     stages.append(("passes", time.perf_counter() - start - sum(t for _, t in stages)))
     shown.update()

@@ -47,17 +47,12 @@ CALIBRATION_TOKENS = 128
 def _feeds(graph: Graph, tokens: list[int]) -> dict[str, np.ndarray]:
     n = len(tokens)
     env = {"batch": 1, "seq": n, "past": 0, "total": n}
-    feeds = {}
-    for v in graph.inputs:
-        if v.name == "input_ids":
-            feeds[v.name] = np.array([tokens], np.int64)
-        elif v.name == "attention_mask":
-            feeds[v.name] = np.ones((1, n), np.int64)
-        elif v.name == "position_ids":
-            feeds[v.name] = np.arange(n, dtype=np.int64)[None]
-        else:  # an empty past
-            feeds[v.name] = np.zeros(v.type.concrete(env), v.dtype.numpy())
-    return feeds
+    roles = graph.metadata["roles"]
+    by_role = {roles["tokens"]: np.array([tokens]), roles["mask"]: np.ones((1, n)),
+               roles["positions"]: np.arange(n)[None]}
+    # the caches start empty
+    return {v.name: by_role[v.name].astype(v.dtype.numpy()) if v.name in by_role else
+            np.zeros(v.type.concrete(env), v.dtype.numpy()) for v in graph.inputs}
 
 
 def search_scales(h: np.ndarray, w: np.ndarray, group_size: int, zero_point: bool):

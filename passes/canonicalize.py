@@ -1,6 +1,7 @@
 """Canonical forms, so that one recognition pattern covers the spellings exporters produce.
 
 - division becomes multiplication (by a folded constant, or by `reciprocal`);
+- a `MatMul` whose inner dim is 1 (an outer product) becomes a broadcast `mul`;
 - `MatMul` by a constant 2-D weight becomes `linear` with the weight transposed once, at compile
   time, to [out_features, in_features], and a following bias `Add` joins it;
 - a fused QKV interleaved per head (GPT-NeoX) is reordered to [q | k | v] blocks;
@@ -8,6 +9,8 @@
   flattened input may feed other GEMMs too: torch writes one flatten per projection);
 - scalar factors move below reshapes and transposes (where attention absorbs them), merge,
   and vanish when they are 1;
+- a constant range of a linear's output features becomes a linear over those weight rows
+  (Phi-3's slices of its fused projections), and empty parts of a concat disappear;
 - reshapes that change nothing and one-input concats disappear, transposes of transposes merge, and the reshape /
   transpose / reshape chain that swaps the last two axes becomes one transpose.
 """
@@ -135,6 +138,58 @@ def _deinterleave_third(m, b):
                   perm=(0, 2, 1, 3))
 
 
+def _inner_one(m) -> str | None:
+    a, b = m["x"], m["y"]
+    if a.type.rank < 2 or b.type.rank < 2 or a.shape[-1] != 1 or b.shape[-2] != 1:
+        return "the inner dim is not 1"
+    return None
+
+
+def _outer_product(m, b):
+    """a[..., m, 1] @ b[..., 1, n] is the broadcast product a * b: the TorchScript exporter's
+    rotary angles (`inv_freq @ positions`), which then fold like any elementwise op."""
+    return b.emit("mul", [m["x"], m["y"]])
+
+
+def _rows_fit(m) -> str | None:
+    x, part = m.nodes["lin"].outputs[0], m.nodes["slice"].outputs[0]
+    start, end, axis, step = (m[n].sym for n in ("st", "en", "ax", "sp"))
+    if axis not in ((-1,), (x.type.rank - 1,)) or step not in (None, (1,)) or start is None or end is None:
+        return "the slice is not a constant range of the last axis"
+    n = x.shape[-1]
+    lo, hi = max(start[0] + n if start[0] < 0 else start[0], 0), min(end[0] + n if end[0] < 0 else end[0], n)
+    if hi <= lo or part.shape[-1] != hi - lo:
+        return "the slice is empty"
+    return None
+
+
+def _slice_rows(m, b):
+    """A range of a projection's output features (Phi-3 cuts q, k, v and gate, up out of its
+    fused projections with Slice) is a linear of its own over those weight rows; fuse_qkv merges
+    q, k and v again into the layout every family has."""
+    lin, n = m.nodes["lin"], m.nodes["lin"].outputs[0].shape[-1]
+    start, end = m["st"].sym[0], m["en"].sym[0]
+    lo, hi = max(start + n if start < 0 else start, 0), min(end + n if end < 0 else end, n)
+    inputs = [m["x"], b.param(m.data("w")[lo:hi], f"{m['w'].name}.rows{lo}")]
+    if len(lin.inputs) > 2 and lin.inputs[2] is not None:
+        inputs.append(b.param(b.graph.const_value(lin.inputs[2])[lo:hi], "bias_rows"))
+    return b.emit("linear", inputs)
+
+
+def _has_empty(m) -> str | None:
+    node = m.nodes["cat"]
+    axis = node.attrs["axis"]
+    return None if any(v.shape[axis] == 0 for v in node.inputs) else "no empty part"
+
+
+def _drop_empty(m, b):
+    """concat(x, empty) is x: Phi-3 appends the features past the rotary dim, none when rotary
+    covers the whole head."""
+    node = m.nodes["cat"]
+    parts = [v for v in node.inputs if v.shape[node.attrs["axis"]] != 0]
+    return parts[0] if len(parts) == 1 else b.emit("concat", parts, axis=node.attrs["axis"])
+
+
 def _is_2d(data) -> str | None:
     return None if data.ndim == 2 else f"weight has rank {data.ndim}, not 2"
 
@@ -216,6 +271,7 @@ RULES = [
     Rule("swap_last_two", Op("reshape", Op("transpose", Op("reshape", X, S, bind="inner"),
                                            attrs={"perm": (0, 2, 1)}), S2, bind="outer"),
          _swap_last_two, check=_swap_fits, near_miss_depth=4),
+    Rule("outer_product", Op("matmul", X, Y), _outer_product, check=_inner_one, near_miss_depth=9),
     Rule("matmul_to_linear", Op("matmul", X, Const("w", where=_is_2d)), _to_linear,
          check=_inner_fits),
     Rule("linear_bias", Op("add", Op("linear", X, W), B), _with_bias, check=_bias_fits,
@@ -243,6 +299,10 @@ RULES = [
                                 Var("st"), Var("en"), Var("ax"), Var("sp"), bind="slice"),
          _deinterleave_third, check=_third_fits, near_miss_depth=9),
     Rule("single_concat", Op("concat", X), _drop, near_miss_depth=9),
+    Rule("concat_empty", Op("concat", X, rest=True, bind="cat"), _drop_empty, check=_has_empty, near_miss_depth=9),
+    Rule("slice_of_linear", Op("slice", Op("linear", X, W, rest=True, bind="lin", shared=True),
+                               Var("st"), Var("en"), Var("ax"), Var("sp"), bind="slice"),
+         _slice_rows, check=_rows_fit, near_miss_depth=9),
     Rule("transpose_transpose", Op("transpose", Op("transpose", X, bind="t1"), bind="t2"),
          _transpose_twice, check=_has_perms, near_miss_depth=9),
 ]

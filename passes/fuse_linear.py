@@ -10,13 +10,13 @@ from __future__ import annotations
 from .manager import rule_pass
 from .pattern import Const, Op, Rule, Var
 
-SLOTS = ("x", "w", "bias", "residual", "norm_scale", "norm_bias")
+SLOTS = ("x", "w", "bias", "residual", "norm_scale", "norm_bias", "w_scale", "w_zero")
 PLAIN = {"activation": "", "gated": 0}
 
 
 def _rebuild(b, node, **changes):
     """`node` (a fused_linear) with some inputs and attributes changed."""
-    inputs = dict(zip(SLOTS, list(node.inputs) + [None] * 6))
+    inputs = dict(zip(SLOTS, list(node.inputs) + [None] * len(SLOTS)))
     attrs = dict(node.attrs)
     for k, v in changes.items():
         (inputs if k in SLOTS else attrs)[k] = v
@@ -97,7 +97,26 @@ for act_op in ("gelu", "silu", "relu"):
     RULES.append(Rule(f"{act_op}_epilogue", Op(act_op, Op("fused_linear", Var("x"), rest=True, bind="lin",
                                                           attrs=PLAIN), bind="act"),
                       _activation(act_op), check=_no_residual))
-RULES.append(Rule("residual_epilogue", Op("add", LIN, Var("r")), _residual, check=_no_residual))
+def _residual_fits(m) -> str | None:
+    if m["r"].shape != m.nodes["lin"].outputs[0].shape:
+        return f"{m['r'].name} {m['r'].type} is not a residual of the GEMM's shape"
+    return _no_residual(m)
+
+
+def _bias_fits(m) -> str | None:
+    node = m.nodes["lin"]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        return "already has a bias"
+    return None if tuple(m["b"].shape) == (node.outputs[0].shape[-1],) else "not a bias of the GEMM's width"
+
+
+def _bias(m, b):
+    return _rebuild(b, m.nodes["lin"], bias=m["b"])
+
+
+# a GEMM imported quantized (MatMulNBits) arrives fused, its bias still a separate Add
+RULES.append(Rule("bias_epilogue", Op("add", LIN, Const("b")), _bias, check=_bias_fits))
+RULES.append(Rule("residual_epilogue", Op("add", LIN, Var("r")), _residual, check=_residual_fits))
 
 
 def _chain_fits(m) -> str | None:

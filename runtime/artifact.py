@@ -28,7 +28,9 @@ from . import schema
 from .errors import ArtifactError
 
 FORMAT = "llmc-artifact"
-FORMAT_VERSION = 2  # 2: the cpu and index_bounds fields, aligned weights used in place
+# 2: the cpu and index_bounds fields, aligned weights used in place; 3: model.roles, and dims
+# whose atoms may be expressions (min, max, //) over the run-time dims
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 _MAX_MANIFEST_BYTES = 64 << 20

@@ -22,8 +22,9 @@ import math
 import numpy as np
 
 from . import memory
+from .dims import atom, evaluate, names
 from .errors import LlmcError
-from .memory import ALIGN, evaluate
+from .memory import ALIGN
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -48,16 +49,19 @@ class Executor:
         self.functions, self.manifest = functions, manifest
         self.plan, self.values = manifest["plans"]["forward"], manifest["plans"]["values"]
         self.max_seq = manifest["model"]["max_seq_len"]
-        self.logits = manifest["model"]["outputs"][0]["name"]
+        self.logits = manifest["model"]["roles"]["logits"]
         self.weights = {name: _aligned(w) for name, w in weights.items() if name in self.values}
         self.kv_entries = manifest["model"]["kv_cache"]["entries"]
+        # the last position's logits alone: when a GEMM writes them (not when the export
+        # already keeps only the last position, or computes them some other way)
+        self.last_only = any(s["args"][-1] == self.logits and s["kind"] == "linear" for s in self.plan)
         self.caches: dict[str, np.ndarray] = {}
         self.arena: dict[str, np.ndarray] = {}
         self.batch = None
         # values whose shape depends on the context length: re-viewed at every step
         self.growing = {name for name, info in self.values.items()
-                        if any(atom in ("past", "total") for d in info["shape"] if not isinstance(d, int)
-                               for _, atoms in d for atom in atoms)}
+                        if any(names(a) & {"past", "total"} for d in info["shape"] if not isinstance(d, int)
+                               for _, atoms in d for a in atoms)}
 
     def set_functions(self, functions: dict) -> None:
         """Swap the kernel table (a profiler wraps the kernels); calls are bound anew."""
@@ -106,20 +110,21 @@ class Executor:
             view = views[shape] = self.arena[name][:math.prod(shape)].reshape(shape)
         return view
 
-    def run(self, feeds: dict[str, np.ndarray], past: int, last_logits: bool = False) -> np.ndarray:
-        """One forward step over `feeds` (input_ids, attention_mask, position_ids; no past:
-        the caches hold it). Returns the logits, a view into the arena valid until the next
-        step. With `last_logits`, they are computed for the last position of each sequence
-        only, [batch, 1, vocab]: all that generation reads after a prefill, and the largest
-        GEMM of a small model's prefill."""
-        batch, seq = feeds["input_ids"].shape
+    def run(self, feeds: dict[str, np.ndarray], batch: int, seq: int, past: int,
+            last_logits: bool = False) -> np.ndarray:
+        """One forward step of `seq` new tokens in each of `batch` sequences over `feeds` (the
+        token ids, and the mask and positions where the model takes them; no past: the caches
+        hold it). Returns the logits, a view into the arena valid until the next step. With
+        `last_logits`, they are computed for the last position of each sequence only, [batch,
+        1, vocab]: all that generation reads after a prefill, and the largest GEMM of a small
+        model's prefill."""
         env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
         if past + seq > self.max_seq:
             raise LlmcError(f"context of {past + seq} tokens exceeds the {self.max_seq} this artifact "
                             "was compiled for")
         if self.batch != batch:
             raise LlmcError(f"the caches hold a batch of {self.batch}, this step has {batch}")
-        last_logits = last_logits and seq > 1
+        last_logits = last_logits and seq > 1 and self.last_only
         key = (seq, last_logits)
         bound = self._bound.get(key)
         if bound is None:
@@ -133,7 +138,7 @@ class Executor:
             for dst, src in copies:
                 dst[...] = src
             try:
-                fn(*args, *[env[d] for d in dims])
+                fn(*args, *[atom(d, env) for d in dims])
             except Exception as e:  # a kernel checks its arguments: the plan disagrees with it
                 step = self.plan[i]
                 raise LlmcError(f"plans.forward[{i}]: kernel {step['kernel']!r} refused the values "

@@ -18,20 +18,9 @@ import os
 
 import numpy as np
 
+from .dims import evaluate
+
 ALIGN = 64
-
-
-def evaluate(dim, env: dict[str, int]) -> int:
-    """A plan dim: an integer, or a polynomial [[coefficient, [dim, ...]], ...] over named dims."""
-    if isinstance(dim, int):
-        return dim
-    total = 0
-    for coeff, atoms in dim:
-        term = coeff
-        for a in atoms:
-            term *= env[a]
-        total += term
-    return total
 
 
 def nbytes(info: dict, env: dict[str, int]) -> int:

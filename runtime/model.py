@@ -61,11 +61,12 @@ class Model:
         if input_ids.ndim != 2 or input_ids.dtype.kind not in "iu":
             raise LlmcError(f"input_ids: expected integer token ids [batch, seq], got {input_ids.dtype}{list(input_ids.shape)}")
         batch, seq = input_ids.shape
-        feeds = {"input_ids": input_ids.astype(np.int64),
-                 "attention_mask": np.ones((batch, past + seq), np.int64),
-                 "position_ids": np.broadcast_to(np.arange(past, past + seq), (batch, seq)).astype(np.int64)}
+        roles = self.manifest["model"]["roles"]
+        feeds = {roles["tokens"]: input_ids, roles["mask"]: np.ones((batch, past + seq)),
+                 roles["positions"]: np.broadcast_to(np.arange(past, past + seq), (batch, seq))}
+        feeds = {name: a for name, a in feeds.items() if name in self.executor.values}  # what the plan reads
         self.check_ids(feeds)
-        return self.executor.run(feeds, past, last_logits=last_only)
+        return self.executor.run(feeds, batch, seq, past, last_logits=last_only)
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,

@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .dims import is_atom
 from .errors import ArtifactError
-
-DIMS = ("batch", "seq", "past", "total")
 DTYPES = ("float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
 KINDS = ("linear", "attention", "rope_cache", "injective")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -53,13 +52,15 @@ def _int(lo: int, hi: int | None = None) -> Check:
 
 NAME = Check("a name (a non-empty string)", lambda v: isinstance(v, str) and _NAME.match(v))
 OPTIONAL_INT = Check("an integer or null", lambda v: v is None or type(v) is int)
-POLY = Check("a dim: an integer, or [[coefficient, [dim names]], ...] over batch/seq/past/total",
-             lambda v: (type(v) is int and v >= 0) or (isinstance(v, list) and all(
+ATOM = Check("a run-time dim (batch, seq, past, total) or an expression over them", is_atom)
+POLY = Check("a dim: an integer, or [[coefficient, [atoms]], ...] whose atoms are batch/seq/past/total "
+             "or expressions over them", lambda v: (type(v) is int and v >= 0) or (isinstance(v, list) and all(
                  isinstance(t, list) and len(t) == 2 and type(t[0]) is int and isinstance(t[1], list)
-                 and all(a in DIMS for a in t[1]) for t in v)))
+                 and all(is_atom(a) for a in t[1]) for t in v)))
+OPTIONAL_NAME = Check("a name or null", lambda v: v is None or NAME(v))
 TENSOR = {"name": NAME, "dtype": str, "shape": [str]}
 VALUE = {"dtype": DTYPES, "shape": [POLY]}
-STEP = {"kernel": NAME, "kind": KINDS, "args": [str], "dims": [DIMS]}
+STEP = {"kernel": NAME, "kind": KINDS, "args": [str], "dims": [ATOM]}
 FILE = {"bytes": _int(0), "sha256": Check("a sha256 hex digest", lambda v: isinstance(v, str) and _SHA256.match(v))}
 
 MANIFEST = {
@@ -75,6 +76,7 @@ MANIFEST = {
         "outputs": [TENSOR],
         "max_seq_len": _int(1, 1 << 20),
         "index_bounds": Map(_int(1)),
+        "roles": {"tokens": NAME, "mask": OPTIONAL_NAME, "positions": OPTIONAL_NAME, "logits": NAME},
         "kv_cache": {"layout": str, "dtype": ("f32", "int8"), "entries": [{"past": NAME, "present": NAME}]},
         "quant": Check("null or an object", lambda v: v is None or isinstance(v, dict)),
         "eos_token_id": OPTIONAL_INT,
@@ -160,11 +162,15 @@ def _references(m: dict) -> None:
     for i, e in enumerate(m["model"]["kv_cache"]["entries"]):
         if e["past"] not in values:
             raise Invalid(f"model.kv_cache.entries[{i}].past: value {e['past']!r} is not described in plans.values")
-    if not m["model"]["outputs"]:
-        raise Invalid("model.outputs: empty (the first output is the logits)")
-    logits = m["model"]["outputs"][0]["name"]
-    if m["plans"]["forward"] and logits not in values:
-        raise Invalid(f"model.outputs[0]: the logits {logits!r} are not described in plans.values")
+    inputs = {t["name"] for t in m["model"]["inputs"]}
+    roles = m["model"]["roles"]
+    if roles["logits"] not in {t["name"] for t in m["model"]["outputs"]}:
+        raise Invalid(f"model.roles.logits: {roles['logits']!r} is not an output of the model")
+    if m["plans"]["forward"] and roles["logits"] not in values:
+        raise Invalid(f"model.roles.logits: the logits {roles['logits']!r} are not described in plans.values")
+    for role in ("tokens", "mask", "positions"):
+        if roles[role] is not None and roles[role] not in inputs:
+            raise Invalid(f"model.roles.{role}: {roles[role]!r} is not an input of the model")
     for name in m["model"]["index_bounds"]:
-        if name not in {t["name"] for t in m["model"]["inputs"]}:
+        if name not in inputs:
             raise Invalid(f"model.index_bounds[{name!r}]: not an input of the model")

@@ -5,7 +5,7 @@ first kv_len rows are read (grouped-query: each kv head serves heads / kv_heads 
 mask [batch, 1, seq, kv_len], additive, whose last dim gives kv_len; with `merge_heads` the output
 is [batch, seq, heads * d]. seq, kv_len and max_seq are symbolic: one build serves prefill and
 every decode step. A query that sees no key (its row of the mask all -inf) gets zeros, as the
-op says. Without a mask, the caches are read whole (kv_len = max_seq).
+op says. Without a mask, kv_len comes as a trailing scalar (the run-time `total`: past + seq).
 
 Schedule: every stage runs in parallel over (batch, heads); P @ V keeps d in vector lanes; the
 dot products over d vectorize because the target lets LLVM reassociate (`target.host`), and the
@@ -48,8 +48,6 @@ def prim_func(spec: AttentionSpec):
     from tvm import te, tirx, topi
 
     b, s, t, m = (tirx.Var(n, "int64") for n in ("batch", "seq", "kv_len", "max_seq"))
-    if not spec.masked:
-        t = m
     h, g, d, dt = spec.heads, spec.heads // spec.kv_heads, spec.head_dim, spec.dtype
     q = te.placeholder((b, h, s, d), dt, name="q")
     cache_dt = "int8" if spec.kv_int8 else dt
@@ -102,7 +100,8 @@ def prim_func(spec: AttentionSpec):
     else:
         y = te.compute((b, h, s, d), lambda bi, hi, si, di: out[bi, hi, si, di] * inv[bi, hi, si], name="y")
     args = [q, k, v] + scales + ([mask] if mask is not None else [])
-    return te.create_prim_func(args + [y])
+    # without a mask, the keys' length comes as a scalar: the cache holds max_seq positions
+    return te.create_prim_func(args + [y] + ([] if mask is not None else [t]))
 
 
 def schedule(spec: AttentionSpec):

@@ -73,7 +73,8 @@ def _plan_node(node: Node, graph: Graph):
         spec = replace(attention.AttentionSpec.of(node), kv_int8=int8)
         q, k, v, *mask = [v.name for v in node.inputs if v is not None]
         args = [q, k, v] + [k + SCALE, v + SCALE] * int8 + mask + [node.outputs[0].name]
-        return repr(spec), lambda: attention.schedule(spec).mod["main"], Step("", "attention", tuple(args))
+        return repr(spec), lambda: attention.schedule(spec).mod["main"], Step(
+            "", "attention", tuple(args), () if spec.masked else ("total",))
     if node.op == "rope_cache":
         qkv, offset = _rope_qkv(node)
         spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset, kv_int8=int8)

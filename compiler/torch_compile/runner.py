@@ -88,7 +88,11 @@ class TorchPlan:
             if step.kind == "linear":
                 call = [a if a.dim() <= 2 or name in self.weights else a.view(-1, a.shape[-1])
                         for name, a in zip(step.args, call)]
-            self.functions[step.kernel](*call, *[env[d] for d in step.dims])
+            if step.kind == "attention":  # unmasked, it takes the keys' length: here the whole cache
+                dims = [call[1].shape[2]] * len(step.dims)
+            else:
+                dims = [env[d] for d in step.dims]
+            self.functions[step.kernel](*call, *dims)
         return tuple(buf(name) for name in self.outputs)
 
     def _rope_cache(self, step, bufs, buf, env):

@@ -10,6 +10,8 @@ A missing op is a one-function change here; `llmc ops` and docs/onnx-ops.md list
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 CONVERTERS = {}
@@ -339,3 +341,126 @@ def _split_heads(ctx, t, heads):
 RENAMED_ATTRS = {("Squeeze", "axes"), ("Unsqueeze", "axes"), ("Split", "split"),
                  ("ReduceMean", "axes"), ("ReduceSum", "axes"), ("ReduceMax", "axes"),
                  ("ReduceMin", "axes")}
+
+
+# onnxruntime's contrib ops, as onnxruntime-genai's model builder emits them ---------------------
+@converter("SimplifiedLayerNormalization", "com.microsoft.SimplifiedLayerNormalization")
+def SimplifiedLayerNormalization(ctx, x, scale, *, axis=-1, epsilon=1e-5, stash_type=1):
+    """`rms_norm` (onnxruntime's name for it; the inverse-RMS output is not supported)"""
+    if ctx.num_outputs > 1:
+        ctx.fail("the inverse-RMS output is not supported")
+    return ctx.emit("rms_norm", [x, scale], axis=axis, epsilon=epsilon)
+
+
+def _skip_norm(norm):
+    def convert(ctx, x, skip, gamma, beta=None, bias=None, *, epsilon=1e-5):
+        # outputs: the norm, mean, inverse std (not supported), and the sum x + skip (+ bias)
+        if any(ctx.node.output[i] for i in (1, 2) if i < len(ctx.node.output)):
+            ctx.fail("the mean and inverse-std outputs are not supported")
+        if norm == "rms_norm" and bias is None:  # SkipSimplified has no beta: its 4th input is the bias
+            beta, bias = None, beta
+        total = ctx.emit("add", [x, skip])
+        if bias is not None:
+            total = ctx.emit("add", [total, bias])
+        inputs = [total, gamma] + ([beta] if norm == "layer_norm" else [])
+        y = ctx.emit(norm, inputs, axis=-1, epsilon=epsilon)
+        return [y, None, None, total]
+    convert.__doc__ = f"`{norm}` of the residual sum, which is the 4th output; recognized as `add_norm`"
+    return convert
+
+
+CONVERTERS["com.microsoft.SkipSimplifiedLayerNormalization"] = _skip_norm("rms_norm")
+CONVERTERS["com.microsoft.SkipLayerNormalization"] = _skip_norm("layer_norm")
+
+
+@converter("com.microsoft.GroupQueryAttention")
+def GroupQueryAttention(ctx, query, key=None, value=None, past_key=None, past_value=None, seqlens_k=None,
+                        total_sequence_length=None, cos_cache=None, sin_cache=None, position_ids=None,
+                        attention_bias=None, head_sink=None, *, num_heads, kv_num_heads, scale=None,
+                        local_window_size=-1, do_rotary=0, rotary_interleaved=0, softcap=0.0,
+                        smooth_softmax=0, qk_output=0):
+    """Packed QKV [batch, seq, (heads + 2 kv_heads) * head_dim] split into heads, rotated with the
+    cos/sin tables at the positions after the cache, appended to the cache, causal attention:
+    the ops every other export spells out, so the same fusions apply. The positions are rebuilt
+    from the cache length (`seqlens_k` and `total_sequence_length` say the same for sequences
+    without padding, which is how the runtimes run them)."""
+    if key is not None or value is not None:
+        ctx.fail("separate key and value inputs are not supported (only packed QKV)")
+    if attention_bias is not None or head_sink is not None or softcap or smooth_softmax or qk_output:
+        ctx.fail("attention_bias, head_sink, softcap, smooth_softmax and qk_output are not supported")
+    if local_window_size not in (-1, 0):
+        ctx.fail(f"local_window_size {local_window_size} (sliding-window attention) is not supported")
+    if rotary_interleaved:
+        ctx.fail("interleaved rotary is not supported")
+    width = query.shape[-1]
+    if not isinstance(width, int) or width % (num_heads + 2 * kv_num_heads):
+        ctx.fail(f"the packed QKV width {width} is not (num_heads + 2 kv_num_heads) * head_dim")
+    d = width // (num_heads + 2 * kv_num_heads)
+    batch, seq = query.shape[:2]
+    q, k, v = ctx.emit_multi("split", [query], axis=-1, sizes=(num_heads * d, kv_num_heads * d, kv_num_heads * d),
+                             num_outputs=3)
+    q, k, v = (_split_heads(ctx, t, n) for t, n in ((q, num_heads), (k, kv_num_heads), (v, kv_num_heads)))
+    if do_rotary:
+        if cos_cache is None or sin_cache is None:
+            ctx.fail("do_rotary without cos_cache and sin_cache")
+        if position_ids is None:
+            position_ids = _positions_after(ctx, past_key.shape[2] if past_key is not None else 0, batch, seq)
+        half = cos_cache.shape[-1]
+        tables = [ctx.emit("unsqueeze", [ctx.emit("gather", [ctx.emit("concat", [t, t], axis=-1), position_ids],
+                                                  axis=0)], axes=(1,)) for t in (cos_cache, sin_cache)]
+        rotary_dim = 2 * half if 2 * half != d else 0
+        q, k = (ctx.emit("rotary", [t, *tables], rotary_dim=rotary_dim) for t in (q, k))
+    if past_key is not None:
+        k = ctx.emit("concat", [past_key, k], axis=2)
+        v = ctx.emit("concat", [past_value, v], axis=2)
+    y = ctx.emit("attention", [q, k, v], scale=float(scale or 1 / np.sqrt(d)), is_causal=1)
+    y = ctx.emit("transpose", [y], perm=(0, 2, 1, 3))
+    y = ctx.emit("reshape", [y, ctx.const_value(np.array([0, 0, -1], np.int64))])
+    return [y, k, v]
+
+
+def _positions_after(ctx, past, batch, seq):
+    """[batch, seq] positions past .. past + seq - 1."""
+    def scalar(d):
+        return ctx.emit("squeeze", [ctx.emit("dims", [], values=(d,))], axes=None)
+    row = ctx.emit("range", [scalar(past), scalar(past + seq), ctx.const_value(np.array(1, np.int64))])
+    return ctx.emit("expand", [ctx.emit("unsqueeze", [row], axes=(0,)), ctx.emit("dims", [], values=(batch, seq))])
+
+
+@converter("com.microsoft.MatMulNBits")
+def MatMulNBits(ctx, a, b, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits=4, block_size,
+                accuracy_level=0):
+    """A GEMM over block-wise 4-bit weights, taken into llmc's w4 format as they are (no
+    re-quantization): B [N, blocks, block_size / 2] holds two values a byte, low nibble first;
+    scales [N * blocks]; zero points packed likewise, or 8 when absent."""
+    w, s = ctx.graph.const_value(b), ctx.graph.const_value(scales)
+    if bits != 4 or g_idx is not None:
+        ctx.fail(f"{bits}-bit weights and g_idx are not supported (4-bit, in order)")
+    if w is None or s is None or (zero_points is not None and ctx.graph.const_value(zero_points) is None):
+        ctx.fail("the weights, scales and zero points must be constants")
+    # llmc's groups must divide K; ORT pads K to whole blocks. Groups of gcd(K, block_size)
+    # share their block's scale and zero: the same weights, exactly.
+    group = math.gcd(K, block_size)
+    if group % 2:
+        ctx.fail(f"K {K} is odd: 4-bit weights pack two input features a byte")
+    blocks = -(-K // block_size)
+    q = _nibbles(w.reshape(N, -1))[:, :K]
+    if zero_points is None:
+        zero = np.full((N, blocks), 8, np.float32)
+    else:
+        z = ctx.graph.const_value(zero_points)
+        zero = (_nibbles(z.reshape(N, -1))[:, :blocks] if z.dtype == np.uint8 else z.reshape(N, blocks)).astype(np.float32)
+    scale = s.reshape(N, blocks).astype(np.float32)
+    scale, zero = (np.repeat(t, block_size // group, axis=1)[:, :K // group] for t in (scale, zero))
+    name = ctx.node.input[1]
+    return ctx.emit("fused_linear", [a, ctx.const_value(q, f"{name}.q4"), bias, None, None, None,
+                                     ctx.const_value(np.ascontiguousarray(scale), f"{name}.scale"),
+                                     ctx.const_value(np.ascontiguousarray(zero), f"{name}.zero")],
+                    quant="w4", group_size=group)
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 [rows, n] -> [rows, 2n]: low nibble first."""
+    out = np.empty(packed.shape[:-1] + (2 * packed.shape[-1],), np.uint8)
+    out[..., 0::2], out[..., 1::2] = packed & 15, packed >> 4
+    return out

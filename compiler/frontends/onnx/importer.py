@@ -18,13 +18,18 @@ from ...errors import ConversionError, LlmcError, ModelLoadError, UnsupportedOps
 from ...ir.dtypes import DType
 from ...ir.graph import Graph, TensorType, Value
 from ...ir.symbolic import Sym
+from ..roles import find_roles
 from .converters import CONVERTERS, RENAMED_ATTRS
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
 
 
-def from_onnx(path) -> Graph:
-    """Load an ONNX model file (initializers inline or as external data) as an IR graph."""
+def from_onnx(path, decoder: bool = False) -> Graph:
+    """Load an ONNX model file (initializers inline or as external data) as an IR graph.
+
+    With `decoder`, find the roles of its inputs and outputs (`frontends.roles`), read it with
+    its dims bound to them (batch, seq, past, total), and record the roles in
+    `graph.metadata["roles"]`; a role that cannot be found is an error naming the file."""
     path = Path(path)
     model = _load_proto(path)
     opset = next((o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS), None)
@@ -41,7 +46,38 @@ def from_onnx(path) -> Graph:
             missing.setdefault(key, []).append(node.name or f"#{i}")
     if missing:
         raise UnsupportedOpsError(path, opset, missing)
-    return _Importer(path, model, opset).run()
+    graph = _Importer(path, model, opset).run()
+    if not decoder:
+        return graph
+    roles = find_roles(graph, path)
+    if any(d != Sym.var(name) for name, d in roles.dims.items()):
+        graph = _Importer(path, model, opset, roles.dims).run()
+        roles = find_roles(graph, path)
+    graph.metadata.update(roles=roles.to_json(), kv_pairs=roles.caches)
+    return graph
+
+
+def describe_file(path) -> dict:
+    """What an ONNX file declares, without converting it: producer, opset, inputs and outputs
+    with their declared types, and how often each op occurs (`supported`: those with a
+    converter). For `llmc inspect` of a file that does not import."""
+    import collections
+
+    from onnx import TensorProto
+
+    model = _load_proto(Path(path))
+
+    def declared(vi):
+        tt = vi.type.tensor_type
+        dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in tt.shape.dim]
+        dtype = TensorProto.DataType.Name(tt.elem_type).lower() if tt.elem_type in TensorProto.DataType.values() else "?"
+        return f"{dtype}[{', '.join(dims)}]"
+    ops = collections.Counter(_op_key(n) for n in model.graph.node)
+    return {"producer": f"{model.producer_name} {model.producer_version}".strip(),
+            "opset": next((o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS), None),
+            "inputs": [(vi.name, declared(vi)) for vi in model.graph.input],
+            "outputs": [(vi.name, declared(vi)) for vi in model.graph.output],
+            "ops": ops, "supported": {op for op in ops if op in CONVERTERS}}
 
 
 def _op_key(node) -> str:
@@ -95,8 +131,9 @@ def onnx_dtype(path, elem_type: int, what: str) -> DType:
 
 
 class _Importer:
-    def __init__(self, path: Path, model, opset: int):
+    def __init__(self, path: Path, model, opset: int, dims: dict | None = None):
         self.path, self.model, self.opset = path, model, opset
+        self.dims = dims or {}  # the file's dim names -> the dims of their roles
         self.graph = Graph(model.graph.name or path.stem)
         self.graph.metadata.update(source=str(path), opset=opset,
                                    producer=f"{model.producer_name} {model.producer_version}".strip())
@@ -133,7 +170,8 @@ class _Importer:
             if d.HasField("dim_value"):
                 dims.append(int(d.dim_value))
             else:
-                dims.append(Sym.var(d.dim_param or f"{vi.name}.d{i}"))
+                name = d.dim_param or f"{vi.name}.d{i}"
+                dims.append(self.dims.get(name, Sym.var(name)))
         return TensorType(tuple(dims), onnx_dtype(self.path, tt.elem_type, f"input {vi.name!r}"))
 
     def _initializer(self, t) -> None:
