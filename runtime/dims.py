@@ -44,22 +44,22 @@ def _expect(tokens, token, text):
     return tokens[1:]
 
 
-def _sum(tokens, text):
-    left, tokens = _product(tokens, text)
-    while tokens and tokens[0] in ("+", "-"):
+def _chain(tokens, text, ops, operand):
+    """operand (op operand)*, left-associative."""
+    left, tokens = operand(tokens, text)
+    while tokens and tokens[0] in ops:
         op = tokens[0]
-        right, tokens = _product(tokens[1:], text)
+        right, tokens = operand(tokens[1:], text)
         left = (op, left, right)
     return left, tokens
+
+
+def _sum(tokens, text):
+    return _chain(tokens, text, ("+", "-"), _product)
 
 
 def _product(tokens, text):
-    left, tokens = _atom(tokens, text)
-    while tokens and tokens[0] in ("*", "//"):
-        op = tokens[0]
-        right, tokens = _atom(tokens[1:], text)
-        left = (op, left, right)
-    return left, tokens
+    return _chain(tokens, text, ("*", "//"), _atom)
 
 
 def _atom(tokens, text):

@@ -120,11 +120,32 @@ def _cases():
     add("Attention", lambda r: [In(f32(r, 2, 3, 16)), In(f32(r, 2, 3, 8)), In(f32(r, 2, 3, 8)), None,
                                 In(f32(r, 2, 2, 4, 4)), In(f32(r, 2, 2, 4, 4))],
         {"q_num_heads": 4, "kv_num_heads": 2, "scale": 0.3}, opset=23, id="Attention-3d-past")
+    # onnxruntime's contrib ops, as its genai model builder writes them
+    add("SimplifiedLayerNormalization", lambda r: [In(f32(r, 2, 3, 8)), Const(f32(r, 8))], {"epsilon": 1e-3})
+    add(f"{MS}.SkipSimplifiedLayerNormalization", lambda r: [In(f32(r, 2, 3, 8)), In(f32(r, 2, 3, 8)),
+                                                           Const(f32(r, 8)), Const(f32(r, 8))])
+    add(f"{MS}.SkipLayerNormalization", lambda r: [In(f32(r, 2, 3, 8)), In(f32(r, 2, 3, 8)), Const(f32(r, 8)),
+                                                 Const(f32(r, 8)), Const(f32(r, 8))], {"epsilon": 1e-3})
+    for zero in (False, True):  # K 80 in blocks of 32: the last block padded
+        add(f"{MS}.MatMulNBits", lambda r, zero=zero: [
+            In(f32(r, 2, 3, 80)), Const(r.integers(0, 256, (5, 3, 16), dtype=np.uint8)), Const(pos(r, 15) / 8),
+            Const(r.integers(0, 256, (5, 2), dtype=np.uint8)) if zero else None],
+            {"K": 80, "N": 5, "bits": 4, "block_size": 32}, id=f"MatMulNBits{'-zero' * zero}")
+    for rotary in (1, 0):  # packed QKV of 4 heads and 2 KV heads of 16, 3 new tokens after 4 cached
+        add(f"{MS}.GroupQueryAttention", lambda r: [
+            In(f32(r, 1, 3, 128)), None, None, In(f32(r, 1, 2, 4, 16)), In(f32(r, 1, 2, 4, 16)),
+            In(np.array([6], np.int32)), In(np.array(7, np.int32)), Const(f32(r, 16, 8)), Const(f32(r, 16, 8))],
+            {"num_heads": 4, "kv_num_heads": 2, "do_rotary": rotary}, id=f"GroupQueryAttention-rotary{rotary}")
     return c
 
 
+MS = "com.microsoft"
+
+
 CASES = _cases()
-_OUTPUTS = {"Split": 3, "Attention-3d-past": 3, "Attention-causal-past": 3}
+_OUTPUTS = {"Split": 3, "Attention-3d-past": 3, "Attention-causal-past": 3, "GroupQueryAttention-rotary1": 3,
+            "GroupQueryAttention-rotary0": 3, f"{MS}.SkipSimplifiedLayerNormalization": ["out0", "", "", "out3"],
+            f"{MS}.SkipLayerNormalization": ["out0", "", "", "out3"]}
 
 
 def _model(op, inputs, attrs, opset, n_out):
@@ -140,12 +161,14 @@ def _model(op, inputs, attrs, opset, n_out):
         else:
             graph_inputs.append(helper.make_tensor_value_info(
                 name, helper.np_dtype_to_tensor_dtype(x.array.dtype), x.array.shape))
-    outs = [f"out{i}" for i in range(n_out)]
-    node = helper.make_node(op, names, outs, name=f"the_{op}", **attrs)
+    outs = n_out if isinstance(n_out, list) else [f"out{i}" for i in range(n_out)]
+    domain, _, op_type = op.rpartition(".")
+    node = helper.make_node(op_type, names, outs, name=f"the_{op_type}", domain=domain or None, **attrs)
     graph = helper.make_graph([node], "g", graph_inputs,
-                              [onnx.ValueInfoProto(name=o) for o in outs], inits)
+                              [onnx.ValueInfoProto(name=o) for o in outs if o], inits)
     # IR version 10: what onnxruntime 1.18+ reads (newer onnx writes newer versions by default).
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+                             ir_version=10)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

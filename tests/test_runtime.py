@@ -99,3 +99,18 @@ def test_peak_memory_of_a_realistic_model(tmp_path, capsys):
     assert measured <= predicted["total"] + 50e6, (measured, predicted)
     # every GEMM weight is read while generating; of the token table only the prompt's rows
     assert measured >= 0.7 * predicted["weights"], (measured, predicted)
+
+
+def test_dim_expressions_evaluate_and_anything_else_is_refused():
+    """Plan dims whose atoms are expressions (an export of last-position logits has
+    `min(seq, 1)`) are parsed by a small grammar; anything else, code included, is refused."""
+    from llmc.runtime.dims import BadDim, evaluate, parse
+
+    env = {"batch": 2, "seq": 5, "past": 3, "total": 8}
+    cases = {"min(seq, 1)": 1, "(seq + 3)//4": 2, "max(past - 7, 0)": 0, "2*batch*min(seq, 1) - -1": 5,
+             "-seq + 10": 5, "total": 8}
+    for text, want in cases.items():
+        assert evaluate([[3, [text]]], env) == 3 * want, text
+    for bad in ("__import__('os')", "seq +", "min(seq)", "x", "seq ** 2", "1; 2"):
+        with pytest.raises(BadDim):
+            parse(bad)

@@ -344,7 +344,7 @@ RENAMED_ATTRS = {("Squeeze", "axes"), ("Unsqueeze", "axes"), ("Split", "split"),
 
 
 # onnxruntime's contrib ops, as onnxruntime-genai's model builder emits them ---------------------
-@converter("SimplifiedLayerNormalization", "com.microsoft.SimplifiedLayerNormalization")
+@converter("SimplifiedLayerNormalization")
 def SimplifiedLayerNormalization(ctx, x, scale, *, axis=-1, epsilon=1e-5, stash_type=1):
     """`rms_norm` (onnxruntime's name for it; the inverse-RMS output is not supported)"""
     if ctx.num_outputs > 1:
