@@ -28,7 +28,6 @@ import math
 
 import numpy as np
 
-from llmc.frontends.roles import find_roles
 from llmc.ir.graph import Graph
 from llmc.ops import get_op
 from llmc.ops.transformer import dequantize
@@ -48,7 +47,7 @@ CALIBRATION_TOKENS = 128
 def _feeds(graph: Graph, tokens: list[int]) -> dict[str, np.ndarray]:
     n = len(tokens)
     env = {"batch": 1, "seq": n, "past": 0, "total": n}
-    roles = graph.metadata.get("roles") or find_roles(graph, graph.name).to_json()
+    roles = graph.metadata["roles"]
     by_role = {roles["tokens"]: np.array([tokens]), roles["mask"]: np.ones((1, n)),
                roles["positions"]: np.arange(n)[None]}
     # the caches start empty

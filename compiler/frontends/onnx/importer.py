@@ -27,9 +27,10 @@ _STANDARD_DOMAINS = ("", "ai.onnx")
 def from_onnx(path, decoder: bool = False) -> Graph:
     """Load an ONNX model file (initializers inline or as external data) as an IR graph.
 
-    With `decoder`, find the roles of its inputs and outputs (`frontends.roles`), read it with
-    its dims bound to them (batch, seq, past, total), and record the roles in
-    `graph.metadata["roles"]`; a role that cannot be found is an error naming the file."""
+    A decoder's inputs and outputs get their roles (`frontends.roles`): the file is read with its
+    dims bound to them (batch, seq, past, total) and the roles go to `graph.metadata["roles"]`.
+    With `decoder`, a role that cannot be found is an error naming the file; without, such a
+    graph (an encoder, a single op) is returned as the file declares it."""
     path = Path(path)
     model = _load_proto(path)
     opset = next((o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS), None)
@@ -47,9 +48,12 @@ def from_onnx(path, decoder: bool = False) -> Graph:
     if missing:
         raise UnsupportedOpsError(path, opset, missing)
     graph = _Importer(path, model, opset).run()
-    if not decoder:
+    try:
+        roles = find_roles(graph, path)
+    except ModelLoadError:
+        if decoder:
+            raise
         return graph
-    roles = find_roles(graph, path)
     if any(d != Sym.var(name) for name, d in roles.dims.items()):
         graph = _Importer(path, model, opset, roles.dims).run()
         roles = find_roles(graph, path)
