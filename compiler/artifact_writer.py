@@ -14,6 +14,7 @@ from llmc.runtime import artifact, safetensors
 
 from . import __version__
 from .ir.graph import Graph
+from .model_files import FOLDER, TOKENIZER
 
 
 def _describe(v) -> dict:
@@ -24,16 +25,21 @@ LIBRARY = "kernels/model.so"
 
 
 def write_artifact(graph: Graph, output, target: dict, cpu: dict, kernels: dict, plans: dict, library,
-                   weights: dict, eos_token_id: int | None = None) -> Path:
+                   weights: dict, eos_token_ids: list[int], model_files: dict) -> Path:
     """Write `output` (a directory; replaced if it exists) and return its path. `library` is a
     built TVM executable, exported to kernels/model.so; `weights` the tensors the plan reads;
-    `cpu` the CPU the kernels need (name, arch, features: `llmc.runtime.cpu`)."""
+    `cpu` the CPU the kernels need (name, arch, features: `llmc.runtime.cpu`); `model_files`
+    the tokenizer and configs to bundle under model/ (`llmc.model_files`)."""
     output = Path(output)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent if output.parent.exists() else None))
     try:
         safetensors.save(tmp / artifact.WEIGHTS, weights)
         (tmp / LIBRARY).parent.mkdir()
         library.export_library(str(tmp / LIBRARY))
+        if model_files:
+            (tmp / FOLDER).mkdir()
+        for name, path in model_files.items():
+            shutil.copyfile(path, tmp / FOLDER / name)
         artifact.seal(tmp, {
             "llmc_version": __version__,
             "target": target,
@@ -47,7 +53,8 @@ def write_artifact(graph: Graph, output, target: dict, cpu: dict, kernels: dict,
                 "roles": graph.metadata["roles"],
                 "kv_cache": graph.metadata.get("kv_cache"),
                 "quant": graph.metadata.get("quant"),
-                "eos_token_id": eos_token_id,
+                "eos_token_ids": eos_token_ids,
+                "tokenizer": f"{FOLDER}/{TOKENIZER}" if TOKENIZER in model_files else None,
             },
             "kernels": kernels,
             "plans": plans,

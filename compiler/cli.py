@@ -3,6 +3,7 @@
     llmc inspect model.onnx [--ir] [--svg FILE [--layer N]] [--passes]
     llmc compile model.onnx --target cpu -o model.llmc
     llmc run model.llmc --prompt-ids 1,2,3 --max-new-tokens 32
+    llmc run model.llmc --prompt "Once upon a time"   (with a bundled tokenizer)
     llmc ops [--markdown]
     llmc zoo list | llmc zoo export NAME [-o model.onnx]
 
@@ -73,13 +74,18 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("-o", "--output", help="the artifact directory (default: MODEL.llmc)")
     comp.add_argument("--max-seq-len", type=int, default=1024,
                       help="longest context (prompt + new tokens) the artifact serves (default 1024)")
-    comp.add_argument("--eos-token-id", type=int, help="stop generating at this token")
+    comp.add_argument("--eos-token-id", type=int,
+                      help="stop generating at this token (default: the end-of-sequence tokens of the configs)")
+    comp.add_argument("--tokenizer", metavar="DIR",
+                      help="the folder with tokenizer.json and the configs to bundle (default: the model's folder)")
     _quant_arguments(comp)
     comp.set_defaults(run=_compile)
 
     run = sub.add_parser("run", help="generate tokens with a compiled artifact")
     run.add_argument("artifact")
-    run.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
+    prompt = run.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt as text (the artifact must bundle a tokenizer); streams text")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     run.add_argument("--top-k", type=int)
@@ -296,7 +302,8 @@ def _compile(args) -> int:
     from . import compile as compile_model
 
     path = compile_model(args.model, target=args.target, output=args.output, max_seq_len=args.max_seq_len,
-                         eos_token_id=args.eos_token_id, cpu=args.cpu, **_quant_options(args))
+                         eos_token_id=args.eos_token_id, cpu=args.cpu, tokenizer=args.tokenizer,
+                         **_quant_options(args))
     print(path)
     return 0
 
@@ -307,15 +314,23 @@ def _run(args) -> int:
 
     from llmc import runtime
 
-    prompt = _token_ids(args.prompt_ids, "--prompt-ids")
     model = runtime.load(args.artifact, threads=args.threads)
+    prompt = model.text.encode(args.prompt) if args.prompt is not None else _token_ids(args.prompt_ids, "--prompt-ids")
+    if args.json:
+        show = None
+    elif args.prompt is not None:
+        show = model.text.stream(lambda text: print(text, end="", flush=True))
+    else:
+        show = lambda t: print(t, end=" ", flush=True)  # noqa: E731
     start = time.perf_counter()
     tokens = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed,
-                            on_token=None if args.json else lambda t: print(t, end=" ", flush=True))
+                            top_p=args.top_p, seed=args.seed, on_token=show)
     seconds = time.perf_counter() - start
     if args.json:
-        print(json.dumps({"prompt_ids": prompt, "new_token_ids": tokens, "seconds": round(seconds, 4)}))
+        result = {"prompt_ids": prompt, "new_token_ids": tokens, "seconds": round(seconds, 4)}
+        if args.prompt is not None:
+            result["text"] = model.text.decode(tokens)
+        print(json.dumps(result))
     else:
         print()
         log.info("%d tokens in %.3f s", len(tokens), seconds)

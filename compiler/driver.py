@@ -29,8 +29,14 @@ def _encode_dim(d, where: str):
 def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024,
             eos_token_id: int | None = None, quant: str | None = None, group_size: int = 128,
             zero_point: bool = False, lm_head: str | None = None, embedding: str = "f32", awq: bool = False,
-            calibration: list[int] | None = None, kv_cache: str = "f32", cpu: str = "native") -> Path:  # noqa: A001
-    """Compile an ONNX decoder with KV cache inputs to an artifact directory; returns its path.
+            calibration: list[int] | None = None, kv_cache: str = "f32", cpu: str = "native",
+            tokenizer=None) -> Path:  # noqa: A001
+    """Compile an ONNX decoder to an artifact directory; returns its path. A decoder exported
+    without a KV cache gets one.
+
+    The tokenizer and configs beside the file (or in the folder `tokenizer`) are bundled: the
+    artifact then takes and gives text, and stops at the end-of-sequence tokens the configs name
+    (`eos_token_id` overrides them).
 
     `quant`: "w8" (int8 weights, one scale per output channel) or "w4" (4-bit weights in groups of
     `group_size` input features, symmetric or with `zero_point`); the LM head is encoded as
@@ -48,6 +54,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     from llmc.passes.manager import PassContext, run_passes
     from llmc.passes.pipeline import default_pipeline
 
+    from . import model_files
     from .artifact_writer import LIBRARY, write_artifact
     from .frontends.onnx import from_onnx
 
@@ -81,6 +88,12 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     output = Path(output) if output else onnx_path.with_suffix(".llmc")
     if not output.parent.is_dir():
         raise LlmcError(f"{output}: the folder {output.parent} does not exist")
+    files = model_files.find(Path(tokenizer) if tokenizer else onnx_path.parent)
+    if tokenizer and model_files.TOKENIZER not in files:
+        raise LlmcError(f"{tokenizer}: no {model_files.TOKENIZER} there")
+    if model_files.TOKENIZER in files:
+        model_files.check_tokenizer(files[model_files.TOKENIZER])
+    eos = [eos_token_id] if eos_token_id is not None else model_files.eos_token_ids(files)
     from .progress import bar
 
     stages = []
@@ -90,10 +103,12 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     stages.append(("import", time.perf_counter() - start))
     shown.update()
     shown.set_description(f"compiling {onnx_path.name}: passes")
-    if not graph.metadata["kv_pairs"]:
-        raise LlmcError(f"{onnx_path}: the decoder has no KV cache (no float input that a concat extends "
-                        "into an output); compiling one exported without a cache is not supported yet")
-    graph = run_passes(graph, default_pipeline(target), PassContext(options=options))
+    # a decoder exported without a cache gets one (passes/synthesize_kv_cache.py)
+    options["synthesize_kv_cache"] = not graph.metadata["kv_pairs"]
+    try:
+        graph = run_passes(graph, default_pipeline(target), PassContext(options=options))
+    except LlmcError as e:
+        raise LlmcError(f"{onnx_path}: {e}") from None
     stages.append(("passes", time.perf_counter() - start - sum(t for _, t in stages)))
     shown.update()
     shown.set_description(f"compiling {onnx_path.name}: kernels (TVM)")
@@ -117,7 +132,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     values.update({n: {"dtype": dtype, "shape": [_encode_dim(d, n) for d in shape]} for n, (dtype, shape) in caches.items()})
     write_artifact(graph, output, tvm_target, cpu_info, kernels={"library": LIBRARY, "functions": functions},
                    plans={"forward": [s.to_json() for s in plan], "values": values, "weights": sorted(tensors)}, library=executable,
-                   eos_token_id=eos_token_id, weights=tensors)
+                   eos_token_ids=eos, weights=tensors, model_files=files)
     stages.append(("artifact", time.perf_counter() - start - sum(t for _, t in stages)))
     shown.update()
     shown.close()

@@ -15,6 +15,7 @@ from .fold_constants import fold_constants
 from .fold_shapes import fold_shapes
 from .manager import Pass
 from .specialize_context import specialize_context
+from .synthesize_kv_cache import synthesize_kv_cache
 from .recognize_activations import recognize_activations
 from .recognize_attention import recognize_attention
 from .recognize_norms import recognize_norms
@@ -32,8 +33,9 @@ RECOGNITION: list[Pass] = [recognize_norms, recognize_activations, recognize_rot
                            recognize_attention, dce]
 
 
-# 3. KV cache: the export's concat(past, new) becomes a write into a runtime-owned cache.
-KV_CACHE: list[Pass] = [kv_cache]
+# 3. KV cache: a decoder exported without one gets one (when the driver asks); the export's
+#    concat(past, new) becomes a write into a runtime-owned cache.
+KV_CACHE: list[Pass] = [synthesize_kv_cache, kv_cache]
 
 # 4. Fusion: sibling GEMMs merge (QKV, gate/up); rotary + cache write and the head split/merge
 #    fuse around attention; norms become GEMM prologues, bias/activation/gate/residual their

@@ -19,6 +19,7 @@ from .artifact import WEIGHTS, open_artifact
 from .errors import ArtifactError, LlmcError
 from .executor import Executor
 from .sampling import check_options, sample
+from .text import Text
 from .threads import import_tvm_ffi
 from .threads import start as start_kernel_pool
 
@@ -35,7 +36,9 @@ class Model:
         _check_weights(m["plans"], weights, where)
         self.manifest = m
         self.max_seq_len = m["model"]["max_seq_len"]
-        self.eos_token_id = m["model"]["eos_token_id"]
+        self.eos_token_ids = set(m["model"]["eos_token_ids"])
+        self._tokenizer = art.file(m["model"]["tokenizer"]) if m["model"]["tokenizer"] else None
+        self._text = None
         self.index_bounds = m["model"]["index_bounds"]
         self.memory = memory.footprint(m, weights, art.file(WEIGHTS).stat().st_size)
         self.threads = start_kernel_pool(threads)
@@ -68,10 +71,24 @@ class Model:
         self.check_ids(feeds)
         return self.executor.run(feeds, batch, seq, past, last_logits=last_only)
 
+    @property
+    def text(self) -> Text:
+        """The bundled tokenizer (`encode`, `decode`, `stream`); an error when there is none."""
+        if self._tokenizer is None:
+            raise LlmcError("this artifact bundles no tokenizer (compile with tokenizer.json beside the model, "
+                            "or --tokenizer DIR): give token ids")
+        if self._text is None:
+            self._text = Text(self._tokenizer)
+        return self._text
+
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
                  on_token: Callable[[int], None] | None = None) -> list[int]:
+        """New token ids after `prompt_ids` (token ids, or a string when the artifact bundles a
+        tokenizer), up to `max_new_tokens` or an end-of-sequence token (included)."""
         check_options(temperature, top_k, top_p)
+        if isinstance(prompt_ids, str):
+            prompt_ids = self.text.encode(prompt_ids)
         try:
             prompt = [int(t) for t in prompt_ids]
         except (TypeError, ValueError):
@@ -92,7 +109,7 @@ class Model:
             out.append(token)
             if on_token:
                 on_token(token)
-            if token == self.eos_token_id or len(out) == max_new_tokens:
+            if token in self.eos_token_ids or len(out) == max_new_tokens:
                 break
             logits = self.forward(np.array([[token]]), past)
             past += 1

@@ -51,7 +51,6 @@ def _int(lo: int, hi: int | None = None) -> Check:
 
 
 NAME = Check("a name (a non-empty string)", lambda v: isinstance(v, str) and _NAME.match(v))
-OPTIONAL_INT = Check("an integer or null", lambda v: v is None or type(v) is int)
 ATOM = Check("a run-time dim (batch, seq, past, total) or an expression over them", is_atom)
 POLY = Check("a dim: an integer, or [[coefficient, [atoms]], ...] whose atoms are batch/seq/past/total "
              "or expressions over them", lambda v: (type(v) is int and v >= 0) or (isinstance(v, list) and all(
@@ -79,7 +78,8 @@ MANIFEST = {
         "roles": {"tokens": NAME, "mask": OPTIONAL_NAME, "positions": OPTIONAL_NAME, "logits": NAME},
         "kv_cache": {"layout": str, "dtype": ("f32", "int8"), "entries": [{"past": NAME, "present": NAME}]},
         "quant": Check("null or an object", lambda v: v is None or isinstance(v, dict)),
-        "eos_token_id": OPTIONAL_INT,
+        "eos_token_ids": [_int(0)],
+        "tokenizer": OPTIONAL_NAME,
     },
     "kernels": {"library": NAME, "functions": [NAME]},
     "plans": {"forward": [STEP], "values": Map(VALUE), "weights": [NAME]},
@@ -171,6 +171,8 @@ def _references(m: dict) -> None:
     for role in ("tokens", "mask", "positions"):
         if roles[role] is not None and roles[role] not in inputs:
             raise Invalid(f"model.roles.{role}: {roles[role]!r} is not an input of the model")
+    if m["model"]["tokenizer"] is not None and m["model"]["tokenizer"] not in files:
+        raise Invalid(f"model.tokenizer: {m['model']['tokenizer']!r} is not a listed file")
     for name in m["model"]["index_bounds"]:
         if name not in inputs:
             raise Invalid(f"model.index_bounds[{name!r}]: not an input of the model")

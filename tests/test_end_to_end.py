@@ -93,7 +93,7 @@ def test_streaming_eos_and_context_limit(artifacts, tmp_path):
     streamed = []
     tokens = model.generate([1, 2, 3], 10, on_token=streamed.append)
     assert streamed == tokens and len(tokens) == 10
-    model.eos_token_id = tokens[3]
+    model.eos_token_ids = {tokens[3]}
     assert model.generate([1, 2, 3], 10) == tokens[:tokens.index(tokens[3]) + 1]
     with pytest.raises(LlmcError, match="exceeds the context of 128 tokens"):
         model.generate([1] * 100, 29)
@@ -131,11 +131,6 @@ def test_cli_compile_and_run(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "llmc.cli", "run", str(art), "--prompt-ids", "1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "weights.safetensors" in bad.stderr and "Traceback" not in bad.stderr
-
-
-def test_compile_refuses_a_graph_without_kv_cache(tmp_path):
-    with pytest.raises(LlmcError, match="has no KV cache.*not supported yet"):
-        llmc.compile(export("llama-tiny", exporter="dynamo", kv_cache=False), output=tmp_path / "x.llmc")
 
 
 def test_bench_measures_every_system(tmp_path):

@@ -141,3 +141,47 @@ def test_last_position_logits_export(tmp_path):
     art = llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64)
     assert "min(seq, 1)" in (art / "manifest.json").read_text()
     _check(path, art)
+
+
+def test_text_in_text_out_with_the_bundled_tokenizer(tmp_path):
+    """The tokenizer and configs beside the file are bundled (and checksummed like every file);
+    the artifact takes text, streams text, and stops at the configs' end-of-sequence token."""
+    import json
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer
+
+    folder = FIXTURES / "optimum-llama"
+    art = llmc.compile(folder / "model.onnx", output=tmp_path / "m.llmc", max_seq_len=64)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["model"]["tokenizer"] == "model/tokenizer.json"
+    assert manifest["model"]["eos_token_ids"] == [2]  # generation_config.json's
+    assert {"model/tokenizer.json", "model/config.json", "model/generation_config.json"} <= set(manifest["files"])
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    prompt = "the quick brown fox"
+    model = runtime.load(art)
+    ids = model.generate(prompt, 12)
+    assert ids == model.generate(tokenizer.encode(prompt).ids, 12)
+    streamed = []
+    model.generate(prompt, 12, on_token=model.text.stream(streamed.append))
+    assert "".join(streamed) == tokenizer.decode(ids)
+    out = subprocess.run([sys.executable, "-m", "llmc.cli", "run", str(art), "--prompt", prompt, "--max-new-tokens", "12"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == tokenizer.decode(ids).strip(), out.stderr
+    # stopping: the first token generated, named the end of sequence, ends generation after it
+    stop = llmc.compile(folder / "model.onnx", output=tmp_path / "s.llmc", max_seq_len=64, eos_token_id=ids[0])
+    assert runtime.load(stop).generate(prompt, 12) == ids[:1]
+
+
+def test_a_broken_tokenizer_is_refused_at_compile_time_and_text_needs_one(tmp_path, artifacts):
+    import shutil
+
+    from llmc.errors import LlmcError
+
+    shutil.copy(FIXTURES / "optimum-gpt2" / "model.onnx", tmp_path / "model.onnx")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(LlmcError, match="tokenizer.json: not a tokenizer"):
+        llmc.compile(tmp_path / "model.onnx", output=tmp_path / "m.llmc", max_seq_len=64)
+    with pytest.raises(LlmcError, match="bundles no tokenizer"):
+        runtime.load(artifacts("llama-tiny")).generate("hello", 2)

@@ -22,10 +22,11 @@ class FeedError(LlmcError):
 
 
 def run_reference(graph: Graph, feeds: dict[str, np.ndarray], *, check_types: bool = False,
-                  trace: dict | None = None) -> dict[str, np.ndarray]:
+                  trace: dict | None = None, targets: list[Value] | None = None) -> dict[str, np.ndarray]:
     """Outputs of `graph` for `feeds` (numpy arrays keyed by input name), keyed by output name,
     in the graph's output order. With `trace`, every value computed is also stored there (keyed
-    by Value), for testing backends op by op."""
+    by Value), for testing backends op by op. With `targets`, only what those values need is
+    computed, and they are returned instead (a pass evaluating a mask computes just the mask)."""
     env: dict[str, int] = {}
     values: dict[Value, np.ndarray] = {}
     for v in graph.inputs:
@@ -40,9 +41,12 @@ def run_reference(graph: Graph, feeds: dict[str, np.ndarray], *, check_types: bo
         for v in node.inputs:
             if v is not None:
                 last_use[v] = i
-    keep = set(graph.outputs)
+    keep = set(targets or graph.outputs)
+    needed = _ancestors(graph, keep) if targets else None
 
     for i, node in enumerate(graph.nodes):
+        if needed is not None and node not in needed:
+            continue
         args = [None if v is None else values[v] if v in values else graph.const_value(v)
                 for v in node.inputs]
         result = get_op(node.op).ref(*args, **_concrete(node.attrs, env))
@@ -57,7 +61,18 @@ def run_reference(graph: Graph, feeds: dict[str, np.ndarray], *, check_types: bo
         for v in node.inputs:
             if v is not None and last_use.get(v) == i and v not in keep and v.kind == "node":
                 values.pop(v, None)
-    return {v.name: values[v] if v in values else graph.const_value(v) for v in graph.outputs}
+    return {v.name: values[v] if v in values else graph.const_value(v) for v in targets or graph.outputs}
+
+
+def _ancestors(graph: Graph, values) -> set:
+    """The nodes that `values` depend on."""
+    out, todo = set(), [v.producer for v in values if v.producer is not None]
+    while todo:
+        node = todo.pop()
+        if node not in out:
+            out.add(node)
+            todo += [v.producer for v in node.inputs if v is not None and v.producer is not None]
+    return out
 
 
 def _concrete(attrs: dict, env: dict[str, int]) -> dict:

@@ -114,6 +114,11 @@ class Graph:
         """A value name not yet used in this graph, derived from `hint`."""
         return _unique(self._value_names, hint)
 
+    def free_name(self, hint: str) -> str:
+        """`hint`, or `hint_N`: a name no value of this graph has (not reserved: for an input
+        or a rename to take)."""
+        return _unique(set(self._value_names), hint)
+
     def rename(self, v: Value, name: str) -> None:
         """Give a node output a new name (the frontend uses the names of the source model)."""
         if v.kind != "node":
