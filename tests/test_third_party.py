@@ -41,13 +41,18 @@ def test_fixtures_are_there():
             "genai-qwen2-fp32", "genai-mistral-fp32", "genai-llama-int4"} <= set(FILES)
 
 
-@pytest.mark.parametrize("name", [n for n in FILES if not n.endswith("int4")])
+def _cases(names):
+    """Mistral's files repeat Llama's model through each exporter's Mistral path: slow tests."""
+    return [pytest.param(n, marks=pytest.mark.slow if "mistral" in n else ()) for n in names]
+
+
+@pytest.mark.parametrize("name", _cases(n for n in FILES if not n.endswith("int4")))
 def test_third_party_export_gives_onnxruntime_tokens(name, tmp_path):
     path = FIXTURES / name / "model.onnx"
     _check(path, llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64))
 
 
-@pytest.mark.parametrize("name", [n for n in FILES if n.endswith("int4")])
+@pytest.mark.parametrize("name", _cases(n for n in FILES if n.endswith("int4")))
 def test_int4_genai_export_keeps_its_weights(name, tmp_path):
     """MatMulNBits weights are taken as they are. onnxruntime's CPU kernel at the builder's
     accuracy level 4 rounds the activations to int8 too; at level 0 it computes in f32 with the
@@ -185,3 +190,21 @@ def test_a_broken_tokenizer_is_refused_at_compile_time_and_text_needs_one(tmp_pa
         llmc.compile(tmp_path / "model.onnx", output=tmp_path / "m.llmc", max_seq_len=64)
     with pytest.raises(LlmcError, match="bundles no tokenizer"):
         runtime.load(artifacts("llama-tiny")).generate("hello", 2)
+
+
+def test_an_input_without_a_role_is_named(tmp_path):
+    """A float input that is no past of a cache (here a scale on the logits) has no role the
+    runtime could feed: refused before any kernel is built, naming the file and the input."""
+    model = onnx.load(str(FIXTURES / "optimum-llama" / "model.onnx"))
+    g = model.graph
+    old = g.output[0].name
+    for node in g.node:
+        node.output[:] = ["raw_logits" if o == old else o for o in node.output]
+    g.node.append(helper.make_node("Mul", ["raw_logits", "scale"], [old]))
+    g.input.append(helper.make_tensor_value_info("scale", onnx.TensorProto.FLOAT, [1]))
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    from llmc.errors import LlmcError
+
+    with pytest.raises(LlmcError, match=r"model.onnx: input 'scale' has no role"):
+        llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64)

@@ -122,7 +122,8 @@ def find_roles(graph: Graph, path) -> Roles:
              "[batch, ...] integers, and neither their shapes, their uses nor their names tell which is which")
     float_inputs = [v for v in graph.inputs if v.dtype.is_float and v not in dict(caches) and users.get(v)]
     if float_inputs:
-        fail("KV cache", f"float input {float_inputs[0].name!r} is not a past that a concat extends into an output")
+        raise ModelLoadError(f"{path}: input {float_inputs[0].name!r} has no role llmc knows: a float input must "
+                             "be a layer's past, which a concat extends into an output (its present)")
     roles = Roles(tokens=tokens.name, logits=logits.name, mask=masks[0].name if masks else None,
                   positions=positions[0].name if positions else None,
                   caches=[(p.name, q.name) for p, q in caches],
