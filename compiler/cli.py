@@ -179,6 +179,10 @@ def _inspect(args) -> int:
     out.append("outputs:")
     out += [f"  {v.name:<{width}}  {v.type}" for v in graph.outputs]
     out.append(f"symbolic dims: {', '.join(sorted(graph.symbols())) or 'none'}")
+    roles = meta.get("roles")
+    if roles:
+        out.append("roles:    " + ", ".join(f"{role} {name}" for role, name in roles.items() if name) +
+                   f", {len(meta['kv_pairs']) // 2 or 'no'} layers of KV cache")
     out.append(f"parameters: {graph.param_count():,} in {len(graph.params)} tensors, "
                f"{_bytes(graph.param_bytes())}")
     hist = collections.Counter(n.op for n in graph.nodes)

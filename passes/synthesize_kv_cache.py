@@ -40,18 +40,19 @@ def _feeds(graph: Graph, n: int) -> dict[str, np.ndarray]:
 def _check_causal(graph: Graph, attentions, n: int) -> None:
     from llmc.backends.reference.executor import run_reference
 
-    masks = [a.inputs[3] for a in attentions if len(a.inputs) > 3 and a.inputs[3] is not None]
-    if not masks:
+    masked = [a for a in attentions if len(a.inputs) > 3 and a.inputs[3] is not None]
+    if not masked:
         return
+    masks = run_reference(graph, _feeds(graph, n), targets=list({a.inputs[3] for a in masked}))
     causal = np.tril(np.ones((n, n), bool))
-    for node, (name, mask) in zip([a for a in attentions if len(a.inputs) > 3 and a.inputs[3] is not None],
-                                  run_reference(graph, _feeds(graph, n), targets=masks).items()):
+    for node in masked:
+        mask = masks[node.inputs[3].name]
         if mask.dtype == np.bool_:
             mask = np.where(mask, 0.0, -np.inf)
         full = np.broadcast_to(mask, mask.shape[:-2] + (n, n))
         if not (np.all(full[..., causal] == 0) and np.all(full[..., ~causal] <= HIDDEN)):
-            raise LlmcError(f"{node.name}: its mask ({name}) is not plain causal over {n} tokens (a sliding window "
-                            "or bidirectional attention?); llmc cannot add a KV cache to it")
+            raise LlmcError(f"{node.name}: its mask ({node.inputs[3].name}) is not plain causal over {n} tokens "
+                            "(a sliding window or bidirectional attention?); llmc cannot add a KV cache to it")
 
 
 def _run(graph: Graph, ctx: PassContext) -> Graph:

@@ -37,13 +37,12 @@ class Roles:
     positions: str | None = None
     caches: list[tuple[str, str]] = field(default_factory=list)  # (past input, present output)
     dims: dict[str, Sym | int] = field(default_factory=dict)  # the exporter's dim name -> its role's dim
-    unused: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"tokens": self.tokens, "mask": self.mask, "positions": self.positions, "logits": self.logits}
 
 
-def _reach(graph: Graph, users, v: Value):
+def _reach(users, v: Value):
     """(node, input) pairs where `v` is used, looking through casts and views."""
     seen, todo = set(), [v]
     while todo:
@@ -57,7 +56,7 @@ def _reach(graph: Graph, users, v: Value):
                 yield n, x
 
 
-def _aliases(graph: Graph, users, v: Value) -> set[Value]:
+def _aliases(users, v: Value) -> set[Value]:
     out, todo = {v}, [v]
     while todo:
         x = todo.pop()
@@ -69,8 +68,12 @@ def _aliases(graph: Graph, users, v: Value) -> set[Value]:
 
 
 def _atom(d) -> str | None:
-    return next(iter(d.atoms)) if isinstance(d, Sym) and len(d.terms) == 1 and d.terms.get((next(iter(d.atoms)),)) == 1 \
-        else None
+    """The name of a dim that is one named dim (`seq`), else None (`2*seq`, `past + seq`, 8)."""
+    if isinstance(d, Sym) and len(d.terms) == 1:
+        ((monomial, coeff),) = d.terms.items()
+        if coeff == 1 and len(monomial) == 1:
+            return monomial[0]
+    return None
 
 
 def find_roles(graph: Graph, path) -> Roles:
@@ -86,9 +89,9 @@ def find_roles(graph: Graph, path) -> Roles:
     for v in graph.inputs:
         if not v.dtype.is_float:
             continue
-        for n, x in _reach(graph, users, v):
-            if n.op == "concat" and n.inputs[0] is x and _aliases(graph, users, n.outputs[0]) & outputs:
-                present = next(o for o in graph.outputs if o in _aliases(graph, users, n.outputs[0]))
+        for n, x in _reach(users, v):
+            if n.op == "concat" and n.inputs[0] is x and _aliases(users, n.outputs[0]) & outputs:
+                present = next(o for o in graph.outputs if o in _aliases(users, n.outputs[0]))
                 caches.append((v, present))
                 concat_axis[v] = (n.attrs["axis"] % v.type.rank, n.inputs[1].shape)
                 break
@@ -101,12 +104,12 @@ def find_roles(graph: Graph, path) -> Roles:
 
     integer = [v for v in graph.inputs if not v.dtype.is_float]
     tables = {}  # integer input -> rows of the constant tables it indexes
-    angles = set()  # integer inputs that feed sin/cos or a float product (rotary angles)
+    angles = set()  # integer inputs that feed sin/cos (rotary angles)
     for v in integer:
-        for n, x in _reach(graph, users, v):
+        for n, x in _reach(users, v):
             if n.op == "gather" and n.inputs[1] is x and graph.const_value(n.inputs[0]) is not None:
                 tables.setdefault(v, []).append(graph.const_value(n.inputs[0]).shape[0])
-        if _feeds_angles(graph, users, v):
+        if _feeds_angles(users, v):
             angles.add(v)
     by_vocab = [v for v in integer if vocab in tables.get(v, [])]
     tokens = by_vocab[0] if len(by_vocab) == 1 else \
@@ -126,8 +129,7 @@ def find_roles(graph: Graph, path) -> Roles:
                              "be a layer's past, which a concat extends into an output (its present)")
     roles = Roles(tokens=tokens.name, logits=logits.name, mask=masks[0].name if masks else None,
                   positions=positions[0].name if positions else None,
-                  caches=[(p.name, q.name) for p, q in caches],
-                  unused=[v.name for v in graph.inputs if not users.get(v)])
+                  caches=[(p.name, q.name) for p, q in caches])
     roles.dims = _bind_dims(tokens, masks[0] if masks else None, [(p, *concat_axis[p]) for p, _ in caches], fail)
     return roles
 
@@ -145,7 +147,7 @@ def _positions_and_mask(rest, tokens, feeds_positions):
     return positions, masks
 
 
-def _feeds_angles(graph, users, v) -> bool:
+def _feeds_angles(users, v) -> bool:
     """Whether integer input `v` reaches sin/cos (rotary angles), through any computation."""
     seen, todo = set(), [v]
     while todo:
