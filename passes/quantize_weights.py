@@ -14,6 +14,8 @@ The LM head (the GEMM that writes the logits) has its own encoding, `lm_head`: "
 "w4"; by default w8 (with w4 too: at 4 bits the head's error reaches the logits directly, and at
 8 bits it costs a quarter of its f32 bytes).
 
+GEMMs imported already quantized (onnxruntime's MatMulNBits) keep their weights; without the
+`quant` option they are recorded in `graph.metadata["quant"]` as imported.
 The token embedding (the constant table gathered with one row per logit) stays f32 unless
 `embedding` is "w8": int8 rows with one scale per row, gathered and scaled on lookup. Decoding
 reads one row per token, so this saves artifact size and memory (a quarter of the table's
@@ -122,6 +124,7 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
     options = ctx.options
     quant = options.get("quant")
     if not quant:
+        _record_imported(graph)
         return graph
     for q in (quant, lm_head_scheme(options)):
         if q not in QUANT_SCHEMES + ("f32",):
@@ -137,6 +140,18 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
                                if quant == "w4" else 0, "zero_point": bool(options.get("zero_point", False)),
                                "lm_head": lm_head_scheme(options), "embedding": embedding}
     return graph
+
+
+def _record_imported(graph: Graph) -> None:
+    """GEMMs that came quantized (MatMulNBits) are recorded as the quant option's would be."""
+    gemms = [n for n in graph.nodes if n.op == "fused_linear" and n.attrs["quant"]]
+    if not gemms:
+        return
+    head = next((n.attrs["quant"] for n in gemms if n.outputs[0] in graph.outputs), "f32")
+    zeros = [graph.const_value(n.inputs[7]) for n in gemms if len(n.inputs) > 7 and n.inputs[7] is not None]
+    graph.metadata["quant"] = {"scheme": gemms[0].attrs["quant"], "group_size": min(n.attrs["group_size"] for n in gemms),
+                               "zero_point": any(bool((z != 8).any()) for z in zeros if z is not None),
+                               "lm_head": head, "embedding": "f32", "imported": True}
 
 
 quantize_weights = Pass("quantize_weights", _run)

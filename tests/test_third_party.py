@@ -65,7 +65,10 @@ def test_int4_genai_export_keeps_its_weights(name, tmp_path):
                     a.i = 0
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
-    _check(path, llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64))
+    art = llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64)
+    quant = runtime.load(art).manifest["model"]["quant"]
+    assert quant["scheme"] == "w4" and quant["imported"] and quant["lm_head"] == "w4"
+    _check(path, art)
 
 
 def _rename(src: Path, dst: Path) -> None:
