@@ -131,11 +131,12 @@ def _cases():
             In(f32(r, 2, 3, 80)), Const(r.integers(0, 256, (5, 3, 16), dtype=np.uint8)), Const(pos(r, 15) / 8),
             Const(r.integers(0, 256, (5, 2), dtype=np.uint8)) if zero else None],
             {"K": 80, "N": 5, "bits": 4, "block_size": 32}, id=f"MatMulNBits{'-zero' * zero}")
-    for rotary in (1, 0):  # packed QKV of 4 heads and 2 KV heads of 16, 3 new tokens after 4 cached
+    for rotary, window in ((1, -1), (0, -1), (1, 2)):  # packed QKV: 4 heads, 2 KV heads of 16; 3 tokens after 4
         add(f"{MS}.GroupQueryAttention", lambda r: [
             In(f32(r, 1, 3, 128)), None, None, In(f32(r, 1, 2, 4, 16)), In(f32(r, 1, 2, 4, 16)),
             In(np.array([6], np.int32)), In(np.array(7, np.int32)), Const(f32(r, 16, 8)), Const(f32(r, 16, 8))],
-            {"num_heads": 4, "kv_num_heads": 2, "do_rotary": rotary}, id=f"GroupQueryAttention-rotary{rotary}")
+            {"num_heads": 4, "kv_num_heads": 2, "do_rotary": rotary, "local_window_size": window},
+            id=f"GroupQueryAttention-rotary{rotary}" + (f"-window{window}" if window > 0 else ""))
     return c
 
 
@@ -143,7 +144,7 @@ MS = "com.microsoft"
 
 
 CASES = _cases()
-_OUTPUTS = {"Split": 3, "Attention-3d-past": 3, "Attention-causal-past": 3, "GroupQueryAttention-rotary1": 3,
+_OUTPUTS = {"Split": 3, "Attention-3d-past": 3, "Attention-causal-past": 3, "GroupQueryAttention-rotary1": 3, "GroupQueryAttention-rotary1-window2": 3,
             "GroupQueryAttention-rotary0": 3, f"{MS}.SkipSimplifiedLayerNormalization": ["out0", "", "", "out3"],
             f"{MS}.SkipLayerNormalization": ["out0", "", "", "out3"]}
 

@@ -71,6 +71,18 @@ def test_int4_genai_export_keeps_its_weights(name, tmp_path):
     _check(path, art)
 
 
+def test_group_query_attention_with_a_sliding_window(tmp_path):
+    """GroupQueryAttention's local_window_size, shorter than the tokens decoded: a mask."""
+    model = onnx.load(str(FIXTURES / "genai-llama-fp32" / "model.onnx"))
+    for node in model.graph.node:
+        for a in node.attribute:
+            if node.op_type == "GroupQueryAttention" and a.name == "local_window_size":
+                a.i = 5
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
+    _check(path, llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64))
+
+
 def _rename(src: Path, dst: Path) -> None:
     """A zoo export as another tool might write it: other input, output and dim names, every
     key before every value, outputs in another order, and no position_ids (the graph derives

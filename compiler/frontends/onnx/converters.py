@@ -380,16 +380,15 @@ def GroupQueryAttention(ctx, query, key=None, value=None, past_key=None, past_va
                         local_window_size=-1, do_rotary=0, rotary_interleaved=0, softcap=0.0,
                         smooth_softmax=0, qk_output=0):
     """Packed QKV [batch, seq, (heads + 2 kv_heads) * head_dim] split into heads, rotated with the
-    cos/sin tables at the positions after the cache, appended to the cache, causal attention:
-    the ops every other export spells out, so the same fusions apply. The positions are rebuilt
+    cos/sin tables at the positions after the cache, appended to the cache, causal attention
+    (within `local_window_size` when set: a mask): the ops every other export spells out, so
+    the same fusions apply. The positions are rebuilt
     from the cache length (`seqlens_k` and `total_sequence_length` say the same for sequences
     without padding, which is how the runtimes run them)."""
     if key is not None or value is not None:
         ctx.fail("separate key and value inputs are not supported (only packed QKV)")
     if attention_bias is not None or head_sink is not None or softcap or smooth_softmax or qk_output:
         ctx.fail("attention_bias, head_sink, softcap, smooth_softmax and qk_output are not supported")
-    if local_window_size not in (-1, 0):
-        ctx.fail(f"local_window_size {local_window_size} (sliding-window attention) is not supported")
     if rotary_interleaved:
         ctx.fail("interleaved rotary is not supported")
     width = query.shape[-1]
@@ -410,13 +409,32 @@ def GroupQueryAttention(ctx, query, key=None, value=None, past_key=None, past_va
                                                   axis=0)], axes=(1,)) for t in (cos_cache, sin_cache)]
         rotary_dim = 2 * half if 2 * half != d else 0
         q, k = (ctx.emit("rotary", [t, *tables], rotary_dim=rotary_dim) for t in (q, k))
+    past = past_key.shape[2] if past_key is not None else 0
     if past_key is not None:
         k = ctx.emit("concat", [past_key, k], axis=2)
         v = ctx.emit("concat", [past_value, v], axis=2)
-    y = ctx.emit("attention", [q, k, v], scale=float(scale or 1 / np.sqrt(d)), is_causal=1)
+    window = [_window_mask(ctx, past, batch, seq, local_window_size)] if local_window_size > 0 else []
+    y = ctx.emit("attention", [q, k, v, *window], scale=float(scale or 1 / np.sqrt(d)), is_causal=int(not window))
     y = ctx.emit("transpose", [y], perm=(0, 2, 1, 3))
     y = ctx.emit("reshape", [y, ctx.const_value(np.array([0, 0, -1], np.int64))])
     return [y, k, v]
+
+
+def _window_mask(ctx, past, batch, seq, window):
+    """The additive mask [batch, 1, seq, past + seq] of causal attention over the last `window`
+    positions (the query's own included, as onnxruntime counts), for queries at past .. past +
+    seq - 1."""
+    def scalar(d):
+        return ctx.emit("squeeze", [ctx.emit("dims", [], values=(d,))], axes=None)
+    one, zero = ctx.const_value(np.array(1, np.int64)), ctx.const_value(np.array(0, np.int64))
+    queries = ctx.emit("unsqueeze", [ctx.emit("range", [scalar(past), scalar(past + seq), one])], axes=(1,))
+    keys = ctx.emit("unsqueeze", [ctx.emit("range", [zero, scalar(past + seq), one])], axes=(0,))
+    first = ctx.emit("sub", [queries, ctx.const_value(np.array(window, np.int64))])
+    seen = ctx.emit("and", [ctx.emit("less_equal", [keys, queries]), ctx.emit("greater", [keys, first])])
+    mask = ctx.emit("where", [seen, ctx.const_value(np.array(0, np.float32)),
+                              ctx.const_value(np.array(-np.inf, np.float32))])
+    return ctx.emit("expand", [ctx.emit("unsqueeze", [mask], axes=(0, 1)),
+                               ctx.emit("dims", [], values=(batch, 1, seq, past + seq))])
 
 
 def _positions_after(ctx, past, batch, seq):
