@@ -28,6 +28,7 @@ import math
 
 import numpy as np
 
+from llmc.frontends.roles import prompt_feeds
 from llmc.ir.graph import Graph
 from llmc.ops import get_op
 from llmc.ops.transformer import dequantize
@@ -42,17 +43,6 @@ ALPHAS = np.linspace(0, 1, 11)
 CLIP_RATIOS = 1 - np.arange(20) / 40  # AWQ's grid: down to 0.525 of the range
 BLOCK_ROWS = 64
 CALIBRATION_TOKENS = 128
-
-
-def _feeds(graph: Graph, tokens: list[int]) -> dict[str, np.ndarray]:
-    n = len(tokens)
-    env = {"batch": 1, "seq": n, "past": 0, "total": n}
-    roles = graph.metadata["roles"]
-    by_role = {roles["tokens"]: np.array([tokens]), roles["mask"]: np.ones((1, n)),
-               roles["positions"]: np.arange(n)[None]}
-    # the caches start empty
-    return {v.name: by_role[v.name].astype(v.dtype.numpy()) if v.name in by_role else
-            np.zeros(v.type.concrete(env), v.dtype.numpy()) for v in graph.inputs}
 
 
 def search_scales(h: np.ndarray, w: np.ndarray, group_size: int, zero_point: bool):
@@ -163,7 +153,7 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
         vocab = graph.outputs[0].shape[-1]  # the logits' last dim
         tokens = np.random.default_rng(0).integers(0, vocab, CALIBRATION_TOKENS).tolist()
     trace = {}
-    run_reference(graph, _feeds(graph, list(tokens)), trace=trace)
+    run_reference(graph, prompt_feeds(graph, np.array([list(tokens)])), trace=trace)
     group = options.get("group_size", DEFAULT_GROUP_SIZE)
     head_quantized = options.get("lm_head") == "w4"
     consumers = graph.consumers()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc.errors import LlmcError
+from llmc.frontends.roles import prompt_feeds
 from llmc.ir.graph import Graph
 from llmc.ir.symbolic import Sym
 
@@ -30,20 +31,13 @@ from .manager import Pass, PassContext
 HIDDEN = -1e4
 
 
-def _feeds(graph: Graph, n: int) -> dict[str, np.ndarray]:
-    roles = graph.metadata["roles"]
-    by_role = {roles["tokens"]: np.zeros((1, n)), roles["mask"]: np.ones((1, n)),
-               roles["positions"]: np.arange(n)[None]}
-    return {v.name: by_role[v.name].astype(v.dtype.numpy()) for v in graph.inputs}
-
-
 def _check_causal(graph: Graph, attentions, n: int) -> None:
     from llmc.backends.reference.executor import run_reference
 
     masked = [a for a in attentions if len(a.inputs) > 3 and a.inputs[3] is not None]
     if not masked:
         return
-    masks = run_reference(graph, _feeds(graph, n), targets=list({a.inputs[3] for a in masked}))
+    masks = run_reference(graph, prompt_feeds(graph, np.zeros((1, n))), targets=list({a.inputs[3] for a in masked}))
     causal = np.tril(np.ones((n, n), bool))
     for node in masked:
         mask = masks[node.inputs[3].name]

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import ModelLoadError
 from ..ir.graph import Graph, Value
 from ..ir.symbolic import Sym
@@ -74,6 +76,17 @@ def _atom(d) -> str | None:
         if coeff == 1 and len(monomial) == 1:
             return monomial[0]
     return None
+
+
+def prompt_feeds(graph: Graph, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for `graph` (with `graph.metadata["roles"]`) running a prompt of token ids
+    [1, n] from an empty cache: the mask all ones, positions 0 .. n-1, the pasts empty."""
+    n = tokens.shape[1]
+    roles = graph.metadata["roles"]
+    by_role = {roles["tokens"]: tokens, roles["mask"]: np.ones((1, n)), roles["positions"]: np.arange(n)[None]}
+    env = {"batch": 1, "seq": n, "past": 0, "total": n}
+    return {v.name: by_role[v.name].astype(v.dtype.numpy()) if v.name in by_role else
+            np.zeros(v.type.concrete(env), v.dtype.numpy()) for v in graph.inputs}
 
 
 def find_roles(graph: Graph, path) -> Roles:

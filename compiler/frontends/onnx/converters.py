@@ -399,17 +399,18 @@ def GroupQueryAttention(ctx, query, key=None, value=None, past_key=None, past_va
     q, k, v = ctx.emit_multi("split", [query], axis=-1, sizes=(num_heads * d, kv_num_heads * d, kv_num_heads * d),
                              num_outputs=3)
     q, k, v = (_split_heads(ctx, t, n) for t, n in ((q, num_heads), (k, kv_num_heads), (v, kv_num_heads)))
+    past = past_key.shape[2] if past_key is not None else 0
     if do_rotary:
         if cos_cache is None or sin_cache is None:
             ctx.fail("do_rotary without cos_cache and sin_cache")
-        if position_ids is None:
-            position_ids = _positions_after(ctx, past_key.shape[2] if past_key is not None else 0, batch, seq)
+        if position_ids is None:  # [batch, seq]: past .. past + seq - 1
+            row = ctx.emit("unsqueeze", [_arange(ctx, past, past + seq)], axes=(0,))
+            position_ids = ctx.emit("expand", [row, ctx.emit("dims", [], values=(batch, seq))])
         half = cos_cache.shape[-1]
         tables = [ctx.emit("unsqueeze", [ctx.emit("gather", [ctx.emit("concat", [t, t], axis=-1), position_ids],
                                                   axis=0)], axes=(1,)) for t in (cos_cache, sin_cache)]
         rotary_dim = 2 * half if 2 * half != d else 0
         q, k = (ctx.emit("rotary", [t, *tables], rotary_dim=rotary_dim) for t in (q, k))
-    past = past_key.shape[2] if past_key is not None else 0
     if past_key is not None:
         k = ctx.emit("concat", [past_key, k], axis=2)
         v = ctx.emit("concat", [past_value, v], axis=2)
@@ -424,11 +425,8 @@ def _window_mask(ctx, past, batch, seq, window):
     """The additive mask [batch, 1, seq, past + seq] of causal attention over the last `window`
     positions (the query's own included, as onnxruntime counts), for queries at past .. past +
     seq - 1."""
-    def scalar(d):
-        return ctx.emit("squeeze", [ctx.emit("dims", [], values=(d,))], axes=None)
-    one, zero = ctx.const_value(np.array(1, np.int64)), ctx.const_value(np.array(0, np.int64))
-    queries = ctx.emit("unsqueeze", [ctx.emit("range", [scalar(past), scalar(past + seq), one])], axes=(1,))
-    keys = ctx.emit("unsqueeze", [ctx.emit("range", [zero, scalar(past + seq), one])], axes=(0,))
+    queries = ctx.emit("unsqueeze", [_arange(ctx, past, past + seq)], axes=(1,))
+    keys = ctx.emit("unsqueeze", [_arange(ctx, 0, past + seq)], axes=(0,))
     first = ctx.emit("sub", [queries, ctx.const_value(np.array(window, np.int64))])
     seen = ctx.emit("and", [ctx.emit("less_equal", [keys, queries]), ctx.emit("greater", [keys, first])])
     mask = ctx.emit("where", [seen, ctx.const_value(np.array(0, np.float32)),
@@ -437,12 +435,11 @@ def _window_mask(ctx, past, batch, seq, window):
                                ctx.emit("dims", [], values=(batch, 1, seq, past + seq))])
 
 
-def _positions_after(ctx, past, batch, seq):
-    """[batch, seq] positions past .. past + seq - 1."""
+def _arange(ctx, start, stop):
+    """int64 start .. stop - 1, the bounds dims known at run time (past, past + seq)."""
     def scalar(d):
         return ctx.emit("squeeze", [ctx.emit("dims", [], values=(d,))], axes=None)
-    row = ctx.emit("range", [scalar(past), scalar(past + seq), ctx.const_value(np.array(1, np.int64))])
-    return ctx.emit("expand", [ctx.emit("unsqueeze", [row], axes=(0,)), ctx.emit("dims", [], values=(batch, seq))])
+    return ctx.emit("range", [scalar(start), scalar(stop), ctx.const_value(np.array(1, np.int64))])
 
 
 @converter("com.microsoft.MatMulNBits")
