@@ -11,6 +11,10 @@ import os
 import numpy as np
 import pytest
 
+# The Triton kernels run under Triton's interpreter in the tests (no GPU here): the switch must be
+# on before triton is imported. Compiling them to cubins happens in worker processes without it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SEED_VARIABLE = "LLMC_TEST_SEED"
 
 

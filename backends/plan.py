@@ -1,0 +1,143 @@
+"""What every backend's plan is made of: steps (kernel calls over named values), the KV cache's
+layout as plan values, and the walk that turns a passed graph's nodes into steps, building each
+distinct kernel once (the layers of a model share theirs).
+
+The plan names values, not tensors: a runtime binds them to its buffers. The KV cache is the
+runtime's: `rope_cache` takes the merged QKV projection (the input of the split that feeds it)
+and writes each layer's caches in place at the current length; attention reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from llmc.ir.graph import Graph, Node
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One kernel call. `args` are value names (inputs, then outputs); `dims` the named dims
+    passed as trailing scalars; `kind` tells the runtime how to lay the arguments out."""
+
+    kernel: str
+    kind: str  # "linear", "attention", "rope_cache", "injective"; "triton" for every Triton kernel
+    args: tuple[str, ...]
+    dims: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class UnsupportedGraph(ValueError):
+    """A node no kernel runs; `node` is its name."""
+
+    def __init__(self, message: str, node: str = ""):
+        super().__init__(message)
+        self.node = node
+
+
+SCALE = ".scale"  # an int8 cache's scales [batch, kv_heads, max_seq]: a cache of its own
+CACHE_DTYPES = {"f32": None, "f16": "float16", "int8": "int8"}  # None: the graph's own
+
+
+def kv_int8(graph: Graph) -> bool:
+    """Whether the KV cache is int8 (`graph.metadata["kv_cache"]["dtype"]`, set by the driver)."""
+    return graph.metadata.get("kv_cache", {}).get("dtype") == "int8"
+
+
+def lay_out_caches(graph: Graph, dtype: str) -> dict:
+    """Record the KV cache's encoding ("f32", "f16" or "int8") in `graph.metadata["kv_cache"]`;
+    returns the runtime's caches as plan values, {name: (dtype, shape)}. With int8 the keys and
+    values are int8, and their scales [batch, kv_heads, max_seq] are caches too, with past/present
+    pairs of their own."""
+    cache = graph.metadata["kv_cache"]
+    cache["dtype"] = dtype
+    by_name = {v.name: v for v in graph.values()}
+    out, scales = {}, []
+    for e in cache["entries"]:
+        past = by_name[e["past"]]
+        out[e["past"]] = (CACHE_DTYPES[dtype] or past.dtype.numpy().name, past.shape)
+        if dtype == "int8":
+            out[e["past"] + SCALE] = (past.dtype.numpy().name, past.shape[:-1])
+            scales.append({"past": e["past"] + SCALE, "present": e["present"] + SCALE})
+    cache["entries"] += scales
+    return out
+
+
+def rope_qkv(node: Node):
+    """The merged projection a rope_cache reads and where q starts in its rows: q, k, v must be
+    consecutive parts of one split along the last axis."""
+    q, k, v = node.inputs[:3]
+    split = q.producer
+    parts = split.outputs if split is not None and split.op == "split" else []
+    if [k.producer, v.producer] != [split, split] or q not in parts or \
+            parts[parts.index(q):parts.index(q) + 3] != [q, k, v] or split.attrs["axis"] not in (-1, 2):
+        raise UnsupportedGraph(f"{node.name}: q, k, v are not consecutive parts of one split of a projection",
+                               node.name)
+    offset = sum(p.shape[-1] for p in parts[:parts.index(q)])
+    return split.inputs[0], offset
+
+
+def rope_cache_args(node: Node, graph: Graph):
+    """(merged projection, q's column in it, the step's args) of a rope_cache: the projection,
+    the rotary tables ("" without rotation), the caches (without a past, the node's own outputs,
+    written from position 0), an int8 cache's scales, and q out."""
+    qkv, offset = rope_qkv(node)
+    cos, sin, past_k, past_v = node.inputs[3:7]
+    caches = [past_k.name, past_v.name] if past_k is not None else [v.name for v in node.outputs[1:]]
+    int8 = kv_int8(graph)
+    if past_k is None and int8:
+        raise UnsupportedGraph(f"{node.name}: an int8 KV cache needs a graph with past_key_values", node.name)
+    tables = [cos.name, sin.name] if cos is not None else ["", ""]
+    scales = [c + SCALE for c in caches] * int8
+    return qkv, offset, (qkv.name, *tables, *caches, *scales, node.outputs[0].name)
+
+
+def attention_args(node: Node, graph: Graph) -> tuple[str, ...]:
+    """q, the caches, an int8 cache's scales, the mask (when there is one), the output."""
+    q, k, v, *mask = [v.name for v in node.inputs if v is not None]
+    int8 = kv_int8(graph)
+    return (q, k, v, *[k + SCALE, v + SCALE] * int8, *mask, node.outputs[0].name)
+
+
+def node_key(node: Node) -> str:
+    """Nodes with the same op, attributes and types share a kernel; so do the known contents of
+    small integer inputs, which kernels may compile in (a slice's starts)."""
+    types = [f"{v.type}={v.sym}" if v is not None else "_" for v in node.inputs] + [str(v.type) for v in node.outputs]
+    return f"{node.op}|{sorted((k, repr(v)) for k, v in node.attrs.items())}|{types}"
+
+
+def feeds_rope_cache(node: Node, readers) -> bool:
+    """A split whose every part goes to rope_cache: rope_cache reads the projection whole."""
+    return node.op == "split" and all(readers[v] for v in node.outputs) and \
+        all(r.op == "rope_cache" for v in node.outputs for r in readers[v])
+
+
+# plan_node(node) -> (kernel key, kernel builder, steps); a builder makes the kernel named
+# `name`, and the steps' kernel fields are "" or a suffix the name is prefixed to
+PlanNode = Callable[[Node], "tuple[str, Callable[[str], object], list[Step]]"]
+
+
+def plan_nodes(graph: Graph, plan_node: PlanNode):
+    """(kernels by name, plan); UnsupportedGraph names a node no kernel runs."""
+    readers = graph.consumers()
+    kernels, plan, table = {}, [], {}
+    for node in graph.nodes:
+        if feeds_rope_cache(node, readers):
+            continue
+        key, make, steps = plan_node(node)
+        name = table.get(key)
+        if name is None:
+            name = table[key] = f"k{len(table)}_{node.op}_{hashlib.sha1(key.encode()).hexdigest()[:6]}"
+            try:
+                kernels.update(make(name))
+            except NotImplementedError as e:
+                raise UnsupportedGraph(f"{node.name}: {e}", node.name) from None
+        plan += [Step(name + s.kernel, s.kind, s.args, s.dims) for s in steps]
+    log.info("%d nodes -> %d kernel calls, %d distinct kernels", len(graph.nodes), len(plan), len(kernels))
+    return kernels, plan

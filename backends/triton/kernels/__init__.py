@@ -1,0 +1,1 @@
+"""Triton source of the CUDA target's kernel families (imported by `llmc.runtime.interpret.load_package`)."""

@@ -1,0 +1,57 @@
+"""`rope_cache` in Triton: split the merged projection into heads, rotate q and k, and write k
+and v into the runtime's caches at position past + i, in place.
+
+qkv [batch, seq, ROW] (f32) holds q, k, v from column OFFSET on; cos, sin [batch, seq, ROTARY]
+(absent when ROTARY is 0); caches [batch, kv_heads, MAX_SEQ, d] (f32, f16, or int8 with scales
+[batch, kv_heads, MAX_SEQ]: each head's row scaled by its largest magnitude / 127); q out
+[batch, heads, seq, d] (f32). `past` is read from device memory (D = [past, total]).
+Grid (batch * seq, heads + 2 * kv_heads): one program per token and head.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rope_cache(QKV, COS, SIN, KC, VC, KS, VS, Q, D, batch, seq,
+               HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr,
+               ROW: tl.constexpr, OFFSET: tl.constexpr, MAX_SEQ: tl.constexpr, KV_INT8: tl.constexpr,
+               BD: tl.constexpr):
+    past = tl.load(D)
+    token = tl.program_id(0)  # b * seq + i
+    slot = tl.program_id(1)
+    b = token // seq
+    i = token % seq
+    ds = tl.arange(0, BD)
+    d_mask = ds < HEAD_DIM
+    row = QKV + token * ROW + OFFSET + slot * HEAD_DIM
+    x = tl.load(row + ds, mask=d_mask, other=0.0).to(tl.float32)
+    if ROTARY > 0:
+        if slot < HEADS + KV_HEADS:  # q and k rotate; v does not
+            half = ROTARY // 2
+            partner = tl.where(ds < half, -tl.load(row + ds + half, mask=ds < half, other=0.0),
+                               tl.load(row + ds - half, mask=(ds >= half) & (ds < ROTARY), other=0.0))
+            turn = ds < ROTARY
+            cos = tl.load(COS + token * ROTARY + ds, mask=turn, other=1.0)
+            sin = tl.load(SIN + token * ROTARY + ds, mask=turn, other=0.0)
+            x = tl.where(turn, x * cos + partner.to(tl.float32) * sin, x)
+    if slot < HEADS:
+        tl.store(Q + ((b * HEADS + slot) * seq + i) * HEAD_DIM + ds, x, mask=d_mask)
+    else:
+        is_v = slot >= HEADS + KV_HEADS
+        h = slot - HEADS - is_v.to(tl.int32) * KV_HEADS
+        at = (b * KV_HEADS + h) * MAX_SEQ + past + i
+        if KV_INT8:
+            top = tl.maximum(tl.max(tl.where(d_mask, tl.abs(x), 0.0), 0), 1e-30)
+            q8 = tl.floor(x * 127.0 / top + 0.5).to(tl.int8)
+            if is_v:
+                tl.store(VC + at * HEAD_DIM + ds, q8, mask=d_mask)
+                tl.store(VS + at, top / 127.0)
+            else:
+                tl.store(KC + at * HEAD_DIM + ds, q8, mask=d_mask)
+                tl.store(KS + at, top / 127.0)
+        else:
+            if is_v:
+                tl.store(VC + at * HEAD_DIM + ds, x.to(VC.dtype.element_ty), mask=d_mask)
+            else:
+                tl.store(KC + at * HEAD_DIM + ds, x.to(KC.dtype.element_ty), mask=d_mask)

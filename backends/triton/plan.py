@@ -1,0 +1,241 @@
+"""A passed graph as Triton kernel launches: one kernel family per fused op (`kernels/`), the
+small ops generated (`injective.py`), each kernel described by what compiling and launching it
+needs (`TritonKernel`), and the plan of calls.
+
+Every kernel takes its buffers, then D (device memory holding [past, total]), batch and seq; the
+grid is a function of the dims, evaluated by the runtime (`llmc.runtime.launch`). At decode the
+grid depends on batch and seq alone, except for kernels over the context (the mask, attention's
+key slices), whose grids the CUDA executor sizes for the longest context when it captures the
+step: their programs past the current length do nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from llmc.ir.graph import Graph, Node
+from llmc.ir.symbolic import Sym
+
+from ..plan import Step, UnsupportedGraph, attention_args, kv_int8, node_key, rope_cache_args
+from . import injective
+
+DIMS = ("past", "total", "batch", "seq")  # the scalars every step passes (past, total via D)
+POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int64": "*i64", "int32": "*i32",
+           "int8": "*i8", "uint8": "*u8", "bool": "*i1"}
+NIBBLES = ".nibbles2"  # a 4-bit weight packed two input features a byte
+DECODE_ROWS = 4  # GEMMs of up to this many rows run the GEMV kernel
+ACTIVATIONS = {"": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}
+
+
+@dataclass
+class TritonKernel:
+    """One compiled Triton function: its source module, name, compile-time constants, the
+    types of its run-time arguments (buffers, then D, batch, seq), its grid (three dims, each
+    a product of cdiv(dim polynomial, block) factors), warps and stages, and, for GEMMs, the
+    kernel to launch instead when the rows are few (`decode`: {"kernel", "max_rows", "rows"})."""
+
+    module: str
+    function: str
+    constexprs: dict
+    signature: list[str]
+    grid: list[list[list]]
+    num_warps: int = 4
+    num_stages: int = 2
+    decode: dict | None = None
+    source: str = field(default="", repr=False)  # a generated module's text (kernels/ has the others)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        del out["source"]
+        return out
+
+
+def encode_dim(d):
+    """A dim as plans hold it: an int, or [[coefficient, [atom, ...]], ...]."""
+    return d if isinstance(d, int) else [[c, list(m)] for m, c in d.terms.items()]
+
+
+def _poly(*factors) -> Sym | int:
+    out = 1
+    for f in factors:
+        out = out * f
+    return out
+
+
+def _cdiv(d, block: int) -> list:
+    return [encode_dim(d), block]
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pointer(dtype: str) -> str:
+    return POINTER[dtype]
+
+
+def _rows(x, where: str) -> tuple:
+    """The rows of a GEMM or norm input: the product of its leading dims, which the kernels
+    compute as batch * seq * mul (seq_rows) or batch * mul."""
+    rows = _poly(*x.shape[:-1])
+    sym = rows if isinstance(rows, Sym) else None
+    terms = sym.terms if sym is not None else {(): rows}
+    if len(terms) == 1:
+        (monomial, mul), = terms.items()
+        if monomial in (("batch", "seq"), ("batch",)):
+            return rows, monomial == ("batch", "seq"), mul
+    raise UnsupportedGraph(f"{where}: rows {rows} are not a multiple of batch * seq or batch")
+
+
+class Planner:
+    """Kernel specs and steps for the nodes of one graph."""
+
+    def __init__(self, graph: Graph, dtypes: dict[str, str], dot_f16: bool):
+        self.graph, self.dtypes, self.dot_f16 = graph, dtypes, dot_f16
+        self.scratch: dict[str, tuple[str, list]] = {}  # values the plan adds: {name: (dtype, shape)}
+
+    def dtype(self, name: str) -> str:
+        return self.dtypes[name] if name else "float32"
+
+    def signature(self, args) -> list[str]:
+        return [_pointer(self.dtype(a)) for a in args] + ["*i32", "i32", "i32"]
+
+    def __call__(self, node: Node):
+        if node.op == "fused_linear":
+            return self.linear(node)
+        if node.op == "attention":
+            return self.attention(node)
+        if node.op == "rope_cache":
+            return self.rope_cache(node)
+        if node.op in ("add_norm", "rms_norm", "layer_norm"):
+            return self.norm(node)
+        if node.op in injective.LOWERINGS:
+            return self.injective(node)
+        raise UnsupportedGraph(f"{node.name}: no Triton kernel for op {node.op!r}", node.name)
+
+    def linear(self, node: Node):
+        x = node.inputs[0]
+        slots = (list(node.inputs) + [None] * 8)[:8]
+        quant = node.attrs["quant"]
+        names = [v.name if v is not None else "" for v in slots]
+        if quant == "w4":
+            names[1] += NIBBLES
+        args = (*names, node.outputs[0].name)
+        n, k = node.inputs[1].shape
+        gated = bool(node.attrs["gated"])
+        out_n = n // 2 if gated else n
+        rows, seq_rows, mul = _rows(x, node.name)
+        group = node.attrs["group_size"] or 0
+        block_k = min(pow2(k), 128 if not quant == "w4" else min(128, group))
+        common = dict(K=k, N=out_n, NORM={"": 0, "rms": 1, "layer": 2}[node.attrs["norm"]],
+                      EPS=float(node.attrs["epsilon"]), ACT=ACTIVATIONS[node.attrs["activation"]], GATED=int(gated),
+                      HAS_BIAS=int(slots[2] is not None), HAS_RES=int(slots[3] is not None),
+                      QUANT={"": 0, "w8": 8, "w4": 4}[quant], GROUP=max(group, 1), DOT_F16=int(self.dot_f16),
+                      SEQ_ROWS=int(seq_rows), ROWS_MUL=mul)
+        signature = self.signature(args)
+        gemv = TritonKernel("linear", "gemv", dict(common, BLOCK_N=16, BLOCK_K=max(block_k, 16)), signature,
+                            [[_cdiv(out_n, 16)], [_cdiv(rows, 1)], []], num_warps=4, num_stages=2)
+        bm, bn = 64, 64
+        gemm = TritonKernel("linear", "gemm", dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=max(min(block_k, 32), 16),
+                                                   GROUP_M=8), signature,
+                            [[_cdiv(rows, bm), _cdiv(out_n, bn)], [], []], num_warps=4, num_stages=3)
+
+        def make(name):
+            gemm.decode = {"kernel": name + "_gemv", "max_rows": DECODE_ROWS, "rows": encode_dim(rows)}
+            return {name: gemm, name + "_gemv": gemv}
+        return repr(("linear", common)), make, [Step("", "triton", args, DIMS)]
+
+    def attention(self, node: Node):
+        q, k = node.inputs[:2]
+        heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[3]
+        masked = len(node.inputs) > 3 and node.inputs[3] is not None
+        args = list(attention_args(node, self.graph))
+        int8 = kv_int8(self.graph)
+        if not int8:  # the kernels take scales always; without them, any buffer
+            args[3:3] = ["", ""]
+        if not masked:
+            args[5:5] = [""]
+        max_seq = k.shape[2] if isinstance(k.shape[2], int) else None
+        if max_seq is None:  # a graph without a cache: keys are this step's own, total = seq
+            max_seq_dim = k.shape[2]
+        splits = min(16, pow2(max(1, (max_seq or 0) // 512 + 1))) if max_seq else 1
+        bd = max(16, pow2(d))
+        scale = node.attrs["scale"]
+        scale = float(scale) if scale is not None else d ** -0.5
+        consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, MAX_SEQ=max_seq or 0,
+                      SCALE=scale, MASKED=int(masked), CAUSAL=int(bool(node.attrs["is_causal"])), KV_INT8=int(int8),
+                      MERGE_HEADS=int(bool(node.attrs["merge_heads"])), SPLITS=splits, DOT_F16=int(self.dot_f16),
+                      BLOCK_M=16, BLOCK_N=64 if d <= 128 else 32, BD=bd)
+        if max_seq is None:
+            raise UnsupportedGraph(f"{node.name}: attention over keys of length {max_seq_dim}: "
+                                   "the Triton kernels read a runtime-owned cache", node.name)
+        seq, batch = q.shape[2], q.shape[0]
+        partial = node.outputs[0].name + ".partial"
+        args.insert(len(args), partial)
+        self.scratch[partial] = ("float32", [encode_dim(_poly(batch, seq, heads * splits * (bd + 1)))])
+        sig = self.signature(args)
+        grid = [[_cdiv(seq, 16)], [_cdiv(_poly(batch, heads), 1)], [[1, 1]] if splits == 1 else [[splits, 1]]]
+        kernels = {"": TritonKernel("attention", "partial", consts, sig, grid, num_warps=4, num_stages=2)}
+        steps = [Step("", "triton", tuple(args), DIMS)]
+        if splits > 1:
+            kernels["_merge"] = TritonKernel("attention", "merge", consts, sig, grid[:2] + [[]], num_warps=4)
+            steps.append(Step("_merge", "triton", tuple(args), DIMS))
+        return repr(("attention", consts)), lambda name: {name + s: k for s, k in kernels.items()}, steps
+
+    def rope_cache(self, node: Node):
+        qkv, offset, args = rope_cache_args(node, self.graph)
+        args = list(args)
+        if not kv_int8(self.graph):
+            args[5:5] = ["", ""]
+        q = node.outputs[0]
+        heads, kv_heads, d = node.attrs["heads"], node.attrs["kv_heads"], q.shape[3]
+        cache = node.inputs[5] if node.inputs[5:6] and node.inputs[5] is not None else None
+        if cache is None or not isinstance(cache.shape[2], int):
+            raise UnsupportedGraph(f"{node.name}: the Triton kernels need a runtime-owned KV cache", node.name)
+        rotary = node.inputs[3] is not None
+        rd = (node.attrs["rotary_dim"] or d) if rotary else 0
+        consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, ROTARY=rd, ROW=qkv.shape[-1], OFFSET=offset,
+                      MAX_SEQ=cache.shape[2], KV_INT8=int(kv_int8(self.graph)), BD=pow2(d))
+        batch, seq = q.shape[0], q.shape[2]
+        grid = [[_cdiv(_poly(batch, seq), 1)], [[heads + 2 * kv_heads, 1]], []]
+        kernel = TritonKernel("rope_cache", "rope_cache", consts, self.signature(args), grid, num_warps=1)
+        return repr(("rope_cache", consts, self.signature(args))), lambda name: {name: kernel}, \
+            [Step("", "triton", tuple(args), DIMS)]
+
+    def norm(self, node: Node):
+        add = node.op == "add_norm"
+        a, b = node.inputs[0], node.inputs[1] if add else None
+        scale, bias = (node.inputs[2], node.inputs[3]) if add else (node.inputs[1], node.inputs[2:3] and node.inputs[2])
+        if add and a.shape != b.shape:
+            raise UnsupportedGraph(f"{node.name}: add_norm of {a.type} and {b.type}: the kernel adds equal shapes",
+                                   node.name)
+        outs = [v.name for v in node.outputs]
+        args = (a.name, b.name if add else "", scale.name, bias.name if bias is not None else "",
+                outs[0] if add else "", outs[-1])
+        n = a.shape[-1]
+        rows, seq_rows, mul = _rows(a, node.name)
+        layer = node.op == "layer_norm" or node.attrs.get("norm") == "layer"
+        consts = dict(N=n, ADD=int(add), LAYER=int(layer), HAS_BIAS=int(bias is not None),
+                      EPS=float(node.attrs["epsilon"]), BLOCK=pow2(n), SEQ_ROWS=int(seq_rows), ROWS_MUL=mul)
+        kernel = TritonKernel("norm", "norm", consts, self.signature(args), [[_cdiv(rows, 1)], [], []], num_warps=4)
+        return repr(("norm", consts, kernel.signature)), lambda name: {name: kernel}, \
+            [Step("", "triton", args, DIMS)]
+
+    def injective(self, node: Node):
+        args = [v.name for pos, v in enumerate(node.inputs) if v is not None and not injective._shape_only(node, pos)]
+        args += [v.name for v in node.outputs]
+
+        def make(name):
+            src = injective.source(node, name)
+            grid = [[_cdiv(_poly(*injective.grid_shape(node)), injective.BLOCK)], [], []]
+            return {name: TritonKernel(name, name, {"BLOCK": injective.BLOCK}, self.signature(args), grid,
+                                       num_warps=4, source=src)}
+        return node_key(node), make, [Step("", "triton", tuple(args), DIMS)]
+
+
+def value_dtypes(graph: Graph, caches: dict) -> dict[str, str]:
+    """Each value's element type as the kernels see it: the graph's, the caches' as laid out."""
+    out = {v.name: v.dtype.numpy().name for v in graph.values()}
+    out.update({name: dtype for name, (dtype, _) in caches.items()})
+    out.update({name + NIBBLES: "uint8" for name in list(out)})
+    return out

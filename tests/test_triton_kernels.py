@@ -1,0 +1,174 @@
+"""Each Triton kernel family against its op's numpy definition, under Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest): odd sizes, f32 and f16 weights and caches, the quantized
+variants, the split (flash-decoding) attention. Tolerances: 1e-5 relative for f32 arithmetic;
+f16 operands on the tensor-core path round each product's inputs to 11 bits, hence 2e-3."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import llmc.backends.triton.kernels as kernels_package  # noqa: E402
+from llmc.ops.nn import attention, layer_norm, rms_norm  # noqa: E402
+from llmc.ops.transformer import fused_linear, rope_cache  # noqa: E402
+from llmc.backends.tvm.rope_cache import quantize_rows  # noqa: E402
+from llmc.runtime.interpret import load_package  # noqa: E402
+
+from conftest import rel_err  # noqa: E402
+
+K = load_package(Path(kernels_package.__file__).parent, ["linear", "attention", "rope_cache", "norm"])
+NONE = torch.zeros(1)
+
+
+def _t(a):
+    return torch.from_numpy(np.ascontiguousarray(a)) if a is not None else NONE
+
+
+def _dims(past, total):
+    return torch.tensor([past, total], dtype=torch.int32)
+
+
+ACT = {"": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}
+LINEAR_CASES = [dict(), dict(norm="rms", act="silu", gated=1), dict(norm="layer", act="gelu_tanh", res=False),
+                dict(act="gelu", quant="w8", gated=1), dict(act="relu", quant="w4", norm="rms", bias=False),
+                dict(quant="w4", group=64, norm="layer", gated=1, act="silu")]
+
+
+@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
+@pytest.mark.parametrize("wdtype", ["float32", "float16"])
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()) or "plain")
+def test_linear(kernel, wdtype, case, rng):
+    quant, gated, norm, act = case.get("quant", ""), case.get("gated", 0), case.get("norm", ""), case.get("act", "")
+    group = case.get("group", 32)
+    m, n, k = (3, 50, 192) if kernel == "gemv" else (37, 50, 192)
+    nw = 2 * n if gated else n
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(nw).astype(np.float32) if case.get("bias", True) else None
+    res = rng.standard_normal((m, n)).astype(np.float32) if case.get("res", True) else None
+    ns, nb = rng.standard_normal(k).astype(np.float32), rng.standard_normal(k).astype(np.float32)
+    ws = wz = None
+    if quant == "w8":
+        w = rng.integers(-127, 128, (nw, k)).astype(np.int8)
+        ws = (rng.random(nw) * 0.01).astype(np.float32)
+    elif quant == "w4":
+        w = rng.integers(0, 16, (nw, k)).astype(np.uint8)
+        ws = (rng.random((nw, k // group)) * 0.1).astype(np.float32)
+        wz = rng.integers(0, 16, (nw, k // group)).astype(np.float32)
+    else:
+        w = rng.standard_normal((nw, k)).astype(wdtype)
+    want = fused_linear(x, w, bias, res, ns if norm else None, nb if norm == "layer" else None, ws, wz, norm=norm,
+                        epsilon=1e-5, activation=act, gated=gated, quant=quant, group_size=group if quant == "w4" else 0)
+    stored = (w[:, 0::2] | (w[:, 1::2] << 4)) if quant == "w4" else w
+    dot_f16 = int(wdtype == "float16")
+    consts = dict(K=k, N=n, NORM={"": 0, "rms": 1, "layer": 2}[norm], EPS=1e-5, ACT=ACT[act], GATED=gated,
+                  HAS_BIAS=int(bias is not None), HAS_RES=int(res is not None), QUANT={"": 0, "w8": 8, "w4": 4}[quant],
+                  GROUP=group, DOT_F16=dot_f16, SEQ_ROWS=1, ROWS_MUL=1)
+    if kernel == "gemv":
+        consts.update(BLOCK_N=16, BLOCK_K=32)
+        grid = (-(-n // 16), m)
+    else:
+        consts.update(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+        grid = (-(-m // 16) * -(-n // 32),)
+    y = torch.zeros(m, n)
+    getattr(K["linear"], kernel)[grid](_t(x), _t(stored), _t(bias), _t(res), _t(ns), _t(nb), _t(ws), _t(wz), y,
+                                       _dims(0, 0), 1, m, **consts)
+    tol = 2e-3 if dot_f16 and kernel == "gemm" else 1e-5
+    assert rel_err(y.numpy(), want) < tol
+
+
+ATTENTION_CASES = {
+    "prefill-masked-gqa": dict(b=1, h=4, kvh=2, s=7, past=0, d=16, masked=True, causal=False, splits=1),
+    "prefill-causal-past-odd-d": dict(b=2, h=4, kvh=2, s=5, past=3, d=20, masked=False, causal=True, splits=1,
+                                      merge=0),
+    "decode-split": dict(b=1, h=4, kvh=4, s=1, past=40, d=16, masked=False, causal=True, splits=4),
+    "masked-split-batch": dict(b=2, h=6, kvh=2, s=3, past=45, d=24, masked=True, causal=False, splits=4),
+    "decode-int8": dict(b=1, h=4, kvh=2, s=1, past=33, d=16, masked=False, causal=True, splits=2, cache="int8"),
+    "decode-f16": dict(b=1, h=4, kvh=2, s=2, past=50, d=32, masked=True, causal=False, splits=2, cache="float16"),
+}
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES.values(), ids=ATTENTION_CASES.keys())
+def test_attention(case, rng):
+    b, h, kvh, s, past, d, splits = (case[k] for k in ("b", "h", "kvh", "s", "past", "d", "splits"))
+    cache, max_seq, total = case.get("cache", "float32"), 64, past + s
+    q = rng.standard_normal((b, h, s, d)).astype(np.float32)
+    kc, vc = (np.zeros((b, kvh, max_seq, d), np.float32) for _ in range(2))
+    kc[:, :, :total], vc[:, :, :total] = (rng.standard_normal((b, kvh, total, d)) for _ in range(2))
+    ks = vs = None
+    if cache == "int8":
+        (kc, ks), (vc, vs) = quantize_rows(kc), quantize_rows(vc)
+        kf, vf = kc * ks[..., None], vc * vs[..., None]
+    else:
+        kc, vc = kc.astype(cache), vc.astype(cache)
+        kf, vf = kc.astype(np.float32), vc.astype(np.float32)
+    mask = None
+    if case["masked"]:
+        mask = np.where(rng.random((b, 1, s, total)) < 0.8, 0, -np.inf).astype(np.float32)
+        mask[0, 0, 0, :] = -np.inf  # a query that sees no key gets zeros
+    merge = case.get("merge", 1)
+    want = attention(q, kf[:, :, :total], vf[:, :, :total], mask, scale=0.3, is_causal=int(case["causal"]),
+                     merge_heads=merge)
+    bd = max(16, 1 << (d - 1).bit_length())
+    y, partials = torch.zeros(want.shape), torch.zeros(b * h * s * splits * (bd + 1))
+    consts = dict(HEADS=h, KV_HEADS=kvh, HEAD_DIM=d, MAX_SEQ=max_seq, SCALE=0.3, MASKED=int(case["masked"]),
+                  CAUSAL=int(case["causal"]), KV_INT8=int(cache == "int8"), MERGE_HEADS=merge, SPLITS=splits,
+                  DOT_F16=0, BLOCK_M=16, BLOCK_N=16, BD=bd)
+    args = (_t(q), _t(kc), _t(vc), _t(ks), _t(vs), _t(mask), y, partials, _dims(past, total), b, s)
+    K["attention"].partial[(-(-s // 16), b * h, splits)](*args, **consts)
+    if splits > 1:
+        K["attention"].merge[(-(-s // 16), b * h)](*args, **consts)
+    assert np.abs(y.numpy() - want).max() < 1e-5
+
+
+@pytest.mark.parametrize("rotary", [16, 8, 0], ids=["rotary", "partial-rotary", "no-rotary"])
+@pytest.mark.parametrize("cache", ["float32", "float16", "int8"])
+def test_rope_cache(rotary, cache, rng):
+    b, s, past, heads, kv_heads, d, max_seq, offset = 2, 3, 5, 4, 2, 16, 16, 8
+    width = offset + (heads + 2 * kv_heads) * d + 4  # q, k, v sit inside a wider projection row
+    qkv = rng.standard_normal((b, s, width)).astype(np.float32)
+    angles = rng.standard_normal((b, s, max(rotary, 2))).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    past_k, past_v = (rng.standard_normal((b, kv_heads, past, d)).astype(np.float32) for _ in range(2))
+    parts = np.split(qkv[..., offset:offset + (heads + 2 * kv_heads) * d], [heads * d, (heads + kv_heads) * d], -1)
+    tables = (cos[:, None], sin[:, None]) if rotary else (None, None)
+    want_q, want_k, want_v = rope_cache(*parts, *tables, past_k, past_v, heads=heads, kv_heads=kv_heads,
+                                        rotary_dim=rotary)
+    int8 = cache == "int8"
+    kc, vc = (np.zeros((b, kv_heads, max_seq, d), np.int8 if int8 else cache) for _ in range(2))
+    ks, vs = (np.zeros((b, kv_heads, max_seq), np.float32) for _ in range(2))
+    kc_t, vc_t, ks_t, vs_t, q = _t(kc), _t(vc), _t(ks), _t(vs), torch.zeros(b, heads, s, d)
+    consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, ROTARY=rotary, ROW=width, OFFSET=offset,
+                  MAX_SEQ=max_seq, KV_INT8=int(int8), BD=16)
+    K["rope_cache"].rope_cache[(b * s, heads + 2 * kv_heads)](
+        _t(qkv), _t(cos if rotary else None), _t(sin if rotary else None), kc_t, vc_t, ks_t, vs_t, q,
+        _dims(past, past + s), b, s, **consts)
+    assert np.abs(q.numpy() - want_q).max() < 1e-5
+    new = slice(past, past + s)
+    for got, scales, want in ((kc_t, ks_t, want_k), (vc_t, vs_t, want_v)):
+        got = got.numpy()[:, :, new].astype(np.float32)
+        if int8:  # within half a step of the row's scale, and the scale is the row's max / 127
+            want_q8, want_scale = quantize_rows(want[:, :, new])
+            assert np.allclose(scales.numpy()[:, :, new], want_scale, rtol=1e-6)
+            assert np.abs(got - want_q8).max() <= 1
+        else:
+            assert np.abs(got - want[:, :, new]).max() <= (1e-5 if cache == "float32" else 2e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("op", ["add_rms", "add_layer", "rms", "layer"])
+def test_norm(op, rng):
+    rows, n = 5, 37
+    a, b = rng.standard_normal((rows, n)).astype(np.float32), rng.standard_normal((rows, n)).astype(np.float32)
+    scale, bias = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    add, layer = op.startswith("add"), op.endswith("layer")
+    s = a + b if add else a
+    want = layer_norm(s, scale, bias, epsilon=1e-5) if layer else rms_norm(s, scale, epsilon=1e-5)
+    y, s_out = torch.zeros(rows, n), torch.zeros(rows, n)
+    K["norm"].norm[(rows,)](_t(a), _t(b), _t(scale), _t(bias), s_out, y, _dims(0, 0), 1, rows, N=n, ADD=int(add),
+                             LAYER=int(layer), HAS_BIAS=int(layer), EPS=1e-5, SEQ_ROWS=1, ROWS_MUL=1, BLOCK=64)
+    assert rel_err(y.numpy(), want) < 1e-5
+    if add:
+        assert np.abs(s_out.numpy() - s).max() < 1e-6
