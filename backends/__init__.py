@@ -1,2 +1,40 @@
-"""Backends turn the kernels of a graph into callables and artifact files: `reference` (numpy),
-and, in later work, `tvm` (x86, aarch64, Metal) and `triton` (CUDA)."""
+"""Backends turn a passed graph into kernels, a plan of kernel calls and the files of an
+artifact, behind one small interface that the compile driver picks by target: `reference`
+(numpy, the ops' definitions), `tvm` (CPUs) and `triton` (CUDA). A new target is a new entry of
+BACKENDS and a module implementing `Backend`; the driver does not change."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+# target -> the module whose BACKEND builds for it (imported only when that target is asked for)
+BACKENDS = {"cpu": "llmc.backends.tvm.backend", "cuda": "llmc.backends.triton.backend"}
+
+
+@dataclass
+class Build:
+    """What a backend makes of a passed graph. `values`: the plan values the backend lays out
+    itself (the KV caches, scratch), {name: (dtype, shape)}; `files`: {artifact path: a function
+    writing that file at the path it is given}."""
+
+    target: dict
+    cpu: dict | None  # the CPU features the kernels need (`llmc.runtime.cpu`); None for GPU code
+    kernels: dict
+    plan: list
+    values: dict
+    weights: dict
+    files: dict[str, Callable] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    def check(self, options: dict) -> None:
+        """Refuse options this backend cannot honor (LlmcError), before anything is imported."""
+
+    def build(self, graph, options: dict) -> Build:
+        """Kernels and plan for a graph the pass pipeline has run over."""
+
+
+def for_target(target: str) -> Backend:
+    return importlib.import_module(BACKENDS[target]).BACKEND

@@ -25,7 +25,7 @@ class Step:
     passed as trailing scalars; `kind` tells the runtime how to lay the arguments out."""
 
     kernel: str
-    kind: str  # "linear", "attention", "rope_cache", "injective"; "triton" for every Triton kernel
+    kind: str  # the op family: "linear", "attention", "rope_cache", "norm", "injective"
     args: tuple[str, ...]
     dims: tuple[str, ...] = ()
 

@@ -21,29 +21,25 @@ def _describe(v) -> dict:
     return {"name": v.name, "dtype": str(v.dtype), "shape": [str(d) for d in v.shape]}
 
 
-LIBRARY = "kernels/model.so"
-
-
-def write_artifact(graph: Graph, output, target: dict, cpu: dict, kernels: dict, plans: dict, library,
-                   weights: dict, eos_token_ids: list[int], model_files: dict) -> Path:
-    """Write `output` (a directory; replaced if it exists) and return its path. `library` is a
-    built TVM executable, exported to kernels/model.so; `weights` the tensors the plan reads;
-    `cpu` the CPU the kernels need (name, arch, features: `llmc.runtime.cpu`); `model_files`
-    the tokenizer and configs to bundle under model/ (`llmc.model_files`)."""
+def write_artifact(graph: Graph, output, build, plans: dict, eos_token_ids: list[int], model_files: dict) -> Path:
+    """Write `output` (a directory; replaced if it exists) and return its path: the tensors the
+    plan reads, the backend's files and target (`llmc.backends.Build`), the plans, and the
+    tokenizer and configs to bundle under model/ (`model_files`: `llmc.model_files`)."""
     output = Path(output)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent if output.parent.exists() else None))
     try:
-        safetensors.save(tmp / artifact.WEIGHTS, weights)
-        (tmp / LIBRARY).parent.mkdir()
-        library.export_library(str(tmp / LIBRARY))
+        safetensors.save(tmp / artifact.WEIGHTS, build.weights)
+        for name, write in build.files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            write(tmp / name)
         if model_files:
             (tmp / FOLDER).mkdir()
         for name, path in model_files.items():
             shutil.copyfile(path, tmp / FOLDER / name)
         artifact.seal(tmp, {
             "llmc_version": __version__,
-            "target": target,
-            "cpu": cpu,
+            "target": build.target,
+            "cpu": build.cpu,
             "model": {
                 "name": graph.name,
                 "inputs": [_describe(v) for v in graph.inputs],
@@ -56,7 +52,7 @@ def write_artifact(graph: Graph, output, target: dict, cpu: dict, kernels: dict,
                 "eos_token_ids": eos_token_ids,
                 "tokenizer": f"{FOLDER}/{TOKENIZER}" if TOKENIZER in model_files else None,
             },
-            "kernels": kernels,
+            "kernels": build.kernels,
             "plans": plans,
         })
         if output.exists():

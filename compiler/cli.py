@@ -2,7 +2,8 @@
 
     llmc inspect model.onnx [--ir] [--svg FILE [--layer N]] [--passes]
     llmc compile model.onnx --target cpu -o model.llmc
-    llmc run model.llmc --prompt-ids 1,2,3 --max-new-tokens 32
+    llmc compile model.onnx --target cuda [--dtype fp16] [--arch sm_80,sm_90] -o model.llmc
+    llmc run model.llmc --prompt-ids 1,2,3 --max-new-tokens 32  [--interpret: a cuda artifact on the CPU]
     llmc run model.llmc --prompt "Once upon a time"   (with a bundled tokenizer)
     llmc ops [--markdown]
     llmc zoo list | llmc zoo export NAME [-o model.onnx]
@@ -67,7 +68,12 @@ def _parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compile", help="compile an ONNX decoder (with KV cache) to an artifact")
     comp.add_argument("model", help="an ONNX decoder with a KV cache, as any exporter writes it")
-    comp.add_argument("--target", choices=("cpu",), default="cpu")
+    comp.add_argument("--target", choices=("cpu", "cuda"), default="cpu",
+                      help="cpu: TVM kernels for this CPU; cuda: Triton kernels compiled to cubins (no GPU needed)")
+    comp.add_argument("--dtype", choices=("fp32", "fp16"),
+                      help="the GEMM weights' precision (default: fp16 on cuda, fp32 on cpu); sums are f32")
+    comp.add_argument("--arch", default="sm_80,sm_90",
+                      help="with --target cuda: the GPU architectures to compile for (default sm_80,sm_90)")
     comp.add_argument("--cpu", choices=("native", "x86-64-v3", "x86-64-v4"), default="native",
                       help="the CPU the kernels may assume: this machine's (native, the fastest), or a portable "
                            "level for artifacts shipped to other machines (v3: AVX2+FMA, v4: AVX-512)")
@@ -92,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float)
     run.add_argument("--seed", type=int)
     run.add_argument("--threads", type=int, help="kernel threads (default: every core, or $LLMC_NUM_THREADS)")
+    run.add_argument("--interpret", action="store_true",
+                     help="run a cuda artifact's Triton kernels under Triton's interpreter on the CPU (slow; needs "
+                          "torch and triton)")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.set_defaults(run=_run)
 
@@ -241,8 +250,9 @@ def _inspect_artifact(path) -> int:
     pasts = {e["past"] for e in model["kv_cache"]["entries"]}
     print("\n".join([
         f"artifact: {path} (format {m['format_version']}, llmc {m['llmc_version']})",
-        f"target:   {m['target']['kind']} {m['target'].get('mtriple', '')}, CPU {m['cpu']['name']} "
-        f"(needs {', '.join(m['cpu']['features']) or 'nothing beyond the architecture'})",
+        f"target:   {m['target']['kind']} {m['target'].get('mtriple', '')}, " + (
+            f"CPU {m['cpu']['name']} (needs {', '.join(m['cpu']['features']) or 'nothing beyond the architecture'})"
+            if m["cpu"] else f"{m['target']['dtype']} weights, {', '.join(m['kernels']['archs'])}"),
         f"model:    {model['name']}, context {model['max_seq_len']} tokens, KV cache {model['kv_cache']['dtype']}, "
         f"weights {'f32' if not quant else quant['scheme']}",
         f"inputs:   {', '.join(t['name'] for t in model['inputs'] if t['name'] not in pasts)}"
@@ -290,8 +300,9 @@ def _quant_arguments(p) -> None:
     p.add_argument("--embedding", choices=("f32", "w8"), default="f32",
                    help="with --quant: the token embedding's encoding (w8: int8 rows, a quarter of the bytes)")
     p.add_argument("--awq", action="store_true", help="with --quant w4: activation-aware scaling (AWQ-style)")
-    p.add_argument("--kv-cache", choices=("f32", "int8"), default="f32",
-                   help="the KV cache's encoding: int8 keeps one scale per head and token")
+    p.add_argument("--kv-cache", choices=("f32", "f16", "int8"),
+                   help="the KV cache's encoding (default f16 with --dtype fp16, else f32): int8 keeps one scale "
+                        "per head and token; f16 is for cuda")
     p.add_argument("--calibration-ids", help="with --awq: comma-separated token ids to calibrate on "
                    "(default: drawn from the vocabulary)")
 
@@ -306,8 +317,8 @@ def _compile(args) -> int:
     from . import compile as compile_model
 
     path = compile_model(args.model, target=args.target, output=args.output, max_seq_len=args.max_seq_len,
-                         eos_token_id=args.eos_token_id, cpu=args.cpu, tokenizer=args.tokenizer,
-                         **_quant_options(args))
+                         eos_token_id=args.eos_token_id, cpu=args.cpu, tokenizer=args.tokenizer, dtype=args.dtype,
+                         arch=args.arch, **_quant_options(args))
     print(path)
     return 0
 
@@ -318,7 +329,7 @@ def _run(args) -> int:
 
     from llmc import runtime
 
-    model = runtime.load(args.artifact, threads=args.threads)
+    model = runtime.load(args.artifact, threads=args.threads, interpret=args.interpret)
     prompt = model.text.encode(args.prompt) if args.prompt is not None else _token_ids(args.prompt_ids, "--prompt-ids")
     if args.json:
         show = None

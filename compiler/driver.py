@@ -11,9 +11,6 @@ from .errors import LlmcError
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("cpu",)
-
-
 def _encode_dim(d, where: str):
     """A dim as the plan holds it: its atoms are the run-time dims or expressions over them
     (`min(seq, 1)`), which the runtime evaluates (`llmc.runtime.dims`)."""
@@ -29,8 +26,8 @@ def _encode_dim(d, where: str):
 def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024,
             eos_token_id: int | None = None, quant: str | None = None, group_size: int = 128,
             zero_point: bool = False, lm_head: str | None = None, embedding: str = "f32", awq: bool = False,
-            calibration: list[int] | None = None, kv_cache: str = "f32", cpu: str = "native",
-            tokenizer=None) -> Path:  # noqa: A001
+            calibration: list[int] | None = None, kv_cache: str | None = None, cpu: str = "native",
+            tokenizer=None, dtype: str | None = None, arch: str = "sm_80,sm_90") -> Path:  # noqa: A001
     """Compile an ONNX decoder to an artifact directory; returns its path. A decoder exported
     without a KV cache gets one.
 
@@ -45,26 +42,32 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     their activations first, measured on `calibration` token ids (default: drawn from the
     vocabulary). See `llmc.passes.quantize_weights` and `llmc.passes.awq`.
 
-    `kv_cache`: "f32", or "int8" (one scale per head and token, dequantized inside attention).
+    `kv_cache`: "f32", "f16" (cuda), or "int8" (one scale per head and token, dequantized inside
+    attention); default f16 on cuda with --dtype fp16, else f32.
+
+    `target`: "cpu" (TVM kernels) or "cuda" (Triton kernels, compiled to cubins for the
+    architectures in `arch`, e.g. "sm_80,sm_90"; no GPU is needed to compile). `dtype`: the GEMM
+    weights' precision, "fp32" or "fp16" (cuda only; default fp16 there, fp32 on cpu); sums are f32.
 
     `cpu`: "native" (this machine's CPU: the fastest code, for this kind of CPU only), or a
     portable x86-64 level ("x86-64-v3", "x86-64-v4") for an artifact shipped to other machines."""
-    from llmc.backends.tvm import target as targets
-    from llmc.backends.tvm.compile import UnsupportedGraph, compile_graph, lay_out_caches, weights
+    from llmc import backends
+    from llmc.backends.plan import UnsupportedGraph
     from llmc.passes.manager import PassContext, run_passes
     from llmc.passes.pipeline import default_pipeline
 
     from . import model_files
-    from .artifact_writer import LIBRARY, write_artifact
+    from .artifact_writer import write_artifact
     from .frontends.onnx import from_onnx
 
-    from llmc.runtime import cpu as cpus
-
-    if target not in TARGETS:
-        raise LlmcError(f"target {target!r} is not supported yet; supported: {', '.join(TARGETS)}")
-    if cpu != "native" and cpu not in cpus.LEVELS:
-        raise LlmcError(f"CPU {cpu!r} is not supported; supported: native, {', '.join(cpus.LEVELS)}")
-    options = {"max_seq_len": max_seq_len}
+    if target not in backends.BACKENDS:
+        raise LlmcError(f"target {target!r} is not supported yet; supported: {', '.join(backends.BACKENDS)}")
+    dtype = dtype or ("fp16" if target == "cuda" else "fp32")
+    kv_cache = kv_cache or ("f16" if dtype == "fp16" else "f32")
+    backend = backends.for_target(target)
+    backend_options = {"cpu": cpu, "dtype": dtype, "kv_cache": kv_cache, "arch": arch}
+    backend.check(backend_options)
+    options = {"max_seq_len": max_seq_len, "dtype": dtype}
     if quant:
         from llmc.ops.transformer import QUANT_SCHEMES
 
@@ -82,8 +85,6 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
         raise LlmcError("--lm-head, --embedding, --zero-point and --calibration-ids apply with --quant")
     if (awq or calibration) and quant != "w4":
         raise LlmcError("--awq and --calibration-ids apply to --quant w4")
-    if kv_cache not in ("f32", "int8"):
-        raise LlmcError(f"KV cache {kv_cache!r} is not supported; supported: f32, int8")
     onnx_path = Path(onnx_path)
     output = Path(output) if output else onnx_path.with_suffix(".llmc")
     if not output.parent.is_dir():
@@ -111,28 +112,25 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
         raise LlmcError(f"{onnx_path}: {e}") from None
     stages.append(("passes", time.perf_counter() - start - sum(t for _, t in stages)))
     shown.update()
-    shown.set_description(f"compiling {onnx_path.name}: kernels (TVM)")
-    caches = lay_out_caches(graph, kv_cache)
-    tvm_target = targets.host(cpu)
-    cpu_info = {"name": tvm_target["mcpu"], "arch": cpus.arch(), "features": cpus.required_features(cpu)}
+    shown.set_description(f"compiling {onnx_path.name}: kernels ({target})")
     try:
-        executable, functions, plan = compile_graph(graph, tvm_target)
+        build = backend.build(graph, backend_options)
     except UnsupportedGraph as e:
         raise LlmcError(f"{onnx_path}: {e}") from None
     stages.append(("kernels", time.perf_counter() - start - sum(t for _, t in stages)))
     shown.update()
     shown.set_description(f"compiling {onnx_path.name}: artifact")
-    tensors = weights(graph, plan)
     by_name = {v.name: v for v in graph.values()}
     presents = {e["present"] for e in graph.metadata["kv_cache"]["entries"]}
-    names = {a for step in plan for a in step.args if a} - set(caches) - presents
-    values = {n: {"dtype": str(tensors[n].dtype), "shape": list(tensors[n].shape)} if n in tensors else
-              {"dtype": by_name[n].dtype.numpy().name, "shape": [_encode_dim(d, n) for d in by_name[n].shape]}
+    names = {a for step in build.plan for a in step.args if a} - set(build.values) - presents
+    values = {n: {"dtype": str(build.weights[n].dtype), "shape": list(build.weights[n].shape)} if n in build.weights
+              else {"dtype": by_name[n].dtype.numpy().name, "shape": [_encode_dim(d, n) for d in by_name[n].shape]}
               for n in sorted(names)}
-    values.update({n: {"dtype": dtype, "shape": [_encode_dim(d, n) for d in shape]} for n, (dtype, shape) in caches.items()})
-    write_artifact(graph, output, tvm_target, cpu_info, kernels={"library": LIBRARY, "functions": functions},
-                   plans={"forward": [s.to_json() for s in plan], "values": values, "weights": sorted(tensors)}, library=executable,
-                   eos_token_ids=eos, weights=tensors, model_files=files)
+    values.update({n: {"dtype": dt, "shape": [_encode_dim(d, n) for d in shape]}
+                   for n, (dt, shape) in build.values.items()})
+    write_artifact(graph, output, build, plans={"forward": [s.to_json() for s in build.plan], "values": values,
+                                                "weights": sorted(build.weights)},
+                   eos_token_ids=eos, model_files=files)
     stages.append(("artifact", time.perf_counter() - start - sum(t for _, t in stages)))
     shown.update()
     shown.close()

@@ -10,6 +10,7 @@ from .fuse_add_norm import fuse_add_norm
 from .fuse_attention_io import fuse_attention_io
 from .fuse_linear import fuse_linear
 from .fuse_qkv import fuse_qkv
+from .half_weights import half_weights
 from .kv_cache import kv_cache
 from .fold_constants import fold_constants
 from .fold_shapes import fold_shapes
@@ -45,7 +46,8 @@ FUSION: list[Pass] = [fuse_qkv, fuse_attention_io, fuse_linear, fuse_add_norm, d
 
 # 5. Lowering: with the `quant` option, GEMM weights are quantized (w8, w4) and dequantized in
 #    the kernels; with `awq` too, 4-bit weights are first scaled by their activations' size.
-LOWERING: list[Pass] = [awq, quantize_weights, dce]
+#    With `dtype` fp16 (GPUs), the weights left in f32 go to f16.
+LOWERING: list[Pass] = [awq, quantize_weights, half_weights, dce]
 
 
 def default_pipeline(target: str = "reference") -> list[Pass]:

@@ -8,9 +8,10 @@ compiler, so that an artifact runs where only the runtime is installed.
 """
 
 
-def load(path, threads: int | None = None):
+def load(path, threads: int | None = None, interpret: bool = False):
     """Open, verify and load an artifact (see `llmc.runtime.model.Model`); `threads`: the
-    kernels' threads (default: every core this process may use, or $LLMC_NUM_THREADS)."""
+    kernels' threads (default: every core this process may use, or $LLMC_NUM_THREADS). A cuda
+    artifact runs on the GPU, or with `interpret` under Triton's interpreter on the CPU."""
     from .model import load as _load
 
-    return _load(path, threads)
+    return _load(path, threads, interpret)

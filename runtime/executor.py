@@ -132,13 +132,14 @@ class Executor:
         for name, a in feeds.items():
             if name in self.values:  # a feed the compiled graph never reads has no buffer
                 self._view(name, env)[...] = a
-        for i, (fn, args, growing, copies, dims) in enumerate(bound):
+        last_env = dict(env, seq=1)
+        for i, (fn, args, growing, copies, dims, last) in enumerate(bound):
             for j, make in growing:
                 args[j] = make(env)
             for dst, src in copies:
                 dst[...] = src
             try:
-                fn(*args, *[atom(d, env) for d in dims])
+                fn(*args, *[atom(d, last_env if last else env) for d in dims])
             except Exception as e:  # a kernel checks its arguments: the plan disagrees with it
                 step = self.plan[i]
                 raise LlmcError(f"plans.forward[{i}]: kernel {step['kernel']!r} refused the values "
@@ -147,14 +148,15 @@ class Executor:
 
     def _bind(self, step, env, last_logits):
         """(kernel, arguments, [(position, maker)] of growing arguments, copies before the
-        call, named dims) for one plan step. A maker lays a value out as the kernel takes it."""
+        call, named dims, whether they are the last position's) for one plan step. A maker lays
+        a value out as the kernel takes it."""
         kind, names = step["kind"], step["args"]
         if last_logits and names[-1] == self.logits:
             return self._bind_last_logits(step, env)
         makers = [self._maker(kind, i, name) for i, name in enumerate(names)]
         args = [None if name in self.growing else make(env) for name, make in zip(names, makers)]
         growing = [(i, make) for i, (name, make) in enumerate(zip(names, makers)) if name in self.growing]
-        return self.functions[step["kernel"]], args, growing, [], step["dims"]
+        return self.functions[step["kernel"]], args, growing, [], step["dims"], False
 
     def _maker(self, kind, i, name):
         if not name:  # rope_cache without rotary: the kernel ignores its tables
@@ -170,11 +172,14 @@ class Executor:
     def _bind_last_logits(self, step, env):
         """The logits GEMM over the last position only: its row inputs [b, s, k] become
         [b, k] (a view at batch 1, else copied into a kept buffer before the call), its output
-        the logits viewed at seq 1."""
+        the logits viewed at seq 1; dims it takes are the last position's (seq 1)."""
         if step["kind"] != "linear":
             raise LlmcError(f"the logits come from a {step['kind']} kernel; only a GEMM computes them per position")
         args, copies = [], []
-        for name in step["args"][:-1]:
+        for i, name in enumerate(step["args"][:-1]):
+            if not name:  # a slot the kernel leaves unread
+                args.append(self._maker(step["kind"], i, name)(env))
+                continue
             a = self._view(name, env)
             if name not in self.weights and a.ndim == 3:
                 rows = a[:, -1]
@@ -185,7 +190,7 @@ class Executor:
                 a = rows
             args.append(a)
         args.append(_rows(self._view(self.logits, dict(env, seq=1))))
-        return self.functions[step["kernel"]], args, [], copies, ()
+        return self.functions[step["kernel"]], args, [], copies, step["dims"], True
 
 
 def _rows(a: np.ndarray) -> np.ndarray:

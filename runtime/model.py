@@ -25,11 +25,16 @@ from .threads import start as start_kernel_pool
 
 
 class Model:
-    def __init__(self, path, threads: int | None = None):
+    def __init__(self, path, threads: int | None = None, interpret: bool = False):
         art = open_artifact(path)
         m = art.manifest
         where = str(art.file("manifest.json"))
-        cpu.check(m["cpu"], where)
+        cuda = m["target"]["kind"] == "cuda"
+        if interpret and not cuda:
+            raise LlmcError(f"{where}: --interpret runs a cuda artifact's Triton kernels; this artifact is for "
+                            f"{m['target']['kind']}")
+        if not cuda:
+            cpu.check(m["cpu"], where)
         if not m["plans"]["forward"]:
             raise ArtifactError(f"{where}: plans.forward: the artifact has no execution plan")
         weights = safetensors.load(art.file(WEIGHTS), writable=True)
@@ -41,6 +46,10 @@ class Model:
         self._text = None
         self.index_bounds = m["model"]["index_bounds"]
         self.memory = memory.footprint(m, weights, art.file(WEIGHTS).stat().st_size)
+        if cuda:
+            self.threads = None
+            self.executor = _cuda_executor(art, m, weights, interpret)
+            return
         self.threads = start_kernel_pool(threads)
         library = import_tvm_ffi().load_module(str(art.file(m["kernels"]["library"])))
         try:
@@ -116,6 +125,20 @@ class Model:
         return out
 
 
+def _cuda_executor(art, manifest: dict, weights: dict, interpret: bool):
+    """A cuda artifact's executor: under Triton's interpreter on the CPU (`interpret`: the CPU
+    executor's plan and buffers, the kernels interpreted), or on the GPU through the CUDA driver."""
+    kernels = manifest["kernels"]
+    if interpret:
+        from . import interpret as interpreter
+
+        sources = art.file(kernels["sources"][0]).parent
+        return Executor(interpreter.functions(sources, kernels["functions"]), manifest, weights)
+    from .cuda import CudaExecutor
+
+    return CudaExecutor(art, manifest, weights)
+
+
 def _check_weights(plans: dict, weights: dict[str, np.ndarray], where: str) -> None:
     """Every weight the plan reads is in the weights file, as the plan describes it."""
     for i, name in enumerate(plans["weights"]):
@@ -127,7 +150,8 @@ def _check_weights(plans: dict, weights: dict[str, np.ndarray], where: str) -> N
                                 f"file holds {w.dtype}{list(w.shape)}")
 
 
-def load(path, threads: int | None = None) -> Model:
+def load(path, threads: int | None = None, interpret: bool = False) -> Model:
     """Open, verify and load an artifact; `threads`: the kernels' threads (default: every core,
-    or LLMC_NUM_THREADS)."""
-    return Model(path, threads)
+    or LLMC_NUM_THREADS). A cuda artifact runs on the GPU, or with `interpret` under Triton's
+    interpreter on the CPU (slow; needs torch and triton)."""
+    return Model(path, threads, interpret)

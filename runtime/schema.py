@@ -16,7 +16,7 @@ from typing import Any
 from .dims import is_atom
 from .errors import ArtifactError
 DTYPES = ("float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
-KINDS = ("linear", "attention", "rope_cache", "injective")
+KINDS = ("linear", "attention", "rope_cache", "injective", "norm")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[^\x00-\x1f]{1,512}$")
 
@@ -60,15 +60,34 @@ OPTIONAL_NAME = Check("a name or null", lambda v: v is None or NAME(v))
 TENSOR = {"name": NAME, "dtype": str, "shape": [str]}
 VALUE = {"dtype": DTYPES, "shape": [POLY]}
 STEP = {"kernel": NAME, "kind": KINDS, "args": [str], "dims": [ATOM]}
+SCALAR = Check("a number", lambda v: type(v) in (int, float))
+GRID_FACTOR = Check("[dim, block]", lambda v: isinstance(v, list) and len(v) == 2 and POLY(v[0])
+                    and type(v[1]) is int and v[1] >= 1)
+SIGNATURE = ("*fp32", "*fp16", "*bf16", "*i64", "*i32", "*i8", "*u8", "*i1", "i32")
+CUBIN = {"cubin": NAME, "symbol": NAME, "shared": _int(0), "global_scratch_size": _int(0),
+         "profile_scratch_size": _int(0)}
+TRITON_KERNEL = {"module": NAME, "function": NAME, "constexprs": Map(SCALAR), "signature": [SIGNATURE],
+                 "grid": [[GRID_FACTOR]], "num_warps": _int(1, 32), "num_stages": _int(1, 8),
+                 "decode": Check("null or {kernel, max_rows, rows}", lambda v: v is None or (
+                     isinstance(v, dict) and set(v) == {"kernel", "max_rows", "rows"} and NAME(v["kernel"])
+                     and type(v["max_rows"]) is int and POLY(v["rows"]))),
+                 "binaries": Map(CUBIN)}
+# the kernels by target kind: one TVM library, or Triton kernels (source and cubins)
+KERNELS = {"llvm": {"library": NAME, "functions": [NAME]},
+           "cuda": {"triton_version": str, "archs": [NAME], "sources": [NAME], "functions": Map(TRITON_KERNEL)}}
+TARGETS = {"llvm": {"kind": ("llvm",), "?mcpu": str, "?mtriple": str, "?mattr": [str], "?num-cores": _int(1),
+                    "?fast-math-reassoc": bool, "?fast-math-contract": bool},
+           "cuda": {"kind": ("cuda",), "dtype": ("fp32", "fp16")}}
+CPU = {"name": NAME, "arch": ("x86_64", "aarch64"), "features": [NAME]}
 FILE = {"bytes": _int(0), "sha256": Check("a sha256 hex digest", lambda v: isinstance(v, str) and _SHA256.match(v))}
 
 MANIFEST = {
     "format": str,
     "format_version": int,
     "llmc_version": str,
-    "target": {"kind": NAME, "?mcpu": str, "?mtriple": str, "?mattr": [str], "?num-cores": _int(1),
-               "?fast-math-reassoc": bool, "?fast-math-contract": bool},
-    "cpu": {"name": NAME, "arch": ("x86_64", "aarch64"), "features": [NAME]},
+    "target": Check(f"an object whose kind is one of {', '.join(TARGETS)}",  # the rest by kind: TARGETS
+                    lambda v: isinstance(v, dict) and v.get("kind") in TARGETS),
+    "cpu": Check("null or {name, arch, features}", lambda v: v is None or isinstance(v, dict)),
     "model": {
         "name": str,
         "inputs": [TENSOR],
@@ -76,12 +95,12 @@ MANIFEST = {
         "max_seq_len": _int(1, 1 << 20),
         "index_bounds": Map(_int(1)),
         "roles": {"tokens": NAME, "mask": OPTIONAL_NAME, "positions": OPTIONAL_NAME, "logits": NAME},
-        "kv_cache": {"layout": str, "dtype": ("f32", "int8"), "entries": [{"past": NAME, "present": NAME}]},
+        "kv_cache": {"layout": str, "dtype": ("f32", "f16", "int8"), "entries": [{"past": NAME, "present": NAME}]},
         "quant": Check("null or an object", lambda v: v is None or isinstance(v, dict)),
         "eos_token_ids": [_int(0)],
         "tokenizer": OPTIONAL_NAME,
     },
-    "kernels": {"library": NAME, "functions": [NAME]},
+    "kernels": Check("an object", lambda v: isinstance(v, dict)),  # by target kind: KERNELS
     "plans": {"forward": [STEP], "values": Map(VALUE), "weights": [NAME]},
     "files": Map(FILE),
     "manifest_sha256": FILE["sha256"],
@@ -135,6 +154,13 @@ def validate(manifest: dict, where: str) -> None:
     """The whole manifest against MANIFEST, then the references between its fields."""
     try:
         check(manifest, MANIFEST, "")
+        kind = manifest["target"]["kind"]
+        check(manifest["target"], TARGETS[kind], "target")
+        check(manifest["kernels"], KERNELS[kind], "kernels")
+        if (manifest["cpu"] is None) != (kind == "cuda"):
+            raise Invalid(f"cpu: {'null' if manifest['cpu'] is None else 'given'} for a {kind} target")
+        if manifest["cpu"] is not None:
+            check(manifest["cpu"], CPU, "cpu")
         _references(manifest)
     except Invalid as e:
         raise ArtifactError(f"{where}: {e}") from None
@@ -144,7 +170,9 @@ def _references(m: dict) -> None:
     files, values = m["files"], m["plans"]["values"]
     functions = set(m["kernels"]["functions"])
     presents = {e["present"] for e in m["model"]["kv_cache"]["entries"]}  # the same buffers as the pasts
-    if m["kernels"]["library"] not in files:
+    if m["target"]["kind"] == "cuda":
+        _triton_references(m["kernels"], files)
+    elif m["kernels"]["library"] not in files:
         raise Invalid(f"kernels.library: {m['kernels']['library']!r} is not a listed file")
     from .artifact import WEIGHTS
 
@@ -176,3 +204,27 @@ def _references(m: dict) -> None:
     for name in m["model"]["index_bounds"]:
         if name not in inputs:
             raise Invalid(f"model.index_bounds[{name!r}]: not an input of the model")
+
+
+def _triton_references(kernels: dict, files: dict) -> None:
+    """Every source and cubin is a listed file; a kernel's module is a listed source, its decode
+    variant a kernel of the table, its cubins for the artifact's architectures."""
+    modules = set()
+    for i, path in enumerate(kernels["sources"]):
+        if path not in files or not path.endswith(".py"):
+            raise Invalid(f"kernels.sources[{i}]: {path!r} is not a listed Python file")
+        modules.add(path.rsplit("/", 1)[-1][:-3])
+    for name, k in kernels["functions"].items():
+        where = f"kernels.functions[{name!r}]"
+        if k["module"] not in modules:
+            raise Invalid(f"{where}.module: {k['module']!r} is not one of kernels.sources")
+        if k["decode"] and k["decode"]["kernel"] not in kernels["functions"]:
+            raise Invalid(f"{where}.decode.kernel: {k['decode']['kernel']!r} is not a kernel of kernels.functions")
+        if len(k["grid"]) != 3:
+            raise Invalid(f"{where}.grid: expected three dims, got {len(k['grid'])}")
+        for arch in kernels["archs"]:
+            if arch not in k["binaries"]:
+                raise Invalid(f"{where}.binaries: no cubin for {arch}")
+        for arch, binary in k["binaries"].items():
+            if binary["cubin"] not in files:
+                raise Invalid(f"{where}.binaries[{arch!r}].cubin: {binary['cubin']!r} is not a listed file")

@@ -50,7 +50,7 @@ class Writer:
         flat = "0"
         for d, i in zip(shape, index):
             flat = f"({flat}) * {dim_code(d)} + ({i})"
-        return f"tl.load(IN{k} + ({flat}), mask=m, other=0)"
+        return f"tl.load(IN{k} + ({flat}) + 0 * f, mask=m, other=0)"  # + 0 * f: a block, even for a scalar
 
     def broadcast(self, k: int, out_index: list[str]) -> str:
         shape = self.inputs[k].shape

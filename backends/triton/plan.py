@@ -92,10 +92,19 @@ class Planner:
 
     def __init__(self, graph: Graph, dtypes: dict[str, str], dot_f16: bool):
         self.graph, self.dtypes, self.dot_f16 = graph, dtypes, dot_f16
-        self.scratch: dict[str, tuple[str, list]] = {}  # values the plan adds: {name: (dtype, shape)}
+        self.scratch: dict[str, tuple[str, list]] = {}  # values the plan adds: {name: (dtype, IR shape)}
 
     def dtype(self, name: str) -> str:
-        return self.dtypes[name] if name else "float32"
+        if not name:
+            return "float32"
+        return self.scratch[name][0] if name in self.scratch else self.dtypes[name]
+
+    def max_seq(self, node: Node) -> int:
+        """The caches' length: the artifact's context (the runtime allocates them so)."""
+        if not self.graph.metadata.get("kv_cache", {}).get("entries") or not self.graph.metadata.get("max_seq_len"):
+            raise UnsupportedGraph(f"{node.name}: the Triton kernels read a runtime-owned KV cache of a known "
+                                   "length: compile a decoder with a context length", node.name)
+        return self.graph.metadata["max_seq_len"]
 
     def signature(self, args) -> list[str]:
         return [_pointer(self.dtype(a)) for a in args] + ["*i32", "i32", "i32"]
@@ -143,7 +152,7 @@ class Planner:
         def make(name):
             gemm.decode = {"kernel": name + "_gemv", "max_rows": DECODE_ROWS, "rows": encode_dim(rows)}
             return {name: gemm, name + "_gemv": gemv}
-        return repr(("linear", common)), make, [Step("", "triton", args, DIMS)]
+        return repr(("linear", common)), make, [Step("", "linear", args, DIMS)]
 
     def attention(self, node: Node):
         q, k = node.inputs[:2]
@@ -155,31 +164,26 @@ class Planner:
             args[3:3] = ["", ""]
         if not masked:
             args[5:5] = [""]
-        max_seq = k.shape[2] if isinstance(k.shape[2], int) else None
-        if max_seq is None:  # a graph without a cache: keys are this step's own, total = seq
-            max_seq_dim = k.shape[2]
-        splits = min(16, pow2(max(1, (max_seq or 0) // 512 + 1))) if max_seq else 1
+        max_seq = self.max_seq(node)
+        splits = min(16, pow2(max_seq // 512 + 1))
         bd = max(16, pow2(d))
         scale = node.attrs["scale"]
         scale = float(scale) if scale is not None else d ** -0.5
-        consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, MAX_SEQ=max_seq or 0,
+        consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, MAX_SEQ=max_seq,
                       SCALE=scale, MASKED=int(masked), CAUSAL=int(bool(node.attrs["is_causal"])), KV_INT8=int(int8),
                       MERGE_HEADS=int(bool(node.attrs["merge_heads"])), SPLITS=splits, DOT_F16=int(self.dot_f16),
                       BLOCK_M=16, BLOCK_N=64 if d <= 128 else 32, BD=bd)
-        if max_seq is None:
-            raise UnsupportedGraph(f"{node.name}: attention over keys of length {max_seq_dim}: "
-                                   "the Triton kernels read a runtime-owned cache", node.name)
         seq, batch = q.shape[2], q.shape[0]
         partial = node.outputs[0].name + ".partial"
         args.insert(len(args), partial)
-        self.scratch[partial] = ("float32", [encode_dim(_poly(batch, seq, heads * splits * (bd + 1)))])
+        self.scratch[partial] = ("float32", [_poly(batch, seq, heads * splits * (bd + 1))])
         sig = self.signature(args)
         grid = [[_cdiv(seq, 16)], [_cdiv(_poly(batch, heads), 1)], [[1, 1]] if splits == 1 else [[splits, 1]]]
         kernels = {"": TritonKernel("attention", "partial", consts, sig, grid, num_warps=4, num_stages=2)}
-        steps = [Step("", "triton", tuple(args), DIMS)]
+        steps = [Step("", "attention", tuple(args), DIMS)]
         if splits > 1:
             kernels["_merge"] = TritonKernel("attention", "merge", consts, sig, grid[:2] + [[]], num_warps=4)
-            steps.append(Step("_merge", "triton", tuple(args), DIMS))
+            steps.append(Step("_merge", "attention", tuple(args), DIMS))
         return repr(("attention", consts)), lambda name: {name + s: k for s, k in kernels.items()}, steps
 
     def rope_cache(self, node: Node):
@@ -189,18 +193,15 @@ class Planner:
             args[5:5] = ["", ""]
         q = node.outputs[0]
         heads, kv_heads, d = node.attrs["heads"], node.attrs["kv_heads"], q.shape[3]
-        cache = node.inputs[5] if node.inputs[5:6] and node.inputs[5] is not None else None
-        if cache is None or not isinstance(cache.shape[2], int):
-            raise UnsupportedGraph(f"{node.name}: the Triton kernels need a runtime-owned KV cache", node.name)
         rotary = node.inputs[3] is not None
         rd = (node.attrs["rotary_dim"] or d) if rotary else 0
         consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, ROTARY=rd, ROW=qkv.shape[-1], OFFSET=offset,
-                      MAX_SEQ=cache.shape[2], KV_INT8=int(kv_int8(self.graph)), BD=pow2(d))
+                      MAX_SEQ=self.max_seq(node), KV_INT8=int(kv_int8(self.graph)), BD=pow2(d))
         batch, seq = q.shape[0], q.shape[2]
         grid = [[_cdiv(_poly(batch, seq), 1)], [[heads + 2 * kv_heads, 1]], []]
         kernel = TritonKernel("rope_cache", "rope_cache", consts, self.signature(args), grid, num_warps=1)
         return repr(("rope_cache", consts, self.signature(args))), lambda name: {name: kernel}, \
-            [Step("", "triton", tuple(args), DIMS)]
+            [Step("", "rope_cache", tuple(args), DIMS)]
 
     def norm(self, node: Node):
         add = node.op == "add_norm"
@@ -219,7 +220,7 @@ class Planner:
                       EPS=float(node.attrs["epsilon"]), BLOCK=pow2(n), SEQ_ROWS=int(seq_rows), ROWS_MUL=mul)
         kernel = TritonKernel("norm", "norm", consts, self.signature(args), [[_cdiv(rows, 1)], [], []], num_warps=4)
         return repr(("norm", consts, kernel.signature)), lambda name: {name: kernel}, \
-            [Step("", "triton", args, DIMS)]
+            [Step("", "norm", args, DIMS)]
 
     def injective(self, node: Node):
         args = [v.name for pos, v in enumerate(node.inputs) if v is not None and not injective._shape_only(node, pos)]
@@ -230,12 +231,14 @@ class Planner:
             grid = [[_cdiv(_poly(*injective.grid_shape(node)), injective.BLOCK)], [], []]
             return {name: TritonKernel(name, name, {"BLOCK": injective.BLOCK}, self.signature(args), grid,
                                        num_warps=4, source=src)}
-        return node_key(node), make, [Step("", "triton", tuple(args), DIMS)]
+        return node_key(node), make, [Step("", "injective", tuple(args), DIMS)]
 
 
 def value_dtypes(graph: Graph, caches: dict) -> dict[str, str]:
-    """Each value's element type as the kernels see it: the graph's, the caches' as laid out."""
+    """Each value's element type as the kernels see it: the graph's, the caches' (pasts and
+    presents are one buffer) as laid out."""
     out = {v.name: v.dtype.numpy().name for v in graph.values()}
     out.update({name: dtype for name, (dtype, _) in caches.items()})
+    out.update({e["present"]: caches[e["past"]][0] for e in graph.metadata["kv_cache"]["entries"]})
     out.update({name + NIBBLES: "uint8" for name in list(out)})
     return out
