@@ -64,8 +64,8 @@ SCALAR = Check("a number", lambda v: type(v) in (int, float))
 GRID_FACTOR = Check("[dim, block]", lambda v: isinstance(v, list) and len(v) == 2 and POLY(v[0])
                     and type(v[1]) is int and v[1] >= 1)
 SIGNATURE = ("*fp32", "*fp16", "*bf16", "*i64", "*i32", "*i8", "*u8", "*i1", "i32")
-CUBIN = {"cubin": NAME, "symbol": NAME, "shared": _int(0), "global_scratch_size": _int(0),
-         "profile_scratch_size": _int(0)}
+CUBIN = {"cubin": NAME, "symbol": NAME, "shared": _int(0), "scratch_args": _int(0, 2),
+         "global_scratch_size": _int(0), "profile_scratch_size": _int(0)}
 TRITON_KERNEL = {"module": NAME, "function": NAME, "constexprs": Map(SCALAR), "signature": [SIGNATURE],
                  "grid": [[GRID_FACTOR]], "num_warps": _int(1, 32), "num_stages": _int(1, 8),
                  "decode": Check("null or {kernel, max_rows, rows}", lambda v: v is None or (

@@ -39,8 +39,10 @@ def _compile_jobs(jobs: list[dict], folder: Path, out: Path) -> None:
         params = [p for p in fn.arg_names if p not in job["constexprs"]]
         signature = dict(zip(params, job["signature"]))
         signature.update({name: "constexpr" for name in job["constexprs"]})
+        # every buffer the runtimes pass is aligned to 64 bytes or more: loads may vectorize
+        attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p, t in signature.items() if t.startswith("*")}
         try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=job["constexprs"]),
+            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=job["constexprs"], attrs=attrs),
                                       target=GPUTarget("cuda", ARCHS[job["arch"]], 32),
                                       options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
         except Exception as e:  # the parent reports the last line of stderr
@@ -51,9 +53,12 @@ def _compile_jobs(jobs: list[dict], folder: Path, out: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(compiled.asm["cubin"])
         meta = compiled.metadata
+        # the scratch pointers Triton appends to the kernel's parameters: global (3.3 on), profile (3.5 on)
+        scratch = [a for a in ("global_scratch_size", "profile_scratch_size") if hasattr(meta, a)]
         print(json.dumps({"name": job["name"], "arch": job["arch"], "symbol": meta.name, "shared": meta.shared,
-                          "num_warps": meta.num_warps, "global_scratch_size": meta.global_scratch_size,
-                          "profile_scratch_size": meta.profile_scratch_size}), flush=True)
+                          "num_warps": meta.num_warps, "scratch_args": len(scratch),
+                          **{a: getattr(meta, a, 0) for a in ("global_scratch_size", "profile_scratch_size")}}),
+              flush=True)
 
 
 def compile_all(jobs: list[dict], folder: Path, out: Path, progress=None, workers: int | None = None) -> list[dict]:

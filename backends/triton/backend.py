@@ -92,8 +92,8 @@ class TritonBackend:
             for r in results:
                 table[r["name"]]["binaries"][r["arch"]] = {
                     "cubin": f"{BINARIES}/{r['arch']}/{r['name']}.cubin", "symbol": r["symbol"],
-                    "shared": r["shared"], "global_scratch_size": r["global_scratch_size"],
-                    "profile_scratch_size": r["profile_scratch_size"]}
+                    "shared": r["shared"], "scratch_args": r["scratch_args"],
+                    "global_scratch_size": r["global_scratch_size"], "profile_scratch_size": r["profile_scratch_size"]}
             # read now: the staging folder goes when this returns
             data = {f"{SOURCES}/{p.name}": p.read_bytes() for p in sorted(sources.glob("*.py"))}
             data.update({f"{BINARIES}/{p.parent.name}/{p.name}": p.read_bytes()

@@ -1,0 +1,170 @@
+"""The cuda target, proven without a GPU (TRITON_INTERPRET=1, set by conftest): every zoo decoder
+family compiled for cuda and run under Triton's interpreter (`llmc run --interpret`) gives
+onnxruntime's greedy tokens in fp32 and its logits within the stated tolerances; quantized
+weights and the int8 KV cache give the CPU target's results; the cubins take exactly the
+parameters the CUDA executor passes; the ~0.5B model's kernels compile for sm_80 and sm_90."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import rel_err
+from onnx_reference import OnnxDecoder
+from zoo_cases import export
+
+import llmc
+from llmc import runtime, zoo
+from llmc.runtime.artifact import open_artifact
+
+STEPS = 5
+ARCH = "sm_90"  # one architecture where the test is about the results; both where it is about the cubins
+
+
+@pytest.fixture(scope="module")
+def cuda(tmp_path_factory):
+    """`cuda(name, **options)`: a zoo model compiled for cuda once per module (context 128)."""
+    root, cache = tmp_path_factory.mktemp("cuda"), {}
+
+    def get(name, **options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            tag = "-".join([name] + [f"{k}{v}" for k, v in sorted(options.items())])
+            options.setdefault("arch", ARCH)
+            cache[key] = llmc.compile(export(name, exporter="dynamo", kv_cache=True), target="cuda",
+                                      output=root / f"{tag}.llmc", max_seq_len=128, **options)
+        return cache[key]
+    return get
+
+
+def _logits_per_step(model, prompt, tokens):
+    """The last position's logits after the prompt and after each of `tokens` (teacher-forced)."""
+    model.executor.reset(batch=1)
+    out = [model.forward(np.array([prompt]), past=0, last_only=True)[0, -1].copy()]
+    for i, token in enumerate(tokens[:-1]):
+        out.append(model.forward(np.array([[token]]), past=len(prompt) + i)[0, -1].copy())
+    return out
+
+
+@pytest.mark.parametrize("name", [m.name for m in zoo.TINY_DECODERS])
+def test_fp32_interpreted_gives_onnxruntime_tokens_and_logits(name, cuda, rng):
+    art = cuda(name, dtype="fp32", kv_cache="f32")
+    prompt = rng.integers(0, zoo.get(name).config().vocab_size, 6).tolist()
+    want_tokens, want_logits = OnnxDecoder(export(name, exporter="dynamo", kv_cache=True), art).greedy(prompt, STEPS)
+    model = runtime.load(art, interpret=True)
+    assert model.generate(prompt, STEPS) == want_tokens
+    for step, logits in enumerate(_logits_per_step(model, prompt, want_tokens)):
+        assert rel_err(logits, want_logits[step]) < 1e-5, step  # the kernels' own f32 tolerance
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "phi-tiny"])
+def test_fp16_interpreted_logits_within_half_precision(name, cuda, rng):
+    """f16 weights (each rounded to 11 significant bits, a relative error up to 2^-12), GEMM and
+    attention operands rounded to f16 on the tensor-core path, and an f16 KV cache: the logits stay
+    within 1e-2 of onnxruntime's fp32 ones (measured: at most 2e-3 on these models)."""
+    art = cuda(name)  # the cuda defaults: fp16 weights, f16 KV cache
+    m = open_artifact(art).manifest
+    assert m["target"]["dtype"] == "fp16" and m["model"]["kv_cache"]["dtype"] == "f16"
+    prompt = rng.integers(0, zoo.get(name).config().vocab_size, 6).tolist()
+    want_tokens, want_logits = OnnxDecoder(export(name, exporter="dynamo", kv_cache=True), art).greedy(prompt, STEPS)
+    model = runtime.load(art, interpret=True)
+    for step, logits in enumerate(_logits_per_step(model, prompt, want_tokens)):
+        assert rel_err(logits, want_logits[step]) < 1e-2, step
+
+
+@pytest.mark.parametrize("options", [dict(quant="w8"), dict(quant="w4", group_size=32, zero_point=True),
+                                     dict(quant="w4", group_size=64, kv_cache="int8")],
+                         ids=["w8", "w4-g32-zero-point", "w4-g64-int8-kv"])
+def test_quantized_interpreted_matches_the_cpu_target(options, cuda, artifacts, rng):
+    """The same quantized weights (w8, w4 with and without zero points, the int8 KV cache) give the
+    TVM kernels' logits on the CPU: both dequantize in registers, in f32."""
+    name = "llama-tiny"
+    art = cuda(name, dtype="fp32", **{"kv_cache": "f32", **options})
+    cpu = runtime.load(artifacts(name, **options))
+    model = runtime.load(art, interpret=True)
+    prompt = rng.integers(0, 256, 6).tolist()
+    tokens = cpu.generate(prompt, STEPS)
+    assert model.generate(prompt, STEPS) == tokens
+    for want, got in zip(_logits_per_step(cpu, prompt, tokens), _logits_per_step(model, prompt, tokens)):
+        assert rel_err(got, want) < 1e-5
+
+
+def _kernel_parameters(cubin: Path) -> list[int]:
+    """The sizes of a cubin's kernel parameters, in order, from its ELF (cuobjdump, which the
+    Triton package ships)."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    text = subprocess.run([str(tool), "-elf", str(cubin)], capture_output=True, text=True, check=True).stdout
+    params = {int(o, 16): int(s, 16) for o, s in re.findall(r"Ordinal : 0x([0-9a-f]+)\s+Offset\s*: 0x[0-9a-f]+\s+"
+                                                            r"Size\s*: 0x([0-9a-f]+)", text)}
+    return [params[i] for i in range(len(params))]
+
+
+def test_cubins_take_the_parameters_the_cuda_executor_passes(cuda):
+    """For every kernel and architecture: a 64-bit pointer per plan argument, D, batch and seq (32
+    bits each), and the scratch pointers Triton appends; what `runtime.cuda` packs."""
+    art = cuda("llama-tiny", arch="sm_80,sm_90")
+    m = open_artifact(art).manifest
+    assert m["kernels"]["archs"] == ["sm_80", "sm_90"]
+    args = {s["kernel"]: len(s["args"]) for s in m["plans"]["forward"]}
+    for name, k in m["kernels"]["functions"].items():
+        n = args.get(name) or args[next(s for s, a in args.items() if m["kernels"]["functions"][s]["decode"]
+                                        and m["kernels"]["functions"][s]["decode"]["kernel"] == name)]
+        assert k["signature"][n:] == ["*i32", "i32", "i32"]
+        for arch, binary in k["binaries"].items():
+            want = [8] * n + [8, 4, 4] + [8] * binary["scratch_args"]
+            assert _kernel_parameters(art / binary["cubin"]) == want, (name, arch)
+
+
+@pytest.mark.slow
+def test_every_kernel_of_the_half_billion_model_compiles_for_sm80_and_sm90(tmp_path):
+    path = zoo.get("llama-0.5b").export()
+    art = llmc.compile(path, target="cuda", output=tmp_path / "half.llmc", max_seq_len=1024)
+    m = open_artifact(art).manifest  # verified: schema, files, checksums
+    kernels = m["kernels"]["functions"]
+    assert m["kernels"]["archs"] == ["sm_80", "sm_90"]
+    assert all(set(k["binaries"]) == {"sm_80", "sm_90"} for k in kernels.values())
+    assert {k["module"] for k in kernels.values()} >= {"linear", "attention", "rope_cache", "generated"}
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "llmc.cli", *args], capture_output=True, text=True)
+
+
+def test_run_interpret_from_the_command_line(cuda):
+    art = cuda("gpt2-tiny", dtype="fp32", kv_cache="f32")
+    out = _cli("run", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--interpret", "--json")
+    assert out.returncode == 0, out.stderr
+    cpu = runtime.load(art, interpret=True).generate([1, 2, 3], 3)
+    assert json.loads(out.stdout)["new_token_ids"] == cpu
+
+
+def test_a_cuda_artifact_needs_a_gpu_or_the_interpreter(cuda):
+    out = _cli("run", str(cuda("gpt2-tiny", dtype="fp32", kv_cache="f32")), "--prompt-ids", "1,2,3")
+    if shutil.which("nvidia-smi"):
+        pytest.fail("this machine has a GPU: the GPU check (scripts/gpu-check.sh) runs the CUDA executor")
+    assert out.returncode == 2 and "--interpret" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_interpret_refuses_a_cpu_artifact(artifacts):
+    out = _cli("run", str(artifacts("gpt2-tiny")), "--prompt-ids", "1,2,3", "--interpret")
+    assert out.returncode == 2 and "cuda artifact" in out.stderr
+
+
+def test_bad_cuda_options_are_named(tmp_path):
+    path = export("gpt2-tiny", exporter="dynamo", kv_cache=True)
+    for args, words in [(["--target", "cuda", "--arch", "sm_75"], "sm_75"),
+                        (["--target", "cpu", "--dtype", "fp16"], "fp16"),
+                        (["--target", "cuda", "--kv-cache", "f16", "--dtype", "fp32"], None)]:
+        out = _cli("compile", str(path), "-o", str(tmp_path / "x.llmc"), *args)
+        if words is None:
+            assert out.returncode == 0, out.stderr
+        else:
+            assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
