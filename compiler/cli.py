@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--quant", nargs="+", choices=("w8", "w4"), default=[],
                      help="also run llmc's quantized artifacts (w4: groups of 128) and onnxruntime's quantized "
                           "models (dynamic int8; MatMulNBits 4-bit)")
+    ben.add_argument("--target", choices=("cpu", "cuda"), default="cpu",
+                     help="cuda: on this machine's NVIDIA GPU, fp16 and w4 against PyTorch eager and torch.compile "
+                          "(zoo models only; default model size for it: llama-1b)")
     ben.add_argument("--json", metavar="FILE", help="also write every figure as JSON here")
     ben.set_defaults(run=_bench)
 
@@ -353,6 +356,11 @@ def _run(args) -> int:
 
 
 def _bench(args) -> int:
+    if args.target == "cuda":
+        from .tools.cuda_bench import bench_cuda, format_table
+
+        return _print_result(bench_cuda(args.model, prompt_len=args.prompt_len, steps=args.new_tokens,
+                                        rounds=args.repeats, output=args.json), format_table, args.json)
     from .tools.bench import bench, format_table
 
     return _print_result(bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,

@@ -99,6 +99,7 @@ class CudaExecutor:
         self.addresses[""] = self.weight_buffer + total
         self.weight_names = set(offsets)
         self.batch = None
+        self.use_graphs = True  # False: decode steps too are launched kernel by kernel (tests)
 
     @staticmethod
     def _arch(manifest: dict, major: int, minor: int, where: str) -> str:
@@ -158,7 +159,7 @@ class CudaExecutor:
         for name, a in feeds.items():
             if name in self.values:
                 self._stage(name, a, env)
-        if seq == 1:
+        if seq == 1 and self.use_graphs:
             graph = self.graphs.get(batch)
             if graph is None:
                 graph = self.graphs[batch] = self._capture(feeds, env)

@@ -96,6 +96,9 @@ _BENCH_SIZES = {
     # Llama-style, GQA 12:4, about 0.5B parameters (untied 32k embeddings).
     "llama-0.5b": ("llama", dict(hidden=1536, layers=16, heads=12, kv_heads=4, inter=4096,
                                  vocab=32000, ctx=2048)),
+    # Llama-style, GQA 32:8, about 1.1B parameters: the GPU benchmark's model (scripts/gpu-check.sh)
+    "llama-1b": ("llama", dict(hidden=2048, layers=16, heads=32, kv_heads=8, inter=8192,
+                               vocab=32000, ctx=2048)),
 }
 
 # Byte-level models trained for a few minutes on Python's stdlib source (`training`): peaked
