@@ -29,6 +29,8 @@ class Build:
 
 
 class Backend(Protocol):
+    name: str  # the code generator, as progress shows it ("TVM", "Triton")
+
     def check(self, options: dict) -> None:
         """Refuse options this backend cannot honor (LlmcError), before anything is imported."""
 

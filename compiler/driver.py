@@ -112,7 +112,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
         raise LlmcError(f"{onnx_path}: {e}") from None
     stages.append(("passes", time.perf_counter() - start - sum(t for _, t in stages)))
     shown.update()
-    shown.set_description(f"compiling {onnx_path.name}: kernels ({target})")
+    shown.set_description(f"compiling {onnx_path.name}: kernels ({backend.name})")
     try:
         build = backend.build(graph, backend_options)
     except UnsupportedGraph as e:

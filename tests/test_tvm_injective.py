@@ -105,7 +105,7 @@ def test_lowering_matches_reference(op, shapes, params, attrs, rng):
 
 def test_slices_with_different_starts_get_different_kernels():
     """Kernels are shared by node key; a slice's starts are compiled in, so they are in the key."""
-    from llmc.backends.tvm.compile import _node_key
+    from llmc.backends.plan import node_key as _node_key
 
     lo = _one_node("slice", [("n", 2, 12)], [[0], [6], [-1], [1]])
     hi = _one_node("slice", [("n", 2, 12)], [[6], [12], [-1], [1]])

@@ -42,6 +42,8 @@ def archs(text: str) -> list[str]:
 
 
 class TritonBackend:
+    name = "Triton"
+
     def check(self, options: dict) -> None:
         if options["dtype"] not in DTYPES:
             raise LlmcError(f"--dtype {options['dtype']!r} is not supported on cuda; supported: {', '.join(DTYPES)}")

@@ -12,6 +12,8 @@ LIBRARY = "kernels/model.so"
 
 
 class TvmBackend:
+    name = "TVM"
+
     def check(self, options: dict) -> None:
         cpu = options["cpu"]
         if cpu != "native" and cpu not in cpus.LEVELS:
