@@ -10,9 +10,8 @@ import pytest
 import torch
 from conftest import rel_err
 from onnx_reference import OnnxDecoder
-from zoo_cases import export
+from zoo_cases import compiler_for_cuda, export
 
-import llmc
 from llmc import runtime, zoo
 
 STEPS = 16
@@ -21,16 +20,7 @@ ARCH = "sm_{}{}".format(*torch.cuda.get_device_capability())
 
 @pytest.fixture(scope="module")
 def cuda(tmp_path_factory):
-    root, cache = tmp_path_factory.mktemp("cuda"), {}
-
-    def get(name, **options):
-        key = (name, tuple(sorted(options.items())))
-        if key not in cache:
-            tag = "-".join([name] + [f"{k}{v}" for k, v in sorted(options.items())])
-            cache[key] = llmc.compile(export(name, exporter="dynamo", kv_cache=True), target="cuda", arch=ARCH,
-                                      output=root / f"{tag}.llmc", max_seq_len=128, **options)
-        return cache[key]
-    return get
+    return compiler_for_cuda(tmp_path_factory.mktemp("cuda"), arch=ARCH)
 
 
 def _greedy(model, prompt, steps):

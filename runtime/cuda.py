@@ -175,12 +175,12 @@ class CudaExecutor:
         return self.logits_host
 
     def _stage(self, name: str, a: np.ndarray, env) -> None:
-        """The feed into its pinned buffer (sized for the longest context)."""
+        """The feed into its pinned buffer (sized for the longest prompt and context)."""
         info = self.values[name]
         buf = self.staging.get(name)
         if buf is None:
-            largest = launch.largest(env, self.max_seq)
-            buf = self.staging[name] = self.cu.host(memory.nbytes(info, largest)).view(info["dtype"])
+            longest = {"batch": env["batch"], "seq": self.max_seq, "past": self.max_seq, "total": self.max_seq}
+            buf = self.staging[name] = self.cu.host(memory.nbytes(info, longest)).view(info["dtype"])
         flat = np.ascontiguousarray(a, dtype=info["dtype"]).ravel()
         buf[:flat.size] = flat
 

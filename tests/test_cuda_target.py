@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 from onnx_reference import OnnxDecoder
-from zoo_cases import export
+from zoo_cases import compiler_for_cuda, export
 
 import llmc
 from llmc import runtime, zoo
@@ -29,18 +29,7 @@ ARCH = "sm_90"  # one architecture where the test is about the results; both whe
 
 @pytest.fixture(scope="module")
 def cuda(tmp_path_factory):
-    """`cuda(name, **options)`: a zoo model compiled for cuda once per module (context 128)."""
-    root, cache = tmp_path_factory.mktemp("cuda"), {}
-
-    def get(name, **options):
-        key = (name, tuple(sorted(options.items())))
-        if key not in cache:
-            tag = "-".join([name] + [f"{k}{v}" for k, v in sorted(options.items())])
-            options.setdefault("arch", ARCH)
-            cache[key] = llmc.compile(export(name, exporter="dynamo", kv_cache=True), target="cuda",
-                                      output=root / f"{tag}.llmc", max_seq_len=128, **options)
-        return cache[key]
-    return get
+    return compiler_for_cuda(tmp_path_factory.mktemp("cuda"), arch=ARCH)
 
 
 def _greedy(model, prompt, steps):

@@ -10,24 +10,18 @@ import math
 
 import numpy as np
 import pytest
-from zoo_cases import export
+from small_ops import ENV, check_nodes, compiled, shape
 
 import llmc
 from llmc import zoo
+from llmc.backends.plan import feeds_rope_cache
 from llmc.backends.triton import injective
 from llmc.ir.symbolic import evaluate
-from llmc.passes.manager import PassContext, run_passes
-from llmc.passes.pipeline import default_pipeline
 from llmc.runtime.interpret import load_package
 
 torch = pytest.importorskip("torch")
 
 FUSED = {"fused_linear", "attention", "rope_cache", "add_norm", "rms_norm", "layer_norm"}  # kernels/*.py
-
-
-def _compiled(name, exporter):
-    graph = llmc.from_onnx(export(name, exporter=exporter, kv_cache=True))
-    return run_passes(graph, default_pipeline(), PassContext(options={"max_seq_len": 128}))
 
 
 def _run(node, inputs, outs, env, tmp_path):
@@ -48,38 +42,19 @@ def _run(node, inputs, outs, env, tmp_path):
                                            ("gpt2-tiny", "dynamo"), ("phi-tiny", "torchscript"),
                                            ("mistral-tiny", "dynamo"), ("opt-tiny", "dynamo")])
 def test_small_ops_match_reference(name, exporter, rng, tmp_path):
-    graph = _compiled(name, exporter)
-    env = {"batch": 2, "seq": 3, "past": 4, "total": 7}
-    feeds = zoo.get(name).feeds(rng, batch=env["batch"], seq=env["seq"], past=env["past"])
-    trace = {}
-    llmc.run_reference(graph, feeds, trace=trace)
+    def kernel_of(node, readers):  # a split into rope_cache is read whole by it: no kernel
+        return node.op in injective.LOWERINGS and not feeds_rope_cache(node, readers)
 
-    def value(v):
-        return trace[v] if v in trace else feeds[v.name] if v.kind == "input" else graph.const_value(v)
-
-    readers = graph.consumers()
-    checked = 0
-    for node in graph.nodes:
-        if node.op not in injective.LOWERINGS or (node.op == "split" and all(
-                r.op == "rope_cache" for v in node.outputs for r in readers[v])):
-            continue
-        inputs = [value(v) for pos, v in enumerate(node.inputs) if v is not None and not injective._shape_only(node, pos)]
-        wants = [trace[v] for v in node.outputs]
-        outs = [torch.zeros(w.shape, dtype=torch.from_numpy(np.zeros(1, w.dtype)).dtype) for w in wants]
-        _run(node, inputs, outs, env, tmp_path)
-        for out, want in zip(outs, wants):
-            got = out.numpy()
-            if want.dtype.kind == "f":  # masks hold -inf: compared as equal where both are
-                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=node.name)
-            else:
-                np.testing.assert_array_equal(got, want, err_msg=node.name)
-        checked += 1
-    assert checked > 20
+    def run(node, inputs):
+        outs = [torch.from_numpy(np.zeros(shape(v), v.dtype.numpy())) for v in node.outputs]
+        _run(node, inputs, outs, ENV, tmp_path)
+        return [o.numpy() for o in outs]
+    assert check_nodes(name, exporter, rng, kernel_of, run) > 20
 
 
 @pytest.mark.parametrize("name", [m.name for m in zoo.TINY_DECODERS])
 def test_every_op_has_a_kernel(name):
-    ops = {n.op for n in _compiled(name, "dynamo").nodes}
+    ops = {n.op for n in compiled(name, "dynamo").nodes}
     assert ops <= set(injective.LOWERINGS) | FUSED, ops - set(injective.LOWERINGS) - FUSED
 
 

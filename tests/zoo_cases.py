@@ -15,6 +15,22 @@ def export(name: str, **kwargs):
     return zoo.get(name).export(**kwargs)
 
 
+def compiler_for_cuda(root, **defaults):
+    """`get(name, **options)`: a zoo model compiled for cuda into `root`, once (context 128)."""
+    import llmc
+
+    cache = {}
+
+    def get(name, **options):
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            tag = "-".join([name] + [f"{k}{v}" for k, v in sorted(options.items())])
+            cache[key] = llmc.compile(export(name, exporter="dynamo", kv_cache=True), target="cuda",
+                                      output=root / f"{tag}.llmc", max_seq_len=128, **{**defaults, **options})
+        return cache[key]
+    return get
+
+
 def decoder_cases():
     """(model name, exporter, kv_cache) for every tiny decoder family."""
     return [(m.name, e, kv) for m in zoo.TINY_DECODERS for e in EXPORTERS for kv in (True, False)]
