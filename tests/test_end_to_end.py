@@ -133,6 +133,7 @@ def test_cli_compile_and_run(tmp_path):
     assert bad.returncode == 2 and "weights.safetensors" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # a whole benchmark run (38 s)
 def test_bench_measures_every_system(tmp_path):
     from llmc.cli import main
 

@@ -117,6 +117,7 @@ def test_compiled_quantized_decoder_matches_its_reference(name, options, quantiz
     assert rel_err(llmc.run_reference(graph, feeds)["logits"], fp32) < (0.02 if options["quant"] == "w8" else 0.3)
 
 
+@pytest.mark.slow  # a whole quant-report run (32 s)
 def test_quant_report_measures_every_scheme(tmp_path):
     from llmc.cli import main
 
@@ -217,7 +218,8 @@ def test_awq_folds_its_scales_without_changing_the_fp32_model(rng, monkeypatch):
     assert any(w.endswith(".awq_up") for w in weights)  # a down projection's scales, in the up rows
 
 
-@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "qwen2-tiny"])
+@pytest.mark.parametrize("name", ["llama-tiny", pytest.param("gpt2-tiny", marks=pytest.mark.slow),
+                                  pytest.param("qwen2-tiny", marks=pytest.mark.slow)])
 def test_int8_kv_cache_stays_close_to_the_f32_cache(name, quantized, rng):
     f32 = runtime.load(quantized(name))
     art = quantized(name, kv_cache="int8")
