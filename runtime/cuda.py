@@ -8,7 +8,8 @@ does (`memory.py`). Every kernel reads past and total from device memory (D), so
 is captured once per batch size as a CUDA graph, with the copies of D and of the feeds (from
 pinned host buffers) at its start, and replayed for every token; its grids are sized for the
 longest context, and programs past the current one do nothing. Prefill launches its kernels
-one by one. Only the last position's logits come back.
+one by one. Only the last position's logits come back, or in greedy decoding only the next
+token (the artifact's argmax kernel, at the end of the step).
 
 Each Triton cubin's entry takes the kernel's arguments, then D, batch and seq, then the scratch
 pointers Triton appends (`scratch_args`, passed as NULL: kernels that need scratch memory are
@@ -98,6 +99,7 @@ class CudaExecutor:
         self.addresses = {name: self.weight_buffer + offset for name, offset in offsets.items()}
         self.addresses[""] = self.weight_buffer + total
         self.weight_names = set(offsets)
+        self.argmax = manifest["kernels"].get("argmax")  # greedy decoding on the device
         self.batch = None
         self.use_graphs = True  # False: decode steps too are launched kernel by kernel (tests)
 
@@ -142,13 +144,18 @@ class CudaExecutor:
         self.staging: dict[str, np.ndarray] = {}
         vocab = self.values[self.logits]["shape"][-1]
         self.logits_host = cu.host(batch * vocab * 4).view(np.float32)[:batch * vocab].reshape(batch, 1, vocab)
+        self.tokens_host = cu.host(batch * 4).view(np.int32)[:batch]
+        self.tokens_device = cu.alloc(batch * 4)
         self.graphs = {}
         self.batch = batch
 
     def run(self, feeds: dict[str, np.ndarray], batch: int, seq: int, past: int,
-            last_logits: bool = False) -> np.ndarray:
+            last_logits: bool = False, greedy: bool = False) -> np.ndarray:
         """As the CPU executor's `run`; returns the last position's logits [batch, 1, vocab]
-        (whatever `last_logits` asks: only those come back from the GPU)."""
+        (whatever `last_logits` asks: only those come back from the GPU), or with `greedy` each
+        sequence's next token [batch] (the argmax kernel's: 4 bytes a sequence come back)."""
+        if greedy and not self.argmax:
+            raise LlmcError("this artifact has no argmax kernel for greedy decoding on the device")
         if past + seq > self.max_seq:
             raise LlmcError(f"context of {past + seq} tokens exceeds the {self.max_seq} this artifact was compiled for")
         if self.batch != batch:
@@ -160,12 +167,17 @@ class CudaExecutor:
             if name in self.values:
                 self._stage(name, a, env)
         if seq == 1 and self.use_graphs:
-            graph = self.graphs.get(batch)
+            graph = self.graphs.get((batch, greedy))
             if graph is None:
-                graph = self.graphs[batch] = self._capture(feeds, env)
+                graph = self.graphs[batch, greedy] = self._capture(feeds, env, greedy)
             cu("cuGraphLaunch", graph, self.stream)
         else:
-            self._enqueue(feeds, env, env)
+            self._enqueue(feeds, env, env, greedy)
+        if greedy:
+            cu("cuMemcpyDtoHAsync_v2", self.tokens_host.ctypes.data_as(ctypes.c_void_p),
+               ctypes.c_uint64(self.tokens_device), ctypes.c_size_t(batch * 4), self.stream)
+            cu("cuStreamSynchronize", self.stream)
+            return self.tokens_host
         vocab = self.logits_host.shape[-1]
         for b in range(batch):  # the last position of each sequence
             row = self.addresses[self.logits] + ((b * seq + seq - 1) * vocab) * 4
@@ -184,9 +196,10 @@ class CudaExecutor:
         flat = np.ascontiguousarray(a, dtype=info["dtype"]).ravel()
         buf[:flat.size] = flat
 
-    def _enqueue(self, feeds, env, grid_env) -> None:
-        """The copies of D and the feeds, then every kernel, on the stream; copies and grids are
-        sized at `grid_env` (the step's own dims, or the longest context when capturing)."""
+    def _enqueue(self, feeds, env, grid_env, greedy: bool) -> None:
+        """The copies of D and the feeds, then every kernel (and with `greedy` the argmax), on
+        the stream; copies and grids are sized at `grid_env` (the step's own dims, or the
+        longest context when capturing)."""
         cu = self.cu
         cu("cuMemcpyHtoDAsync_v2", ctypes.c_uint64(self.dims_device), self.dims_host.ctypes.data_as(ctypes.c_void_p),
            ctypes.c_size_t(8), self.stream)
@@ -196,24 +209,30 @@ class CudaExecutor:
                 cu("cuMemcpyHtoDAsync_v2", ctypes.c_uint64(self.addresses[name]),
                    self.staging[name].ctypes.data_as(ctypes.c_void_p), ctypes.c_size_t(nbytes), self.stream)
         for step in self.plan:
-            name = launch.pick(self.kernels, step["kernel"], env)
-            (function, binary), kernel = self.functions[name], self.kernels[name]
-            grid = launch.grid(kernel, grid_env)
-            if 0 in grid:
-                continue
-            args = [ctypes.c_uint64(self.addresses[a]) for a in step["args"]]
-            args += [ctypes.c_uint64(self.dims_device), ctypes.c_int32(env["batch"]), ctypes.c_int32(env["seq"])]
-            args += [ctypes.c_uint64(0)] * binary["scratch_args"]
-            params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-            cu("cuLaunchKernel", function, *[ctypes.c_uint(g) for g in grid], ctypes.c_uint(32 * kernel["num_warps"]),
-               ctypes.c_uint(1), ctypes.c_uint(1), ctypes.c_uint(binary["shared"]), self.stream, params, None)
+            self._launch(launch.pick(self.kernels, step["kernel"], env),
+                         [self.addresses[a] for a in step["args"]], env, grid_env)
+        if greedy:
+            self._launch(self.argmax, [self.addresses[self.logits], self.tokens_device], env, grid_env)
 
-    def _capture(self, feeds, env):
+    def _launch(self, name: str, pointers: list[int], env, grid_env) -> None:
+        """One kernel: its buffers, D, batch, seq, and Triton's scratch pointers (NULL)."""
+        (function, binary), kernel = self.functions[name], self.kernels[name]
+        grid = launch.grid(kernel, grid_env)
+        if 0 in grid:
+            return
+        args = [ctypes.c_uint64(p) for p in pointers]
+        args += [ctypes.c_uint64(self.dims_device), ctypes.c_int32(env["batch"]), ctypes.c_int32(env["seq"])]
+        args += [ctypes.c_uint64(0)] * binary["scratch_args"]
+        params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+        self.cu("cuLaunchKernel", function, *[ctypes.c_uint(g) for g in grid], ctypes.c_uint(32 * kernel["num_warps"]),
+                ctypes.c_uint(1), ctypes.c_uint(1), ctypes.c_uint(binary["shared"]), self.stream, params, None)
+
+    def _capture(self, feeds, env, greedy: bool):
         """The decode step as a CUDA graph, grids sized for the longest context."""
         cu = self.cu
         graph, executable = ctypes.c_void_p(), ctypes.c_void_p()
         cu("cuStreamBeginCapture_v2", self.stream, _CAPTURE_THREAD_LOCAL)
-        self._enqueue(feeds, env, launch.largest(env, self.max_seq))
+        self._enqueue(feeds, env, launch.largest(env, self.max_seq), greedy)
         cu("cuStreamEndCapture", self.stream, ctypes.byref(graph))
         cu("cuGraphInstantiateWithFlags", ctypes.byref(executable), graph, ctypes.c_ulonglong(0))
         return executable

@@ -66,9 +66,11 @@ class Model:
                 bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
                 raise LlmcError(f"{name}: token id {bad} is outside the vocabulary (0..{bound - 1})")
 
-    def forward(self, input_ids: np.ndarray, past: int, last_only: bool = False) -> np.ndarray:
+    def forward(self, input_ids: np.ndarray, past: int, last_only: bool = False, greedy: bool = False) -> np.ndarray:
         """Logits [batch, seq, vocab] for `input_ids` after `past` cached tokens; with
-        `last_only`, [batch, 1, vocab] for the last position (what generation needs)."""
+        `last_only`, [batch, 1, vocab] for the last position (what generation needs; a cuda
+        artifact on the GPU always gives these). With `greedy` (an executor with an `argmax`
+        kernel: the GPU's), each sequence's next token, [batch], argmax on the device."""
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2 or input_ids.dtype.kind not in "iu":
             raise LlmcError(f"input_ids: expected integer token ids [batch, seq], got {input_ids.dtype}{list(input_ids.shape)}")
@@ -78,6 +80,8 @@ class Model:
                  roles["positions"]: np.broadcast_to(np.arange(past, past + seq), (batch, seq))}
         feeds = {name: a for name, a in feeds.items() if name in self.executor.values}  # what the plan reads
         self.check_ids(feeds)
+        if greedy:
+            return self.executor.run(feeds, batch, seq, past, greedy=True)
         return self.executor.run(feeds, batch, seq, past, last_logits=last_only)
 
     @property
@@ -110,17 +114,23 @@ class Model:
             raise LlmcError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the context "
                             f"of {self.max_seq_len} tokens this artifact was compiled for")
         rng = np.random.default_rng(seed)
+        on_device = temperature == 0 and getattr(self.executor, "argmax", None) is not None
+
+        def next_token(ids, past, last_only=False) -> int:
+            if on_device:  # greedy on the GPU: one token comes back, not the logits
+                return int(self.forward(ids, past, last_only, greedy=True)[0])
+            return sample(self.forward(ids, past, last_only)[0, -1], rng, temperature, top_k, top_p)
+
         self.executor.reset(batch=1)
-        logits = self.forward(np.array([prompt]), past=0, last_only=True)
+        token = next_token(np.array([prompt]), 0, last_only=True)
         out, past = [], len(prompt)
         for _ in range(max_new_tokens):
-            token = sample(logits[0, -1], rng, temperature, top_k, top_p)
             out.append(token)
             if on_token:
                 on_token(token)
             if token in self.eos_token_ids or len(out) == max_new_tokens:
                 break
-            logits = self.forward(np.array([[token]]), past)
+            token = next_token(np.array([[token]]), past)
             past += 1
         return out
 

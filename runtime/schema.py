@@ -74,7 +74,8 @@ TRITON_KERNEL = {"module": NAME, "function": NAME, "constexprs": Map(SCALAR), "s
                  "binaries": Map(CUBIN)}
 # the kernels by target kind: one TVM library, or Triton kernels (source and cubins)
 KERNELS = {"llvm": {"library": NAME, "functions": [NAME]},
-           "cuda": {"triton_version": str, "archs": [NAME], "sources": [NAME], "functions": Map(TRITON_KERNEL)}}
+           "cuda": {"triton_version": str, "archs": [NAME], "sources": [NAME], "functions": Map(TRITON_KERNEL),
+                    "argmax": NAME}}
 TARGETS = {"llvm": {"kind": ("llvm",), "?mcpu": str, "?mtriple": str, "?mattr": [str], "?num-cores": _int(1),
                     "?fast-math-reassoc": bool, "?fast-math-contract": bool},
            "cuda": {"kind": ("cuda",), "dtype": ("fp32", "fp16")}}
@@ -214,6 +215,8 @@ def _triton_references(kernels: dict, files: dict) -> None:
         if path not in files or not path.endswith(".py"):
             raise Invalid(f"kernels.sources[{i}]: {path!r} is not a listed Python file")
         modules.add(path.rsplit("/", 1)[-1][:-3])
+    if kernels["argmax"] not in kernels["functions"]:
+        raise Invalid(f"kernels.argmax: {kernels['argmax']!r} is not a kernel of kernels.functions")
     for name, k in kernels["functions"].items():
         where = f"kernels.functions[{name!r}]"
         if k["module"] not in modules:

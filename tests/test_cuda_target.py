@@ -111,10 +111,13 @@ def test_cubins_take_the_parameters_the_cuda_executor_passes(cuda):
     art = cuda("llama-tiny", arch="sm_80,sm_90")
     m = open_artifact(art).manifest
     assert m["kernels"]["archs"] == ["sm_80", "sm_90"]
+    kernels = m["kernels"]["functions"]
     args = {s["kernel"]: len(s["args"]) for s in m["plans"]["forward"]}
-    for name, k in m["kernels"]["functions"].items():
-        n = args.get(name) or args[next(s for s, a in args.items() if m["kernels"]["functions"][s]["decode"]
-                                        and m["kernels"]["functions"][s]["decode"]["kernel"] == name)]
+    args.update({k["decode"]["kernel"]: args[name] for name, k in kernels.items() if k["decode"]})
+    args[m["kernels"]["argmax"]] = 2  # the logits and the tokens
+    assert set(args) == set(kernels)
+    for name, k in kernels.items():
+        n = args[name]
         assert k["signature"][n:] == ["*i32", "i32", "i32"]
         for arch, binary in k["binaries"].items():
             want = [8] * n + [8, 4, 4] + [8] * binary["scratch_args"]

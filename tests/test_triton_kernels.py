@@ -20,7 +20,7 @@ from llmc.runtime.interpret import load_package  # noqa: E402
 
 from conftest import rel_err  # noqa: E402
 
-K = load_package(Path(kernels_package.__file__).parent, ["linear", "attention", "rope_cache", "norm"])
+K = load_package(Path(kernels_package.__file__).parent, ["linear", "attention", "rope_cache", "norm", "sample"])
 NONE = torch.zeros(1)
 
 
@@ -172,3 +172,12 @@ def test_norm(op, rng):
     assert rel_err(y.numpy(), want) < 1e-5
     if add:
         assert np.abs(s_out.numpy() - s).max() < 1e-6
+
+
+@pytest.mark.parametrize("batch,seq,vocab", [(1, 1, 1000), (3, 4, 257)])
+def test_argmax(batch, seq, vocab, rng):
+    logits = rng.standard_normal((batch, seq, vocab)).astype(np.float32)
+    logits[0, -1, [5, 77]] = logits.max() + 1  # a tie: the first index wins, as numpy's
+    tokens = torch.zeros(batch, dtype=torch.int32)
+    K["sample"].argmax[(batch,)](_t(logits), tokens, _dims(0, 0), batch, seq, VOCAB=vocab, BLOCK=128)
+    assert tokens.tolist() == logits[:, -1].argmax(-1).tolist()

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = "kernels/triton"
 BINARIES = "kernels/cuda"
-FAMILIES = ("__init__", "linear", "attention", "rope_cache", "norm")
+FAMILIES = ("__init__", "linear", "attention", "rope_cache", "norm", "sample")
+ARGMAX = "argmax"  # greedy decoding on the device: not a plan step, the CUDA executor's own
 GENERATED = "generated"
 DTYPES = ("fp32", "fp16")
 
@@ -60,6 +61,7 @@ class TritonBackend:
         caches = lay_out_caches(graph, options["kv_cache"])
         planner = Planner(graph, value_dtypes(graph, caches), dot_f16=options["dtype"] != "fp32")
         kernels, plan = plan_nodes(graph, planner)
+        kernels[ARGMAX] = planner.argmax()
         weights = {}
         for name in {a for step in plan for a in step.args if a}:
             if name.endswith(NIBBLES):
@@ -103,7 +105,8 @@ class TritonBackend:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         kernels_manifest = {"triton_version": version("triton"), "archs": archs(options["arch"]),
-                            "sources": sorted(p for p in data if p.startswith(SOURCES)), "functions": table}
+                            "sources": sorted(p for p in data if p.startswith(SOURCES)), "functions": table,
+                            "argmax": ARGMAX}
         return Build(target={"kind": "cuda", "dtype": options["dtype"]}, cpu=None, kernels=kernels_manifest,
                      plan=plan, values={**caches, **planner.scratch}, weights=weights,
                      files={path: _writer(blob) for path, blob in data.items()})

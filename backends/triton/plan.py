@@ -222,6 +222,12 @@ class Planner:
         return repr(("norm", consts, kernel.signature)), lambda name: {name: kernel}, \
             [Step("", "norm", args, DIMS)]
 
+    def argmax(self) -> TritonKernel:
+        """Greedy decoding's argmax over the logits of each sequence's last position."""
+        logits = next(v for v in self.graph.outputs if v.name == self.graph.metadata["roles"]["logits"])
+        return TritonKernel("sample", "argmax", {"VOCAB": logits.shape[-1], "BLOCK": 1024},
+                            ["*fp32", "*i32", "*i32", "i32", "i32"], [[_cdiv(logits.shape[0], 1)], [], []], num_warps=4)
+
     def injective(self, node: Node):
         args = [v.name for pos, v in enumerate(node.inputs) if v is not None and not injective._shape_only(node, pos)]
         args += [v.name for v in node.outputs]
