@@ -135,15 +135,18 @@ class Planner:
         out_n = n // 2 if gated else n
         rows, seq_rows, mul = _rows(x, node.name)
         group = node.attrs["group_size"] or 0
-        block_k = min(pow2(k), 128 if not quant == "w4" else min(128, group))
+        block_k = min(pow2(k), 256 if not quant == "w4" else min(256, group))
         common = dict(K=k, N=out_n, NORM={"": 0, "rms": 1, "layer": 2}[node.attrs["norm"]],
                       EPS=float(node.attrs["epsilon"]), ACT=ACTIVATIONS[node.attrs["activation"]], GATED=int(gated),
                       HAS_BIAS=int(slots[2] is not None), HAS_RES=int(slots[3] is not None),
                       QUANT={"": 0, "w8": 8, "w4": 4}[quant], GROUP=max(group, 1), DOT_F16=int(self.dot_f16),
                       SEQ_ROWS=int(seq_rows), ROWS_MUL=mul)
         signature = self.signature(args)
-        gemv = TritonKernel("linear", "gemv", dict(common, BLOCK_N=16, BLOCK_K=max(block_k, 16)), signature,
-                            [[_cdiv(out_n, 16)], [_cdiv(rows, 1)], []], num_warps=4, num_stages=2)
+        # decode reads each weight once: enough programs that every SM streams (several hundred
+        # on a GPU of 100+ SMs), each reading BLOCK_N whole rows; an untuned starting point
+        block_n = 16 if out_n < 2048 else max(4, min(16, 1 << ((out_n // 512).bit_length() - 1)))
+        gemv = TritonKernel("linear", "gemv", dict(common, BLOCK_N=block_n, BLOCK_K=max(block_k, 16)), signature,
+                            [[_cdiv(out_n, block_n)], [_cdiv(rows, 1)], []], num_warps=4, num_stages=2)
         bm, bn = 64, 64
         gemm = TritonKernel("linear", "gemm", dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=max(min(block_k, 32), 16),
                                                    GROUP_M=8), signature,
