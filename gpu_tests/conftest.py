@@ -1,13 +1,20 @@
 """GPU tests (`scripts/gpu-check.sh` runs them on a machine with an NVIDIA GPU; the default test
-run never collects this folder). They share the CPU tests' helpers."""
+run never collects this folder). They share the CPU tests' helpers and fixtures."""
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
 
-# the interpreter's results are the reference: on before triton is imported (compiling to cubins
+# the interpreter's results are a reference: on before triton is imported (compiling to cubins
 # happens in worker processes without it)
 os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+TESTS = Path(__file__).parent.parent / "tests"
+sys.path.insert(0, str(TESTS))  # onnx_reference, zoo_cases
 
-from conftest import rng  # noqa: E402,F401  (the seeded generator fixture)
+# this module is `conftest` to the tests here: it hands on the CPU tests' conftest
+_spec = importlib.util.spec_from_file_location("cpu_tests_conftest", TESTS / "conftest.py")
+_shared = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_shared)
+rng, rel_err = _shared.rng, _shared.rel_err
+pytest_runtest_makereport = _shared.pytest_runtest_makereport

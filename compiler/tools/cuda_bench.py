@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +51,13 @@ def decode_bytes(artifact: Path) -> int:
     values = manifest["plans"]["values"]
     weights = set(manifest["plans"]["weights"])
 
-    def size(name):
-        info = values[name]
-        n = 1
-        for d in info["shape"]:
-            n *= d
-        return n * {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int64": 8}[info["dtype"]]
+    def size(name, rows=False):
+        """Its bytes; with `rows`, one row's (a table read one row a step)."""
+        shape = values[name]["shape"]
+        n = math.prod(shape[1:] if rows and len(shape) > 1 else shape)
+        return n * np.dtype(values[name]["dtype"]).itemsize
     gemm = {a for s in manifest["plans"]["forward"] if s["kind"] == "linear" for a in s["args"] if a in weights}
-    other = weights - gemm
-    return sum(size(n) for n in gemm) + sum(size(n) // values[n]["shape"][0] for n in other)
+    return sum(size(n) for n in gemm) + sum(size(n, rows=True) for n in weights - gemm)
 
 
 def _llmc(artifact: Path, prompt: list[int], steps: int, rounds: int) -> dict:
@@ -115,7 +116,6 @@ def _torch(name: str, mode: str | None, prompt: list[int], steps: int, rounds: i
 
 def bench_cuda(name: str = "llama-1b", prompt_len: int = 512, steps: int = 128, rounds: int = 3,
                peers: tuple = ("eager", "reduce-overhead", "max-autotune"), output: Path | None = None) -> dict:
-    import numpy as np
     import torch
 
     import llmc
