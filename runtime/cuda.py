@@ -28,6 +28,7 @@ from .errors import ArtifactError, LlmcError
 _MAX_DYNAMIC_SHARED = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _CC_MAJOR, _CC_MINOR = 75, 76  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR
 _CAPTURE_THREAD_LOCAL = 1
+_NON_BLOCKING = 1  # CU_STREAM_NON_BLOCKING
 ALIGN = 256
 
 
@@ -84,7 +85,7 @@ class CudaExecutor:
         cu("cuDevicePrimaryCtxRetain", ctypes.byref(self.context), device)
         cu("cuCtxSetCurrent", self.context)
         self.stream = ctypes.c_void_p()
-        cu("cuStreamCreate", ctypes.byref(self.stream), 0)
+        cu("cuStreamCreate", ctypes.byref(self.stream), _NON_BLOCKING)  # no implicit sync with the legacy stream
         self.functions = {name: self._load(art, name, k["binaries"][arch]) for name, k in self.kernels.items()}
         # the weights, once, in one buffer; a dummy for the slots a kernel leaves unread
         offsets, total = {}, 0
