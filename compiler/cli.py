@@ -253,9 +253,10 @@ def _inspect_artifact(path) -> int:
     pasts = {e["past"] for e in model["kv_cache"]["entries"]}
     print("\n".join([
         f"artifact: {path} (format {m['format_version']}, llmc {m['llmc_version']})",
-        f"target:   {m['target']['kind']} {m['target'].get('mtriple', '')}, " + (
-            f"CPU {m['cpu']['name']} (needs {', '.join(m['cpu']['features']) or 'nothing beyond the architecture'})"
-            if m["cpu"] else f"{m['target']['dtype']} weights, {', '.join(m['kernels']['archs'])}"),
+        f"target:   {m['target']['kind']} {m['target'].get('mtriple', '')}, CPU {m['cpu']['name']} "
+        f"(needs {', '.join(m['cpu']['features']) or 'nothing beyond the architecture'})" if m["cpu"] else
+        f"target:   cuda, cubins for {', '.join(m['kernels']['archs'])} (Triton {m['kernels']['triton_version']}), "
+        f"--dtype {m['target']['dtype']}",
         f"model:    {model['name']}, context {model['max_seq_len']} tokens, KV cache {model['kv_cache']['dtype']}, "
         f"weights {'f32' if not quant else quant['scheme']}",
         f"inputs:   {', '.join(t['name'] for t in model['inputs'] if t['name'] not in pasts)}"
