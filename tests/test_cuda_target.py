@@ -170,3 +170,19 @@ def test_bad_cuda_options_are_named(tmp_path):
             assert out.returncode == 0, out.stderr
         else:
             assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr
+
+
+THIRD_PARTY = Path(__file__).parent / "fixtures" / "third_party"
+
+
+@pytest.mark.parametrize("name", _some_slow(["optimum-qwen2", "genai-llama-int4", "optimum-phi3", "optimum-gpt2",
+                                             "genai-qwen2-fp32"], ("optimum-qwen2", "genai-llama-int4")))
+def test_third_party_exports_interpreted_give_onnxruntime_tokens(name, tmp_path, rng):
+    """Files nobody here exported the graph of (optimum, onnxruntime-genai's builder, fp32 and
+    4-bit MatMulNBits) compile for cuda and give onnxruntime's greedy tokens."""
+    path = THIRD_PARTY / name / "model.onnx"
+    art = llmc.compile(path, target="cuda", output=tmp_path / "m.llmc", max_seq_len=64, dtype="fp32",
+                       kv_cache="f32", arch=ARCH)
+    prompt = rng.integers(0, 256, 5).tolist()
+    want, _ = OnnxDecoder(path, art).greedy(prompt, STEPS)
+    assert runtime.load(art, interpret=True).generate(prompt, STEPS) == want

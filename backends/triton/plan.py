@@ -208,8 +208,8 @@ class Planner:
 
     def norm(self, node: Node):
         add = node.op == "add_norm"
-        a, b = node.inputs[0], node.inputs[1] if add else None
-        scale, bias = (node.inputs[2], node.inputs[3]) if add else (node.inputs[1], node.inputs[2:3] and node.inputs[2])
+        inputs = list(node.inputs) + [None] * 4
+        a, b, scale, bias = inputs[:4] if add else (inputs[0], None, *inputs[1:3])
         if add and a.shape != b.shape:
             raise UnsupportedGraph(f"{node.name}: add_norm of {a.type} and {b.type}: the kernel adds equal shapes",
                                    node.name)
