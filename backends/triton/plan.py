@@ -168,7 +168,7 @@ class Planner:
         if not masked:
             args[5:5] = [""]
         max_seq = self.max_seq(node)
-        splits = min(16, pow2(max_seq // 512 + 1))
+        splits = min(16, pow2(max_seq // 512 + 1))  # key slices at decode, from the context the artifact serves
         bd = max(16, pow2(d))
         scale = node.attrs["scale"]
         scale = float(scale) if scale is not None else d ** -0.5
@@ -178,7 +178,7 @@ class Planner:
                       BLOCK_M=16, BLOCK_N=64 if d <= 128 else 32, BD=bd)
         seq, batch = q.shape[2], q.shape[0]
         partial = node.outputs[0].name + ".partial"
-        args.insert(len(args), partial)
+        args.append(partial)
         self.scratch[partial] = ("float32", [_poly(batch, seq, heads * splits * (bd + 1))])
         sig = self.signature(args)
         grid = [[_cdiv(seq, 16)], [_cdiv(_poly(batch, heads), 1)], [[1, 1]] if splits == 1 else [[splits, 1]]]
