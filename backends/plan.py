@@ -41,6 +41,19 @@ class UnsupportedGraph(ValueError):
         self.node = node
 
 
+def encode_dim(d, where: str = "a dim"):
+    """A dim as plans hold it: an int, or [[coefficient, [atom, ...]], ...] whose atoms are the
+    run-time dims or expressions over them (`min(seq, 1)`), which the runtime evaluates
+    (`llmc.runtime.dims`)."""
+    from llmc.runtime.dims import is_atom
+
+    if isinstance(d, int):
+        return d
+    if not all(is_atom(a) for a in d.atoms):
+        raise UnsupportedGraph(f"{where}: dim {d} is not known at run time")
+    return [[c, list(m)] for m, c in d.terms.items()]
+
+
 SCALE = ".scale"  # an int8 cache's scales [batch, kv_heads, max_seq]: a cache of its own
 CACHE_DTYPES = {"f32": None, "f16": "float16", "int8": "int8"}  # None: the graph's own
 

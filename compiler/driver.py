@@ -11,18 +11,6 @@ from .errors import LlmcError
 
 log = logging.getLogger(__name__)
 
-def _encode_dim(d, where: str):
-    """A dim as the plan holds it: its atoms are the run-time dims or expressions over them
-    (`min(seq, 1)`), which the runtime evaluates (`llmc.runtime.dims`)."""
-    from llmc.runtime.dims import is_atom
-
-    if isinstance(d, int):
-        return d
-    if not all(is_atom(a) for a in d.atoms):
-        raise LlmcError(f"{where}: dim {d} is not known at run time")
-    return [[c, list(m)] for m, c in d.terms.items()]
-
-
 def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024,
             eos_token_id: int | None = None, quant: str | None = None, group_size: int = 128,
             zero_point: bool = False, lm_head: str | None = None, embedding: str = "f32", awq: bool = False,
@@ -52,7 +40,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     `cpu`: "native" (this machine's CPU: the fastest code, for this kind of CPU only), or a
     portable x86-64 level ("x86-64-v3", "x86-64-v4") for an artifact shipped to other machines."""
     from llmc import backends
-    from llmc.backends.plan import UnsupportedGraph
+    from llmc.backends.plan import UnsupportedGraph, encode_dim
     from llmc.passes.manager import PassContext, run_passes
     from llmc.passes.pipeline import default_pipeline
 
@@ -123,11 +111,15 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     by_name = {v.name: v for v in graph.values()}
     presents = {e["present"] for e in graph.metadata["kv_cache"]["entries"]}
     names = {a for step in build.plan for a in step.args if a} - set(build.values) - presents
-    values = {n: {"dtype": str(build.weights[n].dtype), "shape": list(build.weights[n].shape)} if n in build.weights
-              else {"dtype": by_name[n].dtype.numpy().name, "shape": [_encode_dim(d, n) for d in by_name[n].shape]}
-              for n in sorted(names)}
-    values.update({n: {"dtype": dt, "shape": [_encode_dim(d, n) for d in shape]}
-                   for n, (dt, shape) in build.values.items()})
+    try:
+        values = {n: {"dtype": str(build.weights[n].dtype), "shape": list(build.weights[n].shape)}
+                  if n in build.weights else
+                  {"dtype": by_name[n].dtype.numpy().name, "shape": [encode_dim(d, n) for d in by_name[n].shape]}
+                  for n in sorted(names)}
+        values.update({n: {"dtype": dt, "shape": [encode_dim(d, n) for d in shape]}
+                       for n, (dt, shape) in build.values.items()})
+    except UnsupportedGraph as e:
+        raise LlmcError(f"{onnx_path}: {e}") from None
     write_artifact(graph, output, build, plans={"forward": [s.to_json() for s in build.plan], "values": values,
                                                 "weights": sorted(build.weights)},
                    eos_token_ids=eos, model_files=files)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from llmc.ir.graph import Graph, Node
 from llmc.ir.symbolic import Sym
 
-from ..plan import Step, UnsupportedGraph, attention_args, kv_int8, node_key, rope_cache_args
+from ..plan import Step, UnsupportedGraph, attention_args, encode_dim, kv_int8, node_key, rope_cache_args
 from . import injective
 
 DIMS = ("past", "total", "batch", "seq")  # the scalars every step passes (past, total via D)
@@ -50,11 +50,6 @@ class TritonKernel:
         return out
 
 
-def encode_dim(d):
-    """A dim as plans hold it: an int, or [[coefficient, [atom, ...]], ...]."""
-    return d if isinstance(d, int) else [[c, list(m)] for m, c in d.terms.items()]
-
-
 def _poly(*factors) -> Sym | int:
     out = 1
     for f in factors:
@@ -68,10 +63,6 @@ def _cdiv(d, block: int) -> list:
 
 def pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
-
-
-def _pointer(dtype: str) -> str:
-    return POINTER[dtype]
 
 
 def _rows(x, where: str) -> tuple:
@@ -107,7 +98,7 @@ class Planner:
         return self.graph.metadata["max_seq_len"]
 
     def signature(self, args) -> list[str]:
-        return [_pointer(self.dtype(a)) for a in args] + ["*i32", "i32", "i32"]
+        return [POINTER[self.dtype(a)] for a in args] + ["*i32", "i32", "i32"]
 
     def __call__(self, node: Node):
         if node.op == "fused_linear":
