@@ -140,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     qr.add_argument("--embedding", choices=("f32", "w8"), default="f32", help="the token embedding's encoding")
     qr.add_argument("--awq", action="store_true", help="also report w4 with activation-aware scaling")
     qr.add_argument("--kv-int8", action="store_true", help="also report each scheme with an int8 KV cache")
+    qr.add_argument("--activations", nargs="+", choices=("int8", "f32"), default=["int8"],
+                    help="what the quantized GEMMs multiply (default int8, the cpu default; f32: weights "
+                         "dequantized); several: each scheme with each")
     qr.add_argument("--tokens", type=int, default=256, help="length of the sampled held-out sequence")
     qr.add_argument("--token-ids", help="comma-separated held-out token ids instead of a sample")
     qr.add_argument("--seed", type=int, default=0)
@@ -307,6 +310,9 @@ def _quant_arguments(p) -> None:
     p.add_argument("--kv-cache", choices=("f32", "f16", "int8"),
                    help="the KV cache's encoding (default f16 with --dtype fp16, else f32): int8 keeps one scale "
                         "per head and token; f16 is for cuda")
+    p.add_argument("--activations", choices=("int8", "f32"),
+                   help="what the quantized GEMMs multiply: int8 activations (blocks of 32, integer dot products; "
+                        "the cpu default) or f32 (weights dequantized; the cuda target's only choice)")
     p.add_argument("--calibration-ids", help="with --awq: comma-separated token ids to calibrate on "
                    "(default: drawn from the vocabulary)")
 
@@ -314,7 +320,7 @@ def _quant_arguments(p) -> None:
 def _quant_options(args) -> dict:
     return {"quant": args.quant, "group_size": args.group_size, "zero_point": args.zero_point,
             "lm_head": args.lm_head, "embedding": args.embedding, "awq": args.awq, "kv_cache": args.kv_cache,
-            "calibration": _token_ids(args.calibration_ids, "--calibration-ids") if args.calibration_ids else None}
+            "activations": args.activations, "calibration": _token_ids(args.calibration_ids, "--calibration-ids") if args.calibration_ids else None}
 
 
 def _compile(args) -> int:
@@ -405,6 +411,7 @@ def _quant_report(args) -> int:
         schemes = [dict(s, embedding=args.embedding) for s in schemes]
     if args.kv_int8:
         schemes += [dict(s, kv_cache="int8") for s in schemes]
+    schemes = [dict(s, activations=a) for a in args.activations for s in schemes]
     ids = _token_ids(args.token_ids, "--token-ids") if args.token_ids else None
     result = report(args.model, schemes, tokens=args.tokens, token_ids=ids, seed=args.seed,
                     onnxruntime=args.onnxruntime)

@@ -15,7 +15,8 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
             eos_token_id: int | None = None, quant: str | None = None, group_size: int = 128,
             zero_point: bool = False, lm_head: str | None = None, embedding: str = "f32", awq: bool = False,
             calibration: list[int] | None = None, kv_cache: str | None = None, cpu: str = "native",
-            tokenizer=None, dtype: str | None = None, arch: str = "sm_80,sm_90") -> Path:  # noqa: A001
+            tokenizer=None, dtype: str | None = None, arch: str = "sm_80,sm_90",
+            activations: str | None = None) -> Path:  # noqa: A001
     """Compile an ONNX decoder to an artifact directory; returns its path. A decoder exported
     without a KV cache gets one.
 
@@ -29,6 +30,10 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     ("f32" or "w8": int8 rows, a scale per row). With `awq`, 4-bit weights are scaled by
     their activations first, measured on `calibration` token ids (default: drawn from the
     vocabulary). See `llmc.passes.quantize_weights` and `llmc.passes.awq`.
+
+    `activations`: "int8" (the quantized GEMMs quantize their input to int8 in blocks of 32 and
+    multiply integers; the default on cpu) or "f32" (they dequantize the weights and multiply in
+    f32; the only choice on cuda). See `llmc.passes.quantize_activations`.
 
     `kv_cache`: "f32", "f16" (cuda), or "int8" (one scale per head and token, dequantized inside
     attention); default f16 on cuda with --dtype fp16, else f32.
@@ -53,9 +58,10 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     dtype = dtype or ("fp16" if target == "cuda" else "fp32")
     kv_cache = kv_cache or ("f16" if dtype == "fp16" else "f32")
     backend = backends.for_target(target)
-    backend_options = {"cpu": cpu, "dtype": dtype, "kv_cache": kv_cache, "arch": arch}
+    activations = activations or ("int8" if target == "cpu" else "f32")
+    backend_options = {"cpu": cpu, "dtype": dtype, "kv_cache": kv_cache, "arch": arch, "activations": activations}
     backend.check(backend_options)
-    options = {"max_seq_len": max_seq_len, "dtype": dtype}
+    options = {"max_seq_len": max_seq_len, "dtype": dtype, "activations": activations}
     if quant:
         from llmc.ops.transformer import QUANT_SCHEMES
 

@@ -20,6 +20,7 @@ from .synthesize_kv_cache import synthesize_kv_cache
 from .recognize_activations import recognize_activations
 from .recognize_attention import recognize_attention
 from .recognize_norms import recognize_norms
+from .quantize_activations import quantize_activations
 from .quantize_weights import quantize_weights
 from .recognize_rotary import recognize_rotary
 
@@ -44,10 +45,12 @@ KV_CACHE: list[Pass] = [synthesize_kv_cache, kv_cache]
 FUSION: list[Pass] = [fuse_qkv, fuse_attention_io, fuse_linear, fuse_add_norm, dce]
 
 
-# 5. Lowering: with the `quant` option, GEMM weights are quantized (w8, w4) and dequantized in
-#    the kernels; with `awq` too, 4-bit weights are first scaled by their activations' size.
-#    With `dtype` fp16 (GPUs), the weights left in f32 go to f16.
-LOWERING: list[Pass] = [awq, quantize_weights, half_weights, dce]
+# 5. Lowering: with the `quant` option, GEMM weights are quantized (w8, w4); with `awq` too,
+#    4-bit weights are first scaled by their activations' size. With `activations` int8 (the
+#    cpu target's default), the quantized GEMMs take int8 activations and multiply integers;
+#    else the kernels dequantize the weights to f32. With `dtype` fp16 (GPUs), the weights left
+#    in f32 go to f16.
+LOWERING: list[Pass] = [awq, quantize_weights, quantize_activations, half_weights, dce]
 
 
 def default_pipeline(target: str = "reference") -> list[Pass]:

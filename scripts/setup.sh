@@ -6,4 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "${LLMC_TORCH:-torch==2.13.0}"
+# llama-cpp-python (the peers extra) builds llama.cpp: on every core, without libcurl
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" CMAKE_ARGS="${CMAKE_ARGS:--DLLAMA_CURL=OFF}"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'

@@ -46,7 +46,8 @@ def test_pass_quantizes_every_gemm_and_the_lm_head_by_option(quant):
     assert len(head) == 1 and head[0].attrs["quant"] == "w8"  # the default LM head encoding
     assert all(n.attrs["quant"] == quant for n in gemms if n is not head[0])
     assert graph.metadata["quant"] == {"scheme": quant, "group_size": 32 if quant == "w4" else 0,
-                                       "zero_point": False, "lm_head": "w8", "embedding": "f32"}
+                                       "zero_point": False, "lm_head": "w8", "embedding": "f32",
+                                       "activations": "f32"}
     f32_head = _passed("llama-tiny", quant=quant, group_size=32, lm_head="f32")
     assert [n.attrs["quant"] for n in f32_head.nodes if n.op == "fused_linear" and n.outputs[0] in f32_head.outputs] \
         == [""]
@@ -88,11 +89,15 @@ def quantized(tmp_path_factory):
     return get
 
 
-CASES = [("llama-tiny", {"quant": "w8"}), ("llama-tiny", {"quant": "w4", "group_size": 32}),
-         ("gpt2-tiny", {"quant": "w4", "group_size": 64, "zero_point": True}),
-         ("qwen2-tiny", {"quant": "w4", "group_size": 32, "lm_head": "w4"}),
-         ("gpt2-tiny", {"quant": "w8", "lm_head": "f32", "embedding": "w8"}),
-         ("llama-tiny", {"quant": "w4", "group_size": 32, "awq": True})]
+# int8 activations (the cpu default) for most; f32 activations (weights dequantized) twice
+INT8 = {"activations": "int8"}
+CASES = [("llama-tiny", {"quant": "w8", **INT8}), ("llama-tiny", {"quant": "w8", "activations": "f32"}),
+         ("llama-tiny", {"quant": "w4", "group_size": 32, **INT8}),
+         ("gpt2-tiny", {"quant": "w4", "group_size": 64, "zero_point": True, **INT8}),
+         ("qwen2-tiny", {"quant": "w4", "group_size": 32, "lm_head": "w4", "activations": "f32"}),
+         ("qwen2-tiny", {"quant": "w4", "group_size": 128, "lm_head": "w4", **INT8}),
+         ("gpt2-tiny", {"quant": "w8", "lm_head": "f32", "embedding": "w8", **INT8}),
+         ("llama-tiny", {"quant": "w4", "group_size": 32, "awq": True, **INT8})]
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=lambda c: c if isinstance(c, str) else
@@ -160,11 +165,15 @@ def test_bench_runs_quantized_modes_against_onnxruntimes(tmp_path):
                  "--quant", "w8", "w4", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     systems = result["systems"]
-    assert {"llmc w8", "onnxruntime w8", "llmc w4", "onnxruntime w4"} <= set(systems)
+    fp32 = systems["llmc"]["decode_weight_mb"]
+    assert {"llmc w8", "onnxruntime w8", "llmc w4", "onnxruntime w4", "llama.cpp q8_0", "llama.cpp q4_0"} \
+        <= set(systems)
+    # llama.cpp's 8-bit model of the same weights gives the fp32 reference's greedy tokens
+    assert systems["llama.cpp q8_0"]["tokens_as_onnxruntime"] == "4/4"
+    assert systems["llama.cpp q4_0"]["decode_weight_mb"] < systems["llama.cpp q8_0"]["decode_weight_mb"] < fp32 / 3
     quantized = result["onnxruntime_quantization"]
     assert quantized["onnxruntime w4"]["quantized"]["MatMulNBits"]["count"] > 0
     assert quantized["onnxruntime w8"]["quantized"], "dynamic int8 ops"
-    fp32 = systems["llmc"]["decode_weight_mb"]
     assert systems["llmc w8"]["decode_weight_mb"] < fp32 / 3.5
     assert systems["llmc w4"]["decode_weight_mb"] < systems["llmc w8"]["decode_weight_mb"]
     assert all(s["decode_tok_s"] > 0 for s in systems.values())

@@ -15,7 +15,7 @@ from conftest import rel_err
 from zoo_cases import export
 
 import llmc
-from llmc.backends.tvm.linear import ROWS, LinearSpec, build, pack
+from llmc.backends.tvm.linear import PACKINGS, ROWS, LinearSpec, build, pack, schedule
 from llmc.backends.tvm.target import host
 from llmc.ops import get_op
 from llmc.passes.quantize_weights import quantize
@@ -24,7 +24,7 @@ from llmc.passes.quantize_weights import quantize
 def _run(spec, arrays, m):
     kernel = build(spec, host())
     dev = tvm.cpu(0)
-    args = [tvm.runtime.tensor(spec.packing(a)(arrays[a]) if spec.packing(a) else arrays[a], dev)
+    args = [tvm.runtime.tensor(PACKINGS[spec.packing(a)](arrays[a]) if spec.packing(a) else arrays[a], dev)
             for a in spec.arg_names()[:-1]]
     out = tvm.runtime.tensor(np.zeros((m, spec.out_features), arrays["x"].dtype), dev)
     kernel["main"](*args, out)
@@ -35,7 +35,7 @@ def _reference(spec, a):
     return get_op("fused_linear").ref(
         a["x"], a["w"], a.get("bias"), a.get("residual"), a.get("norm_scale"), a.get("norm_bias"), a.get("w_scale"),
         a.get("w_zero"), norm=spec.norm, epsilon=spec.epsilon, activation=spec.activation, gated=int(spec.gated),
-        quant=spec.quant, group_size=spec.group_size)
+        quant=spec.quant, group_size=spec.group_size, act_block=spec.act_block)
 
 
 # Every prologue/epilogue combination once; sizes and row counts alternate between them.
@@ -97,3 +97,53 @@ def test_every_linear_of_a_compiled_llama(rng):
         if spec.residual:
             a["residual"] = rng.standard_normal((1, spec.out_features)).astype(np.float32)
         assert rel_err(_run(spec, a, 1), _reference(spec, a)) < 1e-5, node.name
+
+
+# Int8 activations (act_block): integer dot products by each instruction set this CPU runs
+# (avx2 here, and plain loops, the fallback), w8 and w4 with and without zero points, decode
+# and prefill row counts, a norm prologue and a gated epilogue.
+INT8_CASES = [(LinearSpec(130, 96, quant="w8", act_block=32), False, 1),
+              (LinearSpec(130, 128, quant="w8", act_block=32, bias=True, norm="rms"), False, 13),
+              (LinearSpec(70, 96, quant="w4", group_size=32, act_block=32), True, 1),
+              (LinearSpec(200, 256, quant="w4", group_size=128, act_block=32, norm="layer"), False, 7),
+              (LinearSpec(96, 64, quant="w4", group_size=64, act_block=32, gated=True, activation="silu"), True, 5)]
+
+
+def _isas():
+    from llmc.backends.tvm import int_dot
+
+    return [isa for isa in (int_dot.choose(tvm.target.Target(host())), "") if isa is not None]
+
+
+@pytest.mark.parametrize("isa", _isas(), ids=lambda i: i or "loops")
+@pytest.mark.parametrize("spec,zero_point,m", INT8_CASES, ids=lambda c: c if not isinstance(c, LinearSpec) else
+                         f"{c.n}x{c.k}-{c.quant}-g{c.group_size}{'-' + c.norm if c.norm else ''}{'-gated' * c.gated}")
+def test_int8_activation_kernel_matches_reference(spec, zero_point, m, isa, rng):
+    spec = replace(spec, isa=isa)
+    w = rng.standard_normal((spec.n, spec.k)).astype(np.float32) / 8
+    q, scale, zero = quantize(w, spec.quant, spec.group_size, zero_point)
+    a = {"x": rng.standard_normal((m, spec.k)), "w": q, "w_scale": scale, "w_zero": zero,
+         "bias": rng.standard_normal(spec.n), "norm_scale": rng.standard_normal(spec.k),
+         "norm_bias": rng.standard_normal(spec.k)}
+    a = {k: v if k == "w" else v.astype(np.float32) for k, v in a.items() if k in spec.arg_names()}
+    got, want = _run(spec, a, m), _reference(spec, a)
+    f32_activations = _reference(replace(spec, act_block=0), a)
+    # the same products as the op's definition (a norm prologue may round an activation across
+    # a step that numpy's does not: a bound well below the quantization's own error)
+    assert rel_err(got, want) < (1e-5 if not spec.norm else 1e-4)
+    assert rel_err(got, want) < rel_err(want, f32_activations) / 10 < 0.01
+
+
+@pytest.mark.parametrize("mcpu,isa", [("sapphirerapids", "avx512vnni"), ("alderlake", "avxvnni"), ("znver3", "avx2")])
+def test_each_cpu_gets_its_dot_product_instruction(mcpu, isa):
+    """Built (not run: this machine may lack them) for CPUs with VNNI: the instruction is in the code."""
+    from llmc.backends.tvm import int_dot
+
+    target = tvm.target.Target({**host(), "mcpu": mcpu})
+    assert int_dot.choose(target) == isa
+    for quant, group in (("w8", 0), ("w4", 32)):
+        spec = LinearSpec(128, 128, quant=quant, group_size=group, act_block=32, isa=isa)
+        asm = tvm.compile(schedule(spec).mod, target=target).mod.inspect_source("s")
+        want = "vpdpbusd" if "vnni" in isa else "vpmaddubsw"
+        assert asm.count(want) >= 8, (mcpu, quant)
+        assert ("zmm" in asm) == (isa == "avx512vnni")

@@ -21,6 +21,8 @@ class TvmBackend:
         if options["dtype"] != "fp32":
             raise LlmcError(f"--dtype {options['dtype']}: the cpu target computes in fp32 (use --quant to shrink "
                             "the weights)")
+        if options["activations"] not in ("int8", "f32"):
+            raise LlmcError(f"activations {options['activations']!r} are not supported; supported: int8, f32")
         if options["kv_cache"] not in ("f32", "int8"):
             raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on cpu; supported: f32, int8")
 

@@ -15,15 +15,11 @@ from llmc.ir.graph import Graph, Node
 
 from ..plan import (Step, UnsupportedGraph, attention_args, kv_int8, lay_out_caches, node_key, plan_nodes,
                     rope_cache_args)
-from . import attention, injective, linear, rope_cache
+from . import attention, injective, int_dot, linear, rope_cache
 
 __all__ = ["Step", "UnsupportedGraph", "lay_out_caches", "compile_graph", "plan_graph", "weights"]
 
 log = logging.getLogger(__name__)
-
-
-# a GEMM weight in the kernel's layout is named after the graph's with the packing's suffix
-PACKINGS = {".packed16": "pack", ".nibbles16": "pack_nibbles"}
 
 
 def _func(make):
@@ -31,13 +27,15 @@ def _func(make):
     return lambda name: {name: make().with_attr("global_symbol", name)}
 
 
-def _plan_node(node: Node, graph: Graph):
-    """(kernel key, kernel builder, [step]) for one node; UnsupportedGraph for a node no kernel runs."""
+def _plan_node(node: Node, graph: Graph, isa: str | None):
+    """(kernel key, kernel builder, [step]) for one node; UnsupportedGraph for a node no kernel
+    runs. `isa`: the target's integer dot-product instructions (`int_dot.choose`)."""
     if node.op == "fused_linear":
         spec = linear.LinearSpec.of(node, graph)
+        if spec.act_block:
+            spec = replace(spec, isa=isa or "")
         slots = dict(zip(["x", "w", "bias", "residual", "norm_scale", "norm_bias", "w_scale", "w_zero"], node.inputs))
-        suffix = {fn: sfx for sfx, fn in PACKINGS.items()}
-        args = [slots[a].name + (suffix[spec.packing(a).__name__] if spec.packing(a) else "")
+        args = [slots[a].name + (spec.packing(a) or "")
                 for a in spec.arg_names()[:-1]] + [node.outputs[0].name]
         return repr(spec), _func(lambda: linear.schedule(spec).mod["main"]), [Step("", "linear", tuple(args))]
     int8 = kv_int8(graph)
@@ -64,9 +62,9 @@ def weights(graph: Graph, plan: list[Step]) -> dict:
 
     out = {}
     for name in {a for step in plan for a in step.args if a}:
-        packed = next((sfx for sfx in PACKINGS if name.endswith(sfx)), None)
+        packed = next((sfx for sfx in linear.PACKINGS if name.endswith(sfx)), None)
         if packed:
-            out[name] = getattr(linear, PACKINGS[packed])(graph.store[name[:-len(packed)]])
+            out[name] = linear.PACKINGS[packed](graph.store[name[:-len(packed)]])
         elif name in graph.params:
             out[name] = np.require(graph.store[name], requirements="C")
     return out
@@ -76,11 +74,11 @@ def compile_graph(graph: Graph, target: dict):
     """Returns (built TVM executable, kernel table, plan)."""
     import tvm
 
-    funcs, plan = plan_graph(graph)
+    funcs, plan = plan_graph(graph, int_dot.choose(tvm.target.Target(target)))
     executable = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target(target))
     return executable, sorted(funcs), plan
 
 
-def plan_graph(graph: Graph):
+def plan_graph(graph: Graph, isa: str | None = None):
     """(kernels by name, plan), nothing built yet; UnsupportedGraph names a node no kernel runs."""
-    return plan_nodes(graph, lambda node: _plan_node(node, graph))
+    return plan_nodes(graph, lambda node: _plan_node(node, graph, isa))

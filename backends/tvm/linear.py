@@ -34,6 +34,7 @@ L2) and runs every row block over it: as fast as f32, where dequantizing per row
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -67,6 +68,44 @@ def pack(w):
     return np.require(padded.reshape(-1, TILE * LANES, k).transpose(0, 2, 1), requirements="C")
 
 
+def pack_words(q, reg: int, signed: bool):
+    """int8 [n, k] -> [n / 64, k / 32, 64 / reg, 8, reg, 4] (`_words`): int8 values, or uint8
+    value + 128 (`int_dot.signed_weights`)."""
+    import numpy as np
+
+    return _words(q if signed else (q.astype(np.int16) + 128).astype(np.uint8), reg, 8)
+
+
+def pack_nibble_words(q, reg: int):
+    """4-bit [n, k] (0..15) -> uint8 [n / 64, k / 32, 64 / reg, 4, reg, 4] (`_words`): byte c
+    of word i holds input feature 8i + c in its low nibble and 8i + 4 + c in its high one."""
+    import numpy as np
+
+    q = q.astype(np.uint8).reshape(q.shape[0], -1, 2, 4)
+    return _words(np.ascontiguousarray(q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], -1), reg, 4)
+
+
+def _words(b, reg: int, per_block: int):
+    """Bytes [n, k'] in the integer kernel's order (int_dot): a parallel task's 64 output
+    features, then per block of 32 input features the features a register tile holds (`reg`),
+    then the block's words (4 bytes: 4 input features, or 8 as nibbles) of each of them side
+    by side. A task's weights are one stream, read in order."""
+    import numpy as np
+
+    n, k = b.shape
+    padded = np.zeros((packed_rows(n) * LANES, k), b.dtype)
+    padded[:n] = b
+    blocks = padded.reshape(-1, 64 // reg, reg, k // 4 // per_block, per_block, 4)
+    return np.ascontiguousarray(blocks.transpose(0, 3, 1, 4, 2, 5))
+
+
+# the packed copy of a weight is named after the graph's with one of these suffixes
+PACKINGS = {".packed16": pack, ".nibbles16": pack_nibbles,
+            **{f".words{r}": functools.partial(pack_words, reg=r, signed=False) for r in (32, 64)},
+            **{f".swords{r}": functools.partial(pack_words, reg=r, signed=True) for r in (32, 64)},
+            **{f".nibblewords{r}": functools.partial(pack_nibble_words, reg=r) for r in (32, 64)}}
+
+
 def _at(t, jb, kk, lane):
     """Element (vector jb, input feature kk, lane) of a tensor laid out by `pack`."""
     return t[jb // TILE, kk, jb % TILE * LANES + lane]
@@ -92,6 +131,8 @@ class LinearSpec:
     gated: bool = False
     quant: str = ""  # "", "w8", "w4": the weight's encoding (ops.transformer.dequantize)
     group_size: int = 0
+    act_block: int = 0  # int8 activations in blocks of this many features: integer dot products
+    isa: str = ""  # with act_block: the instruction set of the dot products (int_dot.ISAS)
 
     @property
     def out_features(self) -> int:
@@ -106,7 +147,7 @@ class LinearSpec:
                           residual=residual is not None, norm=node.attrs["norm"],
                           epsilon=node.attrs["epsilon"], activation=node.attrs["activation"],
                           gated=bool(node.attrs["gated"]), quant=node.attrs["quant"],
-                          group_size=node.attrs["group_size"])
+                          group_size=node.attrs["group_size"], act_block=node.attrs["act_block"])
 
     def arg_names(self) -> list[str]:
         """The kernel's arguments, in order."""
@@ -116,13 +157,26 @@ class LinearSpec:
         names += ["w_scale"] * bool(self.quant) + ["w_zero"] * (self.quant == "w4")
         return names + ["y"]
 
-    def packing(self, arg: str):
-        """How a weight argument is laid out for the kernel: `pack`, `pack_nibbles`, or None
-        (passed as the graph holds it)."""
+    @property
+    def register_width(self) -> int:
+        """Output features of the integer kernel's register tile: 4 vectors of the ISA's lanes
+        (a parallel task holds 64)."""
+        from . import int_dot
+
+        return 4 * int_dot.ISAS.get(self.isa, 8)
+
+    def packing(self, arg: str) -> str | None:
+        """How a weight argument is laid out for the kernel: a key of PACKINGS (the suffix its
+        packed copy is named with), or None (passed as the graph holds it)."""
+        if arg == "w" and self.act_block:
+            from . import int_dot
+
+            kind = "nibble" if self.quant == "w4" else "s" if int_dot.signed_weights(self.isa, self.quant) else ""
+            return f".{kind}words{self.register_width}"
         if arg == "w":
-            return pack_nibbles if self.quant == "w4" else pack
+            return ".nibbles16" if self.quant == "w4" else ".packed16"
         if arg in ("w_scale", "w_zero") and self.quant == "w4":
-            return pack  # [n, groups] -> [n/64, groups, 64]: a group's scales in vector lanes
+            return ".packed16"  # [n, groups] -> [n/64, groups, 64]: a group's scales in vector lanes
         return None
 
 
@@ -207,6 +261,70 @@ def _grouped_rows(spec: LinearSpec, h, rows, args):
         _at(scale, jb, g, lane) * (part[i, jb, g, lane] - _at(zero, jb, g, lane) * hsum[i, g]), axis=g), name="rows")
 
 
+def _integer_rows(spec: LinearSpec, h, m, args):
+    """The GEMM with int8 activations (`act_block`): h is quantized per block (scale max|h| /
+    127), each block's integer dot products go to int32 (`int_dot`), and the sums are scaled
+    per block, then per weight group (w8: one group, the output channel's scale):
+
+        rows[i, j] = sum_g scale[j, g] * (sum_{b in g} s_b * dot_b[j] - zero[j, g] * sum_{b in g} s_b * sum(q_b))
+
+    The zero points' term needs only the activations' block sums, computed once for all rows
+    of weights."""
+    from tvm import te, tirx
+
+    from . import int_dot
+
+    block, k, n, reg = spec.act_block, spec.k, spec.n, spec.register_width
+    npad, nblocks = packed_rows(n) * LANES, k // block
+    size = spec.group_size if spec.quant == "w4" else k
+    groups, per_group = k // size, size // block
+    r = te.reduce_axis((0, block), name="r")
+    amax = te.compute((m, nblocks), lambda i, b: te.max(te.abs(h[i, b * block + r]), axis=r), name="amax")
+    xq = te.compute((m, k), lambda i, kk: te.round(h[i, kk] * tirx.Select(
+        amax[i, kk // block] > 0, 127 / amax[i, kk // block], 0.0)).astype("int8"), name="xq")
+    r = te.reduce_axis((0, block), name="r")
+    xsum = te.compute((m, nblocks), lambda i, b: te.sum(xq[i, b * block + r].astype("int32"), axis=r), name="xsum")
+
+    def scale_of(i, b):
+        return amax[i, b] * (1 / 127)
+
+    bb = te.reduce_axis((0, per_group), name="bb")
+    zsum = te.compute((m, groups), lambda i, g: te.sum(
+        scale_of(i, g * per_group + bb) * xsum[i, g * per_group + bb].astype("float32"), axis=bb), name="zsum")
+    rq, c = te.reduce_axis((0, block // 4), name="rq"), te.reduce_axis((0, 4), name="c")
+    if spec.quant == "w8":
+        signed = int_dot.signed_weights(spec.isa, "w8")
+        w = args["w"] = te.placeholder((npad // 64, nblocks, 64 // reg, block // 4, reg, 4),
+                                       "int8" if signed else "uint8", name="w")
+
+        def product(i, b, j):
+            wv = w[j // 64, b, j % 64 // reg, rq, j % reg, c].astype("int32")
+            return xq[i, b * block + rq * 4 + c].astype("int32") * wv
+        scale = args["w_scale"] = te.placeholder((n,), spec.dtype, name="w_scale")
+        scale_at = lambda j, g: scale[tirx.min(j, n - 1)]  # noqa: E731
+        zero_at = lambda j, g: 0.0 if signed else 128.0  # noqa: E731
+    else:
+        w = args["w"] = te.placeholder((npad // 64, nblocks, 64 // reg, block // 8, reg, 4), "uint8", name="w")
+        rq = te.reduce_axis((0, block // 8), name="rq")
+
+        def product(i, b, j):
+            wv = w[j // 64, b, j % 64 // reg, rq, j % reg, c]
+            at = b * block + rq * 8 + c
+            return (xq[i, at].astype("int32") * (wv & tirx.const(15, "uint8")).astype("int32")
+                    + xq[i, at + 4].astype("int32") * (wv >> tirx.const(4, "uint8")).astype("int32"))
+        scale = args["w_scale"] = te.placeholder((npad // 64, groups, 64), spec.dtype, name="w_scale")
+        zero = args["w_zero"] = te.placeholder((npad // 64, groups, 64), spec.dtype, name="w_zero")
+        scale_at = lambda j, g: scale[j // 64, g, j % 64]  # noqa: E731
+        zero_at = lambda j, g: zero[j // 64, g, j % 64]  # noqa: E731
+    dot = te.compute((m, nblocks, npad), lambda i, b, j: te.sum(product(i, b, j), axis=[rq, c]), name="dot")
+    bb = te.reduce_axis((0, per_group), name="bb")
+    part = te.compute((m, groups, npad), lambda i, g, j: te.sum(
+        scale_of(i, g * per_group + bb) * dot[i, g * per_group + bb, j].astype("float32"), axis=bb), name="part")
+    g = te.reduce_axis((0, groups), name="g")
+    return te.compute((m, npad), lambda i, j: te.sum(
+        scale_at(j, g) * (part[i, g, j] - zero_at(j, g) * zsum[i, g]), axis=g), name="int_rows")
+
+
 def prim_func(spec: LinearSpec):
     """The kernel as a TensorIR function (unscheduled)."""
     from tvm import te, tirx
@@ -214,9 +332,8 @@ def prim_func(spec: LinearSpec):
     m = tirx.Var("m", "int64")
     n, k, dt = spec.n, spec.k, spec.dtype
     x = te.placeholder((m, k), dt, name="x")
-    nb = packed_rows(n)
     args = {"x": x}
-    weight = _weight(spec, args)
+    weight = None if spec.act_block else _weight(spec, args)
     h = x
     if spec.norm:
         scale = args["norm_scale"] = te.placeholder((k,), dt, name="norm_scale")
@@ -233,7 +350,40 @@ def prim_func(spec: LinearSpec):
                             name="sqdev")
             h = te.compute((m, k), lambda i, j: (x[i, j] - s1[i] / k) * te.rsqrt(s2[i] / k + spec.epsilon)
                            * scale[j] + shift[j], name="normed")
-    # from ROWS rows on: register tiles of ROWS rows (the last one clamped); fewer: row by row
+    if spec.act_block:
+        int_rows = _integer_rows(spec, h, m, args)
+        acc = lambda i, jj: int_rows[i, jj]  # noqa: E731
+    else:
+        acc = _float_rows(spec, h, m, weight, args)
+    bias = args["bias"] = te.placeholder((n,), dt, name="bias") if spec.bias else None
+    res = args["residual"] = te.placeholder((m, spec.out_features), dt, name="residual") \
+        if spec.residual else None
+
+    channel_scale = args.get("w_scale") if spec.quant == "w8" and not spec.act_block else None
+
+    def dot(i, j):
+        a = acc(i, j) * channel_scale[j] if channel_scale is not None else acc(i, j)
+        return a + bias[j] if bias is not None else a
+
+    pre = te.compute((m, n), dot, name="pre")
+    out = spec.out_features
+    act = _activate(te.compute((m, out), lambda i, j: pre[i, j], name="gate") if spec.gated else pre,
+                    spec.activation)
+
+    def epilogue(i, j):
+        v = act[i, j] * pre[i, j + out] if spec.gated else act[i, j]
+        return v + res[i, j] if res is not None else v
+
+    y = te.compute((m, out), epilogue, name="y")
+    return te.create_prim_func([args[a] for a in spec.arg_names()[:-1]] + [y])
+
+
+def _float_rows(spec: LinearSpec, h, m, weight, args):
+    """acc(i, j) of the GEMM with f32 activations: register tiles of ROWS rows from ROWS rows
+    on (the last one clamped); fewer rows one by one."""
+    from tvm import te, tirx
+
+    nb, k = packed_rows(spec.n), spec.k
     tiled = m >= ROWS
     nblocks = tirx.if_then_else(tiled, (m + ROWS - 1) // ROWS, 0)
     red = te.reduce_axis((0, k), name="kk")
@@ -259,27 +409,7 @@ def prim_func(spec: LinearSpec):
         return tirx.if_then_else(tiled, blocks[0, tirx.min(i // ROWS, nblocks - 1), i % ROWS, jj // LANES, jj % LANES],
                                  rows[tirx.min(i, few - 1), jj // LANES, jj % LANES])
 
-    bias = args["bias"] = te.placeholder((n,), dt, name="bias") if spec.bias else None
-    res = args["residual"] = te.placeholder((m, spec.out_features), dt, name="residual") \
-        if spec.residual else None
-
-    channel_scale = args.get("w_scale") if spec.quant == "w8" else None
-
-    def dot(i, j):
-        a = acc(i, j) * channel_scale[j] if channel_scale is not None else acc(i, j)
-        return a + bias[j] if bias is not None else a
-
-    pre = te.compute((m, n), dot, name="pre")
-    out = spec.out_features
-    act = _activate(te.compute((m, out), lambda i, j: pre[i, j], name="gate") if spec.gated else pre,
-                    spec.activation)
-
-    def epilogue(i, j):
-        v = act[i, j] * pre[i, j + out] if spec.gated else act[i, j]
-        return v + res[i, j] if res is not None else v
-
-    y = te.compute((m, out), epilogue, name="y")
-    return te.create_prim_func([args[a] for a in spec.arg_names()[:-1]] + [y])
+    return acc
 
 
 def schedule(spec: LinearSpec):
@@ -290,6 +420,69 @@ def schedule(spec: LinearSpec):
     import tvm
 
     sch = tvm.s_tir.Schedule(prim_func(spec))
+    if spec.act_block:
+        _schedule_integer(sch, spec)
+    else:
+        _schedule_float(sch, spec)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).name_hint in EPILOGUE_STAGES:
+            sch.compute_inline(block)
+    i, j = sch.get_loops(sch.get_sblock("y"))
+    sch.vectorize(sch.split(j, [None, LANES])[1])
+    sch.parallel(i)
+    return sch
+
+
+def _schedule_integer(sch, spec: LinearSpec):
+    """Parallel tasks of 64 output features; in each, every row, and in a row the features in
+    register tiles as wide as the vector unit holds (AVX2: 32, twice over): per weight group
+    and activation block, the block's int32 dot products by the ISA's intrinsic (unrolled),
+    then f32 multiply-adds by the block's and the group's scales. The quantization of the
+    activations is a prologue over all rows (a small fraction of the work)."""
+    from . import int_dot
+
+    lanes = int_dot.ISAS.get(spec.isa, 8)  # no isa: plain loops, for CPUs without these instructions
+    rows = sch.get_sblock("int_rows")
+    i, j, g = sch.get_loops(rows)
+    jt, jl = sch.split(j, [None, 64])
+    sch.reorder(jt, i, g, jl)
+    sch.parallel(jt)
+    local = sch.cache_write(rows, 0, "local")
+    sch.reverse_compute_at(local, i)
+    sch.vectorize(sch.get_loops(local)[-1])
+    part = sch.get_sblock("part")
+    sch.compute_at(part, g)
+    sch.set_scope(part, 0, "local")
+    if (spec.group_size if spec.quant == "w4" else spec.k) == spec.act_block:  # one block per group:
+        # compute_at dropped the unit loop over the group's blocks
+        pj = sch.get_loops(part)[-1]
+        pb = sch.add_unit_loop(pj)
+    else:
+        pj, pb = sch.get_loops(part)[-2:]
+        sch.reorder(pb, pj)
+    ph, pj = sch.split(pj, [None, spec.register_width])  # AVX2: two halves of 32 features per block
+    sch.vectorize(pj)
+    sch.unroll(ph)
+    dot = sch.get_sblock("dot")
+    sch.compute_at(dot, ph)
+    sch.set_scope(dot, 0, "local")
+    dj, rq, c = sch.get_loops(dot)[-3:]
+    jv, lane = sch.split(dj, [None, lanes])
+    sch.reorder(rq, jv, lane, c)
+    init = sch.decompose_reduction(dot, rq)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if spec.isa:
+        sch.tensorize(lane, int_dot.name(spec.isa, spec.quant))
+    sch.unroll(jv)
+    sch.unroll(rq)
+    sch.vectorize(jl)
+    sch.decompose_reduction(part, pb)
+    sch.decompose_reduction(rows, g)
+    for name in ("amax", "xq"):
+        sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
+
+
+def _schedule_float(sch, spec: LinearSpec):
     block = sch.get_sblock("blocks")
     any_, io, ii, jb, lane, red = sch.get_loops(block)
     jo, ji = sch.split(jb, [None, TILE])
@@ -324,14 +517,6 @@ def schedule(spec: LinearSpec):
         sch.vectorize(plane)
         sch.decompose_reduction(part, _nibble_pairs(sch, spec, pr))
     sch.decompose_reduction(block, red)
-
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
-        if sch.get(block).name_hint in EPILOGUE_STAGES:
-            sch.compute_inline(block)
-    i, j = sch.get_loops(sch.get_sblock("y"))
-    sch.vectorize(sch.split(j, [None, LANES])[1])
-    sch.parallel(i)
-    return sch
 
 
 def _nibble_pairs(sch, spec: LinearSpec, red):

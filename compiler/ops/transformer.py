@@ -147,7 +147,20 @@ def dequantize(q, scale, zero, quant: str, group_size: int) -> np.ndarray:
     return (q - np.repeat(zero, group_size, axis=1)) * np.repeat(scale, group_size, axis=1)
 
 
-def _fused_linear_infer(inputs, norm, epsilon, activation, gated, quant, group_size):
+def quantize_activations(x, block: int) -> np.ndarray:
+    """x [..., k] f32 as int8 in blocks of `block` consecutive features, dequantized: per block,
+    round(x * 127 / max|x|) / (127 / max|x|) (zeros stay zeros). What a GEMM with `act_block`
+    multiplies: the kernels take the int8 values and the blocks' scales to integer dot products."""
+    x = np.asarray(x, np.float32)
+    blocks = x.reshape(*x.shape[:-1], -1, block)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    q = np.rint(blocks * inv)
+    scale = amax * np.float32(1 / 127)
+    return (q * scale).reshape(x.shape).astype(np.float32)
+
+
+def _fused_linear_infer(inputs, norm, epsilon, activation, gated, quant, group_size, act_block):
     x, w = inputs[:2]
     if quant:
         scale, zero = (list(inputs) + [None] * 8)[6:8]
@@ -155,23 +168,27 @@ def _fused_linear_infer(inputs, norm, epsilon, activation, gated, quant, group_s
             raise ValueError(f"fused_linear: unknown quantization {quant!r}")
         if scale is None or (quant == "w4" and (zero is None or w.shape[1] % group_size)):
             raise ValueError(f"fused_linear: {quant} weights need their scales (and zeros, whole groups)")
-    elif not (w.dtype.numpy().name == "float16" and x.dtype.numpy().name == "float32"):
+    if act_block and (not quant or w.shape[1] % act_block or (quant == "w4" and group_size % act_block)):
+        raise ValueError(f"fused_linear: int8 activations in blocks of {act_block} need quantized weights "
+                         "and whole blocks in every weight group")
+    if not quant and not (w.dtype.numpy().name == "float16" and x.dtype.numpy().name == "float32"):
         same_dtype("fused_linear", [x, w])  # f16 weights may serve f32 activations (passes/half_weights)
     n = w.shape[0] // 2 if gated else w.shape[0]
     return [x.type.with_shape(x.shape[:-1] + (n,))]
 
 
 @register("fused_linear", ("x", "w", "bias?", "residual?", "norm_scale?", "norm_bias?", "w_scale?", "w_zero?"),
-          {"norm": "", "epsilon": 1e-5, "activation": "", "gated": 0, "quant": "", "group_size": 0},
+          {"norm": "", "epsilon": 1e-5, "activation": "", "gated": 0, "quant": "", "group_size": 0, "act_block": 0},
           infer=_fused_linear_infer)
 def fused_linear(x, w, bias=None, residual=None, norm_scale=None, norm_bias=None, w_scale=None, w_zero=None,
-                 norm="", epsilon=1e-5, activation="", gated=0, quant="", group_size=0):
+                 norm="", epsilon=1e-5, activation="", gated=0, quant="", group_size=0, act_block=0):
     """One GEMM with its prologue and epilogue:
     h = norm(x) (rms or layer, when `norm`); y = h @ w.T + bias;
     y = act(y[..., :n]) * y[..., n:] when `gated` (SwiGLU/GeGLU, gate and up concatenated),
     else act(y); y = y + residual.
     With `quant`, w is quantized and `dequantize(w, w_scale, w_zero, quant, group_size)` is the
-    weight."""
+    weight. With `act_block` too, h is quantized to int8 in blocks of that many features
+    (`quantize_activations`) before the product: the kernels multiply integers."""
     from .nn import layer_norm, rms_norm
 
     if quant:
@@ -180,6 +197,8 @@ def fused_linear(x, w, bias=None, residual=None, norm_scale=None, norm_bias=None
         x = rms_norm(x, norm_scale, epsilon=epsilon)
     elif norm == "layer":
         x = layer_norm(x, norm_scale, norm_bias, epsilon=epsilon)
+    if act_block:
+        x = quantize_activations(x, act_block)
     y = linear(x, w, bias).astype(np.float32)
     if gated:
         gate, up = np.split(y, 2, axis=-1)

@@ -5,7 +5,8 @@ interleaved rounds, batch 1, the same threads for every system: the prefill of a
 decode over new tokens, for llmc, onnxruntime (its full graph optimizations) and, for zoo
 models, PyTorch eager on the same weights; with `quant`, also llmc's quantized artifacts and
 onnxruntime's quantized models of the same file (what its quantizer changed is reported, and a
-model it left unchanged is not labelled as quantized).
+model it left unchanged is not labelled as quantized) and, for the zoo's Llama-family models,
+llama.cpp's q8_0 and q4_0 of the same weights (`llama_cpp.py`), in a process of its own.
 
 llmc runs as a user gets it: each artifact in a process of its own that loads it with the
 runtime alone and never imported the compiler (`runtime_worker.py`). The peers run in this
@@ -28,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from . import llama_cpp
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +222,19 @@ def describe_quantization(path: Path) -> dict:
             "float_gemms_left": left}
 
 
+def _llama_cpp_peer(zoo_model, quant, notes: list) -> bool:
+    """Whether llama.cpp runs as a quantized peer: a Llama-family zoo model, with --quant, and
+    llama.cpp installed (else a note says why not)."""
+    if not quant:
+        return False
+    why = llama_cpp.available()
+    if why is None and (zoo_model is None or zoo_model.family != "llama"):
+        why = "llama.cpp runs on the zoo's Llama-family models only (written as GGUF by llmc.tools.llama_cpp)"
+    if why:
+        notes.append(f"llama.cpp not measured: {why}")
+    return why is None
+
+
 def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 3,
           threads: int | None = None, quant: tuple[str, ...] = ()) -> dict:
     """With `quant` (modes of QUANT_MODES), llmc's quantized artifacts and onnxruntime's
@@ -247,6 +263,9 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
         if cfg is not None:
             systems.append(_OnnxRuntime(path, cfg, threads))
             systems.append(_TorchEager(zoo_model, threads))
+        peer_cpp = _llama_cpp_peer(zoo_model, quant, notes)
+        if peer_cpp:
+            gguf_f32 = llama_cpp.write_gguf(systems[-1].model, Path(tmp) / "model-f32.gguf")
         for q in quant:
             options = QUANT_MODES[q]
             log.info("compiling %s (%s)", path, q)
@@ -255,6 +274,12 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
                                 PassContext(options={"max_seq_len": max_seq, **options}))
             weight_bytes[q] = decode_weight_bytes(passed)
             systems.append(_Llmc(art, threads, f"llmc {q}"))
+            if peer_cpp:
+                ftype = llama_cpp.FOR_QUANT[q]
+                log.info("quantizing %s with llama.cpp (%s)", path, ftype)
+                quantized = llama_cpp.quantize(gguf_f32, Path(tmp) / f"model-{ftype}.gguf", ftype, threads)
+                weight_bytes[f"llama.cpp {ftype}"] = llama_cpp.decode_weight_bytes(quantized)
+                systems.append(llama_cpp.LlamaCpp(quantized, threads, f"llama.cpp {ftype}", max_seq))
             if cfg is not None:
                 log.info("quantizing %s with onnxruntime (%s)", path, q)
                 onnx_q = quantized_onnx(path, q, Path(tmp) / f"ort-{q}.onnx")
@@ -281,7 +306,7 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
         tokens = {s.name: s.generate(prompt, new_tokens) for s in systems}
         bandwidth["after"] = read_bandwidth()
         for s in systems:
-            if isinstance(s, _Llmc):
+            if hasattr(s, "close"):
                 s.close()
     best = max(bandwidth["before"]["best"], bandwidth["after"]["best"])
     reference = tokens.get("onnxruntime")
@@ -293,7 +318,7 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
            "onnxruntime_quantization": quantization, "notes": notes, "systems": {}}
     for name, r in results.items():
         step = statistics.median(r["decode_step_s"])
-        mode = name.split(" ")[-1] if name.split(" ")[-1] in QUANT_MODES else ""
+        mode = name if name in weight_bytes else name.split(" ")[-1] if name.split(" ")[-1] in QUANT_MODES else ""
         share = weight_bytes[mode] / step / 1e9 / best
         out["systems"][name] = {
             "prefill_ms": round(statistics.median(r["prefill_s"]) * 1e3, 2),

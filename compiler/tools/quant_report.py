@@ -4,7 +4,10 @@ On a held-out token sequence, each quantized artifact and the fp32 one run teach
 pass over the sequence: every position predicts the next token from the true tokens before it,
 through the same KV cache path as decoding). Reported per scheme: the relative error of the
 logits (per position ||q - f|| / ||f||: max and mean), the top-1 agreement of the next-token
-predictions, and the perplexity of the sequence under each model.
+predictions, and the perplexity of the sequence under each model. The same sequence then runs
+token by token through the decode kernels (one row per step: the GEMVs and decode attention,
+which are not the prefill's kernels), against the fp32 artifact's decode, and its error and
+top-1 agreement are reported too.
 
 The held-out sequence: token ids given by the user; for the zoo's trained models, text they never
 saw (and their activation-aware scaling calibrates on text they learned from); otherwise a sample
@@ -23,12 +26,17 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def _logits(artifact, tokens: list[int]) -> np.ndarray:
+def _logits(artifact, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Every position's logits, teacher-forced: by one prefill, and token by token by decode steps."""
     from llmc import runtime
 
     model = runtime.load(artifact)
     model.executor.reset(batch=1)
-    return np.array(model.forward(np.array([tokens]), past=0)[0], np.float64)
+    prefill = np.array(model.forward(np.array([tokens]), past=0)[0], np.float64)
+    model.executor.reset(batch=1)
+    decode = np.stack([np.array(model.forward(np.array([[t]]), past=i)[0, -1], np.float64)
+                       for i, t in enumerate(tokens)])
+    return prefill, decode
 
 
 def _nll(logits: np.ndarray, tokens: list[int]) -> np.ndarray:
@@ -100,12 +108,14 @@ def report(model: str, schemes: list[dict], tokens: int = 256, token_ids: list[i
             rng = np.random.default_rng(seed)
             first = [int(t) for t in rng.integers(1, 100, 4)]
             token_ids = first + runtime.load(base).generate(first, n - len(first), temperature=1.0, seed=seed)
-        reference = _logits(base, token_ids)
+        reference, reference_decode = _logits(base, token_ids)
         rows, notes = [], []
         for i, options in enumerate(schemes):
             log.info("compiling %s (%s)", path, scheme_name(options))
             art = llmc.compile(path, output=Path(tmp) / f"q{i}.llmc", max_seq_len=n + 1, **options)
-            rows.append({"scheme": scheme_name(options), **compare(reference, _logits(art, token_ids), token_ids)})
+            prefill, decode = _logits(art, token_ids)
+            rows.append({"scheme": scheme_name(options), **compare(reference, prefill, token_ids),
+                         "decode": compare(reference_decode, decode, token_ids)})
         for quant in sorted({s["quant"] for s in schemes}, reverse=True) if onnxruntime else []:
             log.info("onnxruntime's %s model of %s", quant, path)
             logits, described = _onnxruntime_logits(path, quant, token_ids, Path(tmp))
@@ -130,16 +140,22 @@ def scheme_name(options: dict) -> str:
         name += ", embedding w8"
     if options.get("kv_cache") == "int8":
         name += ", int8 KV"
+    if options.get("activations") == "f32":
+        name += ", f32 activations"
     return name
 
 
 def format_table(result: dict) -> str:
     lines = [f"{result['model']}: {result['tokens']} held-out tokens, teacher-forced, against fp32",
-             "| scheme | max rel. logits error | mean rel. logits error | top-1 agreement | perplexity (fp32 -> q) |",
-             "| --- | --- | --- | --- | --- |"]
+             "(prefill: one pass; decode: token by token, against the fp32 artifact's decode)",
+             "| scheme | max rel. logits error | mean rel. logits error | top-1 agreement | perplexity (fp32 -> q) "
+             "| decode: mean rel. error | decode: top-1 agreement |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["schemes"]:
+        decode = r.get("decode")
         lines.append(f"| {r['scheme']} | {r['max_rel_err']:.4f} | {r['mean_rel_err']:.4f} | "
                      f"{r['top1_agreement']:.1%} | {r['perplexity_fp32']} -> {r['perplexity']} "
-                     f"({r['perplexity_delta']:+.3f}) |")
+                     f"({r['perplexity_delta']:+.3f}) | " +
+                     (f"{decode['mean_rel_err']:.4f} | {decode['top1_agreement']:.1%} |" if decode else "- | - |"))
     lines += [f"note: {n}" for n in result.get("notes", [])]
     return "\n".join(lines)

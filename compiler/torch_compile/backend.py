@@ -15,8 +15,9 @@ first call (with real tensors) compiles it:
 Inference only: a graph that needs gradients runs in eager, with a log line saying so.
 
 Options (`torch.compile(..., options={...})`): `target` ("cpu"), `quant` ("w8", "w4"),
-`group_size`, `zero_point`, `report` (print what fell back), `dump_dir` (the IR after every
-pass, per subgraph).
+`group_size`, `zero_point`, `activations` ("int8", the default, or "f32": what the quantized
+GEMMs multiply, as `llmc.compile`'s), `report` (print what fell back), `dump_dir` (the IR after
+every pass, per subgraph).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from llmc.errors import LlmcError
 
 log = logging.getLogger(__name__)
 
-OPTIONS = {"target": "cpu", "quant": None, "group_size": 128, "zero_point": False, "report": False,
-           "dump_dir": None}
+OPTIONS = {"target": "cpu", "quant": None, "group_size": 128, "zero_point": False, "activations": "int8",
+           "report": False, "dump_dir": None}
 
 
 @dataclass
@@ -85,6 +86,8 @@ def _options(options: dict | None) -> dict:
         raise LlmcError(f"torch.compile backend: target {opts['target']!r} is not supported yet; supported: cpu")
     if opts["quant"] not in (None, "w8", "w4"):
         raise LlmcError(f"quantization {opts['quant']!r} is not supported; supported: w8, w4")
+    if opts["activations"] not in ("int8", "f32"):
+        raise LlmcError(f"activations {opts['activations']!r} are not supported; supported: int8, f32")
     return opts
 
 
@@ -180,6 +183,10 @@ class _Subgraph:
 
     @staticmethod
     def plan(sub, call, constants: dict, opts: dict) -> "_Subgraph":
+        import tvm
+
+        from llmc.backends.tvm import int_dot
+        from llmc.backends.tvm import target as targets
         from llmc.backends.tvm.compile import UnsupportedGraph, plan_graph
         from llmc.frontends.fx import from_fx
         from llmc.passes.manager import PassContext, run_passes
@@ -197,11 +204,11 @@ class _Subgraph:
                       and n.meta["val"].node.expr.is_Symbol]
         self.returns_tuple = isinstance(next(n for n in sub.graph.nodes if n.op == "output").args[0], (tuple, list))
         self.nodes = sum(1 for n in sub.graph.nodes if n.op == "call_function")
-        options = {k: opts[k] for k in ("quant", "group_size", "zero_point") if opts[k]}
+        options = {k: opts[k] for k in ("quant", "group_size", "zero_point", "activations") if opts[k]}
         dump = f"{opts['dump_dir']}/{call.target}" if opts["dump_dir"] else None
         self.graph = run_passes(self.graph, default_pipeline("cpu"), PassContext(options=options, dump_dir=dump))
         try:
-            self.funcs, self.plan = plan_graph(self.graph)
+            self.funcs, self.plan = plan_graph(self.graph, int_dot.choose(tvm.target.Target(targets.host())))
         except UnsupportedGraph as e:
             # IR nodes are named after the FX node they came from (passes add suffixes)
             origin = e.node.split(".")[0]

@@ -1,0 +1,196 @@
+"""llama.cpp as a benchmark peer (`llmc bench --quant`), on the same weights as llmc's model.
+
+The zoo's Llama-family model is written as a GGUF file (f32, with the `gguf` library, the way
+llama.cpp's own converter lays a Llama out: Q and K rows permuted from the Hugging Face rotary
+layout to GGML's, no vocabulary: token ids in, logits out), then quantized by llama.cpp's own
+quantizer (`llama_model_quantize`) to q8_0 or q4_0 with its default choices (the output
+matrix of a q4_0 model goes to q6_K, as `llama-quantize` does).
+
+The peer runs in a process of its own (`python -m llmc.tools.llama_cpp MODEL.gguf THREADS`),
+answering the same JSON commands as llmc's runtime worker. Both packages come with the
+`peers` extra: `pip install -e .[peers]` builds llama.cpp from source (about 10 minutes on 2
+cores).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+FTYPES = {"q8_0": 7, "q4_0": 2}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+FOR_QUANT = {"w8": "q8_0", "w4": "q4_0"}
+
+
+def available() -> str | None:
+    """None if llama.cpp can be measured here, else why not."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        return f"llama.cpp is not installed ({e.name}: pip install -e .[peers])"
+    return None
+
+
+def _rotary_rows(w, heads: int):
+    """Hugging Face's rotary halves -> GGML's interleaved pairs, per head (llama.cpp's convert)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model, path: Path) -> Path:
+    """A transformers LlamaForCausalLM as an f32 GGUF file llama.cpp loads."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    if cfg.model_type != "llama" or getattr(cfg, "attention_bias", False):
+        raise ValueError(f"llama.cpp peer: a {cfg.model_type} model is not written as GGUF here (Llama only)")
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_tokenizer_model("no_vocab")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
+    for i in range(cfg.num_hidden_layers):
+        names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in per_layer.items()})
+    for hf, name in names.items():
+        w = state[hf]
+        if name.endswith("attn_q.weight"):
+            w = _rotary_rows(w, heads)
+        elif name.endswith("attn_k.weight"):
+            w = _rotary_rows(w, kv_heads)
+        writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def decode_weight_bytes(path: Path) -> int:
+    """Bytes of the matrices every decode step reads (all but the token table, gathered by row)."""
+    import gguf
+
+    return int(sum(t.n_bytes for t in gguf.GGUFReader(str(path)).tensors if t.name != "token_embd.weight"))
+
+
+def _quiet(llama_cpp) -> None:
+    """llama.cpp's log lines (per tensor, per load) go nowhere: the bench prints its own."""
+    global _silence
+    _silence = llama_cpp.llama_log_callback(lambda level, text, data: None)
+    llama_cpp.llama_log_set(_silence, None)
+
+
+_silence = None
+
+
+def quantize(f32_path: Path, out: Path, ftype: str, threads: int) -> Path:
+    """llama.cpp's own quantizer (what `llama-quantize` runs)."""
+    import llama_cpp
+
+    _quiet(llama_cpp)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(f32_path).encode(), str(out).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {f32_path} to {ftype}")
+    return out
+
+
+class LlamaCpp:
+    """A GGUF model in a llama.cpp worker process; the same calls as the bench's other systems."""
+
+    def __init__(self, gguf_path: Path, threads: int, name: str, n_ctx: int):
+        import subprocess
+
+        self.name = name
+        self.worker = subprocess.Popen([sys.executable, "-m", "llmc.tools.llama_cpp", str(gguf_path), str(threads),
+                                        str(n_ctx)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if json.loads(self.worker.stdout.readline() or "null") is None:
+            raise RuntimeError(f"the llama.cpp worker for {gguf_path} did not start")
+
+    def _ask(self, op, **args):
+        self.worker.stdin.write(json.dumps({"op": op, "args": args}) + "\n")
+        self.worker.stdin.flush()
+        return json.loads(self.worker.stdout.readline())
+
+    def prefill(self, prompt):
+        return self._ask("prefill", prompt=prompt)
+
+    def decode(self, prompt, steps):
+        return self._ask("decode", prompt=prompt, steps=steps)
+
+    def generate(self, prompt, steps):
+        return self._ask("generate", prompt=prompt, steps=steps)
+
+    def close(self):
+        self.worker.stdin.close()
+        self.worker.wait()
+
+
+def _worker() -> None:
+    import llama_cpp
+    import numpy as np
+
+    path, threads, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    _quiet(llama_cpp)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                          n_threads_batch=threads, logits_all=False, verbose=False)
+    vocab = llm.n_vocab()
+
+    def run(tokens):
+        llm.eval(tokens)
+
+    def last_token():
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+        return int(logits.argmax())
+
+    def prefill(prompt):
+        llm.reset()
+        t = time.perf_counter()
+        run(prompt)
+        return time.perf_counter() - t
+
+    def decode(prompt, steps):
+        prefill(prompt)
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            run([1])
+            times.append(time.perf_counter() - t)
+        return times
+
+    def generate(prompt, steps):
+        prefill(prompt)
+        tokens = [last_token()]
+        while len(tokens) < steps:
+            run(tokens[-1:])
+            tokens.append(last_token())
+        return tokens
+
+    commands = {"prefill": prefill, "decode": decode, "generate": generate}
+    print(json.dumps({"vocab": vocab}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        print(json.dumps(commands[command["op"]](**command["args"])), flush=True)
+
+
+if __name__ == "__main__":
+    _worker()

@@ -1,0 +1,53 @@
+"""Int8 activations for the quantized GEMMs (`activations` option "int8"): every `fused_linear`
+with w8 or w4 weights gets `act_block` = 32. Its input (after the norm prologue) is then
+quantized on the fly to int8 in blocks of 32 features, one scale per block (max |h| / 127, as
+llama.cpp's q8_0 activations), and the kernels multiply integers (VNNI or AVX2 dot products,
+`backends/tvm/int_dot.py`): at 8 and 4 bits the f32 arithmetic of dequantizing, not memory,
+set the speed. The op's definition says exactly what is computed
+(`ops.transformer.quantize_activations`); `llmc quant-report` measures what it costs.
+
+A GEMM whose input size or weight groups are not whole blocks keeps f32 activations."""
+
+from __future__ import annotations
+
+from llmc.ir.graph import Graph
+
+from .manager import Pass, PassContext
+from .pattern import Op, Rule, Var, apply_rules
+
+BLOCK = 32
+MODES = ("int8", "f32")
+
+
+def _rule() -> Rule:
+    def check(m):
+        node = m.nodes["gemm"]
+        if not node.attrs["quant"]:
+            return "full-precision weights keep f32 activations"
+        if node.attrs["act_block"]:
+            return "already int8"
+        k = node.inputs[1].shape[1]
+        if k % BLOCK or (node.attrs["quant"] == "w4" and node.attrs["group_size"] % BLOCK):
+            return f"{k} input features in groups of {node.attrs['group_size']}: not whole blocks of {BLOCK}"
+        return None
+
+    def build(m, b):
+        node = m.nodes["gemm"]
+        return b.emit("fused_linear", list(node.inputs), **{**node.attrs, "act_block": BLOCK})
+
+    return Rule("int8_activations", Op("fused_linear", Var("x"), Var("w"), bind="gemm", rest=True), build,
+                check=check)
+
+
+def _run(graph: Graph, ctx: PassContext) -> Graph:
+    mode = ctx.options.get("activations") or "f32"
+    if mode not in MODES:
+        raise ValueError(f"unknown activation precision {mode!r}; supported: {', '.join(MODES)}")
+    if mode == "int8":
+        apply_rules(graph, [_rule()], ctx.current.rewrites, ctx.current.near_misses)
+    if graph.metadata.get("quant"):
+        graph.metadata["quant"]["activations"] = mode
+    return graph
+
+
+quantize_activations = Pass("quantize_activations", _run)
