@@ -136,6 +136,8 @@ def test_quant_report_measures_every_scheme(tmp_path):
     for r in result["schemes"]:
         assert 0 < r["mean_rel_err"] <= r["max_rel_err"] and 0 < r["top1_agreement"] <= 1
         assert r["perplexity_fp32"] > 1 and r["perplexity"] > 1
+        # the decode kernels, token by token, measured on their own
+        assert 0 < r["decode"]["mean_rel_err"] <= r["decode"]["max_rel_err"] and 0 < r["decode"]["top1_agreement"] <= 1
     # 8 bits lose less than 4
     assert w8["mean_rel_err"] < min(r["mean_rel_err"] for r in w4) / 3
     assert w8["top1_agreement"] >= max(r["top1_agreement"] for r in w4)
