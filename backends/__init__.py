@@ -34,6 +34,10 @@ class Backend(Protocol):
     def check(self, options: dict) -> None:
         """Refuse options this backend cannot honor (LlmcError), before anything is imported."""
 
+    def default_activations(self, options: dict) -> str:
+        """What quantized GEMMs multiply unless told: "int8" where the target has integer dot
+        products, else "f32" (`llmc.passes.quantize_activations`)."""
+
     def build(self, graph, options: dict) -> Build:
         """Kernels and plan for a graph the pass pipeline has run over."""
 

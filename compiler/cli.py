@@ -137,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="w4 group sizes to report (default 128)")
     qr.add_argument("--zero-point", action="store_true", help="also report w4 with zero points")
     qr.add_argument("--lm-head", choices=("f32", "w8", "w4"), help="the LM head's encoding (default w8)")
-    qr.add_argument("--embedding", choices=("f32", "w8"), default="f32", help="the token embedding's encoding")
+    qr.add_argument("--embedding", choices=("f32", "w8"), help="the token embedding's encoding (default w8)")
     qr.add_argument("--awq", action="store_true", help="also report w4 with activation-aware scaling")
     qr.add_argument("--kv-int8", action="store_true", help="also report each scheme with an int8 KV cache")
     qr.add_argument("--activations", nargs="+", choices=("int8", "f32"), default=["int8"],
@@ -304,8 +304,9 @@ def _quant_arguments(p) -> None:
                    help="with --quant w4: input features per scale (default 128)")
     p.add_argument("--zero-point", action="store_true", help="with --quant w4: asymmetric, a zero point per group")
     p.add_argument("--lm-head", choices=("f32", "w8", "w4"), help="with --quant: the LM head's encoding (default w8)")
-    p.add_argument("--embedding", choices=("f32", "w8"), default="f32",
-                   help="with --quant: the token embedding's encoding (w8: int8 rows, a quarter of the bytes)")
+    p.add_argument("--embedding", choices=("f32", "w8"),
+                   help="with --quant: the token embedding's encoding (default w8: int8 rows, a quarter of the "
+                        "bytes; f32)")
     p.add_argument("--awq", action="store_true", help="with --quant w4: activation-aware scaling (AWQ-style)")
     p.add_argument("--kv-cache", choices=("f32", "f16", "int8"),
                    help="the KV cache's encoding (default f16 with --dtype fp16, else f32): int8 keeps one scale "
@@ -407,7 +408,7 @@ def _quant_report(args) -> int:
                             for awq in (False, True)[:1 + args.awq]]
     if args.lm_head:
         schemes = [dict(s, lm_head=args.lm_head) for s in schemes]
-    if args.embedding != "f32":
+    if args.embedding:
         schemes = [dict(s, embedding=args.embedding) for s in schemes]
     if args.kv_int8:
         schemes += [dict(s, kv_cache="int8") for s in schemes]

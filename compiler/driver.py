@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024,
             eos_token_id: int | None = None, quant: str | None = None, group_size: int = 128,
-            zero_point: bool = False, lm_head: str | None = None, embedding: str = "f32", awq: bool = False,
+            zero_point: bool = False, lm_head: str | None = None, embedding: str | None = None, awq: bool = False,
             calibration: list[int] | None = None, kv_cache: str | None = None, cpu: str = "native",
             tokenizer=None, dtype: str | None = None, arch: str = "sm_80,sm_90",
             activations: str | None = None) -> Path:  # noqa: A001
@@ -27,13 +27,14 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     `quant`: "w8" (int8 weights, one scale per output channel) or "w4" (4-bit weights in groups of
     `group_size` input features, symmetric or with `zero_point`); the LM head is encoded as
     `lm_head` says ("f32", "w8", "w4"; default "w8"), the token embedding as `embedding` says
-    ("f32" or "w8": int8 rows, a scale per row). With `awq`, 4-bit weights are scaled by
+    ("w8", the default: int8 rows, a scale per row; or "f32"). With `awq`, 4-bit weights are scaled by
     their activations first, measured on `calibration` token ids (default: drawn from the
     vocabulary). See `llmc.passes.quantize_weights` and `llmc.passes.awq`.
 
     `activations`: "int8" (the quantized GEMMs quantize their input to int8 in blocks of 32 and
     multiply integers; the default on cpu) or "f32" (they dequantize the weights and multiply in
-    f32; the only choice on cuda). See `llmc.passes.quantize_activations`.
+    f32; the only choice on cuda, and the default on a CPU without integer dot products). See
+    `llmc.passes.quantize_activations`.
 
     `kv_cache`: "f32", "f16" (cuda), or "int8" (one scale per head and token, dequantized inside
     attention); default f16 on cuda with --dtype fp16, else f32.
@@ -58,9 +59,9 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     dtype = dtype or ("fp16" if target == "cuda" else "fp32")
     kv_cache = kv_cache or ("f16" if dtype == "fp16" else "f32")
     backend = backends.for_target(target)
-    activations = activations or ("int8" if target == "cpu" else "f32")
     backend_options = {"cpu": cpu, "dtype": dtype, "kv_cache": kv_cache, "arch": arch, "activations": activations}
     backend.check(backend_options)
+    activations = backend_options["activations"] = activations or backend.default_activations(backend_options)
     options = {"max_seq_len": max_seq_len, "dtype": dtype, "activations": activations}
     if quant:
         from llmc.ops.transformer import QUANT_SCHEMES
@@ -71,11 +72,12 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
             raise LlmcError(f"group size {group_size} is not supported; supported: 32, 64, 128")
         if lm_head not in (None, "f32", *QUANT_SCHEMES):
             raise LlmcError(f"LM head encoding {lm_head!r} is not supported; supported: f32, {', '.join(QUANT_SCHEMES)}")
+        embedding = embedding or "w8"
         if embedding not in ("f32", "w8"):
             raise LlmcError(f"embedding encoding {embedding!r} is not supported; supported: f32, w8")
         options.update(quant=quant, group_size=group_size, zero_point=zero_point, lm_head=lm_head,
                        embedding=embedding, awq=awq, calibration=calibration)
-    elif lm_head or zero_point or calibration or embedding != "f32":
+    elif lm_head or zero_point or calibration or embedding not in (None, "f32"):
         raise LlmcError("--lm-head, --embedding, --zero-point and --calibration-ids apply with --quant")
     if (awq or calibration) and quant != "w4":
         raise LlmcError("--awq and --calibration-ids apply to --quant w4")

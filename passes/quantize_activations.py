@@ -3,10 +3,13 @@ with w8 or w4 weights gets `act_block` = 32. Its input (after the norm prologue)
 quantized on the fly to int8 in blocks of 32 features, one scale per block (max |h| / 127, as
 llama.cpp's q8_0 activations), and the kernels multiply integers (VNNI or AVX2 dot products,
 `backends/tvm/int_dot.py`): at 8 and 4 bits the f32 arithmetic of dequantizing, not memory,
-set the speed. The op's definition says exactly what is computed
+sets the speed otherwise. The op's definition says exactly what is computed
 (`ops.transformer.quantize_activations`); `llmc quant-report` measures what it costs.
 
-A GEMM whose input size or weight groups are not whole blocks keeps f32 activations."""
+The LM head keeps f32 activations: its error reaches the logits directly (on the trained Llama,
+top-1 agreement of w8 over 511 held-out tokens: 99.0% with an int8 head input, 99.2% without,
+99.4% with f32 activations everywhere); on AVX2 its int8 kernel is no faster than the f32 one.
+A GEMM whose input size or weight groups are not whole blocks keeps f32 activations too."""
 
 from __future__ import annotations
 
@@ -19,9 +22,11 @@ BLOCK = 32
 MODES = ("int8", "f32")
 
 
-def _rule() -> Rule:
+def _rule(logits: set) -> Rule:
     def check(m):
         node = m.nodes["gemm"]
+        if node.outputs[0] in logits:
+            return "the LM head keeps f32 activations: its error reaches the logits directly"
         if not node.attrs["quant"]:
             return "full-precision weights keep f32 activations"
         if node.attrs["act_block"]:
@@ -44,7 +49,7 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
     if mode not in MODES:
         raise ValueError(f"unknown activation precision {mode!r}; supported: {', '.join(MODES)}")
     if mode == "int8":
-        apply_rules(graph, [_rule()], ctx.current.rewrites, ctx.current.near_misses)
+        apply_rules(graph, [_rule(set(graph.outputs))], ctx.current.rewrites, ctx.current.near_misses)
     if graph.metadata.get("quant"):
         graph.metadata["quant"]["activations"] = mode
     return graph

@@ -16,10 +16,10 @@ The LM head (the GEMM that writes the logits) has its own encoding, `lm_head`: "
 
 GEMMs imported already quantized (onnxruntime's MatMulNBits) keep their weights; without the
 `quant` option they are recorded in `graph.metadata["quant"]` as imported.
-The token embedding (the constant table gathered with one row per logit) stays f32 unless
-`embedding` is "w8": int8 rows with one scale per row, gathered and scaled on lookup. Decoding
-reads one row per token, so this saves artifact size and memory (a quarter of the table's
-bytes), not time.
+The token embedding (the constant table gathered with one row per logit) goes to int8 rows
+with one scale per row, gathered and scaled on lookup (`embedding` "w8", the default; "f32"
+keeps it). Decoding reads one row per token, so this saves artifact size and memory (a quarter
+of the table's bytes), not time; llama.cpp's quantized models do the same.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
     for q in (quant, lm_head_scheme(options)):
         if q not in QUANT_SCHEMES + ("f32",):
             raise ValueError(f"unknown quantization {q!r}; supported: {', '.join(QUANT_SCHEMES)}")
-    embedding = options.get("embedding") or "f32"
+    embedding = options.get("embedding") or "w8"
     if embedding not in ("f32", "w8"):
         raise ValueError(f"unknown embedding encoding {embedding!r}; supported: f32, w8")
     rules = [_rule(options, set(graph.outputs))]

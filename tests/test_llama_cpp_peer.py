@@ -1,6 +1,6 @@
-"""llama.cpp as a benchmark peer: the zoo's Llama weights written as GGUF load in llama.cpp and
-give the transformers model's logits (the rotary rows permuted as llama.cpp's own converter
-does), and llama.cpp's quantizer shrinks them as its q8_0 and q4_0 promise."""
+"""llama.cpp as a benchmark peer: the zoo's Llama and GPT-2 weights written as GGUF load in
+llama.cpp and give the transformers model's logits (laid out as llama.cpp's own converter does),
+and llama.cpp's quantizer shrinks them as its q8_0 and q4_0 promise."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from llmc import zoo
 from llmc.tools import llama_cpp
 
 
-@pytest.fixture(scope="module")
-def f32_gguf(tmp_path_factory):
-    model = zoo.get("llama-tiny").build_torch()
-    return model, llama_cpp.write_gguf(model, tmp_path_factory.mktemp("gguf") / "llama-tiny-f32.gguf")
+@pytest.fixture(scope="module", params=["llama-tiny", "gpt2-tiny"])
+def f32_gguf(request, tmp_path_factory):
+    model = zoo.get(request.param).build_torch()
+    return model, llama_cpp.write_gguf(model, tmp_path_factory.mktemp("gguf") / f"{request.param}-f32.gguf")
 
 
 def _llama_cpp_logits(path, tokens):

@@ -46,7 +46,7 @@ def test_pass_quantizes_every_gemm_and_the_lm_head_by_option(quant):
     assert len(head) == 1 and head[0].attrs["quant"] == "w8"  # the default LM head encoding
     assert all(n.attrs["quant"] == quant for n in gemms if n is not head[0])
     assert graph.metadata["quant"] == {"scheme": quant, "group_size": 32 if quant == "w4" else 0,
-                                       "zero_point": False, "lm_head": "w8", "embedding": "f32",
+                                       "zero_point": False, "lm_head": "w8", "embedding": "w8",
                                        "activations": "f32"}
     f32_head = _passed("llama-tiny", quant=quant, group_size=32, lm_head="f32")
     assert [n.attrs["quant"] for n in f32_head.nodes if n.op == "fused_linear" and n.outputs[0] in f32_head.outputs] \
@@ -68,7 +68,7 @@ def test_embedding_w8_quantizes_the_token_table_only(name, rng):
     assert all(t.dtype == np.float32 for t in tables if t.shape[0] != vocab)
     assert graph.metadata["quant"]["embedding"] == "w8"
     feeds = zoo.get(name).feeds(rng, batch=2, seq=5, past=3)
-    plain = llmc.run_reference(_passed(name, quant="w8"), feeds)["logits"]
+    plain = llmc.run_reference(_passed(name, quant="w8", embedding="f32"), feeds)["logits"]
     assert 0 < rel_err(llmc.run_reference(graph, feeds)["logits"], plain) < 0.02
 
 
@@ -110,13 +110,16 @@ def test_compiled_quantized_decoder_matches_its_reference(name, options, quantiz
     model.executor.reset(batch=1)
     feeds = zoo.get(name).feeds(rng, batch=1, seq=7, past=0)
     want = llmc.run_reference(graph, feeds)["logits"]
-    assert rel_err(model.forward(feeds["input_ids"], past=0), want) < 1e-4
+    # int8 activations: where the kernel's float order and numpy's put an activation on either
+    # side of a rounding tie, it takes the other int8 step, and the logits move by about 1e-3
+    tolerance = 5e-3 if options.get("activations") == "int8" else 1e-4
+    assert rel_err(model.forward(feeds["input_ids"], past=0), want) < tolerance
     # a decode step over the quantized cache, too
     step = zoo.get(name).feeds(rng, batch=1, seq=1, past=7)
     step.update({k: v for k, v in llmc.run_reference(graph, feeds).items() if k.startswith("present")})
     step = {k.replace("present", "past_key_values"): v for k, v in step.items()}
     want = llmc.run_reference(graph, step)["logits"]
-    assert rel_err(model.forward(step["input_ids"], past=7), want) < 1e-4
+    assert rel_err(model.forward(step["input_ids"], past=7), want) < tolerance
     # and near the fp32 model
     fp32 = llmc.run_reference(_passed(name), feeds)["logits"]
     assert rel_err(llmc.run_reference(graph, feeds)["logits"], fp32) < (0.02 if options["quant"] == "w8" else 0.3)

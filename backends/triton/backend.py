@@ -50,10 +50,13 @@ class TritonBackend:
             raise LlmcError(f"--dtype {options['dtype']!r} is not supported on cuda; supported: {', '.join(DTYPES)}")
         if options["kv_cache"] not in ("f32", "f16", "int8"):
             raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on cuda; supported: f32, f16, int8")
-        if options["activations"] != "f32":
+        if options["activations"] not in (None, "f32"):
             raise LlmcError(f"--activations {options['activations']}: the cuda target's kernels take f32 activations "
                             "(int8 activations are the cpu target's)")
         archs(options["arch"])
+
+    def default_activations(self, options: dict) -> str:
+        return "f32"
 
     def build(self, graph, options: dict) -> Build:
         from importlib.metadata import version

@@ -21,10 +21,17 @@ class TvmBackend:
         if options["dtype"] != "fp32":
             raise LlmcError(f"--dtype {options['dtype']}: the cpu target computes in fp32 (use --quant to shrink "
                             "the weights)")
-        if options["activations"] not in ("int8", "f32"):
+        if options["activations"] not in (None, "int8", "f32"):
             raise LlmcError(f"activations {options['activations']!r} are not supported; supported: int8, f32")
         if options["kv_cache"] not in ("f32", "int8"):
             raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on cpu; supported: f32, int8")
+
+    def default_activations(self, options: dict) -> str:
+        import tvm
+
+        from . import int_dot, target
+
+        return "int8" if int_dot.choose(tvm.target.Target(target.host(options["cpu"]))) else "f32"
 
     def build(self, graph, options: dict) -> Build:
         from . import target as targets

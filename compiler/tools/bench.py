@@ -6,7 +6,8 @@ decode over new tokens, for llmc, onnxruntime (its full graph optimizations) and
 models, PyTorch eager on the same weights; with `quant`, also llmc's quantized artifacts and
 onnxruntime's quantized models of the same file (what its quantizer changed is reported, and a
 model it left unchanged is not labelled as quantized) and, for the zoo's Llama-family models,
-llama.cpp's q8_0 and q4_0 of the same weights (`llama_cpp.py`), in a process of its own.
+llama.cpp's q8_0 and q4_0 of the same weights (Llama and GPT-2: `llama_cpp.py`), in a
+process of its own.
 
 llmc runs as a user gets it: each artifact in a process of its own that loads it with the
 runtime alone and never imported the compiler (`runtime_worker.py`). The peers run in this
@@ -228,8 +229,9 @@ def _llama_cpp_peer(zoo_model, quant, notes: list) -> bool:
     if not quant:
         return False
     why = llama_cpp.available()
-    if why is None and (zoo_model is None or zoo_model.family != "llama"):
-        why = "llama.cpp runs on the zoo's Llama-family models only (written as GGUF by llmc.tools.llama_cpp)"
+    if why is None and (zoo_model is None or zoo_model.family not in llama_cpp.LAYOUTS):
+        why = (f"llama.cpp runs on the zoo's {' and '.join(llama_cpp.LAYOUTS)} models (written as GGUF by "
+               "llmc.tools.llama_cpp)")
     if why:
         notes.append(f"llama.cpp not measured: {why}")
     return why is None

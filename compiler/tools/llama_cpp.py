@@ -1,8 +1,9 @@
 """llama.cpp as a benchmark peer (`llmc bench --quant`), on the same weights as llmc's model.
 
-The zoo's Llama-family model is written as a GGUF file (f32, with the `gguf` library, the way
-llama.cpp's own converter lays a Llama out: Q and K rows permuted from the Hugging Face rotary
-layout to GGML's, no vocabulary: token ids in, logits out), then quantized by llama.cpp's own
+The zoo's Llama-family or GPT-2 model is written as a GGUF file (f32, with the `gguf` library,
+laid out as llama.cpp's own converter does: a Llama's Q and K rows permuted from the Hugging
+Face rotary layout to GGML's, GPT-2's Conv1D weights transposed; no vocabulary: token ids in,
+logits out), then quantized by llama.cpp's own
 quantizer (`llama_model_quantize`) to q8_0 or q4_0 with its default choices (the output
 matrix of a q4_0 model goes to q6_K, as `llama-quantize` does).
 
@@ -38,30 +39,14 @@ def _rotary_rows(w, heads: int):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, path: Path) -> Path:
-    """A transformers LlamaForCausalLM as an f32 GGUF file llama.cpp loads."""
-    import gguf
-    import numpy as np
-
-    cfg = model.config
-    if cfg.model_type != "llama" or getattr(cfg, "attention_bias", False):
-        raise ValueError(f"llama.cpp peer: a {cfg.model_type} model is not written as GGUF here (Llama only)")
+def _llama(cfg, state):
+    """Llama: Q and K rows permuted to GGML's rotary layout, as llama.cpp's converter does."""
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", 10000.0)))
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_tokenizer_model("no_vocab")
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    meta = {"context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
+            "block_count": cfg.num_hidden_layers, "feed_forward_length": cfg.intermediate_size,
+            "head_count": heads, "head_count_kv": kv_heads, "rope_dimension_count": head_dim,
+            "rope_freq_base": float(getattr(cfg, "rope_theta", 10000.0)), "layer_norm_rms_eps": cfg.rms_norm_eps}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -70,12 +55,51 @@ def write_gguf(model, path: Path) -> Path:
                  "mlp.down_proj": "ffn_down"}
     for i in range(cfg.num_hidden_layers):
         names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{g}.weight" for hf, g in per_layer.items()})
-    for hf, name in names.items():
-        w = state[hf]
-        if name.endswith("attn_q.weight"):
-            w = _rotary_rows(w, heads)
-        elif name.endswith("attn_k.weight"):
-            w = _rotary_rows(w, kv_heads)
+    tensors = {g: state[hf] for hf, g in names.items() if hf in state}
+    for i in range(cfg.num_hidden_layers):
+        tensors[f"blk.{i}.attn_q.weight"] = _rotary_rows(tensors[f"blk.{i}.attn_q.weight"], heads)
+        tensors[f"blk.{i}.attn_k.weight"] = _rotary_rows(tensors[f"blk.{i}.attn_k.weight"], kv_heads)
+    return meta, tensors
+
+
+def _gpt2(cfg, state):
+    """GPT-2: its Conv1D weights are [in, out], GGML's matrices [out, in]; the head is the token table."""
+    meta = {"context_length": cfg.n_positions, "embedding_length": cfg.n_embd, "block_count": cfg.n_layer,
+            "feed_forward_length": cfg.n_inner or 4 * cfg.n_embd, "head_count": cfg.n_head,
+            "layer_norm_eps": cfg.layer_norm_epsilon}
+    tensors = {"token_embd.weight": state["transformer.wte.weight"], "position_embd.weight": state["transformer.wpe.weight"],
+               "output_norm.weight": state["transformer.ln_f.weight"], "output_norm.bias": state["transformer.ln_f.bias"]}
+    per_layer = {"ln_1": ("attn_norm", False), "attn.c_attn": ("attn_qkv", True), "attn.c_proj": ("attn_output", True),
+                 "ln_2": ("ffn_norm", False), "mlp.c_fc": ("ffn_up", True), "mlp.c_proj": ("ffn_down", True)}
+    for i in range(cfg.n_layer):
+        for hf, (g, conv) in per_layer.items():
+            w = state[f"transformer.h.{i}.{hf}.weight"]
+            tensors[f"blk.{i}.{g}.weight"] = w.T if conv else w
+            tensors[f"blk.{i}.{g}.bias"] = state[f"transformer.h.{i}.{hf}.bias"]
+    return meta, tensors
+
+
+LAYOUTS = {"llama": _llama, "gpt2": _gpt2}  # transformers model_type -> (metadata, tensors)
+
+
+def write_gguf(model, path: Path) -> Path:
+    """A transformers Llama or GPT-2 model as an f32 GGUF file llama.cpp loads."""
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    if cfg.model_type not in LAYOUTS or getattr(cfg, "attention_bias", False):
+        raise ValueError(f"llama.cpp peer: a {cfg.model_type} model is not written as GGUF here "
+                         f"(supported: {', '.join(LAYOUTS)})")
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    meta, tensors = LAYOUTS[cfg.model_type](cfg, state)
+    writer = gguf.GGUFWriter(str(path), cfg.model_type)
+    for key, value in meta.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_tokenizer_model("no_vocab")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for name, w in tensors.items():
         writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -85,10 +109,14 @@ def write_gguf(model, path: Path) -> Path:
 
 
 def decode_weight_bytes(path: Path) -> int:
-    """Bytes of the matrices every decode step reads (all but the token table, gathered by row)."""
+    """Bytes of the matrices every decode step reads: all but the tables gathered by row (the
+    token table, unless it is also the LM head, and GPT-2's positions)."""
     import gguf
 
-    return int(sum(t.n_bytes for t in gguf.GGUFReader(str(path)).tensors if t.name != "token_embd.weight"))
+    tensors = gguf.GGUFReader(str(path)).tensors
+    gathered = {"position_embd.weight"} | ({"token_embd.weight"} if any(t.name == "output.weight" for t in tensors)
+                                           else set())
+    return int(sum(t.n_bytes for t in tensors if t.name not in gathered))
 
 
 def _quiet(llama_cpp) -> None:
