@@ -30,6 +30,13 @@ inner loop as it reads (4-bit: scales and zeros per group, not per weight); int8
 4-bit prefill task dequantizes its 64 features once into a scratch tile (k x 64 floats, in its
 L2) and runs every row block over it: as fast as f32, where dequantizing per row block took
 1.7x as long. No f32 copy of the weights exists.
+
+With int8 activations (`act_block`, passes/quantize_activations.py) the kernel is another one
+(`_integer_rows`, `_schedule_integer`): the input is quantized per block of 32 features, and
+each block's products are integer dot products by the CPU's instruction (`int_dot`: VNNI or
+AVX2), over weights packed per block in the order they are read (`pack_words`,
+`pack_nibble_words`). Decode and prefill share it; a prefill task runs every row over its 64
+features, whose weights stay in its L2.
 """
 
 from __future__ import annotations
