@@ -12,30 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import numpy as np
+from gemv_bandwidth import COLD_BYTES, _time  # this script's folder is on the path
 
 SHAPES = {  # (out_features, in_features)
     "llama-0.5b gate_up": (8192, 1536), "llama-0.5b down": (1536, 4096), "llama-0.5b lm_head": (32000, 1536),
     "gpt2-124m c_fc": (3072, 768),
 }
 SCHEMES = [("w8", 0), ("w4", 32), ("w4", 128)]
-COLD_BYTES = 512 << 20
-
-
-def _time(fn, sets, repeats):
-    fn(*sets[0])
-    results = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for s in sets:
-            fn(*s)
-        results.append((time.perf_counter() - t) / len(sets))
-    return statistics.median(results)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)

@@ -89,15 +89,19 @@ def quantized(tmp_path_factory):
     return get
 
 
-# int8 activations (the cpu default) for most; f32 activations (weights dequantized) twice
+# int8 activations (the cpu default) for most; f32 activations (weights dequantized) twice.
+# Half run with the slow tests (the default run stays near 10 minutes).
 INT8 = {"activations": "int8"}
-CASES = [("llama-tiny", {"quant": "w8", **INT8}), ("llama-tiny", {"quant": "w8", "activations": "f32"}),
+CASES = [("llama-tiny", {"quant": "w8", **INT8}),
+         pytest.param("llama-tiny", {"quant": "w8", "activations": "f32"}, marks=pytest.mark.slow),
          ("llama-tiny", {"quant": "w4", "group_size": 32, **INT8}),
          ("gpt2-tiny", {"quant": "w4", "group_size": 64, "zero_point": True, **INT8}),
          ("qwen2-tiny", {"quant": "w4", "group_size": 32, "lm_head": "w4", "activations": "f32"}),
-         ("qwen2-tiny", {"quant": "w4", "group_size": 128, "lm_head": "w4", **INT8}),
-         ("gpt2-tiny", {"quant": "w8", "lm_head": "f32", "embedding": "w8", **INT8}),
-         ("llama-tiny", {"quant": "w4", "group_size": 32, "awq": True, **INT8})]
+         pytest.param("qwen2-tiny", {"quant": "w4", "group_size": 128, "lm_head": "w4", **INT8},
+                      marks=pytest.mark.slow),
+         pytest.param("gpt2-tiny", {"quant": "w8", "lm_head": "f32", "embedding": "f32", **INT8},
+                      marks=pytest.mark.slow),
+         pytest.param("llama-tiny", {"quant": "w4", "group_size": 32, "awq": True, **INT8}, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=lambda c: c if isinstance(c, str) else
@@ -146,6 +150,7 @@ def test_quant_report_measures_every_scheme(tmp_path):
     assert w8["top1_agreement"] >= max(r["top1_agreement"] for r in w4)
 
 
+@pytest.mark.slow  # two quantizers and a report (25 s)
 def test_quant_report_measures_onnxruntimes_quantization_too(tmp_path):
     from llmc.cli import main
 
@@ -232,8 +237,8 @@ def test_awq_folds_its_scales_without_changing_the_fp32_model(rng, monkeypatch):
     assert any(w.endswith(".awq_up") for w in weights)  # a down projection's scales, in the up rows
 
 
-@pytest.mark.parametrize("name", ["llama-tiny", pytest.param("gpt2-tiny", marks=pytest.mark.slow),
-                                  pytest.param("qwen2-tiny", marks=pytest.mark.slow)])
+@pytest.mark.slow  # three artifacts per family (15-20 s each)
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny", "qwen2-tiny"])
 def test_int8_kv_cache_stays_close_to_the_f32_cache(name, quantized, rng):
     f32 = runtime.load(quantized(name))
     art = quantized(name, kv_cache="int8")

@@ -98,7 +98,7 @@ def _assert_same_greedy(model, got, want):
     assert gap <= 1e-5 * float(logits.abs().max()), f"token {i}: {int(got[0, i])} instead of {int(want[0, i])}"
 
 
-@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+@pytest.mark.parametrize("name", [pytest.param("llama-tiny", marks=pytest.mark.slow), "gpt2-tiny"])
 def test_generate_greedy_tokens_equal_eager_with_bounded_recompiles(name, rng):
     model = zoo.get(name).build_torch()
     got, want = _generate_both(model, _ids(rng, model.config.vocab_size, (1, 6)), max_new_tokens=64)
@@ -109,6 +109,7 @@ def test_generate_greedy_tokens_equal_eager_with_bounded_recompiles(name, rng):
     _fully_compiled()
 
 
+@pytest.mark.slow  # a second generate loop under torch.compile (15 s)
 def test_generate_with_static_cache_equals_eager(rng):
     """The static cache writes with index_copy, which runs in eager; the rest compiles."""
     model = zoo.get("llama-tiny").build_torch()

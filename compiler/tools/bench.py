@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import llama_cpp
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -51,39 +52,23 @@ class _Llmc:
     """An artifact in a runtime worker process; the same calls as the peers."""
 
     def __init__(self, artifact, threads, name="llmc"):
-        import json
-        import subprocess
-        import sys
-
-        self.name, self._json = name, json
-        self.worker = subprocess.Popen([sys.executable, "-m", "llmc.tools.runtime_worker", str(artifact), str(threads)],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        hello = self._json.loads(self.worker.stdout.readline() or "null")
-        if hello is None:
-            raise RuntimeError(f"the runtime worker for {artifact} did not start")
-        self.threads, self.compiler_modules = hello["threads"], hello["compiler_modules"]
-
-    def _ask(self, op, **args):
-        self.worker.stdin.write(self._json.dumps({"op": op, "args": args}) + "\n")
-        self.worker.stdin.flush()
-        return self._json.loads(self.worker.stdout.readline())
+        self.name = name
+        self.worker = Worker("llmc.tools.runtime_worker", artifact, threads, what=artifact)
+        self.threads, self.compiler_modules = self.worker.hello["threads"], self.worker.hello["compiler_modules"]
+        self.close = self.worker.close
 
     def prefill(self, prompt, last_only=True):
-        return self._ask("prefill", prompt=prompt, last_only=last_only)
+        return self.worker.ask("prefill", prompt=prompt, last_only=last_only)
 
     def decode(self, prompt, steps):
         self.prefill(prompt)
-        return self._ask("decode", prompt_len=len(prompt), steps=steps)
+        return self.worker.ask("decode", prompt_len=len(prompt), steps=steps)
 
     def generate(self, prompt, steps):
-        return self._ask("generate", prompt=prompt, steps=steps)
+        return self.worker.ask("generate", prompt=prompt, steps=steps)
 
     def profile(self, prompt, steps):
-        return self._ask("profile", prompt=prompt, steps=steps)
-
-    def close(self):
-        self.worker.stdin.close()
-        self.worker.wait()
+        return self.worker.ask("profile", prompt=prompt, steps=steps)
 
 
 class _OnnxRuntime:

@@ -146,31 +146,20 @@ class LlamaCpp:
     """A GGUF model in a llama.cpp worker process; the same calls as the bench's other systems."""
 
     def __init__(self, gguf_path: Path, threads: int, name: str, n_ctx: int):
-        import subprocess
+        from .worker import Worker
 
         self.name = name
-        self.worker = subprocess.Popen([sys.executable, "-m", "llmc.tools.llama_cpp", str(gguf_path), str(threads),
-                                        str(n_ctx)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if json.loads(self.worker.stdout.readline() or "null") is None:
-            raise RuntimeError(f"the llama.cpp worker for {gguf_path} did not start")
-
-    def _ask(self, op, **args):
-        self.worker.stdin.write(json.dumps({"op": op, "args": args}) + "\n")
-        self.worker.stdin.flush()
-        return json.loads(self.worker.stdout.readline())
+        self.worker = Worker("llmc.tools.llama_cpp", gguf_path, threads, n_ctx, what=gguf_path)
+        self.close = self.worker.close
 
     def prefill(self, prompt):
-        return self._ask("prefill", prompt=prompt)
+        return self.worker.ask("prefill", prompt=prompt)
 
     def decode(self, prompt, steps):
-        return self._ask("decode", prompt=prompt, steps=steps)
+        return self.worker.ask("decode", prompt=prompt, steps=steps)
 
     def generate(self, prompt, steps):
-        return self._ask("generate", prompt=prompt, steps=steps)
-
-    def close(self):
-        self.worker.stdin.close()
-        self.worker.wait()
+        return self.worker.ask("generate", prompt=prompt, steps=steps)
 
 
 def _worker() -> None:
