@@ -46,33 +46,28 @@ def name(isa: str, quant: str) -> str:
 
 
 def _desc(lanes: int, quant: str, wdt: str):
+    """What a call computes (the module's doc), as TensorIR the schedule's loops must match."""
     from tvm.script import tirx as T
 
-    if quant == "w8":
-        @T.prim_func(s_tir=True)
-        def desc(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((lanes, 4), wdt, offset_factor=1),
-                 C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
-            with T.sblock("root"):
-                T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-                T.writes(C[0:lanes])
-                for i, c in T.grid(lanes, 4):
-                    with T.sblock("update"):
-                        vi, vc = T.axis.remap("SR", [i, c])
-                        C[vi] = C[vi] + T.Cast("int32", A[vc]) * T.Cast("int32", B[vi, vc])
-        return desc
+    words = 4 if quant == "w8" else 8
+
+    def product(A, B, i, c):
+        if quant == "w8":
+            return T.Cast("int32", A[c]) * T.Cast("int32", B[i, c])
+        return (T.Cast("int32", A[c]) * T.Cast("int32", T.bitwise_and(B[i, c], T.uint8(15)))
+                + T.Cast("int32", A[c + 4]) * T.Cast("int32", T.shift_right(B[i, c], T.uint8(4))))
 
     @T.prim_func(s_tir=True)
-    def desc4(A: T.Buffer((8,), "int8", offset_factor=1), B: T.Buffer((lanes, 4), "uint8", offset_factor=1),
-              C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
+    def desc(A: T.Buffer((words,), "int8", offset_factor=1), B: T.Buffer((lanes, 4), wdt, offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")):
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:8], B[0:lanes, 0:4])
+            T.reads(C[0:lanes], A[0:words], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
             for i, c in T.grid(lanes, 4):
                 with T.sblock("update"):
                     vi, vc = T.axis.remap("SR", [i, c])
-                    C[vi] = C[vi] + (T.Cast("int32", A[vc]) * T.Cast("int32", T.bitwise_and(B[vi, vc], T.uint8(15)))
-                                     + T.Cast("int32", A[vc + 4]) * T.Cast("int32", T.shift_right(B[vi, vc], T.uint8(4))))
-    return desc4
+                    C[vi] = C[vi] + product(A, B, vi, vc)
+    return desc
 
 
 def _impl(isa: str, lanes: int, quant: str, wdt: str):
