@@ -261,7 +261,7 @@ def _inspect_artifact(path) -> int:
         f"target:   cuda, cubins for {', '.join(m['kernels']['archs'])} (Triton {m['kernels']['triton_version']}), "
         f"--dtype {m['target']['dtype']}",
         f"model:    {model['name']}, context {model['max_seq_len']} tokens, KV cache {model['kv_cache']['dtype']}, "
-        f"weights {'f32' if not quant else quant['scheme']}",
+        f"weights {'f32' if not quant else _quant_summary(quant)}",
         f"inputs:   {', '.join(t['name'] for t in model['inputs'] if t['name'] not in pasts)}"
         + (f", and {len(pasts)} KV-cache inputs" if pasts else ""),
         f"plan:     {len(m['plans']['forward'])} kernel calls, {len(m['kernels']['functions'])} distinct kernels",
@@ -295,6 +295,15 @@ def _run_passes(graph, dump_ir, max_seq_len):
     if kernels:
         print(f"kernels per layer (layer 1): {len(kernels)}: " + ", ".join(n.op for n in kernels))
     return passed
+
+
+def _quant_summary(quant: dict) -> str:
+    """w4 g32 (LM head w8, embedding w8, int8 activations): how an artifact's weights are encoded."""
+    scheme = quant["scheme"] + (f" g{quant['group_size']}" if quant.get("group_size") else "")
+    parts = [f"LM head {quant['lm_head']}", f"embedding {quant['embedding']}"]
+    if quant.get("activations"):
+        parts.append(f"{quant['activations']} activations")
+    return f"{scheme} ({', '.join(parts)})"
 
 
 def _quant_arguments(p) -> None:

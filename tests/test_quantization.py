@@ -291,3 +291,11 @@ def test_quantization_quality_on_trained_models(name):
     assert w8["top1_agreement"] >= 0.99
     assert awq["top1_agreement"] >= 0.90
     assert awq["mean_rel_err"] < rtn["mean_rel_err"]
+
+
+def test_inspect_names_the_encoding(quantized, capsys):
+    from llmc.cli import main
+
+    art = quantized("llama-tiny", quant="w4", group_size=32, activations="int8")
+    assert main(["inspect", str(art)]) == 0
+    assert "weights w4 g32 (LM head w8, embedding w8, int8 activations)" in capsys.readouterr().out
