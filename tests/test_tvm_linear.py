@@ -100,8 +100,9 @@ def test_every_linear_of_a_compiled_llama(rng):
 
 
 # Int8 activations (act_block): integer dot products by each instruction set this CPU runs
-# (avx2 here, and plain loops, the fallback), w8 and w4 with and without zero points, decode
-# and prefill row counts, a norm prologue and a gated epilogue.
+# (avx2 here, and plain loops, the fallback, which reads w8 in the unsigned encoding VNNI
+# reads), w8 and w4 with and without zero points, decode and prefill row counts, a norm
+# prologue and a gated epilogue.
 INT8_CASES = [(LinearSpec(130, 96, quant="w8", act_block=32), False, 1),
               (LinearSpec(130, 128, quant="w8", act_block=32, bias=True, norm="rms"), False, 13),
               (LinearSpec(70, 96, quant="w4", group_size=32, act_block=32), True, 1),
