@@ -115,6 +115,7 @@ def test_usage_errors_exit_2(args):
     assert out.returncode == 2 and "usage:" in out.stderr
 
 
+@pytest.mark.slow  # a compile on a pseudo-terminal (13 s)
 def test_compile_shows_progress_on_a_terminal_only(tmp_path):
     import os
     import pty

@@ -78,7 +78,8 @@ def test_fp16_interpreted_logits_within_half_precision(name, cuda, rng):
 
 @pytest.mark.parametrize("options", [pytest.param(dict(quant="w8"), marks=pytest.mark.slow),
                                      pytest.param(dict(quant="w4", group_size=32, zero_point=True), marks=pytest.mark.slow),
-                                     dict(quant="w4", group_size=64, kv_cache="int8")],
+                                     pytest.param(dict(quant="w4", group_size=64, kv_cache="int8"),
+                                                  marks=pytest.mark.slow)],
                          ids=["w8", "w4-g32-zero-point", "w4-g64-int8-kv"])
 def test_quantized_interpreted_matches_the_cpu_target(options, cuda, artifacts, rng):
     """The same quantized weights (w8, w4 with and without zero points, the int8 KV cache) give the
