@@ -1,0 +1,166 @@
+/* The kernels' thread pool and the hooks a TVM kernel library calls, so that neither TVM's
+ * runtime library nor tvm-ffi is needed.
+ *
+ * A kernel library has three function-pointer slots that its loader fills
+ * (__TVMBackendParallelLaunch, __TVMBackendAllocWorkspace, __TVMBackendFreeWorkspace) and calls
+ * one function of the loading process, TVMFFIErrorSetRaisedFromCStrParts, when a kernel refuses
+ * its arguments. Parallel loops call the launch with a callback per task (task id, task count),
+ * as TVM's own thread pool (src/runtime/thread_pool.cc) runs them.
+ *
+ * A decode step launches a few hundred parallel loops a few microseconds apart, so the workers
+ * spin between launches (a futex wake-up costs tens of microseconds) and sleep only after
+ * about a millisecond without work. */
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "internal.h"
+
+typedef struct { void *sync_handle; int32_t num_task; } parallel_env;
+typedef int (*parallel_lambda)(int task_id, parallel_env *penv, void *cdata);
+
+static struct {
+    int threads;
+    pthread_t *workers;
+    _Atomic uint64_t generation;  /* one per launch */
+    parallel_lambda fn;
+    void *cdata;
+    int num_task;
+    atomic_int next, finished, failed;
+    atomic_int sleepers;
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+} P = {.threads = 1, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+static _Thread_local char error_text[1024];
+
+void set_error(const char *fmt, ...) {
+    char buf[sizeof error_text];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    memcpy(error_text, buf, sizeof buf);
+}
+
+const char *get_error(void) { return error_text; }
+
+/* Called by a kernel that refuses its arguments (tvm-ffi's C API). */
+__attribute__((visibility("default"))) void TVMFFIErrorSetRaisedFromCStrParts(const char *kind, const char **parts,
+                                                                              int32_t n) {
+    size_t used = (size_t)snprintf(error_text, sizeof error_text, "%s: ", kind ? kind : "Error");
+    for (int32_t i = 0; i < n && used < sizeof error_text; i++)
+        used += (size_t)snprintf(error_text + used, sizeof error_text - used, "%s", parts[i] ? parts[i] : "");
+}
+
+static inline void relax(void) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+static void run_tasks(void) {
+    parallel_env env = {NULL, P.num_task};
+    for (;;) {
+        int t = atomic_fetch_add(&P.next, 1);
+        if (t >= P.num_task) return;
+        if (P.fn(t, &env, P.cdata)) atomic_store(&P.failed, 1);
+    }
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    uint64_t seen = 0;
+    for (;;) {
+        for (long spins = 0; atomic_load_explicit(&P.generation, memory_order_acquire) == seen; spins++) {
+            if (spins < 200000) { relax(); continue; }
+            pthread_mutex_lock(&P.lock);
+            atomic_fetch_add(&P.sleepers, 1);
+            while (atomic_load(&P.generation) == seen) pthread_cond_wait(&P.wake, &P.lock);
+            atomic_fetch_sub(&P.sleepers, 1);
+            pthread_mutex_unlock(&P.lock);
+        }
+        seen = atomic_load_explicit(&P.generation, memory_order_acquire);
+        run_tasks();
+        atomic_fetch_add_explicit(&P.finished, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+/* Every worker has left the launch before the next one starts: none can take a task of the
+ * next launch while still counting the last one's. */
+static int parallel_launch(parallel_lambda fn, void *cdata, int num_task) {
+    if (num_task <= 0) num_task = P.threads;
+    if (P.threads == 1 || num_task == 1) {
+        parallel_env env = {NULL, num_task};
+        for (int t = 0; t < num_task; t++)
+            if (fn(t, &env, cdata)) return -1;
+        return 0;
+    }
+    P.fn = fn;
+    P.cdata = cdata;
+    P.num_task = num_task;
+    atomic_store(&P.failed, 0);
+    atomic_store(&P.finished, 0);
+    atomic_store(&P.next, 0);
+    atomic_fetch_add_explicit(&P.generation, 1, memory_order_release);
+    if (atomic_load(&P.sleepers)) {
+        pthread_mutex_lock(&P.lock);
+        pthread_cond_broadcast(&P.wake);
+        pthread_mutex_unlock(&P.lock);
+    }
+    run_tasks();
+    while (atomic_load_explicit(&P.finished, memory_order_acquire) < P.threads - 1) relax();
+    return atomic_load(&P.failed) ? -1 : 0;
+}
+
+static void *alloc_workspace(int device_type, int device_id, uint64_t nbytes, int code_hint, int bits_hint) {
+    (void)device_type; (void)device_id; (void)code_hint; (void)bits_hint;
+    void *p = NULL;
+    return posix_memalign(&p, ALIGN, nbytes ? (size_t)nbytes : 1) ? NULL : p;
+}
+
+static int free_workspace(int device_type, int device_id, void *ptr) {
+    (void)device_type; (void)device_id;
+    free(ptr);
+    return 0;
+}
+
+int pool_start(int threads) {
+    if (P.workers) return P.threads;  /* once per process, as TVM's pool */
+    if (threads < 1) threads = 1;
+    P.workers = calloc((size_t)threads, sizeof *P.workers);
+    if (!P.workers) return 1;
+    P.threads = 1;
+    for (int i = 1; i < threads; i++) {
+        if (pthread_create(&P.workers[i], NULL, worker, NULL)) break;
+        P.threads++;
+    }
+    return P.threads;
+}
+
+int pool_threads(void) { return P.threads; }
+
+int pool_install_hooks(void *library, const char *path) {
+    static const char *slots[3] = {"__TVMBackendParallelLaunch", "__TVMBackendAllocWorkspace",
+                                   "__TVMBackendFreeWorkspace"};
+    void *hooks[3] = {(void *)parallel_launch, (void *)alloc_workspace, (void *)free_workspace};
+    for (int i = 0; i < 3; i++) {
+        void **slot = dlsym(library, slots[i]);
+        if (slot) *slot = hooks[i];
+        else if (i == 0) {  /* a library of serial kernels has no launch slot; the others it always has */
+            continue;
+        } else {
+            set_error("%s: not a TVM kernel library (no %s)", path, slots[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
