@@ -18,7 +18,7 @@ from . import cpu, memory, safetensors
 from .artifact import WEIGHTS, open_artifact
 from .errors import ArtifactError, LlmcError
 from .executor import Executor
-from .sampling import check_options, sample
+from .sampling import Rng, check_options, sample
 from .text import Text
 from .threads import import_tvm_ffi
 from .threads import start as start_kernel_pool
@@ -113,7 +113,7 @@ class Model:
         if len(prompt) + max_new_tokens > self.max_seq_len:
             raise LlmcError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the context "
                             f"of {self.max_seq_len} tokens this artifact was compiled for")
-        rng = np.random.default_rng(seed)
+        rng = Rng(seed)
         on_device = temperature == 0 and getattr(self.executor, "argmax", None) is not None
 
         def next_token(ids, past, last_only=False) -> int:

@@ -53,7 +53,8 @@ static int print_token(int32_t token, void *user) {
 
 int main(int argc, char **argv) {
     const char *path = NULL, *ids = NULL;
-    long max_new = 32, threads = 0, top_k = 0, seed = 0;
+    long max_new = 32, threads = 0, top_k = 0;
+    unsigned long long seed = 0;
     int seeded = 0, json = 0, stats = 0;
     double temperature = 0, top_p = 1;
     for (int i = 1; i < argc; i++) {
@@ -83,9 +84,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--seed")) {
             char *end;
             errno = 0;
-            unsigned long long s = strtoull(v, &end, 10);
-            if (!*v || *end || errno || v[0] == '-') return bad("--seed %s: must be an integer >= 0", v);
-            seed = (long)s;
+            seed = strtoull(v, &end, 10);
+            if (!*v || *end || errno || v[0] == '-') return bad("--seed %s: must be an integer from 0 to 2**64 - 1", v);
             seeded = 1;
         } else if (!strcmp(a, "--temperature")) {
             if (to_double(v, &temperature) || !(temperature >= 0) || temperature > 1e300)
