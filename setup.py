@@ -9,4 +9,5 @@ setup(
     package_dir=ROOTS,
     packages=[f"{name}.{sub}" if sub else name for name, folder in ROOTS.items()
               for sub in ["", *find_packages(folder)]],
+    package_data={"llmc.runtime": ["native/*.c", "native/*.h"]},  # the native runtime, built by `llmc runtime build`
 )

@@ -1,6 +1,6 @@
 """Backends turn a passed graph into kernels, a plan of kernel calls and the files of an
 artifact, behind one small interface that the compile driver picks by target: `reference`
-(numpy, the ops' definitions), `tvm` (CPUs) and `triton` (CUDA). A new target is a new entry of
+(numpy, the ops' definitions), `tvm` (x86 and arm64 CPUs) and `triton` (CUDA). A new target is a new entry of
 BACKENDS and a module implementing `Backend`; the driver does not change."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-# target -> the module whose BACKEND builds for it (imported only when that target is asked for)
-BACKENDS = {"cpu": "llmc.backends.tvm.backend", "cuda": "llmc.backends.triton.backend"}
+# target -> "module:object" of the Backend that builds for it (imported only when asked for)
+BACKENDS = {"cpu": "llmc.backends.tvm.backend:HOST", "arm64": "llmc.backends.tvm.backend:ARM64",
+            "cuda": "llmc.backends.triton.backend:BACKEND"}
 
 
 @dataclass
@@ -43,4 +44,5 @@ class Backend(Protocol):
 
 
 def for_target(target: str) -> Backend:
-    return importlib.import_module(BACKENDS[target]).BACKEND
+    module, name = BACKENDS[target].split(":")
+    return getattr(importlib.import_module(module), name)

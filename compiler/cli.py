@@ -68,15 +68,19 @@ def _parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compile", help="compile an ONNX decoder (with KV cache) to an artifact")
     comp.add_argument("model", help="an ONNX decoder with a KV cache, as any exporter writes it")
-    comp.add_argument("--target", choices=("cpu", "cuda"), default="cpu",
-                      help="cpu: TVM kernels for this CPU; cuda: Triton kernels compiled to cubins (no GPU needed)")
+    comp.add_argument("--target", choices=("cpu", "arm64", "cuda"), default="cpu",
+                      help="cpu: TVM kernels for this CPU; arm64: TVM kernels for an aarch64 CPU, cross-compiled "
+                           "(run them with the native runtime: llmc runtime build --target arm64); cuda: Triton "
+                           "kernels compiled to cubins (no GPU needed)")
     comp.add_argument("--dtype", choices=("fp32", "fp16"),
                       help="the GEMM weights' precision (default: fp16 on cuda, fp32 on cpu); sums are f32")
     comp.add_argument("--arch", default="sm_80,sm_90",
                       help="with --target cuda: the GPU architectures to compile for (default sm_80,sm_90)")
-    comp.add_argument("--cpu", choices=("native", "x86-64-v3", "x86-64-v4"), default="native",
-                      help="the CPU the kernels may assume: this machine's (native, the fastest), or a portable "
-                           "level for artifacts shipped to other machines (v3: AVX2+FMA, v4: AVX-512)")
+    comp.add_argument("--cpu", help="the CPU the kernels may assume. cpu: this machine's (native, the default and "
+                                    "the fastest), or a portable level for artifacts shipped to other machines "
+                                    "(x86-64-v3: AVX2+FMA, x86-64-v4: AVX-512); arm64: generic (NEON, the default), "
+                                    "cortex-a55, cortex-a76, neoverse-n1, neoverse-v1, apple-m1 (dot-product "
+                                    "instructions, used by --quant)")
     comp.add_argument("-o", "--output", help="the artifact directory (default: MODEL.llmc)")
     comp.add_argument("--max-seq-len", type=int, default=1024,
                       help="longest context (prompt + new tokens) the artifact serves (default 1024)")

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024,
             eos_token_id: int | None = None, quant: str | None = None, group_size: int = 128,
             zero_point: bool = False, lm_head: str | None = None, embedding: str | None = None, awq: bool = False,
-            calibration: list[int] | None = None, kv_cache: str | None = None, cpu: str = "native",
+            calibration: list[int] | None = None, kv_cache: str | None = None, cpu: str | None = None,
             tokenizer=None, dtype: str | None = None, arch: str = "sm_80,sm_90",
             activations: str | None = None) -> Path:  # noqa: A001
     """Compile an ONNX decoder to an artifact directory; returns its path. A decoder exported
@@ -39,12 +39,16 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     `kv_cache`: "f32", "f16" (cuda), or "int8" (one scale per head and token, dequantized inside
     attention); default f16 on cuda with --dtype fp16, else f32.
 
-    `target`: "cpu" (TVM kernels) or "cuda" (Triton kernels, compiled to cubins for the
+    `target`: "cpu" (TVM kernels for this machine's CPU), "arm64" (TVM kernels for an aarch64
+    CPU, cross-compiled: see `llmc.toolchain`) or "cuda" (Triton kernels, compiled to cubins for the
     architectures in `arch`, e.g. "sm_80,sm_90"; no GPU is needed to compile). `dtype`: the GEMM
     weights' precision, "fp32" or "fp16" (cuda only; default fp16 there, fp32 on cpu); sums are f32.
 
-    `cpu`: "native" (this machine's CPU: the fastest code, for this kind of CPU only), or a
-    portable x86-64 level ("x86-64-v3", "x86-64-v4") for an artifact shipped to other machines."""
+    `cpu`: with target "cpu", "native" (this machine's CPU: the fastest code, for this kind of CPU
+    only; the default), or a portable x86-64 level ("x86-64-v3", "x86-64-v4") for an artifact
+    shipped to other machines; with "arm64", "generic" (NEON only; the default) or a CPU whose
+    instructions the kernels may use ("cortex-a55", "cortex-a76", "neoverse-v1", "apple-m1", ...:
+    `llmc.backends.tvm.target.ARM64_CPUS`)."""
     from llmc import backends
     from llmc.backends.plan import UnsupportedGraph, encode_dim
     from llmc.passes.manager import PassContext, run_passes
@@ -59,7 +63,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     dtype = dtype or ("fp16" if target == "cuda" else "fp32")
     kv_cache = kv_cache or ("f16" if dtype == "fp16" else "f32")
     backend = backends.for_target(target)
-    backend_options = {"cpu": cpu, "dtype": dtype, "kv_cache": kv_cache, "arch": arch, "activations": activations}
+    backend_options = {"cpu": cpu or getattr(backend, "default_cpu", None), "dtype": dtype, "kv_cache": kv_cache, "arch": arch, "activations": activations}
     backend.check(backend_options)
     activations = backend_options["activations"] = activations or backend.default_activations(backend_options)
     options = {"max_seq_len": max_seq_len, "dtype": dtype, "activations": activations}

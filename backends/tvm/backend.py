@@ -1,5 +1,6 @@
-"""The TVM backend behind `llmc.compile(..., target="cpu")`: this machine's CPU (or a portable
-x86-64 level), one kernel library for the whole plan."""
+"""The TVM backend behind `llmc.compile(..., target="cpu")` (this machine's CPU, or a portable
+x86-64 level) and `target="arm64"` (an aarch64 CPU, cross-compiled): one kernel library for the
+whole plan."""
 
 from __future__ import annotations
 
@@ -14,36 +15,62 @@ LIBRARY = "kernels/model.so"
 class TvmBackend:
     name = "TVM"
 
+    def __init__(self, arch: str):
+        self.arch = arch  # "host" (this machine's) or "aarch64" (cross-compiled)
+
+    @property
+    def default_cpu(self) -> str:
+        return self.cpus()[0]
+
+    def cpus(self) -> list[str]:
+        from .target import ARM64_CPUS
+
+        return list(ARM64_CPUS) if self.arch == "aarch64" else ["native", *cpus.LEVELS]
+
     def check(self, options: dict) -> None:
         cpu = options["cpu"]
-        if cpu != "native" and cpu not in cpus.LEVELS:
-            raise LlmcError(f"CPU {cpu!r} is not supported; supported: native, {', '.join(cpus.LEVELS)}")
+        if cpu not in self.cpus():
+            raise LlmcError(f"CPU {cpu!r} is not supported for this target; supported: {', '.join(self.cpus())}")
         if options["dtype"] != "fp32":
-            raise LlmcError(f"--dtype {options['dtype']}: the cpu target computes in fp32 (use --quant to shrink "
+            raise LlmcError(f"--dtype {options['dtype']}: CPU targets compute in fp32 (use --quant to shrink "
                             "the weights)")
         if options["activations"] not in (None, "int8", "f32"):
             raise LlmcError(f"activations {options['activations']!r} are not supported; supported: int8, f32")
         if options["kv_cache"] not in ("f32", "int8"):
-            raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on cpu; supported: f32, int8")
+            raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on CPUs; supported: f32, int8")
+
+    def target(self, cpu: str) -> dict:
+        from . import target
+
+        return target.arm64(cpu) if self.arch == "aarch64" else target.host(cpu)
 
     def default_activations(self, options: dict) -> str:
         import tvm
 
-        from . import int_dot, target
+        from . import int_dot
 
-        return "int8" if int_dot.choose(tvm.target.Target(target.host(options["cpu"]))) else "f32"
+        return "int8" if int_dot.choose(tvm.target.Target(self.target(options["cpu"]))) else "f32"
 
     def build(self, graph, options: dict) -> Build:
-        from . import target as targets
+        from llmc import toolchain
+
         from .compile import compile_graph, lay_out_caches, weights
+        from .target import ARM64_CPUS
 
         caches = lay_out_caches(graph, options["kv_cache"])
-        tvm_target = targets.host(options["cpu"])
-        cpu = {"name": tvm_target["mcpu"], "arch": cpus.arch(), "features": cpus.required_features(options["cpu"])}
+        tvm_target = self.target(options["cpu"])
+        if self.arch == "aarch64":
+            cpu = {"name": options["cpu"], "arch": "aarch64", "features": ARM64_CPUS[options["cpu"]]}
+            export = {"fcompile": toolchain.shared_library_linker("aarch64")}
+            toolchain.compiler("aarch64")  # no toolchain: say so before the kernels are built
+        else:
+            cpu = {"name": tvm_target["mcpu"], "arch": cpus.arch(), "features": cpus.required_features(options["cpu"])}
+            export = {}
         executable, functions, plan = compile_graph(graph, tvm_target)
         return Build(target=tvm_target, cpu=cpu, kernels={"library": LIBRARY, "functions": functions}, plan=plan,
                      values=caches, weights=weights(graph, plan),
-                     files={LIBRARY: lambda path: executable.export_library(str(path))})
+                     files={LIBRARY: lambda path: executable.export_library(str(path), **export)})
 
 
-BACKEND = TvmBackend()
+HOST = TvmBackend("host")
+ARM64 = TvmBackend("aarch64")

@@ -14,13 +14,16 @@ feature in one 32-bit word, output features side by side (`linear.pack_words`). 
   products of an unsigned weight byte up to 255 and an int8 would overflow i16, so w8 keeps
   its signed weights and goes through the sign trick instead (as llama.cpp does): |a| times
   the weight with a's sign, which stays within 2 x 127 x 127 (`signed_weights`).
+- dotprod (aarch64, ARMv8.2+): `sdot` on 4 lanes (a 128-bit NEON register), signed x signed
+  into i32: w8 keeps its signed weights; the w4 nibbles (0..15) are signed bytes as they are.
 
 LLVM does not form these instructions from a plain u8 x i8 reduction, hence the intrinsics.
 """
 
 from __future__ import annotations
 
-ISAS = {"avx512vnni": 16, "avxvnni": 8, "avx2": 8}  # instruction set -> lanes (output features per call)
+# instruction set (as LLVM names the feature) -> lanes (output features per call), best first
+ISAS = {"avx512vnni": 16, "avxvnni": 8, "avx2": 8, "dotprod": 4}
 
 
 def choose(target) -> str | None:
@@ -34,10 +37,10 @@ def choose(target) -> str | None:
 
 
 def signed_weights(isa: str, quant: str) -> bool:
-    """Whether the w8 weight bytes are the signed values (for the sign trick on avx2), else
-    value + 128, unsigned (VNNI, and the plain loops of a CPU without these instructions: so
+    """Whether the w8 weight bytes are the signed values (for the sign trick on avx2, and for
+    sdot, which multiplies signed bytes), else value + 128, unsigned (VNNI, and the plain loops of a CPU without these instructions: so
     that a CPU without VNNI runs and tests the encoding VNNI reads)."""
-    return quant == "w8" and isa == "avx2"
+    return quant == "w8" and isa in ("avx2", "dotprod")
 
 
 def name(isa: str, quant: str) -> str:
@@ -85,7 +88,9 @@ def _impl(isa: str, lanes: int, quant: str, wdt: str):
     def bcast(A, at):  # four activation bytes repeated over every lane's word
         return T.reinterpret(i8, T.broadcast(T.reinterpret("int32", A.vload([at], "int8x4")), lanes))
 
-    def dot(acc, w, a):  # acc + sum of 4 (u8 w) x (s8 a) per lane
+    def dot(acc, w, a):  # acc + sum of 4 (u8 w) x (s8 a) per lane (sdot: s8 w)
+        if isa == "dotprod":
+            return intrin("llvm.aarch64.neon.sdot.v4i32.v16i8", acc, w, a, dtype=i32)
         if isa == "avx2":
             pairs = intrin("llvm.x86.avx2.pmadd.ub.sw", w, a, dtype=i16)
             return acc + intrin("llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), n16), dtype=i32)

@@ -45,6 +45,8 @@ import functools
 import math
 from dataclasses import dataclass
 
+from . import int_dot
+
 LANES, TILE, ROWS = 16, 4, 6  # vector lanes (output features), vectors per tile, rows per register tile
 EPILOGUE_STAGES = {"pre", "gate", "act", "erf_arg", "T_fast_erf", "gelu", "tanh_arg", "T_fast_tanh",
                    "gelu_tanh", "exp_arg", "T_fast_exp", "silu"}  # inlined into y
@@ -107,10 +109,11 @@ def _words(b, reg: int, per_block: int):
 
 
 # the packed copy of a weight is named after the graph's with one of these suffixes
+_REGISTERS = sorted({4 * lanes for lanes in int_dot.ISAS.values()})  # LinearSpec.register_width
 PACKINGS = {".packed16": pack, ".nibbles16": pack_nibbles,
-            **{f".words{r}": functools.partial(pack_words, reg=r, signed=False) for r in (32, 64)},
-            **{f".swords{r}": functools.partial(pack_words, reg=r, signed=True) for r in (32, 64)},
-            **{f".nibblewords{r}": functools.partial(pack_nibble_words, reg=r) for r in (32, 64)}}
+            **{f".words{r}": functools.partial(pack_words, reg=r, signed=False) for r in _REGISTERS},
+            **{f".swords{r}": functools.partial(pack_words, reg=r, signed=True) for r in _REGISTERS},
+            **{f".nibblewords{r}": functools.partial(pack_nibble_words, reg=r) for r in _REGISTERS}}
 
 
 def _at(t, jb, kk, lane):
@@ -168,16 +171,12 @@ class LinearSpec:
     def register_width(self) -> int:
         """Output features of the integer kernel's register tile: 4 vectors of the ISA's lanes
         (a parallel task holds 64)."""
-        from . import int_dot
-
         return 4 * int_dot.ISAS.get(self.isa, 8)
 
     def packing(self, arg: str) -> str | None:
         """How a weight argument is laid out for the kernel: a key of PACKINGS (the suffix its
         packed copy is named with), or None (passed as the graph holds it)."""
         if arg == "w" and self.act_block:
-            from . import int_dot
-
             kind = "nibble" if self.quant == "w4" else "s" if int_dot.signed_weights(self.isa, self.quant) else ""
             return f".{kind}words{self.register_width}"
         if arg == "w":
@@ -279,7 +278,6 @@ def _integer_rows(spec: LinearSpec, h, m, args):
     of weights."""
     from tvm import te, tirx
 
-    from . import int_dot
 
     block, k, n, reg = spec.act_block, spec.k, spec.n, spec.register_width
     npad, nblocks = packed_rows(n) * LANES, k // block
@@ -446,7 +444,6 @@ def _schedule_integer(sch, spec: LinearSpec):
     and activation block, the block's int32 dot products by the ISA's intrinsic (unrolled),
     then f32 multiply-adds by the block's and the group's scales. The quantization of the
     activations is a prologue over all rows (a small fraction of the work)."""
-    from . import int_dot
 
     lanes = int_dot.ISAS.get(spec.isa, 8)  # no isa: plain loops, for CPUs without these instructions
     rows = sch.get_sblock("int_rows")

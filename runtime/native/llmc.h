@@ -20,6 +20,8 @@
 extern "C" {
 #endif
 
+#define LLMC_API __attribute__((visibility("default")))
+
 typedef struct llmc_model llmc_model;
 
 /* Sampling as the Python runtime does it: temperature 0 is greedy; top_k 0 and top_p 1 leave
@@ -46,18 +48,18 @@ typedef int (*llmc_token_callback)(int32_t token, void *user);
 /* Open and verify an artifact (format version, every field it uses, file sizes, checksums,
  * paths), check that this CPU can run its kernels, map its weights and load its kernels.
  * `threads`: the kernels' threads (0: every core, or LLMC_NUM_THREADS). */
-llmc_model *llmc_load(const char *path, int threads);
+LLMC_API llmc_model *llmc_load(const char *path, int threads);
 
-llmc_sampling llmc_greedy(void);
+LLMC_API llmc_sampling llmc_greedy(void);
 
 /* Prefill the prompt, then decode up to `max_new_tokens` new tokens, stopping after an
  * end-of-sequence token (included). Returns the number of new tokens, or -1. */
-int llmc_generate(llmc_model *m, const int32_t *prompt, int n_prompt, int max_new_tokens,
+LLMC_API int llmc_generate(llmc_model *m, const int32_t *prompt, int n_prompt, int max_new_tokens,
                   const llmc_sampling *sampling, llmc_token_callback on_token, void *user);
 
-void llmc_get_stats(const llmc_model *m, llmc_stats *out);
-void llmc_free(llmc_model *m);
-const char *llmc_last_error(void);
+LLMC_API void llmc_get_stats(const llmc_model *m, llmc_stats *out);
+LLMC_API void llmc_free(llmc_model *m);
+LLMC_API const char *llmc_last_error(void);
 
 #ifdef __cplusplus
 }
