@@ -5,6 +5,8 @@
     llmc compile model.onnx --target cuda [--dtype fp16] [--arch sm_80,sm_90] -o model.llmc
     llmc run model.llmc --prompt-ids 1,2,3 --max-new-tokens 32  [--interpret: a cuda artifact on the CPU]
     llmc run model.llmc --prompt "Once upon a time"   (with a bundled tokenizer)
+    llmc runtime build [--target x86_64|arm64] [--shared] -o llmc-run
+    llmc package model.onnx --target arm64 [--cpu cortex-a76] -o DIR   (program + artifact + README)
     llmc ops [--markdown]
     llmc zoo list | llmc zoo export NAME [-o model.onnx]
 
@@ -154,6 +156,30 @@ def _parser() -> argparse.ArgumentParser:
                     help="also measure onnxruntime's own quantized models of the same schemes")
     qr.add_argument("--json", metavar="FILE", help="also write the figures as JSON here")
     qr.set_defaults(run=_quant_report)
+
+    rt = sub.add_parser("runtime", help="the native runtime (C, no Python): build it for a target")
+    rsub = rt.add_subparsers(metavar="ACTION")
+    rb = rsub.add_parser("build", help="build llmc-run (or libllmc.so) with the kernels' toolchain; prints the path")
+    rb.add_argument("--target", default="x86_64", help="x86_64 (default) or arm64")
+    rb.add_argument("--shared", action="store_true",
+                    help="build the library libllmc.so with the C API of llmc.h (for apps: JNI, Swift) instead")
+    rb.add_argument("-o", "--output", required=True, help="the program (or library) to write")
+    rb.set_defaults(run=_runtime_build)
+
+    pk = sub.add_parser("package", help="a folder to copy to a board or phone: llmc-run, the artifact, a README")
+    pk.add_argument("model", help="an ONNX decoder")
+    pk.add_argument("--target", choices=("arm64", "cpu"), default="arm64",
+                    help="arm64 (default): an aarch64 Linux CPU; cpu: this machine's architecture")
+    pk.add_argument("--cpu", help="as for compile: arm64 generic (default), cortex-a55, cortex-a76, neoverse-n1, "
+                                  "neoverse-v1, apple-m1; cpu native, x86-64-v3, x86-64-v4")
+    pk.add_argument("-o", "--output", required=True, help="the folder to write (a package there is replaced)")
+    pk.add_argument("--max-seq-len", type=int, default=1024)
+    pk.add_argument("--eos-token-id", type=int)
+    pk.add_argument("--tokenizer", help="the folder with tokenizer.json and configs to bundle")
+    pk.add_argument("--fp32", action="store_true", help="keep the weights in fp32 (default: --quant w4 --group-size 32, "
+                                                         "the smallest encoding whose quality quant-report states)")
+    _quant_arguments(pk)
+    pk.set_defaults(run=_package, quant="w4", group_size=32)
 
     ops = sub.add_parser("ops", help="list the ONNX ops the frontend supports")
     ops.add_argument("--markdown", action="store_true", help="as the table in docs/onnx-ops.md")
@@ -479,6 +505,43 @@ def onnx_ops_markdown() -> str:
         doc = " ".join((CONVERTERS[op].__doc__ or "").split("\n\n")[0].split())
         lines.append(f"| {op} | {doc} |")
     return "\n".join(lines) + "\n"
+
+
+def _runtime_build(args) -> int:
+    from . import toolchain
+
+    print(toolchain.build_runtime(toolchain.arch_of(args.target), args.output, shared=args.shared))
+    return 0
+
+
+def _package(args) -> int:
+    """Compile for the target, build llmc-run for it, and say in a README how to run them."""
+    from . import compile as compile_model
+    from . import toolchain
+
+    from llmc.runtime.cpu import arch as host_arch
+
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise LlmcError(f"{out}: the folder {out.parent} does not exist")
+    if out.exists() and any(out.iterdir()):
+        if not (out / "README.txt").is_file() or not (out / "llmc-run").is_file():
+            raise LlmcError(f"{out}: exists and is not a package llmc wrote; give a new folder")
+        shutil.rmtree(out)
+    out.mkdir(exist_ok=True)
+    options = _quant_options(args)
+    if args.fp32:
+        options.update(quant=None, group_size=128)
+    program = toolchain.build_runtime("aarch64" if args.target == "arm64" else host_arch(), out / "llmc-run")
+    artifact = compile_model(args.model, target=args.target, output=out / "model.llmc", max_seq_len=args.max_seq_len,
+                             eos_token_id=args.eos_token_id, cpu=args.cpu, tokenizer=args.tokenizer, **options)
+    (out / "README.txt").write_text(
+        "Run on the device (token ids in, new token ids out): ./llmc-run model.llmc --prompt-ids 1,2,3 "
+        "--max-new-tokens 32   (./llmc-run --help for sampling and threads)\n")
+    size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
+    log.info("artifact %.1f MB, llmc-run %.0f KB", size / 1e6, program.stat().st_size / 1e3)
+    print(out)
+    return 0
 
 
 def _zoo_list(args) -> int:

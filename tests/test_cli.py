@@ -109,10 +109,18 @@ def test_zoo_unknown_model(capsys):
     assert "unknown zoo model 'gpt5'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [["inspect"], ["zoo", "export"]])
+@pytest.mark.parametrize("args", [["inspect"], ["zoo", "export"], ["runtime", "build"], ["package", "m.onnx"]])
 def test_usage_errors_exit_2(args):
     out = subprocess.run([sys.executable, "-m", "llmc.cli", *args], capture_output=True, text=True)
     assert out.returncode == 2 and "usage:" in out.stderr
+
+
+def test_unknown_runtime_target_and_cpu(capsys, tmp_path):
+    assert main(["runtime", "build", "--target", "riscv64", "-o", str(tmp_path / "x")]) == 2
+    assert "architecture 'riscv64' is not supported; supported: x86_64, arm64" in capsys.readouterr().err
+    model = str(export("llama-tiny", exporter="dynamo", kv_cache=True))
+    assert main(["compile", model, "--target", "arm64", "--cpu", "cortex-a99", "-o", str(tmp_path / "m")]) == 2
+    assert "CPU 'cortex-a99' is not supported for this target; supported: generic, cortex-a55" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a compile on a pseudo-terminal (13 s)

@@ -110,7 +110,8 @@ static int parallel_launch(parallel_lambda fn, void *cdata, int num_task) {
     atomic_store(&P.failed, 0);
     atomic_store(&P.finished, 0);
     atomic_store(&P.next, 0);
-    atomic_fetch_add_explicit(&P.generation, 1, memory_order_release);
+    atomic_fetch_add(&P.generation, 1);  /* sequentially consistent: a worker going to sleep sees it, or
+                                            this launch sees the worker asleep */
     if (atomic_load(&P.sleepers)) {
         pthread_mutex_lock(&P.lock);
         pthread_cond_broadcast(&P.wake);

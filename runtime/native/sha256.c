@@ -1,7 +1,17 @@
+/* SHA-256 with the CPU's SHA instructions where it has them (x86 SHA-NI, ARMv8 SHA2: several
+ * times faster; an artifact's weights are hashed on every load), else portable C. */
 #include "sha256.h"
 
 #include <stdio.h>
 #include <string.h>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#elif defined(__aarch64__) && defined(__linux__)
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#endif
 
 static const uint32_t K[64] = {
     0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
@@ -15,7 +25,7 @@ static const uint32_t K[64] = {
 
 #define ROR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
 
-static void compress(uint32_t h[8], const unsigned char *p) {
+static void compress_c(uint32_t h[8], const unsigned char *p) {
     uint32_t w[64], a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
     for (int i = 0; i < 16; i++)
         w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 | (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
@@ -30,6 +40,81 @@ static void compress(uint32_t h[8], const unsigned char *p) {
         k = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
     }
     h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
+}
+
+#if defined(__x86_64__)
+/* Four rounds per sha256rnds2 pair; the state as ABEF/CDGH, as the instructions take it. */
+__attribute__((target("sha,sse4.1,ssse3"))) static void compress_blocks_x86(uint32_t h[8], const unsigned char *p,
+                                                                          size_t blocks) {
+    const __m128i swap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+    __m128i tmp = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[0]), 0xB1);
+    __m128i s1 = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[4]), 0x1B);
+    __m128i s0 = _mm_alignr_epi8(tmp, s1, 8);
+    s1 = _mm_blend_epi16(s1, tmp, 0xF0);
+    for (; blocks--; p += 64) {
+        __m128i abef = s0, cdgh = s1, m[4];
+        for (int g = 0; g < 16; g++) {
+            if (g < 4) m[g] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 16 * g)), swap);
+            __m128i w = _mm_add_epi32(m[g % 4], _mm_loadu_si128((const __m128i *)&K[4 * g]));
+            s1 = _mm_sha256rnds2_epu32(s1, s0, w);
+            if (g >= 3 && g <= 14) {  /* the next group's words: + W[t-7], then sigma1 */
+                __m128i next = _mm_add_epi32(m[(g + 1) % 4], _mm_alignr_epi8(m[g % 4], m[(g + 3) % 4], 4));
+                m[(g + 1) % 4] = _mm_sha256msg2_epu32(next, m[g % 4]);
+            }
+            s0 = _mm_sha256rnds2_epu32(s0, s1, _mm_shuffle_epi32(w, 0x0E));
+            if (g >= 1 && g <= 12) m[(g + 3) % 4] = _mm_sha256msg1_epu32(m[(g + 3) % 4], m[g % 4]);
+        }
+        s0 = _mm_add_epi32(s0, abef);
+        s1 = _mm_add_epi32(s1, cdgh);
+    }
+    tmp = _mm_shuffle_epi32(s0, 0x1B);
+    s1 = _mm_shuffle_epi32(s1, 0xB1);
+    _mm_storeu_si128((__m128i *)&h[0], _mm_blend_epi16(tmp, s1, 0xF0));
+    _mm_storeu_si128((__m128i *)&h[4], _mm_alignr_epi8(s1, tmp, 8));
+}
+
+static int has_sha(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b >> 29 & 1);
+}
+#elif defined(__aarch64__) && defined(__linux__)
+__attribute__((target("sha2"))) static void compress_blocks_arm(uint32_t h[8], const unsigned char *p,
+                                                              size_t blocks) {
+    uint32x4_t s0 = vld1q_u32(&h[0]), s1 = vld1q_u32(&h[4]);
+    for (; blocks--; p += 64) {
+        uint32x4_t abcd = s0, efgh = s1, m[4];
+        for (int i = 0; i < 4; i++) m[i] = vreinterpretq_u32_u8(vrev32q_u8(vld1q_u8(p + 16 * i)));
+        for (int g = 0; g < 16; g++) {
+            uint32x4_t w = vaddq_u32(m[g % 4], vld1q_u32(&K[4 * g])), prev = s0;
+            if (g < 12)  /* this slot's words four groups on */
+                m[g % 4] = vsha256su1q_u32(vsha256su0q_u32(m[g % 4], m[(g + 1) % 4]), m[(g + 2) % 4], m[(g + 3) % 4]);
+            s0 = vsha256hq_u32(s0, s1, w);
+            s1 = vsha256h2q_u32(s1, prev, w);
+        }
+        s0 = vaddq_u32(s0, abcd);
+        s1 = vaddq_u32(s1, efgh);
+    }
+    vst1q_u32(&h[0], s0);
+    vst1q_u32(&h[4], s1);
+}
+
+static int has_sha(void) { return (getauxval(AT_HWCAP) >> 6) & 1; /* HWCAP_SHA2 */ }
+#endif
+
+static void compress(uint32_t h[8], const unsigned char *p, size_t blocks) {
+#if defined(__x86_64__) || (defined(__aarch64__) && defined(__linux__))
+    static int sha = -1;
+    if (sha < 0) sha = has_sha();
+    if (sha) {
+#if defined(__x86_64__)
+        compress_blocks_x86(h, p, blocks);
+#else
+        compress_blocks_arm(h, p, blocks);
+#endif
+        return;
+    }
+#endif
+    for (; blocks--; p += 64) compress_c(h, p);
 }
 
 void sha256_init(sha256_ctx *c) {
@@ -48,10 +133,12 @@ void sha256_update(sha256_ctx *c, const void *data, size_t n) {
         memcpy(c->block + c->used, p, take);
         c->used += take; p += take; n -= take;
         if (c->used < 64) return;
-        compress(c->h, c->block);
+        compress(c->h, c->block, 1);
         c->used = 0;
     }
-    for (; n >= 64; p += 64, n -= 64) compress(c->h, p);
+    compress(c->h, p, n / 64);
+    p += n / 64 * 64;
+    n %= 64;
     memcpy(c->block, p, n);
     c->used = n;
 }

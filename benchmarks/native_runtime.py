@@ -1,0 +1,135 @@
+"""The native runtime (`llmc-run`, C) against the Python runtime on the same artifacts: decode
+speed, the native runtime's own share of a decode step (time outside the kernels), prefill, peak
+memory (the process's maximum resident set) against weights + KV cache, and the program's size.
+Each run is a fresh process doing what a user does (load, prefill, greedy decode); the two
+runtimes alternate round by round, and medians are reported.
+
+    python benchmarks/native_runtime.py [MODEL ...] [--quant fp32 w8 w4] [--prompt-len 128]
+                                        [--new-tokens 128] [--repeats 3] [--threads N]
+
+MODEL: zoo names (default llama-0.5b gpt2). Artifacts are compiled with context prompt + new
+tokens; w4 is groups of 32. Sizes of each artifact are reported against the parameter count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PYTHON_RUN = """
+import json, sys, time
+import llmc.runtime as r
+t0 = time.perf_counter()
+m = r.load(sys.argv[1], threads=int(sys.argv[2]))
+loaded = time.perf_counter()
+prompt = json.loads(sys.argv[3])
+stamps = []
+tokens = m.generate(prompt, int(sys.argv[4]), on_token=lambda t: stamps.append(time.perf_counter()))
+print(json.dumps({"tokens": tokens, "load": loaded - t0, "prefill": stamps[0] - loaded,
+                  "step": (stamps[-1] - stamps[0]) / (len(stamps) - 1)}))
+"""
+
+
+def _run(cmd, env):
+    """(stdout, stderr, peak RSS bytes): the child waited for with its resource usage."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {err[-2000:]}")
+    return out, err, usage.ru_maxrss * 1024
+
+
+def native_once(program, art, threads, prompt, new, env):
+    out, err, rss = _run([str(program), str(art), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens",
+                          str(new), "--threads", str(threads), "--json", "--stats"], env)
+    stats = re.search(r"load ([\d.]+) s, prefill \d+ tokens ([\d.]+) s, decode (\d+) steps ([\d.]+) s .*?"
+                      r"([\d.]+)% outside kernels", err)
+    load, prefill, steps, decode, outside = stats.groups()
+    return {"tokens": json.loads(out)["new_token_ids"], "load": float(load), "prefill": float(prefill),
+            "step": float(decode) / int(steps), "outside": float(outside), "rss": rss}
+
+
+def python_once(art, threads, prompt, new, env):
+    out, _, rss = _run([sys.executable, "-c", PYTHON_RUN, str(art), str(threads), json.dumps(prompt), str(new)], env)
+    return {**json.loads(out), "rss": rss}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", default=["llama-0.5b", "gpt2"])
+    parser.add_argument("--quant", nargs="+", default=["fp32", "w8", "w4"], choices=("fp32", "w8", "w4"))
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = parser.parse_args()
+
+    import numpy as np
+
+    import llmc
+    from llmc import toolchain, zoo
+    from llmc.runtime import memory, safetensors
+    from llmc.runtime.artifact import WEIGHTS, open_artifact
+    from llmc.runtime.cpu import arch
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "LLMC_NUM_THREADS")}
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, "
+          f"{time.strftime('%Y-%m-%d')}; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"medians of {args.repeats} rounds")
+    with tempfile.TemporaryDirectory() as tmp:
+        program = toolchain.build_runtime(arch(), Path(tmp) / "llmc-run")
+        arm = toolchain.build_runtime("aarch64", Path(tmp) / "llmc-run-arm64")
+        print(f"llmc-run: {program.stat().st_size / 1e3:.1f} KB (x86_64), {arm.stat().st_size / 1e3:.1f} KB "
+              "(arm64), stripped")
+        print("| model (parameters) | weights | artifact MB | bytes/param | decode ms/step native | python | native/python "
+              "| native outside kernels | prefill s native | python | peak RSS MB native | python | "
+              "weights+KV MB | native over weights+KV |")
+        print("|" + " --- |" * 14)
+        for name in args.models:
+            spec = zoo.get(name)
+            onnx = spec.export(kv_cache=True, exporter="dynamo")
+            import onnx
+
+            params = sum(int(np.prod(t.dims)) for t in onnx.load(onnx, load_external_data=False).graph.initializer)
+            rng = np.random.default_rng(0)
+            prompt = [int(t) for t in rng.integers(1, 1000, args.prompt_len)]
+            for q in args.quant:
+                options = {} if q == "fp32" else {"quant": q, **({"group_size": 32} if q == "w4" else {})}
+                art = llmc.compile(onnx, output=Path(tmp) / f"{name}-{q}.llmc",
+                                   max_seq_len=args.prompt_len + args.new_tokens, **options)
+                size = sum(p.stat().st_size for p in art.rglob("*") if p.is_file())
+                m = open_artifact(art).manifest
+                weights = safetensors.load(art / WEIGHTS)
+                need = memory.footprint(m, weights, (art / WEIGHTS).stat().st_size)
+                native, python = [], []
+                for _ in range(args.repeats):
+                    native.append(native_once(program, art, args.threads, prompt, args.new_tokens, env))
+                    python.append(python_once(art, args.threads, prompt, args.new_tokens, env))
+                assert all(r["tokens"] == python[0]["tokens"] for r in native + python), "the runtimes disagree"
+
+                def med(runs, key):
+                    return statistics.median(r[key] for r in runs)
+                base = need["weights"] + need["kv_cache"]
+                per_param = f"{size / params:.2f}"
+                print(f"| {name} ({params / 1e6:.0f}M) | {q} | {size / 1e6:.1f} | {per_param} | {med(native, 'step') * 1e3:.2f} | "
+                      f"{med(python, 'step') * 1e3:.2f} | {med(native, 'step') / med(python, 'step'):.3f} | "
+                      f"{med(native, 'outside'):.2f}% | {med(native, 'prefill'):.3f} | {med(python, 'prefill'):.3f} | "
+                      f"{med(native, 'rss') / 1e6:.1f} | {med(python, 'rss') / 1e6:.1f} | {base / 1e6:.1f} | "
+                      f"{(med(native, 'rss') - base) / 1e6:+.1f} MB ({(med(native, 'rss') / base - 1) * 100:+.1f}%) |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
