@@ -7,7 +7,7 @@ runtimes alternate round by round, and medians are reported.
     python benchmarks/native_runtime.py [MODEL ...] [--quant fp32 w8 w4] [--prompt-len 128]
                                         [--new-tokens 128] [--repeats 3] [--threads N]
 
-MODEL: zoo names (default llama-0.5b gpt2). Artifacts are compiled with context prompt + new
+MODEL: zoo names (default llama-0.5b gpt2-124m). Artifacts are compiled with context prompt + new
 tokens; w4 is groups of 32. Sizes of each artifact are reported against the parameter count.
 """
 
@@ -34,41 +34,39 @@ loaded = time.perf_counter()
 prompt = json.loads(sys.argv[3])
 stamps = []
 tokens = m.generate(prompt, int(sys.argv[4]), on_token=lambda t: stamps.append(time.perf_counter()))
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"tokens": tokens, "load": loaded - t0, "prefill": stamps[0] - loaded,
-                  "step": (stamps[-1] - stamps[0]) / (len(stamps) - 1)}))
+                  "step": (stamps[-1] - stamps[0]) / (len(stamps) - 1), "rss": peak}))
 """
 
 
 def _run(cmd, env):
-    """(stdout, stderr, peak RSS bytes): the child waited for with its resource usage."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    out = proc.stdout.read()
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd[:3])} failed ({proc.returncode}): {err[-2000:]}")
-    return out, err, usage.ru_maxrss * 1024
+    """(stdout, stderr). Peak memory is the process's own VmHWM: a child's rusage maximum would
+    include this process's, which the fork copies."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd[:3])} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return done.stdout, done.stderr
 
 
 def native_once(program, art, threads, prompt, new, env):
-    out, err, rss = _run([str(program), str(art), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens",
+    out, err = _run([str(program), str(art), "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens",
                           str(new), "--threads", str(threads), "--json", "--stats"], env)
     stats = re.search(r"load ([\d.]+) s, prefill \d+ tokens ([\d.]+) s, decode (\d+) steps ([\d.]+) s .*?"
-                      r"([\d.]+)% outside kernels", err)
-    load, prefill, steps, decode, outside = stats.groups()
+                      r"([\d.]+)% outside kernels.*peak resident (\d+) B", err)
+    load, prefill, steps, decode, outside, rss = stats.groups()
     return {"tokens": json.loads(out)["new_token_ids"], "load": float(load), "prefill": float(prefill),
-            "step": float(decode) / int(steps), "outside": float(outside), "rss": rss}
+            "step": float(decode) / int(steps), "outside": float(outside), "rss": int(rss)}
 
 
 def python_once(art, threads, prompt, new, env):
-    out, _, rss = _run([sys.executable, "-c", PYTHON_RUN, str(art), str(threads), json.dumps(prompt), str(new)], env)
-    return {**json.loads(out), "rss": rss}
+    out, _ = _run([sys.executable, "-c", PYTHON_RUN, str(art), str(threads), json.dumps(prompt), str(new)], env)
+    return json.loads(out)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=["llama-0.5b", "gpt2"])
+    parser.add_argument("models", nargs="*", default=["llama-0.5b", "gpt2-124m"])
     parser.add_argument("--quant", nargs="+", default=["fp32", "w8", "w4"], choices=("fp32", "w8", "w4"))
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -77,6 +75,7 @@ def main():
     args = parser.parse_args()
 
     import numpy as np
+    import onnx
 
     import llmc
     from llmc import toolchain, zoo
@@ -99,15 +98,13 @@ def main():
         print("|" + " --- |" * 14)
         for name in args.models:
             spec = zoo.get(name)
-            onnx = spec.export(kv_cache=True, exporter="dynamo")
-            import onnx
-
-            params = sum(int(np.prod(t.dims)) for t in onnx.load(onnx, load_external_data=False).graph.initializer)
+            path = spec.export(kv_cache=True, exporter="dynamo")
+            params = sum(int(np.prod(t.dims)) for t in onnx.load(path, load_external_data=False).graph.initializer)
             rng = np.random.default_rng(0)
             prompt = [int(t) for t in rng.integers(1, 1000, args.prompt_len)]
             for q in args.quant:
                 options = {} if q == "fp32" else {"quant": q, **({"group_size": 32} if q == "w4" else {})}
-                art = llmc.compile(onnx, output=Path(tmp) / f"{name}-{q}.llmc",
+                art = llmc.compile(path, output=Path(tmp) / f"{name}-{q}.llmc",
                                    max_seq_len=args.prompt_len + args.new_tokens, **options)
                 size = sum(p.stat().st_size for p in art.rglob("*") if p.is_file())
                 m = open_artifact(art).manifest

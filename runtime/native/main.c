@@ -40,6 +40,17 @@ static int to_double(const char *text, double *out) {
     return !*text || *end || errno ? -1 : 0;
 }
 
+/* The process's peak resident memory (Linux's VmHWM), in bytes; 0 where unknown. */
+static size_t peak_resident(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    size_t kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmHWM:", 6)) kb = strtoull(line + 6, NULL, 10);
+    if (f) fclose(f);
+    return kb * 1024;
+}
+
 typedef struct { int json, count; } printer;
 
 static int print_token(int32_t token, void *user) {
@@ -136,11 +147,12 @@ int main(int argc, char **argv) {
     if (stats) {
         double step = st.decode_steps ? st.decode_seconds / st.decode_steps : 0;
         fprintf(stderr, "load %.3f s, prefill %d tokens %.4f s, decode %d steps %.4f s (%.2f tok/s, %.3f ms/step, "
-                "%.2f%% outside kernels), %d threads; weights %zu B, KV cache %zu B, activations %zu B\n",
+                "%.2f%% outside kernels), %d threads; weights %zu B, KV cache %zu B, activations %zu B; peak resident "
+                "%zu B\n",
                 st.load_seconds, st.prompt_tokens, st.prefill_seconds, st.decode_steps, st.decode_seconds,
                 step > 0 ? 1 / step : 0, step * 1e3,
                 st.decode_seconds > 0 ? 100 * (1 - st.decode_kernel_seconds / st.decode_seconds) : 0, st.threads,
-                st.weights_bytes, st.kv_cache_bytes, st.activation_bytes);
+                st.weights_bytes, st.kv_cache_bytes, st.activation_bytes, peak_resident());
     }
     llmc_free(m);
     return 0;

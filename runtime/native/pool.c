@@ -122,15 +122,45 @@ static int parallel_launch(parallel_lambda fn, void *cdata, int num_task) {
     return atomic_load(&P.failed) ? -1 : 0;
 }
 
+/* Workspace: kernels allocate scratch on every call (the int8 GEMMs' quantized activations, for
+ * one), stack-like. Each thread keeps its last few freed blocks for reuse, as TVM's own
+ * workspace pool does: malloc and free of these sizes cost several percent of a decode step, and
+ * large blocks come back from the kernel as fresh, zeroed pages. A block's size is kept in the
+ * ALIGN bytes before it. */
+#define CACHED_BLOCKS 8
+static _Thread_local struct { uint8_t *base; size_t size; } cached[CACHED_BLOCKS];
+static _Thread_local int n_cached;
+
 static void *alloc_workspace(int device_type, int device_id, uint64_t nbytes, int code_hint, int bits_hint) {
     (void)device_type; (void)device_id; (void)code_hint; (void)bits_hint;
+    size_t size = ((size_t)nbytes + ALIGN - 1) / ALIGN * ALIGN, best = 0;
+    int pick = -1;
+    for (int i = 0; i < n_cached; i++)
+        if (cached[i].size >= size && (pick < 0 || cached[i].size < best)) { pick = i; best = cached[i].size; }
+    if (pick >= 0) {
+        uint8_t *base = cached[pick].base;
+        cached[pick] = cached[--n_cached];
+        return base + ALIGN;
+    }
     void *p = NULL;
-    return posix_memalign(&p, ALIGN, nbytes ? (size_t)nbytes : 1) ? NULL : p;
+    if (posix_memalign(&p, ALIGN, size + ALIGN)) return NULL;
+    *(size_t *)p = size;
+    return (uint8_t *)p + ALIGN;
 }
 
 static int free_workspace(int device_type, int device_id, void *ptr) {
     (void)device_type; (void)device_id;
-    free(ptr);
+    if (!ptr) return 0;
+    uint8_t *base = (uint8_t *)ptr - ALIGN;
+    if (n_cached == CACHED_BLOCKS) {  /* drop the smallest */
+        int small = 0;
+        for (int i = 1; i < n_cached; i++)
+            if (cached[i].size < cached[small].size) small = i;
+        free(cached[small].base);
+        cached[small] = cached[--n_cached];
+    }
+    cached[n_cached].base = base;
+    cached[n_cached++].size = *(size_t *)base;
     return 0;
 }
 

@@ -36,11 +36,17 @@ static int descending(const void *a, const void *b) {
 
 int sample_token(const float *logits, int n, rng *r, double temperature, int top_k, double top_p,
                  double *scratch, int *order) {
-    if (temperature <= 0) {
-        int best = 0;
-        for (int i = 1; i < n; i++)
-            if (logits[i] > logits[best]) best = i;
-        return best;
+    if (temperature <= 0) {  /* the first index of the largest, as numpy's argmax; the max in 8 lanes */
+        float lane[8];
+        int i = 0;
+        for (int l = 0; l < 8; l++) lane[l] = logits[0];
+        for (; i + 8 <= n; i += 8)
+            for (int l = 0; l < 8; l++) lane[l] = logits[i + l] > lane[l] ? logits[i + l] : lane[l];
+        float best = lane[0];
+        for (int l = 1; l < 8; l++) best = lane[l] > best ? lane[l] : best;
+        for (; i < n; i++) best = logits[i] > best ? logits[i] : best;
+        for (i = 0; i < n - 1 && !(logits[i] == best); i++) {}
+        return i;
     }
     double *z = scratch, *p = scratch + n, *c = scratch + 2 * (size_t)n;
     for (int i = 0; i < n; i++) {
