@@ -93,11 +93,12 @@ static void insert(llmc_model *m, const char *name, int index) {
     m->table[i] = (struct slot){name, index};
 }
 
-static void *aligned_zeros(size_t n) {
+/* Buffers are not cleared: every value is written before it is read (the Python runtime's are
+ * numpy.empty too), and pages never touched (the logits rows a last-position prefill skips, the
+ * cache beyond the context used) then take no memory. */
+static void *aligned_alloc64(size_t n) {
     void *p = NULL;
-    if (posix_memalign(&p, ALIGN, n ? n : ALIGN)) return NULL;
-    memset(p, 0, n);
-    return p;
+    return posix_memalign(&p, ALIGN, n ? n : ALIGN) ? NULL : p;
 }
 
 static size_t round_up(size_t n) { return (n + ALIGN - 1) / ALIGN * ALIGN; }
@@ -395,9 +396,9 @@ static int plan_memory(llmc_model *m) {
         if (offset + size > arena) arena = offset + size;
     }
     m->arena_bytes = arena;
-    m->arena = aligned_zeros(arena);
-    m->caches = aligned_zeros(m->cache_bytes);
-    m->no_tables = aligned_zeros((size_t)m->max_seq * 2 * sizeof(float));
+    m->arena = aligned_alloc64(arena);
+    m->caches = aligned_alloc64(m->cache_bytes);
+    m->no_tables = aligned_alloc64((size_t)m->max_seq * 2 * sizeof(float));
     if (!m->arena || !m->caches || !m->no_tables) {
         set_error("cannot allocate %.2f GiB for the KV caches and activations",
                   (double)(m->arena_bytes + m->cache_bytes) / (1 << 30));

@@ -31,7 +31,7 @@ static struct {
     parallel_lambda fn;
     void *cdata;
     int num_task;
-    atomic_int next, finished, failed;
+    atomic_int finished, failed;
     atomic_int sleepers;
     pthread_mutex_t lock;
     pthread_cond_t wake;
@@ -66,17 +66,15 @@ static inline void relax(void) {
 #endif
 }
 
-static void run_tasks(void) {
+/* Thread i runs tasks i, i + threads, ...: each thread's share is fixed, as in TVM's pool. */
+static void run_tasks(int self) {
     parallel_env env = {NULL, P.num_task};
-    for (;;) {
-        int t = atomic_fetch_add(&P.next, 1);
-        if (t >= P.num_task) return;
+    for (int t = self; t < P.num_task; t += P.threads)
         if (P.fn(t, &env, P.cdata)) atomic_store(&P.failed, 1);
-    }
 }
 
 static void *worker(void *arg) {
-    (void)arg;
+    int self = (int)(intptr_t)arg;
     uint64_t seen = 0;
     for (;;) {
         for (long spins = 0; atomic_load_explicit(&P.generation, memory_order_acquire) == seen; spins++) {
@@ -88,7 +86,7 @@ static void *worker(void *arg) {
             pthread_mutex_unlock(&P.lock);
         }
         seen = atomic_load_explicit(&P.generation, memory_order_acquire);
-        run_tasks();
+        run_tasks(self);
         atomic_fetch_add_explicit(&P.finished, 1, memory_order_release);
     }
     return NULL;
@@ -109,7 +107,6 @@ static int parallel_launch(parallel_lambda fn, void *cdata, int num_task) {
     P.num_task = num_task;
     atomic_store(&P.failed, 0);
     atomic_store(&P.finished, 0);
-    atomic_store(&P.next, 0);
     atomic_fetch_add(&P.generation, 1);  /* sequentially consistent: a worker going to sleep sees it, or
                                             this launch sees the worker asleep */
     if (atomic_load(&P.sleepers)) {
@@ -117,7 +114,7 @@ static int parallel_launch(parallel_lambda fn, void *cdata, int num_task) {
         pthread_cond_broadcast(&P.wake);
         pthread_mutex_unlock(&P.lock);
     }
-    run_tasks();
+    run_tasks(0);
     while (atomic_load_explicit(&P.finished, memory_order_acquire) < P.threads - 1) relax();
     return atomic_load(&P.failed) ? -1 : 0;
 }
@@ -171,7 +168,7 @@ int pool_start(int threads) {
     if (!P.workers) return 1;
     P.threads = 1;
     for (int i = 1; i < threads; i++) {
-        if (pthread_create(&P.workers[i], NULL, worker, NULL)) break;
+        if (pthread_create(&P.workers[i], NULL, worker, (void *)(intptr_t)i)) break;
         P.threads++;
     }
     return P.threads;
