@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import rel_err
 from onnx_reference import OnnxDecoder
-from zoo_cases import compiler_for_cuda, export
+from zoo_cases import compiler, export
 
 from llmc import runtime, zoo
 
@@ -20,7 +20,7 @@ ARCH = "sm_{}{}".format(*torch.cuda.get_device_capability())
 
 @pytest.fixture(scope="module")
 def cuda(tmp_path_factory):
-    return compiler_for_cuda(tmp_path_factory.mktemp("cuda"), arch=ARCH)
+    return compiler(tmp_path_factory.mktemp("cuda"), "cuda", arch=ARCH)
 
 
 def _greedy(model, prompt, steps):

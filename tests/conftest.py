@@ -38,20 +38,18 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory):
     """`artifacts(name, **options)`: a zoo model compiled once per session (max_seq_len 128)."""
-    import llmc
-    from zoo_cases import export
+    from zoo_cases import compiler
 
-    root = tmp_path_factory.mktemp("artifacts")
-    cache = {}
+    return compiler(tmp_path_factory.mktemp("artifacts"))
 
-    def get(name, **options):
-        key = (name, tuple(sorted(options.items())))
-        if key not in cache:
-            tag = "-".join([name] + [f"{k}{v}" for k, v in sorted(options.items())])
-            cache[key] = llmc.compile(export(name, exporter="dynamo", kv_cache=True), output=root / f"{tag}.llmc",
-                                      max_seq_len=128, **options)
-        return cache[key]
-    return get
+
+@pytest.fixture(scope="session")
+def native(tmp_path_factory):
+    """The native runtime's program (llmc-run), built for this machine."""
+    from llmc import toolchain
+    from llmc.runtime.cpu import arch
+
+    return toolchain.build_runtime(arch(), tmp_path_factory.mktemp("native") / "llmc-run")
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:

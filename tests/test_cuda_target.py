@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 from onnx_reference import OnnxDecoder
-from zoo_cases import compiler_for_cuda, export
+from zoo_cases import compiler, export
 
 import llmc
 from llmc import runtime, zoo
@@ -29,7 +29,7 @@ ARCH = "sm_90"  # one architecture where the test is about the results; both whe
 
 @pytest.fixture(scope="module")
 def cuda(tmp_path_factory):
-    return compiler_for_cuda(tmp_path_factory.mktemp("cuda"), arch=ARCH)
+    return compiler(tmp_path_factory.mktemp("cuda"), "cuda", arch=ARCH)
 
 
 def _greedy(model, prompt, steps):

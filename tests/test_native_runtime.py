@@ -7,16 +7,16 @@ The arm64 tests need Debian's qemu-user, libc6-arm64-cross and binutils-aarch64-
 
 from __future__ import annotations
 
-import ctypes
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
-from zoo_cases import export
+from zoo_cases import compiler, export
 
-import llmc
 from llmc import runtime, toolchain
 from llmc.cli import main
 from llmc.runtime.cpu import arch as host_arch
@@ -33,16 +33,10 @@ SYSROOT = "/usr/aarch64-linux-gnu"
 
 
 @pytest.fixture(scope="session")
-def native(tmp_path_factory):
-    """llmc-run for this machine."""
-    return toolchain.build_runtime(host_arch(), tmp_path_factory.mktemp("native") / "llmc-run")
-
-
-@pytest.fixture(scope="session")
 def native_arm64(tmp_path_factory):
     """llmc-run for aarch64, and the command prefix that runs aarch64 programs here."""
     for tool, package in (("qemu-aarch64", "qemu-user"), (f"{SYSROOT}/lib/ld-linux-aarch64.so.1", "libc6-arm64-cross")):
-        assert shutil.which(tool) or (tool.startswith("/") and __import__("os").path.exists(tool)), \
+        assert shutil.which(tool) or os.path.exists(tool), \
             f"{tool} is missing: apt-get install {package} (scripts/setup.sh does, as root)"
     program = toolchain.build_runtime("aarch64", tmp_path_factory.mktemp("arm64") / "llmc-run")
     return ["qemu-aarch64", "-L", SYSROOT, str(program)]
@@ -50,17 +44,7 @@ def native_arm64(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def arm64_artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("arm64-artifacts")
-    cache = {}
-
-    def get(name, **options):
-        key = (name, tuple(sorted(options.items())))
-        if key not in cache:
-            tag = "-".join([name] + [f"{k}{v}" for k, v in sorted(options.items())])
-            cache[key] = llmc.compile(export(name, exporter="dynamo", kv_cache=True), target="arm64",
-                                      output=root / f"{tag}.llmc", max_seq_len=128, **options)
-        return cache[key]
-    return get
+    return compiler(tmp_path_factory.mktemp("arm64-artifacts"), "arm64")
 
 
 def run(command, artifact, *args, check=True):
@@ -106,51 +90,68 @@ def test_json_output_eos_and_stats(native, artifacts):
     assert re.search(r"decode 11 steps .* outside kernels\), \d+ threads; weights \d+ B, KV cache \d+ B", stats), stats
 
 
+C_API_CLIENT = """
+import ctypes, json, sys
+
+class Sampling(ctypes.Structure):
+    _fields_ = [("temperature", ctypes.c_double), ("top_k", ctypes.c_int), ("top_p", ctypes.c_double),
+                ("seed", ctypes.c_uint64), ("seeded", ctypes.c_int)]
+
+class Stats(ctypes.Structure):
+    _fields_ = ([(n, ctypes.c_double) for n in ("load", "prefill", "decode", "decode_kernels")]
+                + [(n, ctypes.c_int) for n in ("prompt_tokens", "new_tokens", "decode_steps", "threads")]
+                + [(n, ctypes.c_size_t) for n in ("weights_bytes", "kv_cache_bytes", "activation_bytes")]
+                + [(n, ctypes.c_int) for n in ("max_seq_len", "vocab_size")])
+
+lib = ctypes.CDLL(sys.argv[1])  # RTLD_LOCAL, as apps load libraries
+callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int32, ctypes.c_void_p)
+lib.llmc_load.restype = ctypes.c_void_p
+lib.llmc_load.argtypes = [ctypes.c_char_p, ctypes.c_int]
+lib.llmc_generate.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int, ctypes.c_int,
+                              ctypes.POINTER(Sampling), callback, ctypes.c_void_p]
+lib.llmc_get_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(Stats)]
+lib.llmc_free.argtypes = [ctypes.c_void_p]
+lib.llmc_last_error.restype = ctypes.c_char_p
+out = {}
+model = lib.llmc_load(sys.argv[2].encode(), 1)
+assert model, lib.llmc_last_error()
+seen = []
+on_token = callback(lambda token, user: seen.append(token) or int(len(seen) == 6))  # stop after 6
+prompt_ids = json.loads(sys.argv[3])
+prompt = (ctypes.c_int32 * len(prompt_ids))(*prompt_ids)
+out["returned"] = lib.llmc_generate(model, prompt, len(prompt_ids), 10, ctypes.byref(Sampling(0.0, 0, 1.0, 0, 1)),
+                                    on_token, None)
+out["seen"] = seen
+stats = Stats()
+lib.llmc_get_stats(model, ctypes.byref(stats))
+out["stats"] = {name: getattr(stats, name) for name, _ in Stats._fields_}
+out["bad"] = lib.llmc_generate(model, prompt, len(prompt_ids), 10, ctypes.byref(Sampling(-1.0, 0, 1.0, 0, 1)),
+                               on_token, None)
+out["bad_error"] = lib.llmc_last_error().decode()
+lib.llmc_free(model)
+out["missing"] = lib.llmc_load(b"/nonexistent/m.llmc", 1)
+out["missing_error"] = lib.llmc_last_error().decode()
+print(json.dumps(out))
+"""
+
+
 def test_c_api_as_a_library(tmp_path, artifacts):
-    """libllmc.so through its C API, as an app binds it: load, generate with a per-token
-    callback that stops early, stats, free, and the error text of a failed load."""
-    lib = ctypes.CDLL(str(toolchain.build_runtime(host_arch(), tmp_path / "libllmc.so", shared=True)))
-
-    class Sampling(ctypes.Structure):
-        _fields_ = [("temperature", ctypes.c_double), ("top_k", ctypes.c_int), ("top_p", ctypes.c_double),
-                    ("seed", ctypes.c_uint64), ("seeded", ctypes.c_int)]
-
-    class Stats(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_double) for n in ("load_seconds", "prefill_seconds", "decode_seconds",
-                                                   "decode_kernel_seconds")] + \
-                   [(n, ctypes.c_int) for n in ("prompt_tokens", "new_tokens", "decode_steps", "threads")] + \
-                   [(n, ctypes.c_size_t) for n in ("weights_bytes", "kv_cache_bytes", "activation_bytes")] + \
-                   [(n, ctypes.c_int) for n in ("max_seq_len", "vocab_size")]
-
-    callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int32, ctypes.c_void_p)
-    lib.llmc_load.restype = ctypes.c_void_p
-    lib.llmc_load.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    lib.llmc_generate.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int, ctypes.c_int,
-                                  ctypes.POINTER(Sampling), callback, ctypes.c_void_p]
-    lib.llmc_get_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(Stats)]
-    lib.llmc_free.argtypes = [ctypes.c_void_p]
-    lib.llmc_last_error.restype = ctypes.c_char_p
-
+    """libllmc.so through its C API, as an app binds it, in a process with nothing else loaded
+    (no tvm_ffi to lend the kernels its symbols): load, generate with a per-token callback that
+    stops early, stats, free, and the error text of a failed call."""
+    lib = toolchain.build_runtime(host_arch(), tmp_path / "libllmc.so", shared=True)
     art = artifacts("gpt2-tiny")
     want = runtime.load(art).generate(PROMPT, 10)
-    model = lib.llmc_load(str(art).encode(), 1)
-    assert model, lib.llmc_last_error()
-    seen = []
-    on_token = callback(lambda token, user: seen.append(token) or int(len(seen) == 6))  # stop after 6
-    prompt = (ctypes.c_int32 * len(PROMPT))(*PROMPT)
-    greedy = Sampling(0.0, 0, 1.0, 0, 1)
-    assert lib.llmc_generate(model, prompt, len(PROMPT), 10, ctypes.byref(greedy), on_token, None) == 6
-    assert seen == want[:6]
-    stats = Stats()
-    lib.llmc_get_stats(model, ctypes.byref(stats))
-    assert (stats.prompt_tokens, stats.new_tokens, stats.threads, stats.max_seq_len) == (6, 6, 1, 128)
-    assert stats.weights_bytes == (art / "weights.safetensors").stat().st_size
-    bad = Sampling(-1.0, 0, 1.0, 0, 1)
-    assert lib.llmc_generate(model, prompt, len(PROMPT), 10, ctypes.byref(bad), on_token, None) == -1
-    assert b"temperature" in lib.llmc_last_error()
-    lib.llmc_free(model)
-    assert not lib.llmc_load(str(tmp_path / "missing.llmc").encode(), 1)
-    assert b"no such artifact" in lib.llmc_last_error()
+    done = subprocess.run([sys.executable, "-c", C_API_CLIENT, str(lib), str(art), json.dumps(PROMPT)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["returned"] == 6 and out["seen"] == want[:6]
+    stats = out["stats"]
+    assert (stats["prompt_tokens"], stats["new_tokens"], stats["threads"], stats["max_seq_len"]) == (6, 6, 1, 128)
+    assert stats["weights_bytes"] == (art / "weights.safetensors").stat().st_size
+    assert out["bad"] == -1 and "temperature -1: must be a finite number >= 0" in out["bad_error"]
+    assert out["missing"] is None and "no such artifact" in out["missing_error"]
 
 
 def _altered(art, tmp_path):

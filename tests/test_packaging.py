@@ -90,7 +90,13 @@ def test_installed_wheel_compiles_runs_and_serves_torch_compile(wheel, tmp_path)
     art = tmp_path / "m.llmc"
     _run(bin_ / "llmc", "compile", str(export("gpt2-tiny", exporter="dynamo", kv_cache=True)), "-o", str(art),
          "--max-seq-len", "32")
-    assert len(_run(bin_ / "llmc", "run", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "4").split()) == 4
+    tokens = _run(bin_ / "llmc", "run", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "4").split()
+    assert len(tokens) == 4
+    # the native runtime's sources ship in the wheel: it builds and gives the same tokens
+    program = _run(bin_ / "llmc", "runtime", "build", "-o", str(tmp_path / "llmc-run")).strip()
+    out = subprocess.run([program, str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"], capture_output=True,
+                         text=True)
+    assert out.stdout.split() == tokens, out.stderr
     assert "aten.mm" in _run(bin_ / "llmc", "ops", "--aten").split()
     code = """
 import torch, llmc

@@ -1,11 +1,12 @@
 """Decoders nobody here exported: files made by Hugging Face's optimum-onnx and by
 onnxruntime-genai's model builder (fp32 and int4; `fixtures/third_party/make.py` made them from
 small seeded random models), and a zoo export renamed, reordered and re-dimmed by hand. Each
-compiles, and greedy decoding gives onnxruntime's tokens on the same file, with the logits of
-every step within 1e-4 relative."""
+compiles, and greedy decoding gives onnxruntime's tokens on the same file (from both runtimes:
+the Python one and the native one), with the logits of every step within 1e-4 relative."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,15 @@ STEPS = 16
 PROMPT = [5, 17, 33, 2, 99, 7, 250]
 
 
-def _check(path, art, steps=STEPS, tol=1e-4):
+def _check(path, art, native, steps=STEPS, tol=1e-4):
+    """onnxruntime's greedy tokens from both runtimes (the native one: `native`, llmc-run), and
+    its logits at each step."""
     want_tokens, want_logits = OnnxDecoder(path, art).greedy(PROMPT, steps)
     model = runtime.load(art)
     assert model.generate(PROMPT, steps) == want_tokens
+    done = subprocess.run([str(native), str(art), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens",
+                           str(steps)], capture_output=True, text=True)
+    assert done.returncode == 0 and [int(t) for t in done.stdout.split()] == want_tokens, done.stderr
     model.executor.reset(batch=1)
     logits = model.forward(np.array([PROMPT]), past=0)[0, -1]
     for step, token in enumerate(want_tokens):
@@ -47,13 +53,13 @@ def _cases(names):
 
 
 @pytest.mark.parametrize("name", _cases(n for n in FILES if not n.endswith("int4")))
-def test_third_party_export_gives_onnxruntime_tokens(name, tmp_path):
+def test_third_party_export_gives_onnxruntime_tokens(name, tmp_path, native):
     path = FIXTURES / name / "model.onnx"
-    _check(path, llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64))
+    _check(path, llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64), native)
 
 
 @pytest.mark.parametrize("name", _cases(n for n in FILES if n.endswith("int4")))
-def test_int4_genai_export_keeps_its_weights(name, tmp_path):
+def test_int4_genai_export_keeps_its_weights(name, tmp_path, native):
     """MatMulNBits weights are taken as they are. onnxruntime's CPU kernel at the builder's
     accuracy level 4 rounds the activations to int8 too; at level 0 it computes in f32 with the
     same 4-bit weights, which is what llmc computes with f32 activations: that run is the
@@ -69,10 +75,10 @@ def test_int4_genai_export_keeps_its_weights(name, tmp_path):
     art = llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64, activations="f32")
     quant = runtime.load(art).manifest["model"]["quant"]
     assert quant["scheme"] == "w4" and quant["imported"] and quant["lm_head"] == "w4"
-    _check(path, art)
+    _check(path, art, native)
 
 
-def test_group_query_attention_with_a_sliding_window(tmp_path):
+def test_group_query_attention_with_a_sliding_window(tmp_path, native):
     """GroupQueryAttention's local_window_size, shorter than the tokens decoded: a mask."""
     model = onnx.load(str(FIXTURES / "genai-llama-fp32" / "model.onnx"))
     for node in model.graph.node:
@@ -81,7 +87,7 @@ def test_group_query_attention_with_a_sliding_window(tmp_path):
                 a.i = 5
     path = tmp_path / "model.onnx"
     onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
-    _check(path, llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64))
+    _check(path, llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64), native)
 
 
 def _rename(src: Path, dst: Path) -> None:
@@ -133,17 +139,17 @@ def _rename(src: Path, dst: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
-def test_renamed_reordered_redimmed_export_gives_the_same_tokens(name, artifacts, tmp_path):
+def test_renamed_reordered_redimmed_export_gives_the_same_tokens(name, artifacts, tmp_path, native):
     path = tmp_path / "renamed.onnx"
     _rename(export(name, exporter="torchscript", kv_cache=True), path)
     art = llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64)
     roles = runtime.load(art).manifest["model"]["roles"]
     assert roles == {"tokens": "tokens", "mask": "am", "positions": None, "logits": "logits"}
-    _check(path, art)
+    _check(path, art, native)
     assert runtime.load(art).generate(PROMPT, STEPS) == runtime.load(artifacts(name)).generate(PROMPT, STEPS)
 
 
-def test_last_position_logits_export(tmp_path):
+def test_last_position_logits_export(tmp_path, native):
     """An export that returns only the last position's logits (`logits[:, -1:]`, as
     transformers' logits_to_keep=1 writes it): its shape is [batch, min(seq, 1), vocab], a dim
     the runtime evaluates."""
@@ -161,14 +167,13 @@ def test_last_position_logits_export(tmp_path):
     onnx.save(model, str(path))
     art = llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64)
     assert "min(seq, 1)" in (art / "manifest.json").read_text()
-    _check(path, art)
+    _check(path, art, native)
 
 
 def test_text_in_text_out_with_the_bundled_tokenizer(tmp_path):
     """The tokenizer and configs beside the file are bundled (and checksummed like every file);
     the artifact takes text, streams text, and stops at the configs' end-of-sequence token."""
     import json
-    import subprocess
     import sys
 
     from tokenizers import Tokenizer

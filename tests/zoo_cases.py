@@ -15,8 +15,8 @@ def export(name: str, **kwargs):
     return zoo.get(name).export(**kwargs)
 
 
-def compiler_for_cuda(root, **defaults):
-    """`get(name, **options)`: a zoo model compiled for cuda into `root`, once (context 128)."""
+def compiler(root, target="cpu", **defaults):
+    """`get(name, **options)`: a zoo model compiled for `target` into `root`, once (context 128)."""
     import llmc
 
     cache = {}
@@ -25,7 +25,7 @@ def compiler_for_cuda(root, **defaults):
         key = (name, tuple(sorted(options.items())))
         if key not in cache:
             tag = "-".join([name] + [f"{k}{v}" for k, v in sorted(options.items())])
-            cache[key] = llmc.compile(export(name, exporter="dynamo", kv_cache=True), target="cuda",
+            cache[key] = llmc.compile(export(name, exporter="dynamo", kv_cache=True), target=target,
                                       output=root / f"{tag}.llmc", max_seq_len=128, **{**defaults, **options})
         return cache[key]
     return get

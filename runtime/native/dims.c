@@ -82,23 +82,20 @@ static int atom(parser *ps) {
     return 0;
 }
 
-static int product(parser *ps) {
-    int left = atom(ps);
+/* operand (op operand)*, left-associative; the two operators are tried in order (// before *) */
+static int chain(parser *ps, int (*operand)(parser *), const char *first, int first_op, const char *second,
+                 int second_op) {
+    int left = operand(ps);
     for (;;) {
-        if (accept(ps, "//")) left = node(ps, OP_DIV, 0, left, atom(ps));
-        else if (accept(ps, "*")) left = node(ps, OP_MUL, 0, left, atom(ps));
+        if (accept(ps, first)) left = node(ps, first_op, 0, left, operand(ps));
+        else if (accept(ps, second)) left = node(ps, second_op, 0, left, operand(ps));
         else return left;
     }
 }
 
-static int sum(parser *ps) {
-    int left = product(ps);
-    for (;;) {
-        if (accept(ps, "+")) left = node(ps, OP_ADD, 0, left, product(ps));
-        else if (accept(ps, "-")) left = node(ps, OP_SUB, 0, left, product(ps));
-        else return left;
-    }
-}
+static int product(parser *ps) { return chain(ps, atom, "//", OP_DIV, "*", OP_MUL); }
+
+static int sum(parser *ps) { return chain(ps, product, "+", OP_ADD, "-", OP_SUB); }
 
 int dims_atom(dim_atoms *t, const char *text) {
     for (int i = 0; i < t->n_atoms; i++)

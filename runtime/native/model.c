@@ -583,6 +583,13 @@ static int load_kernels(llmc_model *m, const json *functions) {
         set_error("%s: kernels.library: '%s' is not a listed file", m->art.where, library->string);
         return -1;
     }
+    /* The kernels call TVMFFIErrorSetRaisedFromCStrParts, defined here. In llmc-run it is
+     * exported (-rdynamic); where this code is a library an app loaded with RTLD_LOCAL (ctypes,
+     * JNI), its symbols are promoted to global first, so that the kernel library finds it. */
+    Dl_info self;
+    void *own = dladdr((void *)llmc_load, &self) && self.dli_fname
+                    ? dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL) : NULL;
+    if (own) dlclose(own);  /* the promotion stays */
     char *path = artifact_file(&m->art, library->string);
     m->library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!m->library) {
