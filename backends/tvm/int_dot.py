@@ -38,8 +38,9 @@ def choose(target) -> str | None:
 
 def signed_weights(isa: str, quant: str) -> bool:
     """Whether the w8 weight bytes are the signed values (for the sign trick on avx2, and for
-    sdot, which multiplies signed bytes), else value + 128, unsigned (VNNI, and the plain loops of a CPU without these instructions: so
-    that a CPU without VNNI runs and tests the encoding VNNI reads)."""
+    sdot, which multiplies signed bytes), else value + 128, unsigned (VNNI, and the plain loops
+    of a CPU without these instructions: so that a CPU without VNNI runs and tests the encoding
+    VNNI reads)."""
     return quant == "w8" and isa in ("avx2", "dotprod")
 
 
