@@ -36,7 +36,6 @@ typedef int (*kernel_fn)(void *self, const TVMFFIAny *args, int32_t num_args, TV
 
 /* ---- the kernels' thread pool and the hooks a TVM kernel library calls (pool.c) ---- */
 int pool_start(int threads);  /* returns the threads used */
-int pool_threads(void);
 /* Fill a kernel library's hook slots (parallel launch, workspace); -1 naming a missing slot. */
 int pool_install_hooks(void *library, const char *path);
 

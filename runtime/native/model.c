@@ -235,13 +235,12 @@ static int read_values(llmc_model *m, const json *plans) {
     return 0;
 }
 
-static size_t value_bytes(const llmc_model *m, const value *v, const int64_t *atoms) {
+static size_t value_bytes(const value *v, const int64_t *atoms) {
     size_t n = (size_t)v->itemsize;
     for (int d = 0; d < v->ndim; d++) {
         int64_t x = dims_value(&v->shape[d], atoms);
         n *= x > 0 ? (size_t)x : 0;
     }
-    (void)m;
     return n;
 }
 
@@ -370,10 +369,10 @@ static int plan_memory(llmc_model *m) {
     for (int i = 0; i < m->n_values; i++) {
         value *v = &m->values[i];
         if (v->where == IN_CACHE) {
-            v->size = value_bytes(m, v, m->atom_cache);
+            v->size = value_bytes(v, m->atom_cache);
             m->cache_bytes += round_up(v->size);
         } else if (v->where == IN_ARENA) {
-            v->size = value_bytes(m, v, atoms);
+            v->size = value_bytes(v, atoms);
             order[n++] = i;
         }
     }
@@ -575,7 +574,7 @@ static int read_plan(llmc_model *m, const json *plans, const json *functions) {
     return 0;
 }
 
-static int load_kernels(llmc_model *m, const json *functions) {
+static int load_kernels(llmc_model *m) {
     const json *kernels = field(m->art.manifest, "kernels", JSON_OBJECT, "manifest");
     const json *library = kernels ? field(kernels, "library", JSON_STRING, "kernels") : NULL;
     if (!library) return -1;
@@ -608,7 +607,6 @@ static int load_kernels(llmc_model *m, const json *functions) {
             rc = -1;
         }
     }
-    (void)functions;
     return rc;
 }
 
@@ -765,7 +763,7 @@ llmc_model *llmc_load(const char *path, int threads) {
         set_error("out of memory");
         goto fail;
     }
-    if (map_weights(m) || plan_memory(m) || load_kernels(m, functions)) goto fail;
+    if (map_weights(m) || plan_memory(m) || load_kernels(m)) goto fail;
     m->stats.weights_bytes = m->weights_size;
     m->stats.kv_cache_bytes = m->cache_bytes;
     m->stats.activation_bytes = m->arena_bytes;

@@ -174,8 +174,6 @@ int pool_start(int threads) {
     return P.threads;
 }
 
-int pool_threads(void) { return P.threads; }
-
 int pool_install_hooks(void *library, const char *path) {
     static const char *slots[3] = {"__TVMBackendParallelLaunch", "__TVMBackendAllocWorkspace",
                                    "__TVMBackendFreeWorkspace"};
