@@ -39,8 +39,16 @@ class Backend(Protocol):
         """What quantized GEMMs multiply unless told: "int8" where the target has integer dot
         products, else "f32" (`llmc.passes.quantize_activations`)."""
 
+    def machine(self, options: dict) -> dict:
+        """What tuning results are kept for: the machine the kernels are built for, as the
+        tuning table keys it (`llmc.tuning`)."""
+
+    def can_measure(self, options: dict) -> str:
+        """Why this machine cannot time the kernels for `options` ("" when it can)."""
+
     def build(self, graph, options: dict) -> Build:
-        """Kernels and plan for a graph the pass pipeline has run over."""
+        """Kernels and plan for a graph the pass pipeline has run over; `options["tuner"]` gives
+        each kernel with knobs its configuration (`llmc.tuning.Tuner`)."""
 
 
 def for_target(target: str) -> Backend:

@@ -91,7 +91,23 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--tokenizer", metavar="DIR",
                       help="the folder with tokenizer.json and the configs to bundle (default: the model's folder)")
     _quant_arguments(comp)
+    _tuning_arguments(comp)
     comp.set_defaults(run=_compile)
+
+    tune = sub.add_parser("tune", help="measure a model's kernels on this machine into the tuning cache, or export "
+                                       "the cache for identical machines")
+    tune.add_argument("model", nargs="?", help="an ONNX decoder (compile options as for compile)")
+    tune.add_argument("--target", choices=("cpu", "arm64", "cuda"), default="cpu")
+    tune.add_argument("--cpu", help="as for compile")
+    tune.add_argument("--dtype", choices=("fp32", "fp16"))
+    tune.add_argument("--arch", default="sm_80,sm_90")
+    tune.add_argument("--max-seq-len", type=int, default=1024)
+    tune.add_argument("--tune-budget", type=float, metavar="SECONDS",
+                      help="stop measuring after this long; unmeasured kernels keep their defaults")
+    tune.add_argument("--export", metavar="FILE",
+                      help="write this machine's entries of the tuning cache to FILE (after tuning MODEL, if given)")
+    _quant_arguments(tune)
+    tune.set_defaults(run=_tune)
 
     run = sub.add_parser("run", help="generate tokens with a compiled artifact")
     run.add_argument("artifact")
@@ -357,6 +373,16 @@ def _quant_arguments(p) -> None:
                    "(default: drawn from the vocabulary)")
 
 
+def _tuning_arguments(p) -> None:
+    p.add_argument("--tune", action="store_true",
+                   help="measure each kernel's knobs on this machine (results are cached: a second compile "
+                        "measures nothing)")
+    p.add_argument("--tune-budget", type=float, metavar="SECONDS",
+                   help="with --tune: stop measuring after this long; unmeasured kernels keep their defaults")
+    p.add_argument("--tuning", action="append", default=[], metavar="FILE",
+                   help="a tuning table from `llmc tune --export` (entries for other machines are not used)")
+
+
 def _quant_options(args) -> dict:
     return {"quant": args.quant, "group_size": args.group_size, "zero_point": args.zero_point,
             "lm_head": args.lm_head, "embedding": args.embedding, "awq": args.awq, "kv_cache": args.kv_cache,
@@ -368,10 +394,37 @@ def _compile(args) -> int:
 
     path = compile_model(args.model, target=args.target, output=args.output, max_seq_len=args.max_seq_len,
                          eos_token_id=args.eos_token_id, cpu=args.cpu, tokenizer=args.tokenizer, dtype=args.dtype,
-                         arch=args.arch, **_quant_options(args))
+                         arch=args.arch, tune=args.tune, tune_budget=args.tune_budget, tuning=args.tuning,
+                         **_quant_options(args))
     print(path)
     return 0
 
+
+def _tune(args) -> int:
+    """Tune MODEL's kernels into the cache (its artifact is not kept); export this machine's entries."""
+    import tempfile
+
+    from . import backends, compile as compile_model, tuning
+
+    if not args.model and not args.export:
+        raise LlmcError("llmc tune: give a model to tune, --export FILE, or both")
+    if args.model:
+        scratch = Path(tempfile.mkdtemp(prefix="llmc-tune-"))
+        try:
+            compile_model(args.model, target=args.target, output=scratch / "model.llmc", cpu=args.cpu,
+                          dtype=args.dtype, arch=args.arch, max_seq_len=args.max_seq_len, tune=True,
+                          tune_budget=args.tune_budget, **_quant_options(args))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if args.export:
+        backend = backends.for_target(args.target)
+        machine = backend.machine({"cpu": args.cpu or getattr(backend, "default_cpu", None), "arch": args.arch})
+        path = tuning.cache_file()
+        table = tuning.Table.load(path) if path.exists() else tuning.Table()
+        entries = table.for_machine(machine)
+        table.save(Path(args.export), entries)
+        print(f"{args.export}: {len(entries)} entries for this machine")
+    return 0
 
 def _run(args) -> int:
     import json

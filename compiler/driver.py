@@ -16,7 +16,8 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
             zero_point: bool = False, lm_head: str | None = None, embedding: str | None = None, awq: bool = False,
             calibration: list[int] | None = None, kv_cache: str | None = None, cpu: str | None = None,
             tokenizer=None, dtype: str | None = None, arch: str = "sm_80,sm_90",
-            activations: str | None = None) -> Path:  # noqa: A001
+            activations: str | None = None, tune: bool = False, tune_budget: float | None = None,
+            tuning: list | tuple = ()) -> Path:  # noqa: A001
     """Compile an ONNX decoder to an artifact directory; returns its path. A decoder exported
     without a KV cache gets one.
 
@@ -44,6 +45,11 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     architectures in `arch`, e.g. "sm_80,sm_90"; no GPU is needed to compile). `dtype`: the GEMM
     weights' precision, "fp32" or "fp16" (cuda only; default fp16 there, fp32 on cpu); sums are f32.
 
+    `tune`: measure the knobs of every kernel not yet in the user's tuning cache on this machine,
+    within `tune_budget` seconds (`llmc.tuning`); kernels in the cache, or in the tuning tables
+    `tuning` (files exported by `llmc tune --export`), are built with their recorded
+    configuration in any case.
+
     `cpu`: with target "cpu", "native" (this machine's CPU: the fastest code, for this kind of CPU
     only; the default), or a portable x86-64 level ("x86-64-v3", "x86-64-v4") for an artifact
     shipped to other machines; with "arm64", "generic" (NEON only; the default) or a CPU whose
@@ -66,6 +72,14 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     backend_options = {"cpu": cpu or getattr(backend, "default_cpu", None), "dtype": dtype, "kv_cache": kv_cache, "arch": arch, "activations": activations}
     backend.check(backend_options)
     activations = backend_options["activations"] = activations or backend.default_activations(backend_options)
+    if tune and backend.can_measure(backend_options):
+        raise LlmcError(f"--tune: {backend.can_measure(backend_options)}")
+    if tune_budget is not None and tune_budget <= 0:
+        raise LlmcError(f"--tune-budget {tune_budget}: the budget must be a positive number of seconds")
+    from .tuning import Tuner
+
+    tuner = backend_options["tuner"] = Tuner(backend.machine(backend_options), measure=tune, budget=tune_budget,
+                                             imports=list(tuning))
     options = {"max_seq_len": max_seq_len, "dtype": dtype, "activations": activations}
     if quant:
         from llmc.ops.transformer import QUANT_SCHEMES
@@ -113,10 +127,16 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     stages.append(("passes", time.perf_counter() - start - sum(t for _, t in stages)))
     shown.update()
     shown.set_description(f"compiling {onnx_path.name}: kernels ({backend.name})")
+    if tune:
+        tuner.progress = bar(desc="tuning kernels")
     try:
         build = backend.build(graph, backend_options)
     except UnsupportedGraph as e:
         raise LlmcError(f"{onnx_path}: {e}") from None
+    finally:
+        if tuner.progress is not None:
+            tuner.progress.close()
+    tuner.finish()
     stages.append(("kernels", time.perf_counter() - start - sum(t for _, t in stages)))
     shown.update()
     shown.set_description(f"compiling {onnx_path.name}: artifact")

@@ -48,6 +48,19 @@ def host_features() -> set[str]:
     return set()
 
 
+def model_name() -> str:
+    """This CPU's model as /proc/cpuinfo names it ("model name" on x86, "CPU part" on ARM)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key.strip() in ("model name", "CPU part"):
+            return rest.strip()
+    return "unknown"
+
+
 def required_features(level: str) -> list[str]:
     """The features an artifact compiled for `level` needs ("native": this CPU's)."""
     if level in LEVELS:

@@ -72,8 +72,11 @@ TRITON_KERNEL = {"module": NAME, "function": NAME, "constexprs": Map(SCALAR), "s
                      isinstance(v, dict) and set(v) == {"kernel", "max_rows", "rows"} and NAME(v["kernel"])
                      and type(v["max_rows"]) is int and POLY(v["rows"]))),
                  "binaries": Map(CUBIN)}
+# a kernel's knob values (`llmc.tuning`) and where they came from
+TUNED = {"config": Map(Check("a number or a string", lambda v: type(v) in (int, float, str, bool))),
+         "source": ("default", "cache", "file", "measured", "partial")}
 # the kernels by target kind: one TVM library, or Triton kernels (source and cubins)
-KERNELS = {"llvm": {"library": NAME, "functions": [NAME]},
+KERNELS = {"llvm": {"library": NAME, "functions": [NAME], "tuning": Map(TUNED)},
            "cuda": {"triton_version": str, "archs": [NAME], "sources": [NAME], "functions": Map(TRITON_KERNEL),
                     "argmax": NAME}}
 TARGETS = {"llvm": {"kind": ("llvm",), "?mcpu": str, "?mtriple": str, "?mattr": [str], "?num-cores": _int(1),
@@ -175,6 +178,9 @@ def _references(m: dict) -> None:
         _triton_references(m["kernels"], files)
     elif m["kernels"]["library"] not in files:
         raise Invalid(f"kernels.library: {m['kernels']['library']!r} is not a listed file")
+    for name in m["kernels"].get("tuning", {}):
+        if name not in functions:
+            raise Invalid(f"kernels.tuning[{name!r}]: not a kernel of kernels.functions")
     from .artifact import WEIGHTS
 
     if WEIGHTS not in files:

@@ -18,6 +18,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 SEED_VARIABLE = "LLMC_TEST_SEED"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _tuning_cache(tmp_path_factory):
+    """The test run's own tuning table: kernels are built with their defaults unless a test
+    tunes, and the user's table is neither read nor written."""
+    os.environ["LLMC_TUNING_CACHE"] = str(tmp_path_factory.mktemp("tuning") / "tuning.json")
+
+
 @pytest.fixture
 def rng(request):
     """A generator seeded differently in every test (or by $LLMC_TEST_SEED)."""
@@ -56,3 +63,11 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     """Error relative to the reference's norm."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.linalg.norm((got - want).ravel()) / max(np.linalg.norm(want.ravel()), 1e-30))
+
+
+def run_cli(*args: str):
+    """`llmc ARGS` in a process of its own (the environment's tuning table included)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "llmc.cli", *args], capture_output=True, text=True)

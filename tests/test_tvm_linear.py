@@ -15,14 +15,17 @@ from conftest import rel_err
 from zoo_cases import export
 
 import llmc
-from llmc.backends.tvm.linear import PACKINGS, ROWS, LinearSpec, build, pack, schedule
+from llmc.backends.tvm.linear import PACKINGS, TILES, LinearSpec, build, default_tile, knobs, pack, schedule
 from llmc.backends.tvm.target import host
 from llmc.ops import get_op
 from llmc.passes.quantize_weights import quantize
 
 
-def _run(spec, arrays, m):
-    kernel = build(spec, host())
+ROWS = 6  # the default register tile's rows
+
+
+def _run(spec, arrays, m, config=None, kernel=None):
+    kernel = kernel or build(spec, host(), config)
     dev = tvm.cpu(0)
     args = [tvm.runtime.tensor(PACKINGS[spec.packing(a)](arrays[a]) if spec.packing(a) else arrays[a], dev)
             for a in spec.arg_names()[:-1]]
@@ -79,6 +82,45 @@ def test_quantized_kernel_matches_reference(spec, zero_point, m, rng):
     full = dict(a, w=w, w_scale=None, w_zero=None)
     tolerance = 0.01 if spec.quant == "w8" else 0.3
     assert rel_err(want, _reference(replace(spec, quant="", group_size=0), full)) < tolerance
+
+
+# Every value of every knob (`linear.knobs`), each with the other knobs at their defaults, on
+# odd sizes: f32, w8 and w4 weights, decode (1 row) and prefill row counts below, at and past
+# whole register tiles of each tile's rows.
+KNOB_SPECS = [LinearSpec(130, 96, norm="rms", bias=True), LinearSpec(70, 96, quant="w8", residual=True),
+              LinearSpec(96, 64, quant="w4", group_size=32, gated=True, activation="silu")]
+
+
+@pytest.mark.parametrize("spec", KNOB_SPECS, ids=lambda c: c.quant or "f32")
+def test_every_knob_value_matches_reference(spec, rng):
+    """All tiles, also those this CPU would not try (AVX-512's)."""
+    w = rng.standard_normal((spec.n, spec.k)).astype(np.float32) / 8
+    q, scale, zero = quantize(w, spec.quant, spec.group_size, True) if spec.quant else (w, None, None)
+    for knob in knobs(spec, (32, 16)):
+        for value in knob.values:
+            config = {knob.name: value}
+            kernel = build(spec, host(), config)
+            rows = int(str(value).split("x")[0]) if knob.name == "tile" else 1
+            for m in sorted({1, 5, rows, 2 * rows + 1}):
+                a = {"x": rng.standard_normal((m, spec.k)), "w": q, "w_scale": scale, "w_zero": zero,
+                     "bias": rng.standard_normal(spec.n), "residual": rng.standard_normal((m, spec.out_features)),
+                     "norm_scale": rng.standard_normal(spec.k)}
+                a = {k: v if k == "w" else v.astype(np.float32) for k, v in a.items() if k in spec.arg_names()}
+                assert rel_err(_run(spec, a, m, kernel=kernel), _reference(spec, a)) < 1e-5, (config, m)
+
+
+def test_default_tile_fits_the_registers():
+    """The cost model: 6 rows, and vectors of 16 features while the accumulators take at most
+    3/4 of the registers; every tile it picks is one the tuner measures."""
+    assert default_tile(32, 16) == "6x4"  # AVX-512
+    assert default_tile(16, 8) == "6x1"   # AVX2
+    assert default_tile(32, 4) == "6x1"   # NEON
+    assert default_tile(16, 4) == "6x1"   # SSE: still spills; the tuner finds better
+    tiles = {registers: knobs(LinearSpec(64, 64), registers)[0].values for registers in ((32, 16), (16, 8), (32, 4))}
+    for registers, values in tiles.items():
+        assert values[0] == default_tile(*registers) and set(values) <= set(TILES)
+    assert set(tiles[32, 16]) == set(TILES)  # AVX-512 holds them all
+    assert "6x4" not in tiles[16, 8] and "4x2" in tiles[16, 8]  # AVX2: 48 accumulators spill, 16 fit
 
 
 def test_every_linear_of_a_compiled_llama(rng):

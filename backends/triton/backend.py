@@ -58,6 +58,15 @@ class TritonBackend:
     def default_activations(self, options: dict) -> str:
         return "f32"
 
+    def machine(self, options: dict) -> dict:
+        """Tuned configurations are kept per GPU architecture; with several, the first one's
+        are used for all (one launch table serves every architecture's cubins)."""
+        return {"gpu": archs(options["arch"])[0]}
+
+    def can_measure(self, options: dict) -> str:
+        return ("timing Triton kernels needs an NVIDIA GPU, and llmc does not time them yet; a table of "
+                "configurations tuned on a GPU is used with --tuning FILE")
+
     def build(self, graph, options: dict) -> Build:
         from importlib.metadata import version
 

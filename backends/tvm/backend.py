@@ -39,6 +39,22 @@ class TvmBackend:
         if options["kv_cache"] not in ("f32", "int8"):
             raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on CPUs; supported: f32, int8")
 
+    def machine(self, options: dict) -> dict:
+        """What tuning results are kept for (`llmc.tuning`): the CPU the kernels are built for
+        and, on this machine, its model and the cores the kernels run on."""
+        if self.arch == "aarch64":
+            return {"arch": "aarch64", "cpu": options["cpu"]}
+        import os
+
+        return {"arch": cpus.arch(), "cpu": self.target(options["cpu"])["mcpu"], "model": cpus.model_name(),
+                "cores": len(os.sched_getaffinity(0))}
+
+    def can_measure(self, options: dict) -> str:
+        """Why this machine cannot time the kernels ("" when it can)."""
+        if self.arch == "aarch64":
+            return "the arm64 target is cross-compiled: its kernels cannot be timed on this machine"
+        return ""
+
     def target(self, cpu: str) -> dict:
         from . import target
 
@@ -66,8 +82,9 @@ class TvmBackend:
         else:
             cpu = {"name": tvm_target["mcpu"], "arch": cpus.arch(), "features": cpus.required_features(options["cpu"])}
             export = {}
-        executable, functions, plan = compile_graph(graph, tvm_target)
-        return Build(target=tvm_target, cpu=cpu, kernels={"library": LIBRARY, "functions": functions}, plan=plan,
+        executable, functions, plan, tuning = compile_graph(graph, tvm_target, options.get("tuner"))
+        kernels = {"library": LIBRARY, "functions": functions, "tuning": tuning}
+        return Build(target=tvm_target, cpu=cpu, kernels=kernels, plan=plan,
                      values=caches, weights=weights(graph, plan),
                      files={LIBRARY: lambda path: executable.export_library(str(path), **export)})
 

@@ -8,6 +8,7 @@ feeds it) and writes each layer's caches in place at the current length; attenti
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import replace
 
@@ -15,21 +16,23 @@ from llmc.ir.graph import Graph, Node
 
 from ..plan import (Step, UnsupportedGraph, attention_args, kv_int8, lay_out_caches, node_key, plan_nodes,
                     rope_cache_args)
-from . import attention, injective, int_dot, linear, rope_cache
+from . import attention, injective, int_dot, linear, measure, rope_cache
 
-__all__ = ["Step", "UnsupportedGraph", "lay_out_caches", "compile_graph", "plan_graph", "weights"]
+__all__ = ["Chooser", "Step", "UnsupportedGraph", "lay_out_caches", "compile_graph", "plan_graph", "weights"]
 
 log = logging.getLogger(__name__)
 
 
 def _func(make):
-    """A builder of one named PrimFunc (`plan.plan_nodes`)."""
-    return lambda name: {name: make().with_attr("global_symbol", name)}
+    """A builder of one named PrimFunc (`plan.plan_nodes`); `make` takes the kernel's name."""
+    return lambda name: {name: make(name).with_attr("global_symbol", name)}
 
 
-def _plan_node(node: Node, graph: Graph, isa: str | None):
+def _plan_node(node: Node, graph: Graph, isa: str | None, registers: tuple[int, int], choose):
     """(kernel key, kernel builder, [step]) for one node; UnsupportedGraph for a node no kernel
-    runs. `isa`: the target's integer dot-product instructions (`int_dot.choose`)."""
+    runs. `isa`: the target's integer dot-product instructions (`int_dot.choose`); `registers`:
+    its vector registers (`target.vector_registers`); `choose(name,
+    key, knobs, measure)`: the configuration a kernel with knobs is built with (`llmc.tuning`)."""
     if node.op == "fused_linear":
         spec = linear.LinearSpec.of(node, graph)
         if spec.act_block:
@@ -37,21 +40,26 @@ def _plan_node(node: Node, graph: Graph, isa: str | None):
         slots = dict(zip(["x", "w", "bias", "residual", "norm_scale", "norm_bias", "w_scale", "w_zero"], node.inputs))
         args = [slots[a].name + (spec.packing(a) or "")
                 for a in spec.arg_names()[:-1]] + [node.outputs[0].name]
-        return repr(spec), _func(lambda: linear.schedule(spec).mod["main"]), [Step("", "linear", tuple(args))]
+
+        def make(name):
+            config = choose(name, repr(spec), linear.knobs(spec, registers),
+                            functools.partial(measure.measure_linear, spec))
+            return linear.schedule(spec, config).mod["main"]
+        return repr(spec), _func(make), [Step("", "linear", tuple(args))]
     int8 = kv_int8(graph)
     if node.op == "attention":
         spec = replace(attention.AttentionSpec.of(node), kv_int8=int8)
-        return repr(spec), _func(lambda: attention.schedule(spec).mod["main"]), [Step(
+        return repr(spec), _func(lambda name: attention.schedule(spec).mod["main"]), [Step(
             "", "attention", attention_args(node, graph), () if spec.masked else ("total",))]
     if node.op == "rope_cache":
         qkv, offset, args = rope_cache_args(node, graph)
         spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset, kv_int8=int8)
-        return repr(spec), _func(lambda: rope_cache.prim_func(spec)), [Step("", "rope_cache", args, ("past",))]
+        return repr(spec), _func(lambda name: rope_cache.prim_func(spec)), [Step("", "rope_cache", args, ("past",))]
     if node.op in injective.LOWERINGS:
         key = node_key(node)
         args = [v.name for pos, v in enumerate(node.inputs)
                 if v is not None and not (node.op in ("reshape", "expand") and pos == 1)]
-        return key, _func(lambda: injective.prim_func(node)), [Step(
+        return key, _func(lambda name: injective.prim_func(node)), [Step(
             "", "injective", tuple(args + [v.name for v in node.outputs]), tuple(injective.dim_names(node)))]
     raise UnsupportedGraph(f"{node.name}: no TVM kernel for op {node.op!r}", node.name)
 
@@ -70,15 +78,42 @@ def weights(graph: Graph, plan: list[Step]) -> dict:
     return out
 
 
-def compile_graph(graph: Graph, target: dict):
-    """Returns (built TVM executable, kernel table, plan)."""
+def compile_graph(graph: Graph, target: dict, tuner=None):
+    """Returns (built TVM executable, kernel table, plan, {kernel: its configuration and where it
+    came from}). Without a tuner every kernel takes its knobs' defaults."""
     import tvm
 
-    funcs, plan = plan_graph(graph, int_dot.choose(tvm.target.Target(target)))
+    choose = Chooser(target, tuner)
+    funcs, plan = plan_graph(graph, target, choose)
     executable = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target(target))
-    return executable, sorted(funcs), plan
+    return executable, sorted(funcs), plan, choose.configs
 
 
-def plan_graph(graph: Graph, isa: str | None = None):
-    """(kernels by name, plan), nothing built yet; UnsupportedGraph names a node no kernel runs."""
-    return plan_nodes(graph, lambda node: _plan_node(node, graph, isa))
+class Chooser:
+    """The configuration each kernel with knobs is built with: its knobs' defaults, or what the
+    tuner (`llmc.tuning.Tuner`) has recorded or measures. `configs` records them by kernel."""
+
+    def __init__(self, target: dict, tuner=None):
+        self.target, self.tuner, self.configs = target, tuner, {}
+
+    def __call__(self, name: str, key: str, knobs: list, measure) -> dict:
+        if not knobs:
+            return {}
+        if self.tuner is None:
+            self.configs[name] = {"config": {k.name: k.values[0] for k in knobs}, "source": "default"}
+        else:
+            self.tuner.config(key, knobs, lambda configs, rows, deadline: measure(self.target, configs, rows, deadline))
+            self.configs[name] = self.tuner.chosen[key]
+        return self.configs[name]["config"]
+
+
+def plan_graph(graph: Graph, target: dict, choose=None):
+    """(kernels by name, plan) for `target`, nothing built yet; UnsupportedGraph names a node no
+    kernel runs."""
+    import tvm
+
+    from .target import vector_registers
+
+    isa, registers = int_dot.choose(tvm.target.Target(target)), vector_registers(target)
+    choose = choose or Chooser(target)
+    return plan_nodes(graph, lambda node: _plan_node(node, graph, isa, registers, choose))

@@ -14,15 +14,17 @@ features then sit in vector lanes: a row's product is a stream of broadcast-mult
 (With [n/16, k, 16], four streams per task, int8 and 4-bit decode read 13% and 37% slower: at 16
 bytes per step and stream the prefetchers fell behind.)
 
-From ROWS rows on (prefill), rows go in blocks of ROWS; the last block's rows past m repeat row
-m - 1 (a clamped index, not a bounds predicate: a predicated row loop keeps LLVM from holding
-the accumulators in registers). Each parallel task owns 64 output features and runs every row
-block over them: a register tile of ROWS rows x 64 features (24 of the 32 AVX-512 registers)
-over the whole reduction, so each weight vector loaded serves ROWS rows and a task's weights
-stay in its L2 across row blocks. 128-row GEMMs run at 440-480 GFLOP/s on both Zen 5 cores, as
-fast as onnxruntime's MLAS. Fewer rows (decode) go one by one over the same tasks, which then
-read the weights at memory bandwidth (benchmarks/gemv_bandwidth.py); a clamped 6-row tile would
-do 6x the arithmetic, which dequantizing kernels feel.
+From `rows` rows on (prefill), rows go in blocks of `rows`; the last block's rows past m repeat
+row m - 1 (a clamped index, not a bounds predicate: a predicated row loop keeps LLVM from
+holding the accumulators in registers). Each parallel task owns 64 output features and runs
+every row block over them: a register tile of `rows` rows x `cols` vectors of 16 features over
+the whole reduction, so each weight vector loaded serves `rows` rows and a task's weights stay in
+its L2 across row blocks. The tile is a knob (`knobs`): 6 x 4 vectors fills 24 of AVX-512's 32
+registers, and with 128 rows runs at 440-480 GFLOP/s on both Zen 5 cores, as fast as
+onnxruntime's MLAS; AVX2's 16 registers hold a quarter of that (each 16-lane vector is two).
+Fewer rows (decode) go one by one over the same tasks, which then read the weights at memory
+bandwidth (benchmarks/gemv_bandwidth.py); a clamped 6-row tile would do 6x the arithmetic,
+which dequantizing kernels feel.
 
 Quantized weights (`quant`): int8 with a per-channel scale applied to the sums, or 4-bit
 nibbles (two input features per byte) with per-group scales and zeros. Decode dequantizes in the
@@ -46,10 +48,60 @@ import math
 from dataclasses import dataclass
 
 from . import int_dot
+from ..knobs import Knob
 
-LANES, TILE, ROWS = 16, 4, 6  # vector lanes (output features), vectors per tile, rows per register tile
+LANES, TILE = 16, 4  # vector lanes (output features), vectors per parallel task (its 64 features)
 EPILOGUE_STAGES = {"pre", "gate", "act", "erf_arg", "T_fast_erf", "gelu", "tanh_arg", "T_fast_tanh",
                    "gelu_tanh", "exp_arg", "T_fast_exp", "silu"}  # inlined into y
+
+
+PREFILL_ROWS = 128  # the row count the prefill knobs are measured at
+
+
+TILES = ("6x4", "6x2", "6x1", "4x1", "5x1", "3x1", "2x2", "3x2", "4x2", "8x1", "4x4", "12x1")
+
+
+def _accumulators(tile: str, lanes: int) -> int:
+    """Vector registers a register tile's accumulators take."""
+    rows, cols = (int(v) for v in tile.split("x"))
+    return rows * cols * max(1, LANES // lanes)
+
+
+def default_tile(registers: int, lanes: int) -> str:
+    """The cost model that sets the prefill register tile when nothing was measured: 6 rows (each
+    weight vector loaded serves 6 rows) and as many vectors of 16 features as keep the
+    accumulators within 3/4 of the vector registers (the rest hold the weights and a broadcast
+    row). AVX-512 (32 x 16 lanes): 6x4; AVX2 (16 x 8): 6x1; NEON (32 x 4): 6x1. On Zen 3 (AVX2),
+    6x4 spilled and ran a 128-row GEMM at 59 GFLOP/s, 6x1 at 159."""
+    cols = next((c for c in (4, 2) if _accumulators(f"6x{c}", lanes) <= registers * 3 // 4), 1)
+    return f"6x{cols}"
+
+
+def knobs(spec: "LinearSpec", registers: tuple[int, int] = (32, 16)) -> list[Knob]:
+    """The schedule's tunable knobs, each with its default first, for a CPU with `registers`
+    (vector registers, f32 lanes each). f32 activations: the prefill register tile ("rows x
+    vectors of 16 features"; those whose accumulators outnumber the registers are not tried),
+    whether row blocks or feature sub-tiles run outer, and the decode
+    GEMV's reduction unrolling (not for 4-bit, whose reduction is by groups). The integer
+    kernel has none yet."""
+    if spec.act_block:
+        return []
+    tile = default_tile(*registers)
+    fits = [t for t in TILES if t != tile and _accumulators(t, registers[1]) <= registers[0]]  # the rest spill
+    out = [Knob("tile", (tile, *fits), PREFILL_ROWS),
+           Knob("order", ("rows", "cols"), PREFILL_ROWS)]
+    if spec.quant != "w4":
+        out.append(Knob("unroll", tuple(u for u in (1, 2, 4, 8) if spec.k % u == 0), 1))
+    return out
+
+
+def default_config(spec: "LinearSpec", registers: tuple[int, int] = (32, 16)) -> dict:
+    return {k.name: k.values[0] for k in knobs(spec, registers)}
+
+
+def _tile(config: dict) -> tuple[int, int]:
+    rows, cols = config.get("tile", "6x4").split("x")
+    return int(rows), int(cols)
 
 
 def packed_rows(n: int) -> int:
@@ -330,8 +382,15 @@ def _integer_rows(spec: LinearSpec, h, m, args):
         scale_at(j, g) * (part[i, g, j] - zero_at(j, g) * zsum[i, g]), axis=g), name="int_rows")
 
 
-def prim_func(spec: LinearSpec):
-    """The kernel as a TensorIR function (unscheduled)."""
+def prim_func(spec: LinearSpec, config: dict | None = None):
+    """The kernel as a TensorIR function (unscheduled); `config`: knob values (`knobs`)."""
+    from tvm import te
+
+    return te.create_prim_func(tensors(spec, config))
+
+
+def tensors(spec: LinearSpec, config: dict | None = None) -> list:
+    """The kernel's arguments as TE tensors, in order, the output last."""
     from tvm import te, tirx
 
     m = tirx.Var("m", "int64")
@@ -359,7 +418,7 @@ def prim_func(spec: LinearSpec):
         int_rows = _integer_rows(spec, h, m, args)
         acc = lambda i, jj: int_rows[i, jj]  # noqa: E731
     else:
-        acc = _float_rows(spec, h, m, weight, args)
+        acc = _float_rows(spec, h, m, weight, args, _tile(config or {})[0])
     bias = args["bias"] = te.placeholder((n,), dt, name="bias") if spec.bias else None
     res = args["residual"] = te.placeholder((m, spec.out_features), dt, name="residual") \
         if spec.residual else None
@@ -380,17 +439,18 @@ def prim_func(spec: LinearSpec):
         return v + res[i, j] if res is not None else v
 
     y = te.compute((m, out), epilogue, name="y")
-    return te.create_prim_func([args[a] for a in spec.arg_names()[:-1]] + [y])
+    return [args[a] for a in spec.arg_names()[:-1]] + [y]
 
 
-def _float_rows(spec: LinearSpec, h, m, weight, args):
-    """acc(i, j) of the GEMM with f32 activations: register tiles of ROWS rows from ROWS rows
-    on (the last one clamped); fewer rows one by one."""
+def _float_rows(spec: LinearSpec, h, m, weight, args, rows_per_tile: int):
+    """acc(i, j) of the GEMM with f32 activations: register tiles of `rows_per_tile` rows from
+    that many rows on (the last one clamped); fewer rows one by one."""
     from tvm import te, tirx
 
     nb, k = packed_rows(spec.n), spec.k
-    tiled = m >= ROWS
-    nblocks = tirx.if_then_else(tiled, (m + ROWS - 1) // ROWS, 0)
+    R = rows_per_tile
+    tiled = m >= R
+    nblocks = tirx.if_then_else(tiled, (m + R - 1) // R, 0)
     red = te.reduce_axis((0, k), name="kk")
     if spec.quant == "w4":  # dequantized once per task's 64 features, for all its row blocks
         wdq = te.compute((nb, k, LANES), weight, name="tile")
@@ -399,8 +459,8 @@ def _float_rows(spec: LinearSpec, h, m, weight, args):
         weight_of_blocks = weight
     # the leading axis is 1 when tiled, else 0: a loop the tile's dequantization can sit under,
     # so that decode never runs it
-    blocks = te.compute((tirx.if_then_else(tiled, 1, 0), nblocks, ROWS, nb, LANES), lambda a, io, ii, jb, lane: te.sum(
-        h[tirx.min(io * ROWS + ii, m - 1), red] * weight_of_blocks(jb, red, lane), axis=red), name="blocks")
+    blocks = te.compute((tirx.if_then_else(tiled, 1, 0), nblocks, R, nb, LANES), lambda a, io, ii, jb, lane: te.sum(
+        h[tirx.min(io * R + ii, m - 1), red] * weight_of_blocks(jb, red, lane), axis=red), name="blocks")
     few = tirx.if_then_else(tiled, 0, m)
     red = te.reduce_axis((0, k), name="kk")
     if spec.quant == "w4":
@@ -411,24 +471,26 @@ def _float_rows(spec: LinearSpec, h, m, weight, args):
 
     def acc(i, jj):
         # the clamps are no-ops that let the schedule's region analysis see the reads in bounds
-        return tirx.if_then_else(tiled, blocks[0, tirx.min(i // ROWS, nblocks - 1), i % ROWS, jj // LANES, jj % LANES],
+        return tirx.if_then_else(tiled, blocks[0, tirx.min(i // R, nblocks - 1), i % R, jj // LANES, jj % LANES],
                                  rows[tirx.min(i, few - 1), jj // LANES, jj % LANES])
 
     return acc
 
 
-def schedule(spec: LinearSpec):
-    """Parallel tiles of 64 features; in each, every row block: the reduction, then ROWS x TILE x
-    16 accumulators held in registers (unrolled, vectorized). Below ROWS rows, the same tiles row
-    by row with TILE x 16 accumulators. The norm prologue is its own stage; the epilogue is one
-    stage, rows in parallel, features vectorized."""
+def schedule(spec: LinearSpec, config: dict | None = None):
+    """Parallel tiles of 64 features; in each, every row block: the reduction, then a register
+    tile of accumulators (rows x vectors of 16 features, unrolled, vectorized). Below a tile's
+    rows, the same tasks row by row with 4 x 16 accumulators. The norm prologue is its own stage;
+    the epilogue is one stage, rows in parallel, features vectorized. `config`: knob values
+    (`knobs`; missing ones take their defaults)."""
     import tvm
 
-    sch = tvm.s_tir.Schedule(prim_func(spec))
+    config = {**default_config(spec), **(config or {})}  # callers pass every knob: see `knobs`
+    sch = tvm.s_tir.Schedule(prim_func(spec, config))
     if spec.act_block:
         _schedule_integer(sch, spec)
     else:
-        _schedule_float(sch, spec)
+        _schedule_float(sch, spec, config)
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         if sch.get(block).name_hint in EPILOGUE_STAGES:
             sch.compute_inline(block)
@@ -486,18 +548,23 @@ def _schedule_integer(sch, spec: LinearSpec):
         sch.parallel(sch.get_loops(sch.get_sblock(name))[0])
 
 
-def _schedule_float(sch, spec: LinearSpec):
+def _schedule_float(sch, spec: LinearSpec, config: dict):
+    """Prefill: per task, its feature sub-tiles (`cols` vectors) and row blocks in the `order`
+    the config gives, the reduction over each register tile. Decode: per task and row, the
+    reduction (unrolled `unroll` times) over the task's 4 x 16 accumulators."""
+    _, cols = _tile(config)
     block = sch.get_sblock("blocks")
     any_, io, ii, jb, lane, red = sch.get_loops(block)
-    jo, ji = sch.split(jb, [None, TILE])
-    sch.reorder(jo, any_, io, red, ii, ji, lane)
+    jo, jm, ji = sch.split(jb, [None, TILE // cols, cols])
+    outer = [io, jm] if config["order"] == "rows" else [jm, io]
+    sch.reorder(jo, any_, *outer, red, ii, ji, lane)
     sch.parallel(jo)
     if spec.quant == "w4":
         tile = sch.get_sblock("tile")
         sch.compute_at(tile, any_)
         sch.vectorize(sch.get_loops(tile)[-1])
     local = sch.cache_write(block, 0, "local")
-    sch.reverse_compute_at(local, io)
+    sch.reverse_compute_at(local, outer[1])
     sch.vectorize(sch.get_loops(local)[-1])
     sch.unroll(ii)
     sch.unroll(ji)
@@ -507,7 +574,12 @@ def _schedule_float(sch, spec: LinearSpec):
     block = sch.get_sblock("rows")
     i, jb, lane, red = sch.get_loops(block)
     jo, ji = sch.split(jb, [None, TILE])
-    sch.reorder(jo, i, red, ji, lane)
+    if config.get("unroll", 1) > 1:
+        red, inner = sch.split(red, [None, config["unroll"]])
+        sch.reorder(jo, i, red, inner, ji, lane)
+        sch.unroll(inner)
+    else:
+        sch.reorder(jo, i, red, ji, lane)
     sch.parallel(jo)
     sch.vectorize(lane)
     sch.unroll(ji)
@@ -534,7 +606,7 @@ def _nibble_pairs(sch, spec: LinearSpec, red):
     return outer
 
 
-def build(spec: LinearSpec, target: dict):
+def build(spec: LinearSpec, target: dict, config: dict | None = None):
     import tvm
 
-    return tvm.compile(schedule(spec).mod, target=tvm.target.Target(target))
+    return tvm.compile(schedule(spec, config).mod, target=tvm.target.Target(target))

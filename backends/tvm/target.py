@@ -37,3 +37,18 @@ def host(cpu: str = "native") -> dict:
 def arm64(cpu: str = "generic") -> dict:
     """An aarch64 Linux CPU (phones, boards, servers), cross-compiled from this machine."""
     return {"kind": "llvm", "mcpu": cpu, "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], **FAST_MATH}
+
+
+def vector_registers(target: dict) -> tuple[int, int]:
+    """(vector registers, f32 lanes in each) of a target's CPU, for the schedules' cost models."""
+    import tvm
+    from tvm.target import codegen
+
+    t = tvm.target.Target(target)
+    if "aarch64" in target.get("mtriple", ""):
+        return 32, 4
+    if codegen.llvm_cpu_has_features(["avx512f"], t):
+        return 32, 16
+    if codegen.llvm_cpu_has_features(["avx2"], t):
+        return 16, 8
+    return 16, 4

@@ -183,14 +183,13 @@ class _Subgraph:
 
     @staticmethod
     def plan(sub, call, constants: dict, opts: dict) -> "_Subgraph":
-        import tvm
-
-        from llmc.backends.tvm import int_dot
         from llmc.backends.tvm import target as targets
-        from llmc.backends.tvm.compile import UnsupportedGraph, plan_graph
+        from llmc.backends.tvm.backend import HOST
+        from llmc.backends.tvm.compile import Chooser, UnsupportedGraph, plan_graph
         from llmc.frontends.fx import from_fx
         from llmc.passes.manager import PassContext, run_passes
         from llmc.passes.pipeline import default_pipeline
+        from llmc.tuning import Tuner
 
         self = _Subgraph()
         placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
@@ -208,7 +207,9 @@ class _Subgraph:
         dump = f"{opts['dump_dir']}/{call.target}" if opts["dump_dir"] else None
         self.graph = run_passes(self.graph, default_pipeline("cpu"), PassContext(options=options, dump_dir=dump))
         try:
-            self.funcs, self.plan = plan_graph(self.graph, int_dot.choose(tvm.target.Target(targets.host())))
+            # kernels tuned on this machine (`llmc tune`, `llmc compile --tune`) are built as tuned
+            tuner = Tuner(HOST.machine({"cpu": "native"}))
+            self.funcs, self.plan = plan_graph(self.graph, targets.host(), Chooser(targets.host(), tuner))
         except UnsupportedGraph as e:
             # IR nodes are named after the FX node they came from (passes add suffixes)
             origin = e.node.split(".")[0]
