@@ -54,8 +54,11 @@ def encode_dim(d, where: str = "a dim"):
     return [[c, list(m)] for m, c in d.terms.items()]
 
 
-SCALE = ".scale"  # an int8 cache's scales [batch, kv_heads, max_seq]: a cache of its own
+SCALE = ".scale"  # an int8 cache's scales (a head's row of d values has one): a cache of its own
 CACHE_DTYPES = {"f32": None, "f16": "float16", "int8": "int8"}  # None: the graph's own
+# the KV cache's axis orders: where the graph's [batch, kv_heads, seq, head_dim] axes go
+KV_ORDERS = {"bhsd": (0, 1, 2, 3), "bshd": (0, 2, 1, 3)}
+KV_ALIGNMENT = 64  # bytes: every cache buffer starts on a cache line (both runtimes' allocators)
 
 
 def kv_int8(graph: Graph) -> bool:
@@ -63,20 +66,62 @@ def kv_int8(graph: Graph) -> bool:
     return graph.metadata.get("kv_cache", {}).get("dtype") == "int8"
 
 
-def lay_out_caches(graph: Graph, dtype: str) -> dict:
-    """Record the KV cache's encoding ("f32", "f16" or "int8") in `graph.metadata["kv_cache"]`;
-    returns the runtime's caches as plan values, {name: (dtype, shape)}. With int8 the keys and
-    values are int8, and their scales [batch, kv_heads, max_seq] are caches too, with past/present
-    pairs of their own."""
+def check_kv_layout(options: dict) -> None:
+    from llmc.errors import LlmcError
+
+    layout = options.get("kv_layout", "auto")
+    if layout not in ("auto", *KV_ORDERS):
+        raise LlmcError(f"--kv-layout {layout}: not a KV-cache layout; supported: auto, {', '.join(KV_ORDERS)} "
+                        "(paged caches are not implemented yet)")
+
+
+def kv_layout(options: dict) -> str:
+    """The KV cache's axis order: as asked (`--kv-layout`), or by the cost model: "bhsd" on every
+    target. Attention's parallel work is per (batch, head) (a TVM task, a Triton program's key
+    blocks), and in bhsd each reads one contiguous block of its head's keys and values; in bshd
+    the same rows lie a row of all heads apart. What bshd does better, writing a token's heads
+    as one row, is a few hundred bytes per layer and step."""
+    layout = options.get("kv_layout", "auto")
+    return "bhsd" if layout == "auto" else layout
+
+
+def kv_shape(order: str, batch, kv_heads, max_seq, head_dim=None) -> tuple:
+    """A cache's shape in `order` (head_dim None: its int8 scales', one per head and token)."""
+    shape = (batch, kv_heads, max_seq) if order == "bhsd" else (batch, max_seq, kv_heads)
+    return shape if head_dim is None else (*shape, head_dim)
+
+
+def kv_index(order: str, b, h, pos, *d) -> list:
+    """The indices of (batch, kv head, position[, feature]) in a cache of `order`: how a kernel
+    addresses the cache the descriptor describes."""
+    return [b, h, pos, *d] if order == "bhsd" else [b, pos, h, *d]
+
+
+def kv_order(graph: Graph) -> str:
+    """The KV cache's axis order (`lay_out_caches`); "bhsd" before a backend chose one."""
+    return graph.metadata.get("kv_cache", {}).get("layout", {}).get("order", "bhsd")
+
+
+def lay_out_caches(graph: Graph, dtype: str, order: str = "bhsd") -> dict:
+    """Record the KV cache's layout in `graph.metadata["kv_cache"]`: its encoding ("f32", "f16"
+    or "int8") and its descriptor (`layout`: the axis order, KV_ORDERS; `page_tokens`, 0 for one
+    contiguous buffer per layer and kind; `alignment` in bytes). Returns the runtime's caches as
+    plan values, {name: (dtype, shape)}: the graph's past [batch, kv_heads, past, head_dim] in
+    the order's axes, sized by the runtime at the artifact's context. With int8 the keys and values
+    are int8, and their scales (the same axes without head_dim) are caches too, with past/present
+    pairs of their own. The kernels index the caches by the same descriptor."""
     cache = graph.metadata["kv_cache"]
     cache["dtype"] = dtype
+    cache["layout"] = {"order": order, "page_tokens": 0, "alignment": KV_ALIGNMENT}
+    axes = KV_ORDERS[order]
     by_name = {v.name: v for v in graph.values()}
     out, scales = {}, []
     for e in cache["entries"]:
         past = by_name[e["past"]]
-        out[e["past"]] = (CACHE_DTYPES[dtype] or past.dtype.numpy().name, past.shape)
+        shape = [past.shape[a] for a in axes]
+        out[e["past"]] = (CACHE_DTYPES[dtype] or past.dtype.numpy().name, shape)
         if dtype == "int8":
-            out[e["past"] + SCALE] = (past.dtype.numpy().name, past.shape[:-1])
+            out[e["past"] + SCALE] = (past.dtype.numpy().name, shape[:-1])
             scales.append({"past": e["past"] + SCALE, "present": e["present"] + SCALE})
     cache["entries"] += scales
     return out

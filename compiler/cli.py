@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.set_defaults(run=_run)
 
-    ben = sub.add_parser("bench", help="prefill and decode speed against onnxruntime and PyTorch eager")
+    ben = sub.add_parser("bench", help="prefill and decode speed against onnxruntime, PyTorch eager and torch.compile")
     ben.add_argument("model", help="a zoo model name (all peers) or an ONNX decoder with KV cache (llmc only)")
     ben.add_argument("--prompt-len", type=int, default=128)
     ben.add_argument("--new-tokens", type=int, default=128)
@@ -137,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--target", choices=("cpu", "cuda"), default="cpu",
                      help="cuda: on this machine's NVIDIA GPU, fp16 and w4 against PyTorch eager and torch.compile "
                           "(zoo models only; default model size for it: llama-1b)")
+    ben.add_argument("--tuned", action="store_true",
+                     help="also run each llmc artifact compiled with --tune (tuned from an empty table)")
     ben.add_argument("--json", metavar="FILE", help="also write every figure as JSON here")
     ben.set_defaults(run=_bench)
 
@@ -306,11 +308,12 @@ def _inspect_artifact(path) -> int:
         f"(needs {', '.join(m['cpu']['features']) or 'nothing beyond the architecture'})" if m["cpu"] else
         f"target:   cuda, cubins for {', '.join(m['kernels']['archs'])} (Triton {m['kernels']['triton_version']}), "
         f"--dtype {m['target']['dtype']}",
-        f"model:    {model['name']}, context {model['max_seq_len']} tokens, KV cache {model['kv_cache']['dtype']}, "
-        f"weights {'f32' if not quant else _quant_summary(quant)}",
+        f"model:    {model['name']}, context {model['max_seq_len']} tokens, KV cache {model['kv_cache']['dtype']} "
+        f"{model['kv_cache']['layout']['order']}, weights {'f32' if not quant else _quant_summary(quant)}",
         f"inputs:   {', '.join(t['name'] for t in model['inputs'] if t['name'] not in pasts)}"
         + (f", and {len(pasts)} KV-cache inputs" if pasts else ""),
-        f"plan:     {len(m['plans']['forward'])} kernel calls, {len(m['kernels']['functions'])} distinct kernels",
+        f"plan:     {len(m['plans']['forward'])} kernel calls, {len(m['kernels']['functions'])} distinct kernels; "
+        f"tuning: {_tuning_summary(m['kernels']['tuning'])}",
         "memory (batch 1, the whole context):",
         f"  weights      {_bytes(mem['weights'])} (mapped from the file, shared between processes)",
         f"  KV cache     {_bytes(mem['kv_cache'])}",
@@ -343,6 +346,13 @@ def _run_passes(graph, dump_ir, max_seq_len):
     return passed
 
 
+def _tuning_summary(tuning: dict) -> str:
+    """"3 kernels with knobs: measured 2, default 1"."""
+    sources = collections.Counter(t["source"] for t in tuning.values())
+    return f"{len(tuning)} kernels with knobs: " + ", ".join(f"{k} {v}" for k, v in sorted(sources.items())) \
+        if tuning else "no kernel has knobs"
+
+
 def _quant_summary(quant: dict) -> str:
     """w4 g32 (LM head w8, embedding w8, int8 activations): how an artifact's weights are encoded."""
     scheme = quant["scheme"] + (f" g{quant['group_size']}" if quant.get("group_size") else "")
@@ -366,6 +376,9 @@ def _quant_arguments(p) -> None:
     p.add_argument("--kv-cache", choices=("f32", "f16", "int8"),
                    help="the KV cache's encoding (default f16 with --dtype fp16, else f32): int8 keeps one scale "
                         "per head and token; f16 is for cuda")
+    p.add_argument("--kv-layout", default="auto", choices=("auto", "bhsd", "bshd"),
+                   help="the KV cache's axis order: [batch, kv_heads, seq, head_dim] (bhsd), [batch, seq, kv_heads, "
+                        "head_dim] (bshd), or auto (the target's choice: bhsd)")
     p.add_argument("--activations", choices=("int8", "f32"),
                    help="what the quantized GEMMs multiply: int8 activations (blocks of 32, integer dot products; "
                         "the cpu default) or f32 (weights dequantized; the cuda target's only choice)")
@@ -386,6 +399,7 @@ def _tuning_arguments(p) -> None:
 def _quant_options(args) -> dict:
     return {"quant": args.quant, "group_size": args.group_size, "zero_point": args.zero_point,
             "lm_head": args.lm_head, "embedding": args.embedding, "awq": args.awq, "kv_cache": args.kv_cache,
+            "kv_layout": args.kv_layout,
             "activations": args.activations, "calibration": _token_ids(args.calibration_ids, "--calibration-ids") if args.calibration_ids else None}
 
 
@@ -464,7 +478,8 @@ def _bench(args) -> int:
     from .tools.bench import bench, format_table
 
     return _print_result(bench(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                               repeats=args.repeats, quant=tuple(args.quant)), format_table, args.json)
+                               repeats=args.repeats, quant=tuple(args.quant), tuned=args.tuned), format_table,
+                         args.json)
 
 
 def _bench_torch(args) -> int:

@@ -17,7 +17,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
             calibration: list[int] | None = None, kv_cache: str | None = None, cpu: str | None = None,
             tokenizer=None, dtype: str | None = None, arch: str = "sm_80,sm_90",
             activations: str | None = None, tune: bool = False, tune_budget: float | None = None,
-            tuning: list | tuple = ()) -> Path:  # noqa: A001
+            tuning: list | tuple = (), kv_layout: str = "auto") -> Path:  # noqa: A001
     """Compile an ONNX decoder to an artifact directory; returns its path. A decoder exported
     without a KV cache gets one.
 
@@ -38,7 +38,9 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     `llmc.passes.quantize_activations`.
 
     `kv_cache`: "f32", "f16" (cuda), or "int8" (one scale per head and token, dequantized inside
-    attention); default f16 on cuda with --dtype fp16, else f32.
+    attention); default f16 on cuda with --dtype fp16, else f32. `kv_layout`: the caches' axis
+    order, "bhsd" ([batch, kv_heads, seq, head_dim]) or "bshd", or "auto": the backend's cost
+    model (`llmc.backends.plan.kv_layout`).
 
     `target`: "cpu" (TVM kernels for this machine's CPU), "arm64" (TVM kernels for an aarch64
     CPU, cross-compiled: see `llmc.toolchain`) or "cuda" (Triton kernels, compiled to cubins for the
@@ -69,7 +71,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     dtype = dtype or ("fp16" if target == "cuda" else "fp32")
     kv_cache = kv_cache or ("f16" if dtype == "fp16" else "f32")
     backend = backends.for_target(target)
-    backend_options = {"cpu": cpu or getattr(backend, "default_cpu", None), "dtype": dtype, "kv_cache": kv_cache, "arch": arch, "activations": activations}
+    backend_options = {"cpu": cpu or getattr(backend, "default_cpu", None), "dtype": dtype, "kv_cache": kv_cache, "arch": arch, "activations": activations, "kv_layout": kv_layout}
     backend.check(backend_options)
     activations = backend_options["activations"] = activations or backend.default_activations(backend_options)
     if tune and backend.can_measure(backend_options):

@@ -146,7 +146,7 @@ class Tuner:
             entry = table.get(kernel, self.machine)
             if entry and set(entry["config"]) == set(default):
                 return self._chose(kernel, entry["config"], source)
-        if not self.measuring:
+        if not self.measuring or measure is None:
             return self._chose(kernel, default, "default")
         start = time.monotonic()
         best, seconds, complete = dict(default), {}, True
@@ -173,7 +173,7 @@ class Tuner:
         return self._chose(kernel, best, "measured")
 
     def _chose(self, kernel: str, config: dict, source: str) -> dict:
-        self.chosen[kernel] = {"config": config, "source": source}
+        self.chosen[kernel] = {"kernel": kernel, "config": config, "source": source}
         return config
 
     def finish(self) -> None:

@@ -1,15 +1,13 @@
 """KV cache: the export's functional `present = concat(past, new)` becomes `kv_append`, a write
-into a cache the runtime owns, and attention reads the cache. The graph records the layout it
-chose in `graph.metadata["kv_cache"]`: contiguous [batch, kv_heads, max_seq, head_dim] for now,
-and which input/output pair each cache replaces."""
+into a cache the runtime owns, and attention reads the cache. The graph records which
+input/output pair each cache replaces in `graph.metadata["kv_cache"]`; the cache's physical
+layout (axis order, paging, encoding) is the backend's choice (`llmc.backends.plan.lay_out_caches`),
+since its kernels read it."""
 
 from __future__ import annotations
 
 from .manager import Pass, PassContext
 from .pattern import Op, Rule, Var, apply_rules
-
-LAYOUT = "[batch, kv_heads, max_seq, head_dim]"
-
 
 def _past(v) -> str | None:
     return None if v.kind == "input" and v.type.rank == 4 else f"{v.name} is not a 4-D graph input"
@@ -27,7 +25,7 @@ def _run(graph, ctx: PassContext):
                      key=lambda n: position[n.outputs[0]])
     entries = [{"past": n.inputs[0].name, "present": n.outputs[0].name} for n in appends]
     if entries:
-        graph.metadata["kv_cache"] = {"layout": LAYOUT, "entries": entries}
+        graph.metadata["kv_cache"] = {"entries": entries}
     return graph
 
 

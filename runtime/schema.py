@@ -72,18 +72,24 @@ TRITON_KERNEL = {"module": NAME, "function": NAME, "constexprs": Map(SCALAR), "s
                      isinstance(v, dict) and set(v) == {"kernel", "max_rows", "rows"} and NAME(v["kernel"])
                      and type(v["max_rows"]) is int and POLY(v["rows"]))),
                  "binaries": Map(CUBIN)}
-# a kernel's knob values (`llmc.tuning`) and where they came from
-TUNED = {"config": Map(Check("a number or a string", lambda v: type(v) in (int, float, str, bool))),
+# a kernel's signature as tuning tables key it, its knob values (`llmc.tuning`), and where they came from
+TUNED = {"kernel": str, "config": Map(Check("a number or a string", lambda v: type(v) in (int, float, str, bool))),
          "source": ("default", "cache", "file", "measured", "partial")}
 # the kernels by target kind: one TVM library, or Triton kernels (source and cubins)
 KERNELS = {"llvm": {"library": NAME, "functions": [NAME], "tuning": Map(TUNED)},
            "cuda": {"triton_version": str, "archs": [NAME], "sources": [NAME], "functions": Map(TRITON_KERNEL),
-                    "argmax": NAME}}
+                    "argmax": NAME, "tuning": Map(TUNED)}}
 TARGETS = {"llvm": {"kind": ("llvm",), "?mcpu": str, "?mtriple": str, "?mattr": [str], "?num-cores": _int(1),
                     "?fast-math-reassoc": bool, "?fast-math-contract": bool},
            "cuda": {"kind": ("cuda",), "dtype": ("fp32", "fp16")}}
 CPU = {"name": NAME, "arch": ("x86_64", "aarch64"), "features": [NAME]}
 FILE = {"bytes": _int(0), "sha256": Check("a sha256 hex digest", lambda v: isinstance(v, str) and _SHA256.match(v))}
+
+# the KV cache's descriptor (`llmc.backends.plan.lay_out_caches`); the runtimes allocate the caches
+# from plans.values, 64-byte aligned, and read no paged cache yet
+KV_LAYOUT = {"order": ("bhsd", "bshd"),
+             "page_tokens": Check("0 (this runtime reads contiguous caches only)", lambda v: v == 0 and type(v) is int),
+             "alignment": Check("64", lambda v: v == 64 and type(v) is int)}
 
 MANIFEST = {
     "format": str,
@@ -99,7 +105,8 @@ MANIFEST = {
         "max_seq_len": _int(1, 1 << 20),
         "index_bounds": Map(_int(1)),
         "roles": {"tokens": NAME, "mask": OPTIONAL_NAME, "positions": OPTIONAL_NAME, "logits": NAME},
-        "kv_cache": {"layout": str, "dtype": ("f32", "f16", "int8"), "entries": [{"past": NAME, "present": NAME}]},
+        "kv_cache": {"layout": KV_LAYOUT,
+                     "dtype": ("f32", "f16", "int8"), "entries": [{"past": NAME, "present": NAME}]},
         "quant": Check("null or an object", lambda v: v is None or isinstance(v, dict)),
         "eos_token_ids": [_int(0)],
         "tokenizer": OPTIONAL_NAME,

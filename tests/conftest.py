@@ -71,3 +71,11 @@ def run_cli(*args: str):
     import sys
 
     return subprocess.run([sys.executable, "-m", "llmc.cli", *args], capture_output=True, text=True)
+
+
+def in_kv_order(cache, order: str):
+    """A cache [batch, kv_heads, max_seq(, d)] as kernels of `order` address it (bshd: seq second),
+    and back: the swap is its own inverse. None stays None."""
+    if cache is None or order == "bhsd":
+        return cache
+    return np.ascontiguousarray(np.swapaxes(cache, 1, 2))

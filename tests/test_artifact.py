@@ -40,7 +40,7 @@ def test_round_trip(compiled):
     m = a.manifest
     assert m["format_version"] == FORMAT_VERSION and m["target"]["kind"] == "llvm"
     assert m["model"]["max_seq_len"] == 128 and m["model"]["index_bounds"] == {"input_ids": 256}
-    assert m["model"]["kv_cache"]["layout"] == "[batch, kv_heads, max_seq, head_dim]"
+    assert m["model"]["kv_cache"]["layout"] == {"order": "bhsd", "page_tokens": 0, "alignment": 64}
     assert [i["name"] for i in m["model"]["inputs"]][:2] == ["input_ids", "attention_mask"]
     assert m["model"]["outputs"][1]["shape"] == ["batch", "2", "past + seq", "16"]
     weights = safetensors.load(a.file(WEIGHTS))

@@ -32,16 +32,19 @@ def cuda(tmp_path_factory):
     return compiler(tmp_path_factory.mktemp("cuda"), "cuda", arch=ARCH)
 
 
-def _greedy(model, prompt, steps):
+def _greedy(model, prompt, steps, follow=None):
     """Greedy tokens and the last position's logits at each step (the interpreter is slow: one
-    pass gives both)."""
+    pass gives both). With `follow` (another system's tokens), each step is fed those instead
+    of its own, so its logits compare with that system's even where a near tie went the other
+    way."""
     model.executor.reset(batch=1)
     logits = model.forward(np.array([prompt]), past=0, last_only=True)[0, -1].copy()
     tokens, seen = [], [logits]
     for i in range(steps):
         tokens.append(int(seen[-1].argmax()))
         if i + 1 < steps:
-            seen.append(model.forward(np.array([[tokens[-1]]]), past=len(prompt) + i)[0, -1].copy())
+            fed = follow[i] if follow is not None else tokens[-1]
+            seen.append(model.forward(np.array([[fed]]), past=len(prompt) + i)[0, -1].copy())
     return tokens, seen
 
 
@@ -71,7 +74,9 @@ def test_fp16_interpreted_logits_within_half_precision(name, cuda, rng):
     assert m["target"]["dtype"] == "fp16" and m["model"]["kv_cache"]["dtype"] == "f16"
     prompt = rng.integers(0, zoo.get(name).config().vocab_size, 6).tolist()
     want_tokens, want_logits = OnnxDecoder(export(name, exporter="dynamo", kv_cache=True), art).greedy(prompt, STEPS)
-    _, logits = _greedy(runtime.load(art, interpret=True), prompt, STEPS)
+    # teacher-forced with onnxruntime's tokens: an f16 near tie may pick another token, after
+    # which the two systems' logits are of different inputs (seed 2060154277 did, at step 0)
+    _, logits = _greedy(runtime.load(art, interpret=True), prompt, STEPS, follow=want_tokens)
     for step in range(STEPS):
         assert rel_err(logits[step], want_logits[step]) < 1e-2, step
 

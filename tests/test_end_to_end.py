@@ -63,6 +63,24 @@ def test_greedy_tokens_and_logits_match_onnxruntime(name, artifacts, rng):
         logits = model.forward(np.array([[token]]), past=len(prompt) + step)[0, -1]
 
 
+# The KV cache in the other axis order ([batch, seq, kv_heads, head_dim]), f32 and int8 (whose
+# scales follow the order): the same greedy tokens as onnxruntime (int8: as the bhsd int8
+# artifact), on every family (llama by default, the rest with the slow tests).
+@pytest.mark.parametrize("name", [m.name if m.name == "llama-tiny" else pytest.param(m.name, marks=pytest.mark.slow)
+                                  for m in zoo.TINY_DECODERS])
+def test_every_kv_layout_gives_onnxruntime_tokens(name, artifacts, rng):
+    prompt = rng.integers(0, zoo.get(name).config().vocab_size, 7).tolist()
+    want, _ = _onnxruntime_greedy(name, prompt, 16)
+    art = artifacts(name, kv_layout="bshd")
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["model"]["kv_cache"]["layout"] == {"order": "bshd", "page_tokens": 0, "alignment": 64}
+    entry = manifest["model"]["kv_cache"]["entries"][0]
+    assert manifest["plans"]["values"][entry["past"]]["shape"][1] == [[1, ["past"]]]  # seq second
+    assert runtime.load(art).generate(prompt, 16) == want
+    int8 = runtime.load(artifacts(name, kv_layout="bshd", kv_cache="int8")).generate(prompt, 16)
+    assert int8 == runtime.load(artifacts(name, kv_cache="int8")).generate(prompt, 16)
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_last_position_logits_match_the_full_prefill(batch, artifacts, rng):
     model = runtime.load(artifacts("llama-tiny"))
@@ -135,15 +153,16 @@ def test_cli_compile_and_run(tmp_path):
     assert bad.returncode == 2 and "weights.safetensors" in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.slow  # a whole benchmark run (38 s)
+@pytest.mark.slow  # a whole benchmark run (38 s), with tuning and torch.compile
 def test_bench_measures_every_system(tmp_path):
     from llmc.cli import main
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "gpt2-tiny", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
+    assert main(["bench", "gpt2-tiny", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--tuned",
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result["systems"]) == {"llmc", "onnxruntime", "pytorch eager"}
+    assert set(result["systems"]) == {"llmc", "llmc tuned", "onnxruntime", "pytorch eager", "torch.compile"}
+    assert result["tuning_s"]["llmc tuned"] > 0
     for figures in result["systems"].values():
         assert figures["prefill_ms"] > 0 and figures["decode_tok_s"] > 0 and 0 < figures["decode_roofline"]
     assert 0 <= result["systems"]["llmc"]["runtime_overhead"] < 1

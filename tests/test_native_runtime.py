@@ -23,7 +23,8 @@ from llmc.runtime.cpu import arch as host_arch
 from llmc.zoo import TINY_DECODERS
 
 PROMPT = [3, 17, 5, 9, 2, 11]
-ENCODINGS = {"fp32": {}, "w8": {"quant": "w8"}, "w4": {"quant": "w4", "group_size": 32}, "kv-int8": {"kv_cache": "int8"}}
+ENCODINGS = {"fp32": {}, "w8": {"quant": "w8"}, "w4": {"quant": "w4", "group_size": 32}, "kv-int8": {"kv_cache": "int8"},
+             "kv-int8-bshd": {"kv_cache": "int8", "kv_layout": "bshd"}}
 # every encoding of llama-tiny and two of gpt2-tiny run by default, all of every family with the
 # slow tests (CI)
 DEFAULT = {("llama-tiny", e) for e in ENCODINGS} | {("gpt2-tiny", "fp32"), ("gpt2-tiny", "w4")}
@@ -173,21 +174,30 @@ def _edited(art, tmp_path):
     return copy
 
 
-def _cuda(art, tmp_path):
-    copy = tmp_path / "cuda.llmc"
-    shutil.copytree(art, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["target"] = {"kind": "cuda", "dtype": "fp16"}
-    from llmc.runtime.artifact import digest
-    manifest["manifest_sha256"] = digest(manifest)
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    return copy
+def _resealed(change):
+    """A copy of the artifact whose manifest `change` edits, with its checksum recomputed."""
+    def make(art, tmp_path):
+        from llmc.runtime.artifact import digest
+
+        copy = tmp_path / "changed.llmc"
+        shutil.copytree(art, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        change(manifest)
+        manifest["manifest_sha256"] = digest(manifest)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        return copy
+    return make
+
+
+_cuda = _resealed(lambda m: m.update(target={"kind": "cuda", "dtype": "fp16"}))
+_paged = _resealed(lambda m: m["model"]["kv_cache"]["layout"].update(page_tokens=16))
 
 
 @pytest.mark.parametrize("make,args,message", [
     (_altered, ["--prompt-ids", "1,2"], "checksum mismatch (the file was altered after compilation)"),
     (_edited, ["--prompt-ids", "1,2"], "altered after compilation"),
     (_cuda, ["--prompt-ids", "1,2"], "a cuda artifact; the native runtime runs CPU artifacts"),
+    (_paged, ["--prompt-ids", "1,2"], "model.kv_cache.layout.page_tokens: expected 0"),
     (None, ["--prompt-ids", "1,2", "--max-new-tokens", "127"], "exceeds the context of 128 tokens"),
     (None, ["--prompt-ids", "1,2", "--beam", "4"], "unknown option '--beam'"),
     (None, ["--prompt-ids", "1,256"], "token id 256 is outside the vocabulary (0..255)"),

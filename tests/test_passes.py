@@ -75,8 +75,7 @@ def test_decode_layer_is_at_most_six_kernels(name, exporter):
     kernels = [n.op for n in kernels_per_layer(graph)]
     assert len(kernels) <= 6, kernels
     assert kernels.count("attention") == 1 and kernels.count("rope_cache") == 1
-    cache = graph.metadata["kv_cache"]
-    assert cache["layout"] == "[batch, kv_heads, max_seq, head_dim]"
+    cache = graph.metadata["kv_cache"]  # the layout is the backend's to add (test_artifact, test_end_to_end)
     assert [e["present"] for e in cache["entries"]] == [v.name for v in graph.outputs[1:]]
 
 

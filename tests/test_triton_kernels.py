@@ -18,7 +18,7 @@ from llmc.ops.transformer import fused_linear, rope_cache  # noqa: E402
 from llmc.backends.tvm.rope_cache import quantize_rows  # noqa: E402
 from llmc.runtime.interpret import load_package  # noqa: E402
 
-from conftest import rel_err  # noqa: E402
+from conftest import in_kv_order, rel_err  # noqa: E402
 
 K = load_package(Path(kernels_package.__file__).parent, ["linear", "attention", "rope_cache", "norm", "sample"])
 NONE = torch.zeros(1)
@@ -91,8 +91,9 @@ ATTENTION_CASES = {
 }
 
 
+@pytest.mark.parametrize("order", ["bhsd", "bshd"])
 @pytest.mark.parametrize("case", ATTENTION_CASES.values(), ids=ATTENTION_CASES.keys())
-def test_attention(case, rng):
+def test_attention(case, order, rng):
     b, h, kvh, s, past, d, splits = (case[k] for k in ("b", "h", "kvh", "s", "past", "d", "splits"))
     cache, max_seq, total = case.get("cache", "float32"), 64, past + s
     q = rng.standard_normal((b, h, s, d)).astype(np.float32)
@@ -116,7 +117,8 @@ def test_attention(case, rng):
     y, partials = torch.zeros(want.shape), torch.zeros(b * h * s * splits * (bd + 1))
     consts = dict(HEADS=h, KV_HEADS=kvh, HEAD_DIM=d, MAX_SEQ=max_seq, SCALE=0.3, MASKED=int(case["masked"]),
                   CAUSAL=int(case["causal"]), KV_INT8=int(cache == "int8"), MERGE_HEADS=merge, SPLITS=splits,
-                  DOT_F16=0, BLOCK_M=16, BLOCK_N=16, BD=bd)
+                  DOT_F16=0, BLOCK_M=16, BLOCK_N=16, BD=bd, SEQ_MAJOR=int(order == "bshd"))
+    kc, vc, ks, vs = (in_kv_order(c, order) for c in (kc, vc, ks, vs))
     args = (_t(q), _t(kc), _t(vc), _t(ks), _t(vs), _t(mask), y, partials, _dims(past, total), b, s)
     K["attention"].partial[(-(-s // 16), b * h, splits)](*args, **consts)
     if splits > 1:
@@ -124,9 +126,9 @@ def test_attention(case, rng):
     assert np.abs(y.numpy() - want).max() < 1e-5
 
 
-@pytest.mark.parametrize("rotary", [16, 8, 0], ids=["rotary", "partial-rotary", "no-rotary"])
-@pytest.mark.parametrize("cache", ["float32", "float16", "int8"])
-def test_rope_cache(rotary, cache, rng):
+@pytest.mark.parametrize("rotary,cache,order", [(r, c, "bhsd") for r in (16, 8, 0) for c in ("float32", "float16", "int8")]
+                         + [(16, "float32", "bshd"), (8, "int8", "bshd")])
+def test_rope_cache(rotary, cache, order, rng):
     b, s, past, heads, kv_heads, d, max_seq, offset = 2, 3, 5, 4, 2, 16, 16, 8
     width = offset + (heads + 2 * kv_heads) * d + 4  # q, k, v sit inside a wider projection row
     qkv = rng.standard_normal((b, s, width)).astype(np.float32)
@@ -140,19 +142,21 @@ def test_rope_cache(rotary, cache, rng):
     int8 = cache == "int8"
     kc, vc = (np.zeros((b, kv_heads, max_seq, d), np.int8 if int8 else cache) for _ in range(2))
     ks, vs = (np.zeros((b, kv_heads, max_seq), np.float32) for _ in range(2))
-    kc_t, vc_t, ks_t, vs_t, q = _t(kc), _t(vc), _t(ks), _t(vs), torch.zeros(b, heads, s, d)
+    kc_t, vc_t, ks_t, vs_t = (_t(in_kv_order(c, order)) for c in (kc, vc, ks, vs))
+    q = torch.zeros(b, heads, s, d)
     consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, ROTARY=rotary, ROW=width, OFFSET=offset,
-                  MAX_SEQ=max_seq, KV_INT8=int(int8), BD=16)
+                  MAX_SEQ=max_seq, KV_INT8=int(int8), BD=16, SEQ_MAJOR=int(order == "bshd"))
     K["rope_cache"].rope_cache[(b * s, heads + 2 * kv_heads)](
         _t(qkv), _t(cos if rotary else None), _t(sin if rotary else None), kc_t, vc_t, ks_t, vs_t, q,
         _dims(past, past + s), b, s, **consts)
     assert np.abs(q.numpy() - want_q).max() < 1e-5
     new = slice(past, past + s)
     for got, scales, want in ((kc_t, ks_t, want_k), (vc_t, vs_t, want_v)):
-        got = got.numpy()[:, :, new].astype(np.float32)
+        got, scales = (in_kv_order(t.numpy(), order) for t in (got, scales))  # back to [b, kv_heads, seq, ...]
+        got = got[:, :, new].astype(np.float32)
         if int8:  # within half a step of the row's scale, and the scale is the row's max / 127
             want_q8, want_scale = quantize_rows(want[:, :, new])
-            assert np.allclose(scales.numpy()[:, :, new], want_scale, rtol=1e-6)
+            assert np.allclose(scales[:, :, new], want_scale, rtol=1e-6)
             assert np.abs(got - want_q8).max() <= 1
         else:
             assert np.abs(got - want[:, :, new]).max() <= (1e-5 if cache == "float32" else 2e-3 * np.abs(want).max())

@@ -120,3 +120,28 @@ def test_tune_refused(tmp_path, args, message):
     r = run_cli("compile", str(export("llama-tiny", exporter="dynamo", kv_cache=True)), "-o",
                 str(tmp_path / "x.llmc"), *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cuda_compile_uses_a_table_tuned_on_a_gpu(tmp_path, monkeypatch):
+    """A table made on a GPU machine, used by a compile on this one (no GPU): the GEMMs get its
+    block sizes, warps and stages in their launch table, and still compute the same tokens
+    (under Triton's interpreter)."""
+    default = _compile(tmp_path, "default.llmc", monkeypatch, tmp_path / "none.json", target="cuda", arch="sm_90",
+                       dtype="fp32")
+    tuned = _tuning_of(default)
+    assert tuned and all(t["source"] == "default" for t in tuned.values())
+    config = {"gemv_block_n": 8, "gemv_warps": 2, "gemm_tile": "32x64", "gemm_warps": 8, "gemm_stages": 2}
+    table = tmp_path / "gpu.json"
+    entries = [{"kernel": t["kernel"], "machine": {"gpu": "sm_90"}, "llmc_version": llmc.__version__,
+                "config": config, "seconds": {}} for t in tuned.values()]
+    tuning.Table(entries).save(table)
+    art = _compile(tmp_path, "tuned.llmc", monkeypatch, tmp_path / "none.json", target="cuda", arch="sm_90",
+                   dtype="fp32", tuning=[table])
+    assert {t["source"] for t in _tuning_of(art).values()} == {"file"}
+    functions = json.loads((art / "manifest.json").read_text())["kernels"]["functions"]
+    for name in tuned:
+        gemm, gemv = functions[name], functions[name + "_gemv"]
+        assert (gemm["constexprs"]["BLOCK_M"], gemm["constexprs"]["BLOCK_N"]) == (32, 64)
+        assert (gemm["num_warps"], gemm["num_stages"], gemv["constexprs"]["BLOCK_N"], gemv["num_warps"]) == (8, 2, 8, 2)
+    want = runtime.load(default, interpret=True).generate(PROMPT, 4)
+    assert runtime.load(art, interpret=True).generate(PROMPT, 4) == want

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from conftest import rel_err
+from conftest import in_kv_order, rel_err
 
 from llmc.backends.tvm.attention import AttentionSpec, build
 from llmc.backends.tvm.target import host
@@ -17,11 +17,12 @@ SPECS = [
     AttentionSpec(heads=4, kv_heads=2, head_dim=16, scale=0.25),                       # Llama-style GQA
     AttentionSpec(heads=6, kv_heads=6, head_dim=13, scale=0.3, merge_heads=False),     # MHA, odd dim
     AttentionSpec(heads=4, kv_heads=1, head_dim=8, scale=0.5, masked=False, is_causal=True),  # MQA
+    AttentionSpec(heads=4, kv_heads=2, head_dim=16, scale=0.25, order="bshd"),         # GQA, seq-major cache
 ]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"h{s.heads}kv{s.kv_heads}d{s.head_dim}"
-                         f"{'-mask' * s.masked}{'-causal' * s.is_causal}{'-merged' * s.merge_heads}")
+                         f"{'-mask' * s.masked}{'-causal' * s.is_causal}{'-merged' * s.merge_heads}-{s.order}")
 def test_kernel_matches_reference(spec, rng):
     kernel = build(spec, host())
     dev = tvm.cpu(0)
@@ -35,7 +36,7 @@ def test_kernel_matches_reference(spec, rng):
         k, v = (c[:, :, :kv_len] for c in caches)
         mask = np.where(rng.random((batch, 1, seq, kv_len)) > 0.3, 0, -np.inf).astype(np.float32)
         mask[:, :, 0, :] = -np.inf  # a query that sees no key: zeros, not NaN
-        args = [q, *caches] + [mask] * spec.masked
+        args = [q, *(in_kv_order(c, spec.order) for c in caches)] + [mask] * spec.masked
         want = get_op("attention").ref(q, k, v, mask if spec.masked else None, scale=spec.scale,
                                        is_causal=int(spec.is_causal), merge_heads=int(spec.merge_heads))
         out = tvm.runtime.tensor(np.zeros(want.shape, np.float32), dev)
@@ -47,7 +48,9 @@ def test_kernel_matches_reference(spec, rng):
 
 @pytest.mark.parametrize("spec", [AttentionSpec(heads=4, kv_heads=2, head_dim=16, scale=0.25, kv_int8=True),
                                   AttentionSpec(heads=3, kv_heads=3, head_dim=13, scale=0.3, merge_heads=False,
-                                                kv_int8=True)], ids=["gqa-int8", "mha-int8"])
+                                                kv_int8=True),
+                                  AttentionSpec(heads=4, kv_heads=2, head_dim=16, scale=0.25, kv_int8=True,
+                                                order="bshd")], ids=["gqa-int8", "mha-int8", "gqa-int8-bshd"])
 def test_int8_cache_kernel_matches_reference_on_the_dequantized_cache(spec, rng):
     from llmc.backends.tvm.rope_cache import quantize_rows
 
@@ -64,7 +67,8 @@ def test_int8_cache_kernel_matches_reference_on_the_dequantized_cache(spec, rng)
         dequantized = [(c * s[..., None])[:, :, :kv_len] for c, s in ((kq, ks), (vq, vs))]
         want = get_op("attention").ref(q, *dequantized, mask, scale=spec.scale, merge_heads=int(spec.merge_heads))
         out = tvm.runtime.tensor(np.zeros(want.shape, np.float32), dev)
-        kernel["main"](*[tvm.runtime.tensor(a, dev) for a in (q, kq, vq, ks, vs, mask)], out)
+        caches = (in_kv_order(c, spec.order) for c in (kq, vq, ks, vs))
+        kernel["main"](*[tvm.runtime.tensor(a, dev) for a in (q, *caches, mask)], out)
         assert rel_err(out.numpy(), want) < 1e-5, (batch, seq, kv_len)
         # and the int8 cache is close to the f32 one
         full = get_op("attention").ref(q, k[:, :, :kv_len], v[:, :, :kv_len], mask, scale=spec.scale,

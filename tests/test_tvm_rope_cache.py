@@ -1,13 +1,14 @@
 """The TVM rope_cache kernel against the op's numpy definition: full, partial and no rotary,
 GQA, prefill into an empty cache and decode steps after a past, written in place into the
-runtime's [batch, kv_heads, max_seq, head_dim] caches without touching other rows."""
+runtime's [batch, kv_heads, max_seq, head_dim] caches (or [batch, max_seq, kv_heads, head_dim])
+without touching other rows."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import tvm
-from conftest import rel_err
+from conftest import in_kv_order, rel_err
 from zoo_cases import export
 
 import llmc
@@ -26,7 +27,7 @@ def _check(spec, rng, batch, seq, past):
     cos, sin = (rng.standard_normal((batch, seq, rd)).astype(np.float32) for _ in range(2))
     caches = [rng.standard_normal((batch, spec.kv_heads, MAX_SEQ, d)).astype(np.float32) for _ in range(2)]
     dev = tvm.cpu(0)
-    args = [tvm.runtime.tensor(a, dev) for a in (qkv, cos, sin, *caches)]
+    args = [tvm.runtime.tensor(a, dev) for a in (qkv, cos, sin, *(in_kv_order(c, spec.order) for c in caches))]
     q = tvm.runtime.tensor(np.zeros((batch, spec.heads, seq, d), np.float32), dev)
     kernel(*args, q, past)
 
@@ -36,14 +37,14 @@ def _check(spec, rng, batch, seq, past):
                                     caches[0][:, :, :past], caches[1][:, :, :past], heads=spec.heads,
                                     kv_heads=spec.kv_heads, rotary_dim=spec.rotary_dim % d)
     assert rel_err(q.numpy(), want[0]) < 1e-6
-    for got, before, w in zip((args[3].numpy(), args[4].numpy()), caches, want[1:]):
+    for got, before, w in zip((in_kv_order(a.numpy(), spec.order) for a in args[3:5]), caches, want[1:]):
         assert rel_err(got[:, :, :past + seq], w) < 1e-6
         np.testing.assert_array_equal(got[:, :, past + seq:], before[:, :, past + seq:])
 
 
 @pytest.mark.parametrize("spec", [RopeCacheSpec(4, 2, 16, 16), RopeCacheSpec(4, 4, 12, 4),
-                                  RopeCacheSpec(3, 3, 10, 0)],
-                         ids=["gqa-full", "partial", "none"])
+                                  RopeCacheSpec(3, 3, 10, 0), RopeCacheSpec(4, 2, 16, 16, order="bshd")],
+                         ids=["gqa-full", "partial", "none", "gqa-bshd"])
 @pytest.mark.parametrize("batch,seq,past", [(2, 5, 0), (1, 1, 7), (2, 3, 4)], ids=["prefill", "decode", "chunk"])
 def test_kernel_matches_reference(spec, batch, seq, past, rng):
     _check(spec, rng, batch, seq, past)

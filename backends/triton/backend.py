@@ -20,7 +20,7 @@ import numpy as np
 from llmc.errors import LlmcError
 
 from .. import Build
-from ..plan import lay_out_caches, plan_nodes
+from ..plan import check_kv_layout, kv_layout, lay_out_caches, plan_nodes
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class TritonBackend:
             raise LlmcError(f"--dtype {options['dtype']!r} is not supported on cuda; supported: {', '.join(DTYPES)}")
         if options["kv_cache"] not in ("f32", "f16", "int8"):
             raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on cuda; supported: f32, f16, int8")
+        check_kv_layout(options)
         if options["activations"] not in (None, "f32"):
             raise LlmcError(f"--activations {options['activations']}: the cuda target's kernels take f32 activations "
                             "(int8 activations are the cpu target's)")
@@ -73,8 +74,11 @@ class TritonBackend:
         from . import aot
         from .plan import NIBBLES, Planner, value_dtypes
 
-        caches = lay_out_caches(graph, options["kv_cache"])
-        planner = Planner(graph, value_dtypes(graph, caches), dot_f16=options["dtype"] != "fp32")
+        from ..knobs import Chooser
+
+        caches = lay_out_caches(graph, options["kv_cache"], kv_layout(options))
+        choose = Chooser(options.get("tuner"))
+        planner = Planner(graph, value_dtypes(graph, caches), dot_f16=options["dtype"] != "fp32", choose=choose)
         kernels, plan = plan_nodes(graph, planner)
         kernels[ARGMAX] = planner.argmax()
         weights = {}
@@ -121,7 +125,7 @@ class TritonBackend:
             shutil.rmtree(staging, ignore_errors=True)
         kernels_manifest = {"triton_version": version("triton"), "archs": archs(options["arch"]),
                             "sources": sorted(p for p in data if p.startswith(SOURCES)), "functions": table,
-                            "argmax": ARGMAX}
+                            "argmax": ARGMAX, "tuning": choose.configs}
         return Build(target={"kind": "cuda", "dtype": options["dtype"]}, cpu=None, kernels=kernels_manifest,
                      plan=plan, values={**caches, **planner.scratch}, weights=weights,
                      files={path: _writer(blob) for path, blob in data.items()})

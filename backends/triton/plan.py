@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 from llmc.ir.graph import Graph, Node
 from llmc.ir.symbolic import Sym
 
-from ..plan import Step, UnsupportedGraph, attention_args, encode_dim, kv_int8, node_key, rope_cache_args
+from ..knobs import Chooser, Knob
+from ..plan import (Step, UnsupportedGraph, attention_args, encode_dim, kv_int8, kv_order, node_key,
+                    rope_cache_args)
 from . import injective
 
 DIMS = ("past", "total", "batch", "seq")  # the scalars every step passes (past, total via D)
@@ -24,6 +26,7 @@ POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int64":
            "int8": "*i8", "uint8": "*u8", "bool": "*i1"}
 NIBBLES = ".nibbles2"  # a 4-bit weight packed two input features a byte
 DECODE_ROWS = 4  # GEMMs of up to this many rows run the GEMV kernel
+PREFILL_ROWS = 128  # the row count the prefill knobs are tuned at
 ACTIVATIONS = {"": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}
 
 
@@ -78,11 +81,27 @@ def _rows(x, where: str) -> tuple:
     raise UnsupportedGraph(f"{where}: rows {rows} are not a multiple of batch * seq or batch")
 
 
+def linear_knobs(out_n: int) -> list[Knob]:
+    """The GEMM's knobs, defaults first. Decode (`gemv`): output rows per program and warps; the
+    default gives enough programs that every SM streams (several hundred on a GPU of 100+ SMs),
+    each reading BLOCK_N whole rows. Prefill (`gemm`): the output tile (BLOCK_M x BLOCK_N),
+    warps and pipeline stages. Defaults are untuned starting points; a table tuned on a GPU
+    replaces them (`llmc compile --tuning FILE`)."""
+    block_n = 16 if out_n < 2048 else max(4, min(16, 1 << ((out_n // 512).bit_length() - 1)))
+    return [Knob("gemv_block_n", (block_n, *(b for b in (4, 8, 16, 32) if b != block_n)), 1),
+            Knob("gemv_warps", (4, 2, 8), 1),
+            Knob("gemm_tile", ("64x64", "128x64", "64x128", "128x128", "32x64"), PREFILL_ROWS),
+            Knob("gemm_warps", (4, 8), PREFILL_ROWS),
+            Knob("gemm_stages", (3, 2, 4), PREFILL_ROWS)]
+
+
 class Planner:
     """Kernel specs and steps for the nodes of one graph."""
 
-    def __init__(self, graph: Graph, dtypes: dict[str, str], dot_f16: bool):
+    def __init__(self, graph: Graph, dtypes: dict[str, str], dot_f16: bool, choose=None):
         self.graph, self.dtypes, self.dot_f16 = graph, dtypes, dot_f16
+        self.choose = choose or Chooser()  # each GEMM's configuration (`linear_knobs`)
+        self.seq_major = int(kv_order(graph) == "bshd")  # the caches' axis order (`plan.lay_out_caches`)
         self.scratch: dict[str, tuple[str, list]] = {}  # values the plan adds: {name: (dtype, IR shape)}
 
     def dtype(self, name: str) -> str:
@@ -133,20 +152,21 @@ class Planner:
                       QUANT={"": 0, "w8": 8, "w4": 4}[quant], GROUP=max(group, 1), DOT_F16=int(self.dot_f16),
                       SEQ_ROWS=int(seq_rows), ROWS_MUL=mul)
         signature = self.signature(args)
-        # decode reads each weight once: enough programs that every SM streams (several hundred
-        # on a GPU of 100+ SMs), each reading BLOCK_N whole rows; an untuned starting point
-        block_n = 16 if out_n < 2048 else max(4, min(16, 1 << ((out_n // 512).bit_length() - 1)))
-        gemv = TritonKernel("linear", "gemv", dict(common, BLOCK_N=block_n, BLOCK_K=max(block_k, 16)), signature,
-                            [[_cdiv(out_n, block_n)], [_cdiv(rows, 1)], []], num_warps=4, num_stages=2)
-        bm, bn = 64, 64
-        gemm = TritonKernel("linear", "gemm", dict(common, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=max(min(block_k, 32), 16),
-                                                   GROUP_M=8), signature,
-                            [[_cdiv(rows, bm), _cdiv(out_n, bn)], [], []], num_warps=4, num_stages=3)
+        key = repr(("linear", common))
 
         def make(name):
+            c = self.choose(name, key, linear_knobs(out_n))
+            gemv = TritonKernel("linear", "gemv", dict(common, BLOCK_N=c["gemv_block_n"], BLOCK_K=max(block_k, 16)),
+                                signature, [[_cdiv(out_n, c["gemv_block_n"])], [_cdiv(rows, 1)], []],
+                                num_warps=c["gemv_warps"], num_stages=2)
+            bm, bn = (int(v) for v in c["gemm_tile"].split("x"))
+            gemm = TritonKernel("linear", "gemm", dict(common, BLOCK_M=bm, BLOCK_N=bn,
+                                                       BLOCK_K=max(min(block_k, 32), 16), GROUP_M=8),
+                                signature, [[_cdiv(rows, bm), _cdiv(out_n, bn)], [], []],
+                                num_warps=c["gemm_warps"], num_stages=c["gemm_stages"])
             gemm.decode = {"kernel": name + "_gemv", "max_rows": DECODE_ROWS, "rows": encode_dim(rows)}
             return {name: gemm, name + "_gemv": gemv}
-        return repr(("linear", common)), make, [Step("", "linear", args, DIMS)]
+        return key, make, [Step("", "linear", args, DIMS)]
 
     def attention(self, node: Node):
         q, k = node.inputs[:2]
@@ -166,7 +186,7 @@ class Planner:
         consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, MAX_SEQ=max_seq,
                       SCALE=scale, MASKED=int(masked), CAUSAL=int(bool(node.attrs["is_causal"])), KV_INT8=int(int8),
                       MERGE_HEADS=int(bool(node.attrs["merge_heads"])), SPLITS=splits, DOT_F16=int(self.dot_f16),
-                      BLOCK_M=16, BLOCK_N=64 if d <= 128 else 32, BD=bd)
+                      BLOCK_M=16, BLOCK_N=64 if d <= 128 else 32, BD=bd, SEQ_MAJOR=self.seq_major)
         seq, batch = q.shape[2], q.shape[0]
         partial = node.outputs[0].name + ".partial"
         args.append(partial)
@@ -190,7 +210,8 @@ class Planner:
         rotary = node.inputs[3] is not None
         rd = (node.attrs["rotary_dim"] or d) if rotary else 0
         consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, ROTARY=rd, ROW=qkv.shape[-1], OFFSET=offset,
-                      MAX_SEQ=self.max_seq(node), KV_INT8=int(kv_int8(self.graph)), BD=pow2(d))
+                      MAX_SEQ=self.max_seq(node), KV_INT8=int(kv_int8(self.graph)), BD=pow2(d),
+                      SEQ_MAJOR=self.seq_major)
         batch, seq = q.shape[0], q.shape[2]
         grid = [[_cdiv(_poly(batch, seq), 1)], [[heads + 2 * kv_heads, 1]], []]
         kernel = TritonKernel("rope_cache", "rope_cache", consts, self.signature(args), grid, num_warps=1)

@@ -1,7 +1,7 @@
 """`attention` as a TVM kernel: softmax(q k^T * scale + mask) v over a KV cache.
 
-q [batch, heads, seq, d]; k, v [batch, kv_heads, max_seq, d], the runtime's caches, of which the
-first kv_len rows are read (grouped-query: each kv head serves heads / kv_heads query heads);
+q [batch, heads, seq, d]; k, v [batch, kv_heads, max_seq, d] (or [batch, max_seq, kv_heads, d]:
+the spec's `order`), the runtime's caches, of which the first kv_len positions are read (grouped-query: each kv head serves heads / kv_heads query heads);
 mask [batch, 1, seq, kv_len], additive, whose last dim gives kv_len; with `merge_heads` the output
 is [batch, seq, heads * d]. seq, kv_len and max_seq are symbolic: one build serves prefill and
 every decode step. A query that sees no key (its row of the mask all -inf) gets zeros, as the
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..plan import kv_index, kv_shape
+
 
 @dataclass(frozen=True)
 class AttentionSpec:
@@ -31,6 +33,7 @@ class AttentionSpec:
     merge_heads: bool = True
     dtype: str = "float32"
     kv_int8: bool = False  # int8 caches with per-(head, token) scales (rope_cache.quantize_rows)
+    order: str = "bhsd"  # the caches' axis order (`plan.KV_ORDERS`)
 
     @staticmethod
     def of(node) -> "AttentionSpec":
@@ -50,16 +53,20 @@ def prim_func(spec: AttentionSpec):
     b, s, t, m = (tirx.Var(n, "int64") for n in ("batch", "seq", "kv_len", "max_seq"))
     h, g, d, dt = spec.heads, spec.heads // spec.kv_heads, spec.head_dim, spec.dtype
     q = te.placeholder((b, h, s, d), dt, name="q")
-    cache_dt = "int8" if spec.kv_int8 else dt
-    k = te.placeholder((b, spec.kv_heads, m, d), cache_dt, name="k")
-    v = te.placeholder((b, spec.kv_heads, m, d), cache_dt, name="v")
-    scales = [te.placeholder((b, spec.kv_heads, m), dt, name=n) for n in ("k_scale", "v_scale")] if spec.kv_int8 else []
+    cache_dt, hkv, order = "int8" if spec.kv_int8 else dt, spec.kv_heads, spec.order
+    k = te.placeholder(kv_shape(order, b, hkv, m, d), cache_dt, name="k")
+    v = te.placeholder(kv_shape(order, b, hkv, m, d), cache_dt, name="v")
+    scales = [te.placeholder(kv_shape(order, b, hkv, m), dt, name=n) for n in ("k_scale", "v_scale")] \
+        if spec.kv_int8 else []
+
+    def at(cache, bi, hi, ti, *di):  # query head hi's kv head, at position ti
+        return cache[tuple(kv_index(order, bi, hi // g, ti, *di))]
     mask = te.placeholder((b, 1, s, t), dt, name="mask") if spec.masked else None
     rd = te.reduce_axis((0, d), name="rd")
     neg_inf = tirx.const(float("-inf"), dt)
 
     def score(bi, hi, si, ti):
-        x = te.sum(q[bi, hi, si, rd] * k[bi, hi // g, ti, rd].astype(dt), axis=rd)
+        x = te.sum(q[bi, hi, si, rd] * at(k, bi, hi, ti, rd).astype(dt), axis=rd)
         return x
 
     raw = te.compute((b, h, s, t), score, name="raw")
@@ -67,7 +74,7 @@ def prim_func(spec: AttentionSpec):
     def masked(bi, hi, si, ti):
         x = raw[bi, hi, si, ti] * tirx.const(spec.scale, dt)
         if spec.kv_int8:  # the key's scale factors out of its dot product
-            x = x * scales[0][bi, hi // g, ti]
+            x = x * at(scales[0], bi, hi, ti)
         if mask is not None:
             x = x + mask[bi, 0, si, ti]
         if spec.is_causal:
@@ -91,10 +98,10 @@ def prim_func(spec: AttentionSpec):
     rt3 = te.reduce_axis((0, t), name="rt3")
     def weight(bi, hi, si, ti):  # the softmax numerator, times the value's scale when int8
         p = ex[bi, hi, si, ti]
-        return p * scales[1][bi, hi // g, ti] if spec.kv_int8 else p
+        return p * at(scales[1], bi, hi, ti) if spec.kv_int8 else p
 
     out = te.compute((b, h, s, d), lambda bi, hi, si, di: te.sum(
-        weight(bi, hi, si, rt3) * v[bi, hi // g, rt3, di].astype(dt), axis=rt3), name="pv")
+        weight(bi, hi, si, rt3) * at(v, bi, hi, rt3, di).astype(dt), axis=rt3), name="pv")
     if spec.merge_heads:
         y = te.compute((b, s, h * d), lambda bi, si, c: out[bi, c // d, si, c % d] * inv[bi, c // d, si], name="y")
     else:

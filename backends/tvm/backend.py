@@ -8,6 +8,8 @@ from llmc.errors import LlmcError
 from llmc.runtime import cpu as cpus
 
 from .. import Build
+from ..plan import check_kv_layout, kv_layout
+
 
 LIBRARY = "kernels/model.so"
 
@@ -38,6 +40,7 @@ class TvmBackend:
             raise LlmcError(f"activations {options['activations']!r} are not supported; supported: int8, f32")
         if options["kv_cache"] not in ("f32", "int8"):
             raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on CPUs; supported: f32, int8")
+        check_kv_layout(options)
 
     def machine(self, options: dict) -> dict:
         """What tuning results are kept for (`llmc.tuning`): the CPU the kernels are built for
@@ -73,7 +76,7 @@ class TvmBackend:
         from .compile import compile_graph, lay_out_caches, weights
         from .target import ARM64_CPUS
 
-        caches = lay_out_caches(graph, options["kv_cache"])
+        caches = lay_out_caches(graph, options["kv_cache"], kv_layout(options))
         tvm_target = self.target(options["cpu"])
         if self.arch == "aarch64":
             cpu = {"name": options["cpu"], "arch": "aarch64", "features": ARM64_CPUS[options["cpu"]]}

@@ -14,11 +14,12 @@ from dataclasses import replace
 
 from llmc.ir.graph import Graph, Node
 
-from ..plan import (Step, UnsupportedGraph, attention_args, kv_int8, lay_out_caches, node_key, plan_nodes,
+from ..knobs import Chooser
+from ..plan import (Step, UnsupportedGraph, attention_args, kv_int8, kv_order, lay_out_caches, node_key, plan_nodes,
                     rope_cache_args)
 from . import attention, injective, int_dot, linear, measure, rope_cache
 
-__all__ = ["Chooser", "Step", "UnsupportedGraph", "lay_out_caches", "compile_graph", "plan_graph", "weights"]
+__all__ = ["Step", "UnsupportedGraph", "lay_out_caches", "compile_graph", "plan_graph", "weights"]
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,11 @@ def _func(make):
     return lambda name: {name: make(name).with_attr("global_symbol", name)}
 
 
-def _plan_node(node: Node, graph: Graph, isa: str | None, registers: tuple[int, int], choose):
+def _plan_node(node: Node, graph: Graph, target: dict, isa: str | None, registers: tuple[int, int], choose):
     """(kernel key, kernel builder, [step]) for one node; UnsupportedGraph for a node no kernel
     runs. `isa`: the target's integer dot-product instructions (`int_dot.choose`); `registers`:
-    its vector registers (`target.vector_registers`); `choose(name,
-    key, knobs, measure)`: the configuration a kernel with knobs is built with (`llmc.tuning`)."""
+    its vector registers (`target.vector_registers`); `choose`: the configuration a kernel with
+    knobs is built with (`knobs.Chooser`)."""
     if node.op == "fused_linear":
         spec = linear.LinearSpec.of(node, graph)
         if spec.act_block:
@@ -43,17 +44,18 @@ def _plan_node(node: Node, graph: Graph, isa: str | None, registers: tuple[int, 
 
         def make(name):
             config = choose(name, repr(spec), linear.knobs(spec, registers),
-                            functools.partial(measure.measure_linear, spec))
+                            functools.partial(measure.measure_linear, spec, target))
             return linear.schedule(spec, config).mod["main"]
         return repr(spec), _func(make), [Step("", "linear", tuple(args))]
     int8 = kv_int8(graph)
     if node.op == "attention":
-        spec = replace(attention.AttentionSpec.of(node), kv_int8=int8)
+        spec = replace(attention.AttentionSpec.of(node), kv_int8=int8, order=kv_order(graph))
         return repr(spec), _func(lambda name: attention.schedule(spec).mod["main"]), [Step(
             "", "attention", attention_args(node, graph), () if spec.masked else ("total",))]
     if node.op == "rope_cache":
         qkv, offset, args = rope_cache_args(node, graph)
-        spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset, kv_int8=int8)
+        spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset, kv_int8=int8,
+                       order=kv_order(graph))
         return repr(spec), _func(lambda name: rope_cache.prim_func(spec)), [Step("", "rope_cache", args, ("past",))]
     if node.op in injective.LOWERINGS:
         key = node_key(node)
@@ -83,28 +85,10 @@ def compile_graph(graph: Graph, target: dict, tuner=None):
     came from}). Without a tuner every kernel takes its knobs' defaults."""
     import tvm
 
-    choose = Chooser(target, tuner)
+    choose = Chooser(tuner)
     funcs, plan = plan_graph(graph, target, choose)
     executable = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target(target))
     return executable, sorted(funcs), plan, choose.configs
-
-
-class Chooser:
-    """The configuration each kernel with knobs is built with: its knobs' defaults, or what the
-    tuner (`llmc.tuning.Tuner`) has recorded or measures. `configs` records them by kernel."""
-
-    def __init__(self, target: dict, tuner=None):
-        self.target, self.tuner, self.configs = target, tuner, {}
-
-    def __call__(self, name: str, key: str, knobs: list, measure) -> dict:
-        if not knobs:
-            return {}
-        if self.tuner is None:
-            self.configs[name] = {"config": {k.name: k.values[0] for k in knobs}, "source": "default"}
-        else:
-            self.tuner.config(key, knobs, lambda configs, rows, deadline: measure(self.target, configs, rows, deadline))
-            self.configs[name] = self.tuner.chosen[key]
-        return self.configs[name]["config"]
 
 
 def plan_graph(graph: Graph, target: dict, choose=None):
@@ -115,5 +99,5 @@ def plan_graph(graph: Graph, target: dict, choose=None):
     from .target import vector_registers
 
     isa, registers = int_dot.choose(tvm.target.Target(target)), vector_registers(target)
-    choose = choose or Chooser(target)
-    return plan_nodes(graph, lambda node: _plan_node(node, graph, isa, registers, choose))
+    choose = choose or Chooser()
+    return plan_nodes(graph, lambda node: _plan_node(node, graph, target, isa, registers, choose))

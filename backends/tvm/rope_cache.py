@@ -5,7 +5,9 @@
                                                        from `offset` (Phi's row also holds fc1)
     cos, sin [batch, seq, rotary_dim]                  the rotary tables of this step's positions
     k_cache, v_cache [batch, kv_heads, max_seq, d]     owned by the runtime; rows past..past+seq are
-                                                       written, nothing else is touched
+                                                       written, nothing else is touched (in the
+                                                       spec's `order`: [batch, max_seq, kv_heads, d]
+                                                       for "bshd")
     q        [batch, heads, seq, d]                    out: the queries, rotated
 
 The first `rotary_dim` features of each q and k head rotate (rotate_half form), the rest pass
@@ -13,13 +15,15 @@ through; v is copied. This is the cache contract of the runtime: one preallocate
 layer and kind, written at the current length, read by attention up to past + seq.
 
 With `kv_int8` the caches hold int8 and two more arguments, k_scale and v_scale
-[batch, kv_heads, max_seq], one scale per head and token: a row x is written as
+[batch, kv_heads, max_seq] (in the cache's order), one scale per head and token: a row x is written as
 round(x / s) with s = max|x| / 127 (`quantize_rows`), and attention multiplies back.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ..plan import kv_index, kv_shape
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class RopeCacheSpec:
     row_width: int = 0  # 0: exactly q, k and v
     offset: int = 0
     kv_int8: bool = False
+    order: str = "bhsd"  # the caches' axis order (`plan.KV_ORDERS`)
 
     @staticmethod
     def of(node) -> "RopeCacheSpec":
@@ -89,8 +94,8 @@ def prim_func(spec: RopeCacheSpec):
         qkv = T.match_buffer(qkv_h, (b, s, width), dt)
         cos = T.match_buffer(cos_h, (b, s, rd), dt)
         sin = T.match_buffer(sin_h, (b, s, rd), dt)
-        kc = T.match_buffer(kc_h, (b, hkv, m, d), dt)
-        vc = T.match_buffer(vc_h, (b, hkv, m, d), dt)
+        kc = T.match_buffer(kc_h, kv_shape(spec.order, b, hkv, m, d), dt)
+        vc = T.match_buffer(vc_h, kv_shape(spec.order, b, hkv, m, d), dt)
         q = T.match_buffer(q_h, (b, hq, s, d), dt)
         for bi, hi, si, di in T.grid(b, hq, s, d):
             with T.sblock("q"):
@@ -99,8 +104,9 @@ def prim_func(spec: RopeCacheSpec):
         for bi, hi, si, di in T.grid(b, hkv, s, d):
             with T.sblock("kv"):
                 vb, vh, vs, vd = T.axis.remap("SSSS", [bi, hi, si, di])
-                kc[vb, vh, past + vs, vd] = rotated(qkv, vb, vs, off + (hq + vh) * d, vd, cos, sin)
-                vc[vb, vh, past + vs, vd] = qkv[vb, vs, off + (hq + hkv + vh) * d + vd]
+                T.buffer_store(kc, rotated(qkv, vb, vs, off + (hq + vh) * d, vd, cos, sin),
+                               kv_index(spec.order, vb, vh, past + vs, vd))
+                T.buffer_store(vc, qkv[vb, vs, off + (hq + hkv + vh) * d + vd], kv_index(spec.order, vb, vh, past + vs, vd))
 
     return main
 
@@ -129,10 +135,10 @@ def _prim_func_int8(spec: RopeCacheSpec):
         qkv = T.match_buffer(qkv_h, (b, s, width), dt)
         cos = T.match_buffer(cos_h, (b, s, rd), dt)
         sin = T.match_buffer(sin_h, (b, s, rd), dt)
-        kc = T.match_buffer(kc_h, (b, hkv, m, d), "int8")
-        vc = T.match_buffer(vc_h, (b, hkv, m, d), "int8")
-        ks = T.match_buffer(ks_h, (b, hkv, m), dt)
-        vsc = T.match_buffer(vs_h, (b, hkv, m), dt)
+        kc = T.match_buffer(kc_h, kv_shape(spec.order, b, hkv, m, d), "int8")
+        vc = T.match_buffer(vc_h, kv_shape(spec.order, b, hkv, m, d), "int8")
+        ks = T.match_buffer(ks_h, kv_shape(spec.order, b, hkv, m), dt)
+        vsc = T.match_buffer(vs_h, kv_shape(spec.order, b, hkv, m), dt)
         q = T.match_buffer(q_h, (b, hq, s, d), dt)
         kmax = T.sblock_alloc_buffer((b, hkv, s), dt)
         vmax = T.sblock_alloc_buffer((b, hkv, s), dt)
@@ -152,14 +158,16 @@ def _prim_func_int8(spec: RopeCacheSpec):
         for bi, hi, si in T.grid(b, hkv, s):
             with T.sblock("scales"):
                 vb, vh, vsi = T.axis.remap("SSS", [bi, hi, si])
-                ks[vb, vh, past + vsi] = kmax[vb, vh, vsi] / T.float32(127)
-                vsc[vb, vh, past + vsi] = vmax[vb, vh, vsi] / T.float32(127)
+                T.buffer_store(ks, kmax[vb, vh, vsi] / T.float32(127), kv_index(spec.order, vb, vh, past + vsi))
+                T.buffer_store(vsc, vmax[vb, vh, vsi] / T.float32(127), kv_index(spec.order, vb, vh, past + vsi))
         for bi, hi, si, di in T.grid(b, hkv, s, d):
             with T.sblock("kv"):
                 vb, vh, vsi, vd = T.axis.remap("SSSS", [bi, hi, si, di])
-                kc[vb, vh, past + vsi, vd] = T.Cast("int8", T.round(
-                    rotated(qkv, vb, vsi, off + (hq + vh) * d, vd, cos, sin) * T.float32(127) / kmax[vb, vh, vsi]))
-                vc[vb, vh, past + vsi, vd] = T.Cast("int8", T.round(
-                    qkv[vb, vsi, off + (hq + hkv + vh) * d + vd] * T.float32(127) / vmax[vb, vh, vsi]))
+                T.buffer_store(kc, T.Cast("int8", T.round(
+                    rotated(qkv, vb, vsi, off + (hq + vh) * d, vd, cos, sin) * T.float32(127) / kmax[vb, vh, vsi])),
+                    kv_index(spec.order, vb, vh, past + vsi, vd))
+                T.buffer_store(vc, T.Cast("int8", T.round(
+                    qkv[vb, vsi, off + (hq + hkv + vh) * d + vd] * T.float32(127) / vmax[vb, vh, vsi])),
+                    kv_index(spec.order, vb, vh, past + vsi, vd))
 
     return main

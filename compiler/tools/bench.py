@@ -3,7 +3,7 @@
 For a zoo model (or an ONNX decoder with KV cache) it compiles an artifact, then measures in
 interleaved rounds, batch 1, the same threads for every system: the prefill of a prompt and
 decode over new tokens, for llmc, onnxruntime (its full graph optimizations) and, for zoo
-models, PyTorch eager on the same weights; with `quant`, also llmc's quantized artifacts and
+models, PyTorch eager and torch.compile (inductor) on the same weights; with `quant`, also llmc's quantized artifacts and
 onnxruntime's quantized models of the same file (what its quantizer changed is reported, and a
 model it left unchanged is not labelled as quantized) and, for the zoo's Llama-family models,
 llama.cpp's q8_0 and q4_0 of the same weights (Llama and GPT-2: `llama_cpp.py`), in a
@@ -23,6 +23,7 @@ as the peers' graphs compute them, is reported beside it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import statistics
 import tempfile
@@ -69,6 +70,22 @@ class _Llmc:
 
     def profile(self, prompt, steps):
         return self.worker.ask("profile", prompt=prompt, steps=steps)
+
+
+@contextlib.contextmanager
+def _own_tuning_table(path: Path):
+    """The user's tuning table set aside while the benchmark compiles (`llmc.tuning`)."""
+    import os
+
+    before = os.environ.get("LLMC_TUNING_CACHE")
+    os.environ["LLMC_TUNING_CACHE"] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LLMC_TUNING_CACHE"]
+        else:
+            os.environ["LLMC_TUNING_CACHE"] = before
 
 
 class _OnnxRuntime:
@@ -156,6 +173,20 @@ class _TorchEager:
         return tokens
 
 
+class _TorchCompiled(_TorchEager):
+    """The same model with its forward under `torch.compile` (inductor, default options),
+    compiled before it is timed: a prefill and decode steps at two lengths, so the decode
+    graph is the dynamic-length one."""
+
+    name = "torch.compile"
+
+    def __init__(self, zoo_model, threads, prompt_len):
+        super().__init__(zoo_model, threads)
+        self.model.forward = self.torch.compile(self.model.forward)
+        log.info("compiling the model with torch.compile")
+        self.decode(list(range(1, prompt_len + 1)), 3)
+
+
 def decode_weight_bytes(graph) -> int:
     """Bytes of weights every decode step reads: the GEMMs' weights, with their scales and
     zeros when quantized (4-bit values pack two per byte; the embedding table is gathered one
@@ -223,9 +254,12 @@ def _llama_cpp_peer(zoo_model, quant, notes: list) -> bool:
 
 
 def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 3,
-          threads: int | None = None, quant: tuple[str, ...] = ()) -> dict:
+          threads: int | None = None, quant: tuple[str, ...] = (), tuned: bool = False) -> dict:
     """With `quant` (modes of QUANT_MODES), llmc's quantized artifacts and onnxruntime's
-    quantized models of the same file run too, as "llmc w8", "onnxruntime w8", ..."""
+    quantized models of the same file run too, as "llmc w8", "onnxruntime w8", ...; with
+    `tuned`, every llmc artifact also compiled with `--tune`, as "llmc tuned", "llmc w8 tuned",
+    ... The tuning table is the run's own: the default artifacts are the defaults, and the
+    tuning time is what tuning from nothing costs."""
     import os
 
     import llmc
@@ -241,26 +275,39 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
     cfg = zoo_model.config() if zoo_model else None
     max_seq = prompt_len + new_tokens + 1
     notes, quantization = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        log.info("compiling %s", path)
-        artifact = llmc.compile(path, output=Path(tmp) / "model.llmc", max_seq_len=max_seq)
+    tuning_s = {}
+    with tempfile.TemporaryDirectory() as tmp, _own_tuning_table(Path(tmp) / "tuning.json"):
+        def artifacts(mode: str, options: dict) -> list:
+            """llmc's systems for one weight encoding: the default artifact, and the tuned one."""
+            suffix = f" {mode}" if mode else ""
+            log.info("compiling %s%s", path, suffix)
+            out = [_Llmc(llmc.compile(path, output=Path(tmp) / f"model{mode}.llmc", max_seq_len=max_seq, **options),
+                         threads, f"llmc{suffix}")]
+            if tuned:
+                log.info("compiling %s%s with --tune", path, suffix)
+                start = time.perf_counter()
+                art = llmc.compile(path, output=Path(tmp) / f"model{mode}-tuned.llmc", max_seq_len=max_seq,
+                                   tune=True, **options)
+                tuning_s[f"llmc{suffix} tuned"] = round(time.perf_counter() - start, 1)
+                out.append(_Llmc(art, threads, f"llmc{suffix} tuned"))
+            return out
+
         graph = run_passes(llmc.from_onnx(path), default_pipeline(), PassContext(options={"max_seq_len": max_seq}))
         weight_bytes = {"": decode_weight_bytes(graph)}
-        systems = [_Llmc(artifact, threads)]
+        systems = artifacts("", {})
         if cfg is not None:
             systems.append(_OnnxRuntime(path, cfg, threads))
-            systems.append(_TorchEager(zoo_model, threads))
+            eager = _TorchEager(zoo_model, threads)
+            systems += [eager, _TorchCompiled(zoo_model, threads, prompt_len)]
         peer_cpp = _llama_cpp_peer(zoo_model, quant, notes)
         if peer_cpp:
-            gguf_f32 = llama_cpp.write_gguf(systems[-1].model, Path(tmp) / "model-f32.gguf")
+            gguf_f32 = llama_cpp.write_gguf(eager.model, Path(tmp) / "model-f32.gguf")
         for q in quant:
             options = QUANT_MODES[q]
-            log.info("compiling %s (%s)", path, q)
-            art = llmc.compile(path, output=Path(tmp) / f"model-{q}.llmc", max_seq_len=max_seq, **options)
             passed = run_passes(llmc.from_onnx(path), default_pipeline(),
                                 PassContext(options={"max_seq_len": max_seq, **options}))
             weight_bytes[q] = decode_weight_bytes(passed)
-            systems.append(_Llmc(art, threads, f"llmc {q}"))
+            systems += artifacts(q, options)
             if peer_cpp:
                 ftype = llama_cpp.FOR_QUANT[q]
                 log.info("quantizing %s with llama.cpp (%s)", path, ftype)
@@ -302,10 +349,10 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
            "decode_weight_mb": round(weight_bytes[""] / 1e6, 1), "llmc_runtime": {
                "process": "its own, the runtime alone", "threads": systems[0].threads,
                "compiler_modules_imported": systems[0].compiler_modules},
-           "onnxruntime_quantization": quantization, "notes": notes, "systems": {}}
+           "onnxruntime_quantization": quantization, "tuning_s": tuning_s, "notes": notes, "systems": {}}
     for name, r in results.items():
         step = statistics.median(r["decode_step_s"])
-        mode = name if name in weight_bytes else name.split(" ")[-1] if name.split(" ")[-1] in QUANT_MODES else ""
+        mode = name if name in weight_bytes else next((w for w in name.split(" ") if w in QUANT_MODES), "")
         share = weight_bytes[mode] / step / 1e9 / best
         out["systems"][name] = {
             "prefill_ms": round(statistics.median(r["prefill_s"]) * 1e3, 2),
@@ -349,6 +396,8 @@ def format_table(result: dict) -> str:
     for name, q in result["onnxruntime_quantization"].items():
         ops = "; ".join(f"{v['count']} {op} ({v['what']})" for op, v in q["quantized"].items()) or "nothing"
         lines.append(f"{name}: its quantizer made {ops}; {q['float_gemms_left']} float GEMMs left as they were")
+    lines += [f"{name}: tuning took {s} s (compile included), from an empty table"
+              for name, s in result.get("tuning_s", {}).items()]
     lines += [f"note: {n}" for n in result["notes"]]
     lines += ["", "llmc, time per kernel (all its calls):", "| kernel | calls per step | prefill ms | decode ms per step |",
               "| --- | --- | --- | --- |"]

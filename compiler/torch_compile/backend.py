@@ -185,7 +185,8 @@ class _Subgraph:
     def plan(sub, call, constants: dict, opts: dict) -> "_Subgraph":
         from llmc.backends.tvm import target as targets
         from llmc.backends.tvm.backend import HOST
-        from llmc.backends.tvm.compile import Chooser, UnsupportedGraph, plan_graph
+        from llmc.backends.knobs import Chooser
+        from llmc.backends.tvm.compile import UnsupportedGraph, plan_graph
         from llmc.frontends.fx import from_fx
         from llmc.passes.manager import PassContext, run_passes
         from llmc.passes.pipeline import default_pipeline
@@ -209,7 +210,7 @@ class _Subgraph:
         try:
             # kernels tuned on this machine (`llmc tune`, `llmc compile --tune`) are built as tuned
             tuner = Tuner(HOST.machine({"cpu": "native"}))
-            self.funcs, self.plan = plan_graph(self.graph, targets.host(), Chooser(targets.host(), tuner))
+            self.funcs, self.plan = plan_graph(self.graph, targets.host(), Chooser(tuner))
         except UnsupportedGraph as e:
             # IR nodes are named after the FX node they came from (passes add suffixes)
             origin = e.node.split(".")[0]

@@ -437,7 +437,9 @@ static int read_model(llmc_model *m) {
     const json *roles = max_seq ? field(model, "roles", JSON_OBJECT, "model") : NULL;
     const json *kv = roles ? field(model, "kv_cache", JSON_OBJECT, "model") : NULL;
     const json *entries = kv ? field(kv, "entries", JSON_ARRAY, "model.kv_cache") : NULL;
-    const json *eos = entries ? field(model, "eos_token_ids", JSON_ARRAY, "model") : NULL;
+    const json *layout = entries ? field(kv, "layout", JSON_OBJECT, "model.kv_cache") : NULL;
+    const json *pages = layout ? field(layout, "page_tokens", JSON_NUMBER, "model.kv_cache.layout") : NULL;
+    const json *eos = pages ? field(model, "eos_token_ids", JSON_ARRAY, "model") : NULL;
     const json *bounds = eos ? field(model, "index_bounds", JSON_OBJECT, "model") : NULL;
     if (!bounds) {
         char why[1024];
@@ -450,6 +452,12 @@ static int read_model(llmc_model *m) {
         return -1;
     }
     m->max_seq = (int)max_seq->integer;
+    /* the caches are allocated from plans.values whatever their axis order; paged ones are not read yet */
+    if (!pages->is_int || pages->integer != 0) {
+        set_error("%s: model.kv_cache.layout.page_tokens: expected 0 (this runtime reads contiguous caches only)",
+                  where);
+        return -1;
+    }
     if ((m->tokens = role(m, roles, "tokens", 1)) < 0 || (m->logits = role(m, roles, "logits", 1)) < 0
         || (m->mask = role(m, roles, "mask", 0)) == -2 || (m->positions = role(m, roles, "positions", 0)) == -2)
         return -1;

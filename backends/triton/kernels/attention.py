@@ -1,7 +1,8 @@
 """`attention` in Triton: flash attention over the runtime's KV cache, split over the keys.
 
 q [batch, heads, seq, d] (f32); k, v [batch, kv_heads, MAX_SEQ, d], the caches (f32, f16, or
-int8 with f32 scales [batch, kv_heads, MAX_SEQ]), of which the first `total` rows are read;
+int8 with f32 scales [batch, kv_heads, MAX_SEQ]; with SEQ_MAJOR [batch, MAX_SEQ, kv_heads, ...]:
+`cache_row`), of which the first `total` positions are read;
 `total` (and `past`) come from device memory (D = [past, total]), so one captured decode step
 serves every position. Grouped-query: head h reads kv head h // (heads / kv_heads). The mask is
 causal (query i sees keys up to past + i) or additive [batch, 1, seq, total] (f32).
@@ -18,11 +19,20 @@ import triton.language as tl
 
 
 @triton.jit
+def cache_row(b, h, pos, KV_HEADS: tl.constexpr, MAX_SEQ: tl.constexpr, SEQ_MAJOR: tl.constexpr):
+    """The row (of HEAD_DIM values, or the one scale) of batch b, kv head h, position pos in a
+    cache laid out [batch, kv_heads, MAX_SEQ] or, SEQ_MAJOR, [batch, MAX_SEQ, kv_heads]."""
+    if SEQ_MAJOR:
+        return (b * MAX_SEQ + pos) * KV_HEADS + h
+    return (b * KV_HEADS + h) * MAX_SEQ + pos
+
+
+@triton.jit
 def partial(Q, K, V, KS, VS, MASK, Y, P, D, batch, seq,
             HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_SEQ: tl.constexpr,
             SCALE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, KV_INT8: tl.constexpr,
             MERGE_HEADS: tl.constexpr, SPLITS: tl.constexpr, DOT_F16: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr):
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, SEQ_MAJOR: tl.constexpr):
     """Grid (cdiv(seq, BLOCK_M), batch * heads, SPLITS)."""
     past = tl.load(D)
     total = tl.load(D + 1)
@@ -45,16 +55,16 @@ def partial(Q, K, V, KS, VS, MASK, Y, P, D, batch, seq,
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BD], tl.float32)
-    cache = (b * KV_HEADS + kvh) * MAX_SEQ
     for k0 in range(start, end, BLOCK_N):
         ks = k0 + tl.arange(0, BLOCK_N)
         k_mask = ks < end
         kv_mask = k_mask[:, None] & d_mask[None, :]
-        k = tl.load(K + (cache + ks[:, None]) * HEAD_DIM + ds[None, :], mask=kv_mask, other=0).to(tl.float32)
-        v = tl.load(V + (cache + ks[:, None]) * HEAD_DIM + ds[None, :], mask=kv_mask, other=0).to(tl.float32)
+        rows = cache_row(b, kvh, ks, KV_HEADS, MAX_SEQ, SEQ_MAJOR)
+        k = tl.load(K + rows[:, None] * HEAD_DIM + ds[None, :], mask=kv_mask, other=0).to(tl.float32)
+        v = tl.load(V + rows[:, None] * HEAD_DIM + ds[None, :], mask=kv_mask, other=0).to(tl.float32)
         if KV_INT8:
-            k = k * tl.load(KS + cache + ks, mask=k_mask, other=0.0)[:, None]
-            v = v * tl.load(VS + cache + ks, mask=k_mask, other=0.0)[:, None]
+            k = k * tl.load(KS + rows, mask=k_mask, other=0.0)[:, None]
+            v = v * tl.load(VS + rows, mask=k_mask, other=0.0)[:, None]
         if DOT_F16:
             s = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
         else:
@@ -104,7 +114,7 @@ def merge(Q, K, V, KS, VS, MASK, Y, P, D, batch, seq,
           HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_SEQ: tl.constexpr,
           SCALE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, KV_INT8: tl.constexpr,
           MERGE_HEADS: tl.constexpr, SPLITS: tl.constexpr, DOT_F16: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr):
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, SEQ_MAJOR: tl.constexpr):
     """The slices' outputs weighted by their share of the softmax; grid (cdiv(seq, BLOCK_M),
     batch * heads). Takes `partial`'s arguments, so one launch description serves both."""
     bh = tl.program_id(1)
