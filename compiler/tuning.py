@@ -158,7 +158,7 @@ class Tuner:
             times = measure(configs, knob.rows, self.deadline)
             self.measurements += sum(t != float("inf") for t in times)
             complete &= time.monotonic() < self.deadline
-            seconds.update({_label(c): t for c, t in zip(configs, times)})
+            seconds.update({f"{knob.rows} rows: {_label(c)}": t for c, t in zip(configs, times)})
             current = times[knob.values.index(best[knob.name])]
             fastest = min(range(len(times)), key=times.__getitem__)
             if times[fastest] < current * (1 - MARGIN):

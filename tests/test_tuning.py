@@ -15,6 +15,7 @@ from zoo_cases import export
 
 import llmc
 from llmc import runtime, tuning
+from llmc.cli import main
 from llmc.backends.tvm import linear, measure
 from llmc.backends.tvm.backend import HOST
 
@@ -25,16 +26,22 @@ def _tuning_of(artifact) -> dict:
     return json.loads((artifact / "manifest.json").read_text())["kernels"]["tuning"]
 
 
-def _compile(tmp_path, name, monkeypatch, cache, **options):
+def _fast_tuning(monkeypatch, cache):
+    """The tuning table at `cache`; fewer tiles and shorter timing rounds: these tests count
+    measurements, they do not time."""
     monkeypatch.setenv("LLMC_TUNING_CACHE", str(cache))
-    # fewer tiles and shorter timing rounds: these tests count measurements, they do not time
     monkeypatch.setattr(measure, "ROUND_SECONDS", 0.001)
     monkeypatch.setattr(linear, "TILES", ("6x4", "4x1"))
+
+
+def _compile(tmp_path, name, monkeypatch, cache, **options):
+    _fast_tuning(monkeypatch, cache)
     return llmc.compile(export("llama-tiny", exporter="dynamo", kv_cache=True), output=tmp_path / name,
                         max_seq_len=64, **options)
 
 
-def test_second_compile_measures_nothing(tmp_path, monkeypatch):
+def test_second_compile_measures_nothing(tmp_path, monkeypatch, artifacts):
+    default = artifacts("llama-tiny")  # the session's, compiled with the defaults (before the table below)
     cache = tmp_path / "tuning.json"
     counts = []
     original = tuning.Tuner.finish
@@ -44,10 +51,9 @@ def test_second_compile_measures_nothing(tmp_path, monkeypatch):
         original(self)
 
     monkeypatch.setattr(tuning.Tuner, "finish", finish)
-    default = _compile(tmp_path, "default.llmc", monkeypatch, tmp_path / "none.json")
     first = _compile(tmp_path, "first.llmc", monkeypatch, cache, tune=True)
     second = _compile(tmp_path, "second.llmc", monkeypatch, cache, tune=True)
-    (_, _), (measured, seconds), (again, seconds_again) = counts
+    *_, (measured, seconds), (again, seconds_again) = counts
     assert measured > 0 and again == 0 and seconds_again < seconds / 10
     tuned = _tuning_of(first)
     assert tuned and all(t["source"] == "measured" for t in tuned.values())
@@ -73,13 +79,18 @@ def test_budget_is_honored(tmp_path, monkeypatch):
     assert not cache.exists() or not tuning.Table.load(cache).entries
 
 
+@pytest.mark.slow  # 26 s: a tuning compile and two more
 def test_export_and_import(tmp_path, monkeypatch, caplog):
     cache = tmp_path / "tuning.json"
-    _compile(tmp_path, "a.llmc", monkeypatch, cache, tune=True)
     exported = tmp_path / "fleet.json"
-    monkeypatch.setenv("LLMC_TUNING_CACHE", str(cache))
-    assert run_cli("tune", "--export", str(exported)).returncode == 0
+    _fast_tuning(monkeypatch, cache)
+    # `llmc tune MODEL --export FILE`: tunes into the cache (no artifact kept), then exports
+    model = str(export("llama-tiny", exporter="dynamo", kv_cache=True))
+    assert main(["tune", model, "--max-seq-len", "64", "--export", str(exported)]) == 0
     entries = json.loads(exported.read_text())["entries"]
+    assert len(entries) == len(tuning.Table.load(cache).entries) > 0
+    assert run_cli("tune", "--export", str(tmp_path / "again.json")).returncode == 0  # the cache alone
+    assert json.loads((tmp_path / "again.json").read_text())["entries"] == entries
     assert entries and all(e["machine"] == HOST.machine({"cpu": "native"}) for e in entries)
     # another machine: its table is used, nothing measured, the artifact records the source
     art = _compile(tmp_path, "b.llmc", monkeypatch, tmp_path / "fresh.json", tuning=[exported])
@@ -122,6 +133,7 @@ def test_tune_refused(tmp_path, args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # 22 s: two cuda compiles and Triton's interpreter
 def test_cuda_compile_uses_a_table_tuned_on_a_gpu(tmp_path, monkeypatch):
     """A table made on a GPU machine, used by a compile on this one (no GPU): the GEMMs get its
     block sizes, warps and stages in their launch table, and still compute the same tokens

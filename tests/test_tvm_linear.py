@@ -91,7 +91,8 @@ KNOB_SPECS = [LinearSpec(130, 96, norm="rms", bias=True), LinearSpec(70, 96, qua
               LinearSpec(96, 64, quant="w4", group_size=32, gated=True, activation="silu")]
 
 
-@pytest.mark.parametrize("spec", KNOB_SPECS, ids=lambda c: c.quant or "f32")
+@pytest.mark.parametrize("spec", [s if not s.quant else pytest.param(s, marks=pytest.mark.slow) for s in KNOB_SPECS],
+                         ids=lambda c: c.quant or "f32")  # f32 by default, w8 and w4 with the slow tests
 def test_every_knob_value_matches_reference(spec, rng):
     """All tiles, also those this CPU would not try (AVX-512's)."""
     w = rng.standard_normal((spec.n, spec.k)).astype(np.float32) / 8
