@@ -15,7 +15,7 @@ from conftest import rel_err
 from zoo_cases import export
 
 import llmc
-from llmc.backends.tvm.linear import PACKINGS, TILES, LinearSpec, build, default_tile, knobs, pack, schedule
+from llmc.backends.tvm.linear import PACKINGS, TILES, LinearSpec, build, default_tile, knobs, schedule
 from llmc.backends.tvm.target import host
 from llmc.ops import get_op
 from llmc.passes.quantize_weights import quantize

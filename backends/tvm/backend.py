@@ -4,12 +4,13 @@ whole plan."""
 
 from __future__ import annotations
 
+import os
+
 from llmc.errors import LlmcError
 from llmc.runtime import cpu as cpus
 
 from .. import Build
 from ..plan import check_kv_layout, kv_layout
-
 
 LIBRARY = "kernels/model.so"
 
@@ -47,8 +48,6 @@ class TvmBackend:
         and, on this machine, its model and the cores the kernels run on."""
         if self.arch == "aarch64":
             return {"arch": "aarch64", "cpu": options["cpu"]}
-        import os
-
         return {"arch": cpus.arch(), "cpu": self.target(options["cpu"])["mcpu"], "model": cpus.model_name(),
                 "cores": len(os.sched_getaffinity(0))}
 
