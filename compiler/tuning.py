@@ -144,8 +144,12 @@ class Tuner:
             return default
         for source, table in (("file", self.imported), ("cache", self.cache)):
             entry = table.get(kernel, self.machine)
-            if entry and set(entry["config"]) == set(default):
+            if entry is None:
+                continue
+            if set(entry["config"]) == set(default) and all(entry["config"][k.name] in k.values for k in knobs):
                 return self._chose(kernel, entry["config"], source)
+            log.warning("tuning: the %s entry for %s has knobs or values this schedule does not take (%s); not used",
+                        source, kernel, _label(entry["config"]))
         if not self.measuring or measure is None:
             return self._chose(kernel, default, "default")
         start = time.monotonic()

@@ -105,6 +105,14 @@ def test_export_and_import(tmp_path, monkeypatch, caplog):
         art = _compile(tmp_path, "c.llmc", monkeypatch, tmp_path / "fresh.json", tuning=[foreign])
     assert {t["source"] for t in _tuning_of(art).values()} == {"default"}
     assert f"{len(entries)} of its {len(entries)} entries are for another machine or llmc version" in caplog.text
+    # this machine's entries with a value the schedule does not take: not used, and said
+    odd = json.loads(exported.read_text())
+    odd["entries"] = [dict(e, config=dict(e["config"], tile="99x9")) for e in entries]
+    foreign.write_text(json.dumps(odd))
+    with caplog.at_level(logging.WARNING, logger="llmc.tuning"):
+        art = _compile(tmp_path, "d.llmc", monkeypatch, tmp_path / "fresh.json", tuning=[foreign])
+    assert {t["source"] for t in _tuning_of(art).values()} == {"default"}
+    assert "tile=99x9" in caplog.text and "does not take" in caplog.text
 
 
 @pytest.mark.parametrize("content,message", [
