@@ -78,6 +78,7 @@ def _run(python, *args, cwd=None):
     return out.stdout
 
 
+@pytest.mark.slow  # 25 s: a wheel installed into a fresh environment (CI runs it)
 def test_installed_wheel_compiles_runs_and_serves_torch_compile(wheel, tmp_path):
     from zoo_cases import export
 
