@@ -145,6 +145,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "llmc.cli", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow  # 12 s; the interpreter runs in-process in the default run's other tests
 def test_run_interpret_from_the_command_line(cuda):
     art = cuda("gpt2-tiny", dtype="fp32", kv_cache="f32")
     out = _cli("run", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--interpret", "--json")
