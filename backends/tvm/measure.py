@@ -1,8 +1,8 @@
 """Timing a TVM kernel's candidate configurations on this machine (`llmc.tuning.Measure`).
 
-Each candidate is built alone (all of them at once, on every core) and called on buffers of the real sizes. Decode (one row) reads
-its weights cold, as a decode step does after the rest of the model has passed through the
-caches: the weights are copied until the copies exceed twice the last-level cache, and calls
+Each candidate is built alone (all of them at once, on every core) and called on buffers of
+the real sizes. Decode (one row) reads its weights cold, as a decode step does after the rest of
+the model has passed through the caches: the weights are copied until the copies exceed twice the last-level cache, and calls
 rotate through them. Candidates are timed in interleaved rounds, so that a slow stretch of a
 noisy machine falls on all of them, and each gets the median of its calls. Every candidate's
 output is checked against the first's: a configuration that computes something else is a bug
@@ -60,15 +60,15 @@ def measure_linear(spec: linear.LinearSpec, target: dict, configs: list, rows: i
     import tvm
 
     dev = tvm.cpu(0)
-    raw = linear_inputs(spec, rows, np.random.default_rng(0))
-    args = {a: tvm.runtime.tensor(linear.PACKINGS[spec.packing(a)](v) if spec.packing(a) else v, dev)
-            for a, v in raw.items()}
+    packed = {a: linear.PACKINGS[spec.packing(a)](v) if spec.packing(a) else v
+              for a, v in linear_inputs(spec, rows, np.random.default_rng(0)).items()}
+    args = {a: tvm.runtime.tensor(v, dev) for a, v in packed.items()}
     weights = [a for a in args if a.startswith(("w", "norm", "bias"))]
     copies = 1
     if rows == 1:
-        size = sum(args[a].numpy().nbytes for a in weights)
+        size = sum(packed[a].nbytes for a in weights)
         copies = max(1, min(64, -(-2 * last_level_cache_bytes() // size)))
-    sets = [args] + [{**args, **{a: tvm.runtime.tensor(args[a].numpy(), dev) for a in weights}}
+    sets = [args] + [{**args, **{a: tvm.runtime.tensor(packed[a], dev) for a in weights}}
                      for _ in range(copies - 1)]
     funcs, outputs = [], []
     y_dtype = str(linear.tensors(spec)[-1].dtype)
