@@ -376,9 +376,10 @@ def _quant_arguments(p) -> None:
     p.add_argument("--kv-cache", choices=("f32", "f16", "int8"),
                    help="the KV cache's encoding (default f16 with --dtype fp16, else f32): int8 keeps one scale "
                         "per head and token; f16 is for cuda")
-    p.add_argument("--kv-layout", default="auto", choices=("auto", "bhsd", "bshd"),
-                   help="the KV cache's axis order: [batch, kv_heads, seq, head_dim] (bhsd), [batch, seq, kv_heads, "
-                        "head_dim] (bshd), or auto (the target's choice: bhsd)")
+    p.add_argument("--kv-layout", default="auto", metavar="{auto,bhsd,bshd,paged:N}",
+                   help="the KV cache's layout: [batch, kv_heads, seq, head_dim] (bhsd), [batch, seq, kv_heads, "
+                        "head_dim] (bshd), blocks of N tokens shared by the sequences of a batch as they grow "
+                        "(paged:N; cpu target, Python runtime), or auto (the target's choice: bhsd)")
     p.add_argument("--activations", choices=("int8", "f32"),
                    help="what the quantized GEMMs multiply: int8 activations (blocks of 32, integer dot products; "
                         "the cpu default) or f32 (weights dequantized; the cuda target's only choice)")

@@ -1,5 +1,5 @@
 """Plan dims: integers, or polynomials over named dims whose atoms are the run-time dims
-(batch, seq, past, total) or expressions over them.
+(batch, seq, past, total; blocks, a paged KV cache's pool) or expressions over them.
 
 A dim is encoded as [[coefficient, [atom, ...]], ...]. An atom that is not a named dim is an
 expression the compiler could not reduce to a polynomial: `min(seq, 1)` (an export that keeps
@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import re
 
-DIMS = ("batch", "seq", "past", "total")
+DIMS = ("batch", "seq", "past", "total", "blocks")  # blocks: a paged KV cache's pool
 _TOKEN = re.compile(r"\s*(?:(\d+)|([A-Za-z_]\w*)|(//|[-+*(),]))")
 
 

@@ -10,7 +10,8 @@ arena, so a step allocates no tensor memory. The kernel calls are bound once per
 argument arrays are prepared then, and a decode step only re-views the few values whose shape
 grows with the context (the mask) and passes the current lengths. Each layer's keys and values
 live in one buffer [batch, kv_heads, max_seq, head_dim] that `rope_cache` writes in place and
-attention reads.
+attention reads; a paged cache's in a pool of blocks (`paging.py`) that any batch up to the
+one it was reset for shares, each sequence at its own length.
 
 TVM kernels read 64-byte aligned memory; every buffer here is so aligned.
 """
@@ -25,6 +26,7 @@ from . import memory
 from .dims import atom, evaluate, names
 from .errors import LlmcError
 from .memory import ALIGN
+from .paging import BlockPool
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -58,6 +60,7 @@ class Executor:
         self.caches: dict[str, np.ndarray] = {}
         self.arena: dict[str, np.ndarray] = {}
         self.batch = None
+        self.pages: BlockPool | None = None
         # values whose shape depends on the context length: re-viewed at every step
         self.growing = {name for name, info in self.values.items()
                         if any(names(a) & {"past", "total"} for d in info["shape"] if not isinstance(d, int)
@@ -71,23 +74,19 @@ class Executor:
     def reset(self, batch: int) -> None:
         """Caches and arena for a new batch of sequences. The caches start empty: a step reads
         only the positions before its `past`, so buffers of the same batch size are kept
-        (allocated and bound once, as a server would)."""
+        (allocated and bound once, as a server would). A paged cache's pool (`pages`) keeps its
+        blocks, all free again; it starts with a block per sequence and grows as they do."""
         if batch == self.batch:
+            if self.pages:
+                self.pages.clear()
             return
         offsets, size = memory.arena_plan(self.manifest, self.weights, batch)
-        need = memory.cache_bytes(self.manifest, batch) + size
-        free = memory.available()
-        if free is not None and need > free:
-            raise LlmcError(f"a batch of {batch} at the artifact's context of {self.max_seq} tokens needs "
-                            f"{need / 2**30:.2f} GiB for its KV caches and activations; this machine has "
-                            f"{free / 2**30:.2f} GiB free")
+        page = self.manifest["model"]["kv_cache"]["layout"]["page_tokens"]
+        self.pages = BlockPool(page, -(-self.max_seq // page), batch, self._grow) if page else None
+        self._check_memory(memory.cache_bytes(self.manifest, batch, batch if page else None) + size,
+                           f"a batch of {batch} at the artifact's context of {self.max_seq} tokens")
         self.batch = batch
-        self.caches = {}
-        for entry in self.kv_entries:
-            info = self.values[entry["past"]]
-            shape = [evaluate(d, {"batch": batch, "past": self.max_seq}) for d in info["shape"]]
-            self.caches[entry["past"]] = aligned_empty(shape, info["dtype"])
-            self.caches[entry["present"]] = self.caches[entry["past"]]
+        self._allocate_caches({"batch": batch, "past": self.max_seq, "blocks": batch})
         arena = aligned_empty((size,), np.uint8)
         largest = {"batch": batch, "seq": self.max_seq, "past": self.max_seq, "total": self.max_seq}
         self.arena = {name: arena[offset:offset + memory.nbytes(self.values[name], largest)].view(self.values[name]["dtype"])
@@ -95,6 +94,36 @@ class Executor:
         self.no_tables = aligned_empty((batch * self.max_seq * 2,), np.float32)  # rope without rotary
         self._views = {name: {} for name in self.arena}
         self._bound = {}
+
+    def _allocate_caches(self, env: dict, keep: dict | None = None) -> None:
+        """The KV caches at `env`'s sizes; with `keep`, the old pools copied to their front. A
+        paged pool starts zeroed: the kernels read (and mask out) slots no token was written to,
+        and a zero weight times garbage could be NaN."""
+        self.caches = {}
+        for entry in self.kv_entries:
+            info = self.values[entry["past"]]
+            shape = [evaluate(d, env) for d in info["shape"]]
+            cache = aligned_empty(shape, info["dtype"])
+            if self.pages:
+                cache[...] = 0
+                if keep:
+                    cache[:len(keep[entry["past"]])] = keep[entry["past"]]
+            self.caches[entry["past"]] = self.caches[entry["present"]] = cache
+
+    def _grow(self, blocks: int) -> None:
+        """A paged cache's pool grows to `blocks` blocks (`paging.BlockPool`); calls bind anew."""
+        env = {"batch": self.batch, "past": self.max_seq, "blocks": blocks}
+        self._check_memory(memory.cache_bytes(self.manifest, self.batch, blocks),
+                           f"a KV cache of {blocks} blocks of {self.pages.page_tokens} tokens")
+        self._allocate_caches(env, keep=self.caches)
+        self._bound = {}
+
+    @staticmethod
+    def _check_memory(need: int, what: str) -> None:
+        free = memory.available()
+        if free is not None and need > free:
+            raise LlmcError(f"{what} needs {need / 2**30:.2f} GiB for its KV caches and activations; this "
+                            f"machine has {free / 2**30:.2f} GiB free")
 
     def _view(self, name: str, env) -> np.ndarray:
         """The value's buffer, viewed at this step's shape (its front: aligned, contiguous).
@@ -122,10 +151,10 @@ class Executor:
         if past + seq > self.max_seq:
             raise LlmcError(f"context of {past + seq} tokens exceeds the {self.max_seq} this artifact "
                             "was compiled for")
-        if self.batch != batch:
+        if self.batch != batch and not (self.pages and batch <= self.batch):
             raise LlmcError(f"the caches hold a batch of {self.batch}, this step has {batch}")
         last_logits = last_logits and seq > 1 and self.last_only
-        key = (seq, last_logits)
+        key = (batch, seq, last_logits)
         bound = self._bound.get(key)
         if bound is None:
             bound = self._bound[key] = [self._bind(step, env, last_logits) for step in self.plan]

@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from .dims import evaluate
+from .schema import KV_BLOCKS, KV_LENGTHS
 
 ALIGN = 64
 
@@ -64,9 +65,14 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def cache_bytes(manifest: dict, batch: int) -> int:
-    values = manifest["plans"]["values"]
-    env = {"batch": batch, "past": manifest["model"]["max_seq_len"]}
+def cache_bytes(manifest: dict, batch: int, blocks: int | None = None) -> int:
+    """The KV caches' bytes for `batch` sequences at the artifact's context; a paged cache's for a
+    pool of `blocks` blocks (default: as many as `batch` sequences at the whole context hold)."""
+    values, longest = manifest["plans"]["values"], manifest["model"]["max_seq_len"]
+    page = manifest["model"]["kv_cache"]["layout"]["page_tokens"]
+    if blocks is None:
+        blocks = batch * -(-longest // page) if page else 0
+    env = {"batch": batch, "past": longest, "blocks": blocks}
     return sum(nbytes(values[e["past"]], env) for e in manifest["model"]["kv_cache"]["entries"])
 
 
@@ -80,8 +86,8 @@ def arena_plan(manifest: dict, weights, batch: int) -> tuple[dict[str, int], int
     names = arena_names(manifest, weights)
     values, longest = manifest["plans"]["values"], manifest["model"]["max_seq_len"]
     env = {"batch": batch, "seq": longest, "past": longest, "total": longest}
-    lives = lifetimes(manifest["plans"]["forward"], names, [t["name"] for t in manifest["model"]["inputs"]],
-                      [manifest["model"]["outputs"][0]["name"]])
+    feeds = [t["name"] for t in manifest["model"]["inputs"]] + [KV_BLOCKS, KV_LENGTHS]  # written before step 0
+    lives = lifetimes(manifest["plans"]["forward"], names, feeds, [manifest["model"]["outputs"][0]["name"]])
     return assign({n: nbytes(values[n], env) for n in names}, lives)
 
 

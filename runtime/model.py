@@ -19,6 +19,7 @@ from .artifact import WEIGHTS, open_artifact
 from .errors import ArtifactError, LlmcError
 from .executor import Executor
 from .sampling import Rng, check_options, sample
+from .schema import KV_BLOCKS, KV_LENGTHS
 from .text import Text
 from .threads import import_tvm_ffi
 from .threads import start as start_kernel_pool
@@ -74,15 +75,32 @@ class Model:
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2 or input_ids.dtype.kind not in "iu":
             raise LlmcError(f"input_ids: expected integer token ids [batch, seq], got {input_ids.dtype}{list(input_ids.shape)}")
+        batch = input_ids.shape[0]
+        return self._step(input_ids, [past] * batch, list(range(batch)), last_only, greedy)
+
+    def _step(self, input_ids: np.ndarray, pasts: list[int], seqs: list[int], last_only: bool = False,
+              greedy: bool = False) -> np.ndarray:
+        """`forward` for sequences `seqs` of the batch the executor was reset for, each after
+        its own number of cached tokens (`pasts`: they may differ only in a paged cache). The
+        mask feeds each its own length; a paged cache is given their blocks (taken as they grow)
+        and lengths."""
         batch, seq = input_ids.shape
+        lengths = np.array(pasts, np.int64)
+        total = int(lengths.max()) + seq
         roles = self.manifest["model"]["roles"]
-        feeds = {roles["tokens"]: input_ids, roles["mask"]: np.ones((batch, past + seq)),
-                 roles["positions"]: np.broadcast_to(np.arange(past, past + seq), (batch, seq))}
+        feeds = {roles["tokens"]: input_ids,
+                 roles["mask"]: (np.arange(total) < (lengths + seq)[:, None]).astype(np.int64),
+                 roles["positions"]: lengths[:, None] + np.arange(seq)}
+        pages = getattr(self.executor, "pages", None)  # the CPU executor's, when paged
+        if pages:
+            for s, past in zip(seqs, pasts):
+                pages.reserve(s, past + seq)
+            feeds.update({KV_BLOCKS: pages.table(seqs), KV_LENGTHS: lengths.astype(np.int32)})
         feeds = {name: a for name, a in feeds.items() if name in self.executor.values}  # what the plan reads
         self.check_ids(feeds)
         if greedy:
-            return self.executor.run(feeds, batch, seq, past, greedy=True)
-        return self.executor.run(feeds, batch, seq, past, last_logits=last_only)
+            return self.executor.run(feeds, batch, seq, total - seq, greedy=True)
+        return self.executor.run(feeds, batch, seq, total - seq, last_logits=last_only)
 
     @property
     def text(self) -> Text:
@@ -96,43 +114,87 @@ class Model:
 
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
-                 on_token: Callable[[int], None] | None = None) -> list[int]:
+                 on_token: Callable[..., None] | None = None) -> list:
         """New token ids after `prompt_ids` (token ids, or a string when the artifact bundles a
-        tokenizer), up to `max_new_tokens` or an end-of-sequence token (included)."""
+        tokenizer), up to `max_new_tokens` or an end-of-sequence token (included); `on_token`
+        sees each as it comes.
+
+        Given a list of prompts (of any lengths), a list of outputs: each prompt's, the tokens
+        it gets alone (sampled with its own generator seeded by `seed`), and `on_token(i, token)`
+        for prompt i. With a paged KV cache the prompts are prefilled one by one into the shared
+        pool and then decoded together, one step for all, each at its own length; with a
+        contiguous cache they run one after another."""
         check_options(temperature, top_k, top_p)
+        if type(max_new_tokens) is not int or max_new_tokens < 0:
+            raise LlmcError(f"max_new_tokens {max_new_tokens!r}: must be an integer >= 0")
+        sampling = (temperature, top_k, top_p, seed)
+        if not _is_batch(prompt_ids):
+            return self._decode([self._prompt(prompt_ids, max_new_tokens)], max_new_tokens, sampling,
+                                on_token and (lambda i, token: on_token(token)))[0]
+        prompts = [self._prompt(p, max_new_tokens, f"prompt {i}: ") for i, p in enumerate(prompt_ids)]
+        # sequences at different lengths in one step need a paged cache, and each one's positions
+        # fed: a graph without them derives positions from the step's past, which one sequence has
+        paged = self.manifest["model"]["kv_cache"]["layout"]["page_tokens"] > 0
+        if paged and self.manifest["model"]["roles"]["positions"] in self.executor.values:
+            return self._decode(prompts, max_new_tokens, sampling, on_token)
+        return [self._decode([p], max_new_tokens, sampling, on_token and (lambda _, t, i=i: on_token(i, t)))[0]
+                for i, p in enumerate(prompts)]
+
+    def _prompt(self, prompt_ids, max_new_tokens: int, where: str = "") -> list[int]:
         if isinstance(prompt_ids, str):
             prompt_ids = self.text.encode(prompt_ids)
         try:
             prompt = [int(t) for t in prompt_ids]
         except (TypeError, ValueError):
-            raise LlmcError("the prompt must be a sequence of integer token ids") from None
+            raise LlmcError(f"{where}the prompt must be a sequence of integer token ids") from None
         if not prompt:
-            raise LlmcError("the prompt is empty")
-        if type(max_new_tokens) is not int or max_new_tokens < 0:
-            raise LlmcError(f"max_new_tokens {max_new_tokens!r}: must be an integer >= 0")
+            raise LlmcError(f"{where}the prompt is empty")
         if len(prompt) + max_new_tokens > self.max_seq_len:
-            raise LlmcError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the context "
+            raise LlmcError(f"{where}prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the context "
                             f"of {self.max_seq_len} tokens this artifact was compiled for")
-        rng = Rng(seed)
+        return prompt
+
+    def _decode(self, prompts: list[list[int]], max_new_tokens: int, sampling: tuple, on_token) -> list[list[int]]:
+        """Generate for `prompts` as one batch: each prefilled alone (its own rows of the batch,
+        so no prompt is padded), then every unfinished one decoded in one step per token. A
+        sequence that ends gives its cache blocks back. Several prompts need a paged cache."""
+        temperature, top_k, top_p, seed = sampling
+        rngs = [Rng(seed) for _ in prompts]
         on_device = temperature == 0 and getattr(self.executor, "argmax", None) is not None
 
-        def next_token(ids, past, last_only=False) -> int:
-            if on_device:  # greedy on the GPU: one token comes back, not the logits
-                return int(self.forward(ids, past, last_only, greedy=True)[0])
-            return sample(self.forward(ids, past, last_only)[0, -1], rng, temperature, top_k, top_p)
+        def next_tokens(ids, pasts, seqs, last_only=False) -> list[int]:
+            if on_device:  # greedy on the GPU: the tokens come back, not the logits
+                return [int(t) for t in self._step(ids, pasts, seqs, last_only, greedy=True)]
+            logits = self._step(ids, pasts, seqs, last_only)
+            return [sample(logits[row, -1], rngs[s], temperature, top_k, top_p) for row, s in enumerate(seqs)]
 
-        self.executor.reset(batch=1)
-        token = next_token(np.array([prompt]), 0, last_only=True)
-        out, past = [], len(prompt)
-        for _ in range(max_new_tokens):
-            out.append(token)
-            if on_token:
-                on_token(token)
-            if token in self.eos_token_ids or len(out) == max_new_tokens:
-                break
-            token = next_token(np.array([[token]]), past)
-            past += 1
-        return out
+        self.executor.reset(batch=len(prompts))
+        tokens = [next_tokens(np.array([p]), [0], [i], last_only=True)[0] for i, p in enumerate(prompts)]
+        pasts = [len(p) for p in prompts]
+        outs: list[list[int]] = [[] for _ in prompts]
+        active = list(range(len(prompts))) if max_new_tokens else []
+        pages = getattr(self.executor, "pages", None)
+        while True:
+            for i in active:
+                outs[i].append(tokens[i])
+                if on_token:
+                    on_token(i, tokens[i])
+            ended = [i for i in active if tokens[i] in self.eos_token_ids or len(outs[i]) == max_new_tokens]
+            for i in ended:
+                if pages:
+                    pages.release(i)
+            active = [i for i in active if i not in ended]
+            if not active:
+                return outs
+            new = next_tokens(np.array([[tokens[i]] for i in active]), [pasts[i] for i in active], active)
+            for i, token in zip(active, new):
+                tokens[i], pasts[i] = token, pasts[i] + 1
+
+
+def _is_batch(prompt_ids) -> bool:
+    """A list of prompts (strings or id sequences), not one prompt's ids."""
+    return isinstance(prompt_ids, (list, tuple)) and bool(prompt_ids) and \
+        all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt_ids)
 
 
 def _cuda_executor(art, manifest: dict, weights: dict, interpret: bool):

@@ -51,8 +51,8 @@ def _int(lo: int, hi: int | None = None) -> Check:
 
 
 NAME = Check("a name (a non-empty string)", lambda v: isinstance(v, str) and _NAME.match(v))
-ATOM = Check("a run-time dim (batch, seq, past, total) or an expression over them", is_atom)
-POLY = Check("a dim: an integer, or [[coefficient, [atoms]], ...] whose atoms are batch/seq/past/total "
+ATOM = Check("a run-time dim (batch, seq, past, total, blocks) or an expression over them", is_atom)
+POLY = Check("a dim: an integer, or [[coefficient, [atoms]], ...] whose atoms are batch/seq/past/total/blocks "
              "or expressions over them", lambda v: (type(v) is int and v >= 0) or (isinstance(v, list) and all(
                  isinstance(t, list) and len(t) == 2 and type(t[0]) is int and isinstance(t[1], list)
                  and all(is_atom(a) for a in t[1]) for t in v)))
@@ -86,9 +86,10 @@ CPU = {"name": NAME, "arch": ("x86_64", "aarch64"), "features": [NAME]}
 FILE = {"bytes": _int(0), "sha256": Check("a sha256 hex digest", lambda v: isinstance(v, str) and _SHA256.match(v))}
 
 # the KV cache's descriptor (`llmc.backends.plan.lay_out_caches`); the runtimes allocate the caches
-# from plans.values, 64-byte aligned, and read no paged cache yet
-KV_LAYOUT = {"order": ("bhsd", "bshd"),
-             "page_tokens": Check("0 (this runtime reads contiguous caches only)", lambda v: v == 0 and type(v) is int),
+# from plans.values, 64-byte aligned. A paged cache's kernels also take these two run-time values:
+# each sequence's blocks, int32 [batch, max_blocks], and the positions it holds, int32 [batch]
+KV_BLOCKS, KV_LENGTHS = "kv_cache.blocks", "kv_cache.lengths"
+KV_LAYOUT = {"order": ("bhsd", "bshd"), "page_tokens": _int(0, 4096),
              "alignment": Check("64", lambda v: v == 64 and type(v) is int)}
 
 MANIFEST = {
@@ -204,6 +205,7 @@ def _references(m: dict) -> None:
     for i, e in enumerate(m["model"]["kv_cache"]["entries"]):
         if e["past"] not in values:
             raise Invalid(f"model.kv_cache.entries[{i}].past: value {e['past']!r} is not described in plans.values")
+    _paging_references(m)
     inputs = {t["name"] for t in m["model"]["inputs"]}
     roles = m["model"]["roles"]
     if roles["logits"] not in {t["name"] for t in m["model"]["outputs"]}:
@@ -218,6 +220,26 @@ def _references(m: dict) -> None:
     for name in m["model"]["index_bounds"]:
         if name not in inputs:
             raise Invalid(f"model.index_bounds[{name!r}]: not an input of the model")
+
+
+def _paging_references(m: dict) -> None:
+    """A paged cache: a cpu artifact's, each cache a pool of blocks of page_tokens positions, with
+    the block tables and lengths described as the kernels take them."""
+    layout, values = m["model"]["kv_cache"]["layout"], m["plans"]["values"]
+    page = layout["page_tokens"]
+    if not page:
+        return
+    if m["target"]["kind"] != "llvm":
+        raise Invalid(f"model.kv_cache.layout.page_tokens: {page}: paged caches are built for cpu targets only")
+    for name, ndim in ((KV_BLOCKS, 2), (KV_LENGTHS, 1)):
+        if name not in values or values[name]["dtype"] != "int32" or len(values[name]["shape"]) != ndim:
+            raise Invalid(f"plans.values[{name!r}]: a paged cache's kernels take it as int32 with {ndim} dims")
+    seq_axis = 2 if layout["order"] == "bhsd" else 1
+    for i, e in enumerate(m["model"]["kv_cache"]["entries"]):
+        shape = values[e["past"]]["shape"]
+        if len(shape) < 3 or shape[0] != [[1, ["blocks"]]] or shape[seq_axis] != page:
+            raise Invalid(f"plans.values[{e['past']!r}]: a paged cache is [blocks, ...] with {page} positions "
+                          f"on axis {seq_axis}, got {shape}")
 
 
 def _triton_references(kernels: dict, files: dict) -> None:

@@ -79,3 +79,30 @@ def in_kv_order(cache, order: str):
     if cache is None or order == "bhsd":
         return cache
     return np.ascontiguousarray(np.swapaxes(cache, 1, 2))
+
+
+def block_table(batch: int, max_seq: int, page: int, rng, spare: int = 3):
+    """A paged cache's block table [batch, max_blocks]: every sequence's blocks, distinct, shuffled
+    over a pool of `spare` more blocks than they need (the pool's size)."""
+    max_blocks = -(-max_seq // page)
+    blocks = rng.permutation(batch * max_blocks + spare)[:batch * max_blocks]
+    return blocks.reshape(batch, max_blocks).astype(np.int32), batch * max_blocks + spare
+
+
+def to_pages(cache, table, pool_blocks: int, page: int, fill=0):
+    """A cache [batch, kv_heads, max_seq(, d)] (bhsd) as a pool [blocks, kv_heads, page(, d)]
+    that `table` maps; blocks no sequence holds are `fill`."""
+    batch, max_blocks = table.shape
+    padded = np.full((batch, cache.shape[1], max_blocks * page, *cache.shape[3:]), fill, cache.dtype)
+    padded[:, :, :cache.shape[2]] = cache
+    pool = np.full((pool_blocks, cache.shape[1], page, *cache.shape[3:]), fill, cache.dtype)
+    for b in range(batch):
+        for i, block in enumerate(table[b]):
+            pool[block] = padded[b, :, i * page:(i + 1) * page]
+    return pool
+
+
+def from_pages(pool, table, max_seq: int):
+    """The inverse of `to_pages`: each sequence's positions [batch, kv_heads, max_seq(, d)]."""
+    rows = [np.concatenate([pool[block] for block in blocks], axis=1) for blocks in table]
+    return np.stack(rows)[:, :, :max_seq]

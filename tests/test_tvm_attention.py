@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from conftest import in_kv_order, rel_err
+from conftest import block_table, in_kv_order, rel_err, to_pages
 
 from llmc.backends.tvm.attention import AttentionSpec, build
 from llmc.backends.tvm.target import host
@@ -74,3 +74,45 @@ def test_int8_cache_kernel_matches_reference_on_the_dequantized_cache(spec, rng)
         full = get_op("attention").ref(q, k[:, :, :kv_len], v[:, :, :kv_len], mask, scale=spec.scale,
                                        merge_heads=int(spec.merge_heads))
         assert rel_err(out.numpy(), full) < 0.02
+
+
+@pytest.mark.parametrize("spec", [AttentionSpec(heads=4, kv_heads=2, head_dim=16, scale=0.25, page_tokens=4),
+                                  AttentionSpec(heads=4, kv_heads=1, head_dim=8, scale=0.5, masked=False,
+                                                is_causal=True, page_tokens=3),
+                                  AttentionSpec(heads=3, kv_heads=3, head_dim=13, scale=0.3, merge_heads=False,
+                                                kv_int8=True, page_tokens=5)], ids=["gqa-mask", "mqa-causal", "int8"])
+@pytest.mark.parametrize("seq", [1, 3])
+def test_paged_kernel_reads_each_sequence_to_its_own_length(spec, seq, rng):
+    """Two sequences holding different lengths in one batch: each attends to its own blocks up
+    to its own length (+ its causal position), as if alone; the slots past a sequence's length
+    hold finite garbage the kernel must not weigh."""
+    from llmc.backends.tvm.rope_cache import quantize_rows
+
+    kernel = build(spec, host())
+    dev, batch, page, max_seq, d = tvm.cpu(0), 2, spec.page_tokens, 17, spec.head_dim
+    lengths = np.array([4, 10], np.int32)
+    total = int(lengths.max()) + seq
+    table, blocks = block_table(batch, max_seq, page, rng)
+    q = rng.standard_normal((batch, spec.heads, seq, d)).astype(np.float32)
+    k, v = (rng.standard_normal((batch, spec.kv_heads, max_seq, d)).astype(np.float32) for _ in range(2))
+    for b, n in enumerate(lengths):
+        k[b, :, n + seq:], v[b, :, n + seq:] = 1e3, -1e3
+    if spec.kv_int8:
+        (kq, ks), (vq, vs) = quantize_rows(k), quantize_rows(v)
+        k, v = kq * ks[..., None], vq * vs[..., None]  # what the kernel reads back
+        caches = (kq, vq, ks, vs)
+    else:
+        caches = (k, v)
+    mask = np.where(rng.random((batch, 1, seq, total)) > 0.3, 0, -np.inf).astype(np.float32)
+    mask[..., 0] = 0
+    args = [q, *(to_pages(c, table, blocks, page) for c in caches)] + [mask] * spec.masked + [table, lengths]
+    out_shape = (batch, seq, spec.heads * d) if spec.merge_heads else (batch, spec.heads, seq, d)
+    out = tvm.runtime.tensor(np.zeros(out_shape, np.float32), dev)
+    kernel["main"](*[tvm.runtime.tensor(a, dev) for a in args], out, *([] if spec.masked else [total]))
+    for b, n in enumerate(lengths):
+        own = n + seq
+        causal = np.where(np.arange(own)[None] <= n + np.arange(seq)[:, None], 0, -np.inf).astype(np.float32)
+        m = causal + (mask[b:b + 1, :, :, :own] if spec.masked else 0)
+        want = get_op("attention").ref(q[b:b + 1], k[b:b + 1, :, :own], v[b:b + 1, :, :own], m, scale=spec.scale,
+                                       merge_heads=int(spec.merge_heads))
+        assert rel_err(out.numpy()[b:b + 1], want) < 1e-5, (b, seq)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from conftest import in_kv_order, rel_err
+from conftest import block_table, from_pages, in_kv_order, rel_err, to_pages
 from zoo_cases import export
 
 import llmc
@@ -94,3 +94,52 @@ def test_int8_cache_kernel_quantizes_rows(spec, rng):
         np.testing.assert_allclose(got_scales[:, :, past:past + seq], scale, rtol=1e-6)
         np.testing.assert_array_equal(got_values[:, :, :past], caches[i][:, :, :past])  # nothing else written
         np.testing.assert_array_equal(got_scales[:, :, past + seq:], scales[i][:, :, past + seq:])
+
+
+@pytest.mark.parametrize("spec", [RopeCacheSpec(4, 2, 16, 16, page_tokens=4),
+                                  RopeCacheSpec(3, 3, 10, 0, kv_int8=True, page_tokens=5)], ids=["gqa-f32", "int8"])
+@pytest.mark.parametrize("seq", [1, 3])
+def test_paged_kernel_writes_each_sequence_at_its_own_length(spec, seq, rng):
+    """Two sequences of different lengths: each token lands in its own sequence's block at its
+    own position, rotated (or quantized) as the op says; no other slot of the pool changes."""
+    from llmc.backends.tvm.rope_cache import quantize_rows
+
+    kernel = build(spec, host())["main"]
+    batch, d, page, lengths = 2, spec.head_dim, spec.page_tokens, np.array([3, 9], np.int32)
+    table, blocks = block_table(batch, MAX_SEQ, page, rng)
+    qkv = rng.standard_normal((batch, seq, (spec.heads + 2 * spec.kv_heads) * d)).astype(np.float32)
+    rd = max(spec.rotary_dim, 2)
+    cos, sin = (rng.standard_normal((batch, seq, rd)).astype(np.float32) for _ in range(2))
+    if spec.kv_int8:
+        caches = [rng.integers(-127, 128, (batch, spec.kv_heads, MAX_SEQ, d)).astype(np.int8) for _ in range(2)]
+        caches += [rng.random((batch, spec.kv_heads, MAX_SEQ)).astype(np.float32) for _ in range(2)]
+    else:
+        caches = [rng.standard_normal((batch, spec.kv_heads, MAX_SEQ, d)).astype(np.float32) for _ in range(2)]
+    pools = [to_pages(c, table, blocks, page) for c in caches]
+    dev = tvm.cpu(0)
+    args = [tvm.runtime.tensor(a, dev) for a in (qkv, cos, sin, *pools, table, lengths)]
+    q = tvm.runtime.tensor(np.zeros((batch, spec.heads, seq, d), np.float32), dev)
+    kernel(*args, q)
+
+    qp, kp, vp = np.split(qkv, [spec.heads * d, (spec.heads + spec.kv_heads) * d], axis=-1)
+    rotary = spec.rotary_dim > 0
+    empty = np.zeros((batch, spec.kv_heads, 0, d), np.float32)
+    want = get_op("rope_cache").ref(qp, kp, vp, cos[:, None] if rotary else None, sin[:, None] if rotary else None,
+                                    empty, empty, heads=spec.heads, kv_heads=spec.kv_heads,
+                                    rotary_dim=spec.rotary_dim % d)
+    assert rel_err(q.numpy(), want[0]) < 1e-6
+    got = [from_pages(a.numpy(), table, MAX_SEQ) for a in args[3:3 + len(pools)]]
+    written = [want[1], want[2]] if not spec.kv_int8 else [*(r[0] for r in map(quantize_rows, want[1:])),
+                                                           *(r[1] for r in map(quantize_rows, want[1:]))]
+    for i, (g, before, w) in enumerate(zip(got, caches, written)):
+        for b, n in enumerate(lengths):
+            new = g[b, :, n:n + seq]
+            if new.dtype == np.int8:
+                assert np.abs(new.astype(int) - w[b]).max() <= 1  # rounding at ties
+            else:
+                np.testing.assert_allclose(new, w[b], rtol=1e-6, atol=1e-7, err_msg=f"cache {i}, sequence {b}")
+            np.testing.assert_array_equal(np.delete(g[b], np.s_[n:n + seq], axis=1),
+                                          np.delete(before[b], np.s_[n:n + seq], axis=1))
+    spare = np.setdiff1d(np.arange(blocks), table)
+    for pool, a in zip(pools, args[3:]):
+        np.testing.assert_array_equal(a.numpy()[spare], pool[spare])

@@ -3,7 +3,10 @@
 q [batch, heads, seq, d]; k, v [batch, kv_heads, max_seq, d] (or [batch, max_seq, kv_heads, d]:
 the spec's `order`), the runtime's caches, of which the first kv_len positions are read (grouped-query: each kv head serves heads / kv_heads query heads);
 mask [batch, 1, seq, kv_len], additive, whose last dim gives kv_len; with `merge_heads` the output
-is [batch, seq, heads * d]. seq, kv_len and max_seq are symbolic: one build serves prefill and
+is [batch, seq, heads * d]. A paged cache ([blocks, kv_heads, page, d]) is read through each
+sequence's block table, and each sequence's query i sees its positions up to its own length + i
+(`lengths`: the sequences of a batch may hold different lengths; kv_len is the longest).
+seq, kv_len and max_seq are symbolic: one build serves prefill and
 every decode step. A query that sees no key (its row of the mask all -inf) gets zeros, as the
 op says. Without a mask, kv_len comes as a trailing scalar (the run-time `total`: past + seq).
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..plan import kv_index, kv_shape
+from ..plan import kv_index, kv_shape, kv_slot
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class AttentionSpec:
     dtype: str = "float32"
     kv_int8: bool = False  # int8 caches with per-(head, token) scales (rope_cache.quantize_rows)
     order: str = "bhsd"  # the caches' axis order (`plan.KV_ORDERS`)
+    page_tokens: int = 0  # a paged cache's block size (`plan.lay_out_caches`); 0: contiguous
 
     @staticmethod
     def of(node) -> "AttentionSpec":
@@ -44,7 +48,8 @@ class AttentionSpec:
                              dtype=q.dtype.numpy().name)
 
     def arg_names(self) -> list[str]:
-        return ["q", "k", "v"] + ["k_scale", "v_scale"] * self.kv_int8 + ["mask"] * self.masked + ["y"]
+        return ["q", "k", "v"] + ["k_scale", "v_scale"] * self.kv_int8 + ["mask"] * self.masked + \
+            ["blocks", "lengths"] * bool(self.page_tokens) + ["y"]
 
 
 def prim_func(spec: AttentionSpec):
@@ -53,14 +58,19 @@ def prim_func(spec: AttentionSpec):
     b, s, t, m = (tirx.Var(n, "int64") for n in ("batch", "seq", "kv_len", "max_seq"))
     h, g, d, dt = spec.heads, spec.heads // spec.kv_heads, spec.head_dim, spec.dtype
     q = te.placeholder((b, h, s, d), dt, name="q")
-    cache_dt, hkv, order = "int8" if spec.kv_int8 else dt, spec.kv_heads, spec.order
-    k = te.placeholder(kv_shape(order, b, hkv, m, d), cache_dt, name="k")
-    v = te.placeholder(kv_shape(order, b, hkv, m, d), cache_dt, name="v")
-    scales = [te.placeholder(kv_shape(order, b, hkv, m), dt, name=n) for n in ("k_scale", "v_scale")] \
+    cache_dt, hkv, order, page = "int8" if spec.kv_int8 else dt, spec.kv_heads, spec.order, spec.page_tokens
+    # a paged cache: a pool of n blocks of `page` positions, and each sequence's blocks and length
+    rows, positions = (tirx.Var("blocks", "int64"), page) if page else (b, m)
+    k = te.placeholder(kv_shape(order, rows, hkv, positions, d), cache_dt, name="k")
+    v = te.placeholder(kv_shape(order, rows, hkv, positions, d), cache_dt, name="v")
+    scales = [te.placeholder(kv_shape(order, rows, hkv, positions), dt, name=n) for n in ("k_scale", "v_scale")] \
         if spec.kv_int8 else []
+    paging = [te.placeholder((b, tirx.Var("max_blocks", "int64")), "int32", name="blocks"),
+              te.placeholder((b,), "int32", name="lengths")] if page else []
 
     def at(cache, bi, hi, ti, *di):  # query head hi's kv head, at position ti
-        return cache[tuple(kv_index(order, bi, hi // g, ti, *di))]
+        row, pos = kv_slot(page, paging[0] if page else None, bi, ti)
+        return cache[tuple(kv_index(order, row, hi // g, pos, *di))]
     mask = te.placeholder((b, 1, s, t), dt, name="mask") if spec.masked else None
     rd = te.reduce_axis((0, d), name="rd")
     neg_inf = tirx.const(float("-inf"), dt)
@@ -77,7 +87,9 @@ def prim_func(spec: AttentionSpec):
             x = x * at(scales[0], bi, hi, ti)
         if mask is not None:
             x = x + mask[bi, 0, si, ti]
-        if spec.is_causal:
+        if page:  # causal within each sequence's own length (the batch's may differ)
+            x = tirx.Select(ti <= si + paging[1][bi].astype("int64"), x, neg_inf)
+        elif spec.is_causal:
             x = tirx.Select(ti <= si + t - s, x, neg_inf)
         return x
 
@@ -106,7 +118,7 @@ def prim_func(spec: AttentionSpec):
         y = te.compute((b, s, h * d), lambda bi, si, c: out[bi, c // d, si, c % d] * inv[bi, c // d, si], name="y")
     else:
         y = te.compute((b, h, s, d), lambda bi, hi, si, di: out[bi, hi, si, di] * inv[bi, hi, si], name="y")
-    args = [q, k, v] + scales + ([mask] if mask is not None else [])
+    args = [q, k, v] + scales + ([mask] if mask is not None else []) + paging
     # without a mask, the keys' length comes as a scalar: the cache holds max_seq positions
     return te.create_prim_func(args + [y] + ([] if mask is not None else [t]))
 

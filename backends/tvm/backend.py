@@ -42,6 +42,9 @@ class TvmBackend:
         if options["kv_cache"] not in ("f32", "int8"):
             raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on CPUs; supported: f32, int8")
         check_kv_layout(options)
+        if self.arch == "aarch64" and kv_layout(options)[1]:
+            raise LlmcError(f"--kv-layout {options['kv_layout']}: paged KV caches are read by the Python runtime "
+                            "only; the native runtime that runs arm64 artifacts reads contiguous ones")
 
     def machine(self, options: dict) -> dict:
         """What tuning results are kept for (`llmc.tuning`): the CPU the kernels are built for
@@ -75,7 +78,7 @@ class TvmBackend:
         from .compile import compile_graph, lay_out_caches, weights
         from .target import ARM64_CPUS
 
-        caches = lay_out_caches(graph, options["kv_cache"], kv_layout(options))
+        caches = lay_out_caches(graph, options["kv_cache"], *kv_layout(options))
         tvm_target = self.target(options["cpu"])
         if self.arch == "aarch64":
             cpu = {"name": options["cpu"], "arch": "aarch64", "features": ARM64_CPUS[options["cpu"]]}

@@ -15,8 +15,8 @@ from dataclasses import replace
 from llmc.ir.graph import Graph, Node
 
 from ..knobs import Chooser
-from ..plan import (Step, UnsupportedGraph, attention_args, kv_int8, kv_order, lay_out_caches, node_key, plan_nodes,
-                    rope_cache_args)
+from ..plan import (Step, UnsupportedGraph, attention_args, kv_int8, kv_order, kv_pages, lay_out_caches, node_key,
+                    plan_nodes, rope_cache_args)
 from . import attention, injective, int_dot, linear, measure, rope_cache
 
 __all__ = ["Step", "UnsupportedGraph", "lay_out_caches", "compile_graph", "plan_graph", "weights"]
@@ -47,16 +47,18 @@ def _plan_node(node: Node, graph: Graph, target: dict, isa: str | None, register
                             functools.partial(measure.measure_linear, spec, target))
             return linear.schedule(spec, config).mod["main"]
         return repr(spec), _func(make), [Step("", "linear", tuple(args))]
-    int8 = kv_int8(graph)
+    int8, pages = kv_int8(graph), kv_pages(graph)
     if node.op == "attention":
-        spec = replace(attention.AttentionSpec.of(node), kv_int8=int8, order=kv_order(graph))
+        spec = replace(attention.AttentionSpec.of(node), kv_int8=int8, order=kv_order(graph), page_tokens=pages)
         return repr(spec), _func(lambda name: attention.schedule(spec).mod["main"]), [Step(
             "", "attention", attention_args(node, graph), () if spec.masked else ("total",))]
     if node.op == "rope_cache":
         qkv, offset, args = rope_cache_args(node, graph)
         spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset, kv_int8=int8,
-                       order=kv_order(graph))
-        return repr(spec), _func(lambda name: rope_cache.prim_func(spec)), [Step("", "rope_cache", args, ("past",))]
+                       order=kv_order(graph), page_tokens=pages)
+        # a paged cache's writer takes each sequence's length (an argument), not the step's past
+        return repr(spec), _func(lambda name: rope_cache.prim_func(spec)), [Step(
+            "", "rope_cache", args, () if pages else ("past",))]
     if node.op in injective.LOWERINGS:
         key = node_key(node)
         args = [v.name for pos, v in enumerate(node.inputs)

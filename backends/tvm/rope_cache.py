@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..plan import kv_index, kv_shape
+from ..plan import kv_index, kv_shape, kv_slot
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class RopeCacheSpec:
     offset: int = 0
     kv_int8: bool = False
     order: str = "bhsd"  # the caches' axis order (`plan.KV_ORDERS`)
+    page_tokens: int = 0  # a paged cache's block size (`plan.lay_out_caches`); 0: contiguous
 
     @staticmethod
     def of(node) -> "RopeCacheSpec":
@@ -75,39 +76,109 @@ def _rotation(spec: RopeCacheSpec):
     return spec.row_width or (spec.heads + 2 * spec.kv_heads) * spec.head_dim, rd, rotated
 
 
+def _slots(spec: RopeCacheSpec):
+    """(contiguous, paged): where a step's token vs of sequence vb is written, as [cache row,
+    position in it]; a contiguous cache's from the step's `past`, a paged one's from the
+    sequence's own length and block table (`plan.kv_slot`)."""
+    def contiguous(past):
+        return lambda vb, vs: kv_slot(0, None, vb, past + vs)
+
+    def paged(blocks, lengths):
+        return lambda vb, vs: kv_slot(spec.page_tokens, blocks, vb, lengths[vb].astype("int64") + vs)
+    return contiguous, paged
+
+
 def prim_func(spec: RopeCacheSpec):
-    if spec.kv_int8:
-        return _prim_func_int8(spec)
+    """The kernel: its signature (contiguous or paged, f32 or int8 caches) around the shared
+    bodies (`_bodies`). A paged cache's kernel takes the block tables and lengths in place of
+    `past`."""
     from tvm.script import tirx as T
 
     hq, hkv, d, dt = spec.heads, spec.kv_heads, spec.head_dim, spec.dtype
-    width, rd, rotated = _rotation(spec)
-    off = spec.offset
+    width, rd, _ = _rotation(spec)
+    order, page = spec.order, spec.page_tokens
+    contiguous, paged = _slots(spec)
+    write_q, write_kv, write_int8 = _bodies(spec)
+    cache_dt = "int8" if spec.kv_int8 else dt
 
-    @T.prim_func(s_tir=True)
-    def main(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
-             q_h: T.handle, past: T.int64):
-        T.func_attr({"tirx.noalias": True})
-        b = T.int64()
-        s = T.int64()
-        m = T.int64()
-        qkv = T.match_buffer(qkv_h, (b, s, width), dt)
-        cos = T.match_buffer(cos_h, (b, s, rd), dt)
-        sin = T.match_buffer(sin_h, (b, s, rd), dt)
-        kc = T.match_buffer(kc_h, kv_shape(spec.order, b, hkv, m, d), dt)
-        vc = T.match_buffer(vc_h, kv_shape(spec.order, b, hkv, m, d), dt)
-        q = T.match_buffer(q_h, (b, hq, s, d), dt)
-        for bi, hi, si, di in T.grid(b, hq, s, d):
-            with T.sblock("q"):
-                vb, vh, vs, vd = T.axis.remap("SSSS", [bi, hi, si, di])
-                q[vb, vh, vs, vd] = rotated(qkv, vb, vs, off + vh * d, vd, cos, sin)
-        for bi, hi, si, di in T.grid(b, hkv, s, d):
-            with T.sblock("kv"):
-                vb, vh, vs, vd = T.axis.remap("SSSS", [bi, hi, si, di])
-                T.buffer_store(kc, rotated(qkv, vb, vs, off + (hq + vh) * d, vd, cos, sin),
-                               kv_index(spec.order, vb, vh, past + vs, vd))
-                T.buffer_store(vc, qkv[vb, vs, off + (hq + hkv + vh) * d + vd], kv_index(spec.order, vb, vh, past + vs, vd))
-
+    if not page and not spec.kv_int8:
+        @T.prim_func(s_tir=True)
+        def main(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
+                 q_h: T.handle, past: T.int64):
+            T.func_attr({"tirx.noalias": True})
+            b = T.int64()
+            s = T.int64()
+            m = T.int64()
+            qkv = T.match_buffer(qkv_h, (b, s, width), dt)
+            cos = T.match_buffer(cos_h, (b, s, rd), dt)
+            sin = T.match_buffer(sin_h, (b, s, rd), dt)
+            kc = T.match_buffer(kc_h, kv_shape(order, b, hkv, m, d), cache_dt)
+            vc = T.match_buffer(vc_h, kv_shape(order, b, hkv, m, d), cache_dt)
+            q = T.match_buffer(q_h, (b, hq, s, d), dt)
+            where = T.meta_var(contiguous(past))
+            write_q(qkv, cos, sin, q)
+            write_kv(qkv, cos, sin, kc, vc, where)
+    elif not page:
+        @T.prim_func(s_tir=True)
+        def main(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
+                 ks_h: T.handle, vs_h: T.handle, q_h: T.handle, past: T.int64):
+            T.func_attr({"tirx.noalias": True})
+            b = T.int64()
+            s = T.int64()
+            m = T.int64()
+            qkv = T.match_buffer(qkv_h, (b, s, width), dt)
+            cos = T.match_buffer(cos_h, (b, s, rd), dt)
+            sin = T.match_buffer(sin_h, (b, s, rd), dt)
+            kc = T.match_buffer(kc_h, kv_shape(order, b, hkv, m, d), cache_dt)
+            vc = T.match_buffer(vc_h, kv_shape(order, b, hkv, m, d), cache_dt)
+            ks = T.match_buffer(ks_h, kv_shape(order, b, hkv, m), dt)
+            vsc = T.match_buffer(vs_h, kv_shape(order, b, hkv, m), dt)
+            q = T.match_buffer(q_h, (b, hq, s, d), dt)
+            where = T.meta_var(contiguous(past))
+            write_q(qkv, cos, sin, q)
+            write_int8(qkv, cos, sin, kc, vc, ks, vsc, where)
+    elif not spec.kv_int8:
+        @T.prim_func(s_tir=True)
+        def main(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
+                 blocks_h: T.handle, lengths_h: T.handle, q_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            b = T.int64()
+            s = T.int64()
+            n = T.int64()
+            mb = T.int64()
+            qkv = T.match_buffer(qkv_h, (b, s, width), dt)
+            cos = T.match_buffer(cos_h, (b, s, rd), dt)
+            sin = T.match_buffer(sin_h, (b, s, rd), dt)
+            kc = T.match_buffer(kc_h, kv_shape(order, n, hkv, page, d), cache_dt)
+            vc = T.match_buffer(vc_h, kv_shape(order, n, hkv, page, d), cache_dt)
+            blocks = T.match_buffer(blocks_h, (b, mb), "int32")
+            lengths = T.match_buffer(lengths_h, (b,), "int32")
+            q = T.match_buffer(q_h, (b, hq, s, d), dt)
+            where = T.meta_var(paged(blocks, lengths))
+            write_q(qkv, cos, sin, q)
+            write_kv(qkv, cos, sin, kc, vc, where)
+    else:
+        @T.prim_func(s_tir=True)
+        def main(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
+                 ks_h: T.handle, vs_h: T.handle, blocks_h: T.handle, lengths_h: T.handle, q_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            b = T.int64()
+            s = T.int64()
+            n = T.int64()
+            mb = T.int64()
+            qkv = T.match_buffer(qkv_h, (b, s, width), dt)
+            cos = T.match_buffer(cos_h, (b, s, rd), dt)
+            sin = T.match_buffer(sin_h, (b, s, rd), dt)
+            kc = T.match_buffer(kc_h, kv_shape(order, n, hkv, page, d), cache_dt)
+            vc = T.match_buffer(vc_h, kv_shape(order, n, hkv, page, d), cache_dt)
+            ks = T.match_buffer(ks_h, kv_shape(order, n, hkv, page), dt)
+            vsc = T.match_buffer(vs_h, kv_shape(order, n, hkv, page), dt)
+            blocks = T.match_buffer(blocks_h, (b, mb), "int32")
+            lengths = T.match_buffer(lengths_h, (b,), "int32")
+            q = T.match_buffer(q_h, (b, hq, s, d), dt)
+            where = T.meta_var(paged(blocks, lengths))
+            write_q(qkv, cos, sin, q)
+            write_int8(qkv, cos, sin, kc, vc, ks, vsc, where)
     return main
 
 
@@ -117,35 +188,38 @@ def build(spec: RopeCacheSpec, target: dict):
     return tvm.compile(tvm.IRModule({"main": prim_func(spec)}), target=tvm.target.Target(target))
 
 
-def _prim_func_int8(spec: RopeCacheSpec):
-    """As `prim_func`, the keys and values quantized per head and token as they are written."""
+def _bodies(spec: RopeCacheSpec):
+    """The kernel's loops as TVMScript macros over the buffers its signature declares (qkv, cos,
+    sin, q, the caches kc/vc, an int8 cache's scales ks/vsc) and `where`, a token's cache slot:
+    (write_q, write_kv: f32 caches, write_int8: quantized per head and token as written)."""
     from tvm.script import tirx as T
 
     hq, hkv, d, dt = spec.heads, spec.kv_heads, spec.head_dim, spec.dtype
-    width, rd, rotated = _rotation(spec)
-    off = spec.offset
+    _, _, rotated = _rotation(spec)
+    off, order = spec.offset, spec.order
 
-    @T.prim_func(s_tir=True)
-    def main(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
-             ks_h: T.handle, vs_h: T.handle, q_h: T.handle, past: T.int64):
-        T.func_attr({"tirx.noalias": True})
-        b = T.int64()
-        s = T.int64()
-        m = T.int64()
-        qkv = T.match_buffer(qkv_h, (b, s, width), dt)
-        cos = T.match_buffer(cos_h, (b, s, rd), dt)
-        sin = T.match_buffer(sin_h, (b, s, rd), dt)
-        kc = T.match_buffer(kc_h, kv_shape(spec.order, b, hkv, m, d), "int8")
-        vc = T.match_buffer(vc_h, kv_shape(spec.order, b, hkv, m, d), "int8")
-        ks = T.match_buffer(ks_h, kv_shape(spec.order, b, hkv, m), dt)
-        vsc = T.match_buffer(vs_h, kv_shape(spec.order, b, hkv, m), dt)
-        q = T.match_buffer(q_h, (b, hq, s, d), dt)
+    @T.macro
+    def write_q(qkv, cos, sin, q):
+        for bi, hi, si, di in T.grid(q.shape[0], hq, q.shape[2], d):
+            with T.sblock("q"):
+                vb, vh, vs, vd = T.axis.remap("SSSS", [bi, hi, si, di])
+                q[vb, vh, vs, vd] = rotated(qkv, vb, vs, off + vh * d, vd, cos, sin)
+
+    @T.macro
+    def write_kv(qkv, cos, sin, kc, vc, where):
+        for bi, hi, si, di in T.grid(qkv.shape[0], hkv, qkv.shape[1], d):
+            with T.sblock("kv"):
+                vb, vh, vs, vd = T.axis.remap("SSSS", [bi, hi, si, di])
+                row, pos = T.meta_var(where(vb, vs))
+                T.buffer_store(kc, rotated(qkv, vb, vs, off + (hq + vh) * d, vd, cos, sin),
+                               kv_index(order, row, vh, pos, vd))
+                T.buffer_store(vc, qkv[vb, vs, off + (hq + hkv + vh) * d + vd], kv_index(order, row, vh, pos, vd))
+
+    @T.macro
+    def write_int8(qkv, cos, sin, kc, vc, ks, vsc, where):
+        b, s = T.meta_var(qkv.shape[:2])
         kmax = T.sblock_alloc_buffer((b, hkv, s), dt)
         vmax = T.sblock_alloc_buffer((b, hkv, s), dt)
-        for bi, hi, si, di in T.grid(b, hq, s, d):
-            with T.sblock("q"):
-                vb, vh, vsi, vd = T.axis.remap("SSSS", [bi, hi, si, di])
-                q[vb, vh, vsi, vd] = rotated(qkv, vb, vsi, off + vh * d, vd, cos, sin)
         for bi, hi, si, di in T.grid(b, hkv, s, d):
             with T.sblock("max"):
                 vb, vh, vsi, vd = T.axis.remap("SSSR", [bi, hi, si, di])
@@ -158,16 +232,18 @@ def _prim_func_int8(spec: RopeCacheSpec):
         for bi, hi, si in T.grid(b, hkv, s):
             with T.sblock("scales"):
                 vb, vh, vsi = T.axis.remap("SSS", [bi, hi, si])
-                T.buffer_store(ks, kmax[vb, vh, vsi] / T.float32(127), kv_index(spec.order, vb, vh, past + vsi))
-                T.buffer_store(vsc, vmax[vb, vh, vsi] / T.float32(127), kv_index(spec.order, vb, vh, past + vsi))
+                row, pos = T.meta_var(where(vb, vsi))
+                T.buffer_store(ks, kmax[vb, vh, vsi] / T.float32(127), kv_index(order, row, vh, pos))
+                T.buffer_store(vsc, vmax[vb, vh, vsi] / T.float32(127), kv_index(order, row, vh, pos))
         for bi, hi, si, di in T.grid(b, hkv, s, d):
             with T.sblock("kv"):
                 vb, vh, vsi, vd = T.axis.remap("SSSS", [bi, hi, si, di])
+                row, pos = T.meta_var(where(vb, vsi))
                 T.buffer_store(kc, T.Cast("int8", T.round(
                     rotated(qkv, vb, vsi, off + (hq + vh) * d, vd, cos, sin) * T.float32(127) / kmax[vb, vh, vsi])),
-                    kv_index(spec.order, vb, vh, past + vsi, vd))
+                    kv_index(order, row, vh, pos, vd))
                 T.buffer_store(vc, T.Cast("int8", T.round(
                     qkv[vb, vsi, off + (hq + hkv + vh) * d + vd] * T.float32(127) / vmax[vb, vh, vsi])),
-                    kv_index(spec.order, vb, vh, past + vsi, vd))
+                    kv_index(order, row, vh, pos, vd))
 
-    return main
+    return write_q, write_kv, write_int8

@@ -1,0 +1,56 @@
+"""The blocks of a paged KV cache: which sequence holds which, and a pool that grows as they do.
+
+A paged cache (`model.kv_cache.layout.page_tokens` N > 0) keeps every layer's keys and values in
+one pool of blocks of N positions. A sequence holds the blocks its length needs, in position
+order (its row of the block table the kernels read); blocks are taken from a free list as the
+sequence grows and go back when it ends, so sequences of different lengths share the pool
+without each reserving the artifact's whole context. When the free list runs dry the pool grows
+to twice its size (the executor reallocates the caches and copies them: `grow`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+
+class BlockPool:
+    def __init__(self, page_tokens: int, max_blocks: int, capacity: int, grow: Callable[[int], None]):
+        self.page_tokens, self.max_blocks = page_tokens, max_blocks
+        self.capacity, self._grow = capacity, grow
+        self.free = list(range(capacity - 1, -1, -1))  # popped from the end: low blocks first
+        self.held: dict[int, list[int]] = {}
+        self.peak = 0  # the most blocks held at once
+
+    def clear(self) -> None:
+        """Every sequence ends: all blocks are free (the pool keeps its size)."""
+        self.free = list(range(self.capacity - 1, -1, -1))
+        self.held = {}
+
+    def reserve(self, seq: int, length: int) -> None:
+        """Blocks for positions 0..length-1 of sequence `seq` (it keeps those it holds)."""
+        blocks = self.held.setdefault(seq, [])
+        need = -(-length // self.page_tokens) - len(blocks)
+        if need <= 0:
+            return
+        if need > len(self.free):
+            capacity = max(2 * self.capacity, self.capacity + need - len(self.free))
+            self._grow(capacity)
+            self.free[:0] = range(capacity - 1, self.capacity - 1, -1)
+            self.capacity = capacity
+        blocks += [self.free.pop() for _ in range(need)]
+        self.peak = max(self.peak, self.capacity - len(self.free))
+
+    def release(self, seq: int) -> None:
+        """Sequence `seq` ended: its blocks go back to the free list."""
+        self.free += reversed(self.held.pop(seq, []))
+
+    def table(self, seqs) -> np.ndarray:
+        """The block table of sequences `seqs`, int32 [len(seqs), max_blocks]; slots past a
+        sequence's blocks name block 0 (read, masked out by length, never weighed)."""
+        out = np.zeros((len(seqs), self.max_blocks), np.int32)
+        for row, seq in enumerate(seqs):
+            blocks = self.held.get(seq, [])
+            out[row, :len(blocks)] = blocks
+        return out
