@@ -56,7 +56,7 @@ RUN_CASES = [
     ("other format version", lambda p: edit(p, lambda m: m.update(format_version=99)), [], "format version 99"),
     ("missing field", lambda p: edit(p, lambda m: m["model"].pop("kv_cache")), [], "model.kv_cache: missing"),
     ("a paged KV cache", lambda p: edit(p, lambda m: m["model"]["kv_cache"]["layout"].update(page_tokens=16)), [],
-     "model.kv_cache.layout.page_tokens: expected 0"),
+     r"plans.values\['kv_cache.blocks'\]: a paged cache's kernels take it as int32"),
     ("unknown kernel", lambda p: edit(p, lambda m: m["plans"]["forward"][1].update(kernel="k_none")), [],
      r"plans.forward\[1\].kernel: 'k_none' is not a kernel"),
     ("shape disagrees with its kernel", lambda p: edit(p, _widen), [], "refused the values"),

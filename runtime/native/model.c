@@ -430,6 +430,28 @@ static int role(llmc_model *m, const json *roles, const char *key, int required)
     return v;  /* a feed the compiled graph never reads has no value: -1 */
 }
 
+/* The caches are allocated from plans.values whatever their axis order; a paged cache (a pool of
+   blocks and a block table per sequence) is the Python runtime's only. Checked before the values,
+   whose dims then name the pool's size. */
+static int check_contiguous_cache(llmc_model *m) {
+    const json *model = field(m->art.manifest, "model", JSON_OBJECT, "manifest");
+    const json *kv = model ? field(model, "kv_cache", JSON_OBJECT, "model") : NULL;
+    const json *layout = kv ? field(kv, "layout", JSON_OBJECT, "model.kv_cache") : NULL;
+    const json *pages = layout ? field(layout, "page_tokens", JSON_NUMBER, "model.kv_cache.layout") : NULL;
+    if (!pages) {
+        char why[1024];
+        snprintf(why, sizeof why, "%s", get_error());
+        set_error("%s: %s", m->art.where, why);
+        return -1;
+    }
+    if (!pages->is_int || pages->integer != 0) {
+        set_error("%s: model.kv_cache.layout.page_tokens: expected 0: this runtime reads contiguous KV caches "
+                  "(a paged one runs in the Python runtime: llmc run)", m->art.where);
+        return -1;
+    }
+    return 0;
+}
+
 static int read_model(llmc_model *m) {
     const char *where = m->art.where;
     const json *model = field(m->art.manifest, "model", JSON_OBJECT, "manifest");
@@ -437,9 +459,7 @@ static int read_model(llmc_model *m) {
     const json *roles = max_seq ? field(model, "roles", JSON_OBJECT, "model") : NULL;
     const json *kv = roles ? field(model, "kv_cache", JSON_OBJECT, "model") : NULL;
     const json *entries = kv ? field(kv, "entries", JSON_ARRAY, "model.kv_cache") : NULL;
-    const json *layout = entries ? field(kv, "layout", JSON_OBJECT, "model.kv_cache") : NULL;
-    const json *pages = layout ? field(layout, "page_tokens", JSON_NUMBER, "model.kv_cache.layout") : NULL;
-    const json *eos = pages ? field(model, "eos_token_ids", JSON_ARRAY, "model") : NULL;
+    const json *eos = entries ? field(model, "eos_token_ids", JSON_ARRAY, "model") : NULL;
     const json *bounds = eos ? field(model, "index_bounds", JSON_OBJECT, "model") : NULL;
     if (!bounds) {
         char why[1024];
@@ -452,12 +472,6 @@ static int read_model(llmc_model *m) {
         return -1;
     }
     m->max_seq = (int)max_seq->integer;
-    /* the caches are allocated from plans.values whatever their axis order; paged ones are not read yet */
-    if (!pages->is_int || pages->integer != 0) {
-        set_error("%s: model.kv_cache.layout.page_tokens: expected 0 (this runtime reads contiguous caches only)",
-                  where);
-        return -1;
-    }
     if ((m->tokens = role(m, roles, "tokens", 1)) < 0 || (m->logits = role(m, roles, "logits", 1)) < 0
         || (m->mask = role(m, roles, "mask", 0)) == -2 || (m->positions = role(m, roles, "positions", 0)) == -2)
         return -1;
@@ -760,7 +774,8 @@ llmc_model *llmc_load(const char *path, int threads) {
         set_error("%s: %s", m->art.where, why);
         goto fail;
     }
-    if (read_values(m, plans) || read_model(m) || read_plan(m, plans, functions)) goto fail;
+    if (check_contiguous_cache(m) || read_values(m, plans) || read_model(m) || read_plan(m, plans, functions))
+        goto fail;
     size_t n_atoms = (size_t)m->atoms.n_atoms + 1;
     m->atom_env = calloc(n_atoms, sizeof *m->atom_env);
     m->atom_last = calloc(n_atoms, sizeof *m->atom_last);

@@ -1,0 +1,127 @@
+"""The paged KV cache (`--kv-layout paged:N`): onnxruntime's greedy tokens on every zoo decoder
+family (llama by default, the rest slow), f32 and int8; a batch of prompts of different lengths
+gives each prompt the tokens it gets alone, greedy and sampled, with sequences ending early and
+their blocks going back to the pool; the pool grows from a block per sequence and holds far less
+than contiguous caches would; files nobody here made; and what is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from test_end_to_end import _onnxruntime_greedy
+
+import llmc
+from llmc import runtime, zoo
+from llmc.runtime.paging import BlockPool
+
+LAYOUT = "paged:4"
+FIXTURES = Path(__file__).parent / "fixtures" / "third_party"
+
+
+def _prompts(rng, vocab, lengths=(3, 11, 30, 6)):
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("name", [m.name if m.name == "llama-tiny" else pytest.param(m.name, marks=pytest.mark.slow)
+                                  for m in zoo.TINY_DECODERS])
+def test_paged_cache_gives_onnxruntime_tokens(name, artifacts, rng):
+    prompt = rng.integers(0, zoo.get(name).config().vocab_size, 7).tolist()
+    want, _ = _onnxruntime_greedy(name, prompt, 16)
+    art = artifacts(name, kv_layout=LAYOUT)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["model"]["kv_cache"]["layout"] == {"order": "bhsd", "page_tokens": 4, "alignment": 64}
+    entry = manifest["model"]["kv_cache"]["entries"][0]
+    shape = manifest["plans"]["values"][entry["past"]]["shape"]
+    assert shape[0] == [[1, ["blocks"]]] and shape[2] == 4  # a pool of blocks of 4 positions
+    assert runtime.load(art).generate(prompt, 16) == want
+    int8 = runtime.load(artifacts(name, kv_layout=LAYOUT, kv_cache="int8")).generate(prompt, 16)
+    assert int8 == runtime.load(artifacts(name, kv_cache="int8")).generate(prompt, 16)
+
+
+def test_a_batch_of_prompts_gets_each_prompt_its_solo_tokens(artifacts, rng):
+    vocab = zoo.get("llama-tiny").config().vocab_size
+    prompts = _prompts(rng, vocab)
+    alone = runtime.load(artifacts("llama-tiny"))  # contiguous caches, one prompt at a time
+    model = runtime.load(artifacts("llama-tiny", kv_layout=LAYOUT))
+    want = [alone.generate(p, 24) for p in prompts]
+    seen: list[tuple[int, int]] = []
+    assert model.generate(prompts, 24, on_token=lambda i, t: seen.append((i, t))) == want
+    assert [[t for i, t in seen if i == k] for k in range(len(prompts))] == want
+    # the pool grew from a block per sequence as they did, and got every block back
+    pages = model.executor.pages
+    # the positions a sequence caches: its prompt and its tokens but the last (sampled, never fed)
+    need = sum(-(-(len(p) + len(w) - 1) // 4) for p, w in zip(prompts, want))
+    ended_together = len({len(w) for w in want}) == 1  # else some gave blocks back before the others grew
+    assert (pages.peak == need if ended_together else pages.peak <= need)
+    assert len(pages.free) == pages.capacity < 2 * need
+    # sampled: each prompt's own generator, as alone
+    sampled = model.generate(prompts, 16, temperature=0.8, top_k=20, seed=7)
+    assert sampled == [model.generate(p, 16, temperature=0.8, top_k=20, seed=7) for p in prompts]
+    # sequences that end early (an end token) give their blocks to the ones still going
+    model.eos_token_ids = alone.eos_token_ids = {want[1][3], want[2][10]}
+    ended = model.generate(prompts, 24)
+    assert ended == [alone.generate(p, 24) for p in prompts] and len(ended[1]) <= 4 and len(ended[2]) <= 11
+
+
+def test_a_batch_on_a_contiguous_cache_runs_prompt_by_prompt(artifacts, rng):
+    model = runtime.load(artifacts("llama-tiny"))
+    prompts = _prompts(rng, zoo.get("llama-tiny").config().vocab_size, (5, 2))
+    assert model.generate(prompts, 8) == [model.generate(p, 8) for p in prompts]
+    assert model.generate(prompts, 0) == [[], []]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["optimum-gpt2", "genai-llama-int4"])
+def test_files_nobody_here_made(name, tmp_path, rng):
+    """optimum's GPT-2 feeds positions (decoded together); the builder's int4 Llama derives them
+    from the mask inside GroupQueryAttention (no positions input: prompt by prompt)."""
+    path = FIXTURES / name / "model.onnx"
+    paged = runtime.load(llmc.compile(path, output=tmp_path / "p.llmc", max_seq_len=64, kv_layout="paged:8"))
+    alone = runtime.load(llmc.compile(path, output=tmp_path / "c.llmc", max_seq_len=64))
+    prompts = _prompts(rng, 256, (3, 11, 20))
+    assert paged.generate(prompts, 12) == [alone.generate(p, 12) for p in prompts]
+
+
+def test_block_pool_takes_grows_and_gives_back():
+    sizes = []
+    pool = BlockPool(page_tokens=4, max_blocks=8, capacity=2, grow=sizes.append)
+    pool.reserve(0, 5)  # two blocks
+    pool.reserve(1, 1)  # a third: the pool doubles
+    assert sizes == [4] and pool.held == {0: [0, 1], 1: [2]}
+    pool.reserve(0, 8)  # still two blocks
+    pool.reserve(1, 13)  # three more: 4 -> 8
+    assert sizes == [4, 8] and len(pool.held[1]) == 4 and pool.peak == 6
+    np.testing.assert_array_equal(pool.table([1, 0])[:, :4], [pool.held[1], [0, 1, 0, 0]])
+    freed = pool.held[1]
+    pool.release(1)
+    pool.reserve(2, 16)
+    assert sorted(pool.held[2]) == sorted(freed)  # the freed blocks serve the next sequence first
+    pool.clear()
+    assert len(pool.free) == 8 and not pool.held
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kv-layout", "paged:0"], "N, the tokens of a block, must be an integer from 1 to 4096"),
+    (["--kv-layout", "paged:x"], "N, the tokens of a block"),
+    (["--kv-layout", "pages"], "not a KV-cache layout; supported: auto, bhsd, bshd, paged:N"),
+    (["--kv-layout", "paged:16", "--target", "cuda"], "paged KV caches are built for the cpu target only"),
+    (["--kv-layout", "paged:16", "--target", "arm64"], "the native runtime that runs arm64 artifacts reads contiguous"),
+])
+def test_compile_refuses(args, message, tmp_path):
+    from zoo_cases import export
+
+    done = run_cli("compile", str(export("llama-tiny", exporter="dynamo", kv_cache=True)), "-o",
+                   str(tmp_path / "m.llmc"), *args)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_the_native_runtime_refuses_a_paged_artifact_by_name(artifacts, native):
+    import subprocess
+
+    done = subprocess.run([str(native), str(artifacts("llama-tiny", kv_layout=LAYOUT)), "--prompt-ids", "1,2"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "page_tokens: expected 0: this runtime reads contiguous KV caches" in done.stderr
