@@ -137,7 +137,7 @@ class CudaExecutor:
         for entry in self.kv_entries:
             nbytes = memory.nbytes(self.values[entry["past"]], env)
             self.addresses[entry["past"]] = self.addresses[entry["present"]] = cu.alloc(nbytes)
-        offsets, size = memory.arena_plan(self.manifest, self.weight_names, batch)
+        offsets, _, size = memory.arena_plan(self.manifest, self.weight_names, batch)
         arena = cu.alloc(size + ALIGN)
         self.addresses.update({name: arena + offset for name, offset in offsets.items()})
         self.dims_host = cu.host(8).view(np.int32)[:2]

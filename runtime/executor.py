@@ -80,7 +80,7 @@ class Executor:
             if self.pages:
                 self.pages.clear()
             return
-        offsets, size = memory.arena_plan(self.manifest, self.weights, batch)
+        offsets, sizes, size = memory.arena_plan(self.manifest, self.weights, batch)
         page = self.manifest["model"]["kv_cache"]["layout"]["page_tokens"]
         self.pages = BlockPool(page, -(-self.max_seq // page), batch, self._grow) if page else None
         self._check_memory(memory.cache_bytes(self.manifest, batch, batch if page else None) + size,
@@ -88,8 +88,7 @@ class Executor:
         self.batch = batch
         self._allocate_caches({"batch": batch, "past": self.max_seq, "blocks": batch})
         arena = aligned_empty((size,), np.uint8)
-        largest = {"batch": batch, "seq": self.max_seq, "past": self.max_seq, "total": self.max_seq}
-        self.arena = {name: arena[offset:offset + memory.nbytes(self.values[name], largest)].view(self.values[name]["dtype"])
+        self.arena = {name: arena[offset:offset + sizes[name]].view(self.values[name]["dtype"])
                       for name, offset in offsets.items()}
         self.no_tables = aligned_empty((batch * self.max_seq * 2,), np.float32)  # rope without rotary
         self._views = {name: {} for name in self.arena}
@@ -153,6 +152,9 @@ class Executor:
                             "was compiled for")
         if self.batch != batch and not (self.pages and batch <= self.batch):
             raise LlmcError(f"the caches hold a batch of {self.batch}, this step has {batch}")
+        if self.pages and batch > 1 and seq > 1:  # the arena is planned for these steps only
+            raise LlmcError(f"a paged cache's batch prefills one sequence at a time (this step: {batch} "
+                            f"sequences of {seq} tokens)")
         last_logits = last_logits and seq > 1 and self.last_only
         key = (batch, seq, last_logits)
         bound = self._bound.get(key)

@@ -81,21 +81,33 @@ def arena_names(manifest: dict, weights) -> list[str]:
     return [n for n in manifest["plans"]["values"] if n not in caches and n not in weights]
 
 
-def arena_plan(manifest: dict, weights, batch: int) -> tuple[dict[str, int], int]:
-    """Offsets of the activations in the arena, and its size, for `batch` sequences."""
-    names = arena_names(manifest, weights)
+def arena_sizes(manifest: dict, weights, batch: int) -> dict[str, int]:
+    """Each activation's largest size for `batch` sequences: at the artifact's longest context
+    for all of them; with a paged cache, whose batch prefills one sequence at a time and decodes
+    one token per sequence (`Executor.run`), the larger of one sequence's prefill at the longest
+    context and the batch's decode step."""
     values, longest = manifest["plans"]["values"], manifest["model"]["max_seq_len"]
-    env = {"batch": batch, "seq": longest, "past": longest, "total": longest}
+    envs = [{"batch": batch, "seq": longest, "past": longest, "total": longest}]
+    if manifest["model"]["kv_cache"]["layout"]["page_tokens"]:
+        envs = [{"batch": 1, "seq": longest, "past": longest, "total": longest},
+                {"batch": batch, "seq": 1, "past": longest, "total": longest}]
+    return {n: max(nbytes(values[n], env) for env in envs) for n in arena_names(manifest, weights)}
+
+
+def arena_plan(manifest: dict, weights, batch: int) -> tuple[dict[str, int], dict[str, int], int]:
+    """Offsets and sizes of the activations in the arena, and its size, for `batch` sequences."""
+    sizes = arena_sizes(manifest, weights, batch)
     feeds = [t["name"] for t in manifest["model"]["inputs"]] + [KV_BLOCKS, KV_LENGTHS]  # written before step 0
-    lives = lifetimes(manifest["plans"]["forward"], names, feeds, [manifest["model"]["outputs"][0]["name"]])
-    return assign({n: nbytes(values[n], env) for n in names}, lives)
+    lives = lifetimes(manifest["plans"]["forward"], sizes, feeds, [manifest["model"]["outputs"][0]["name"]])
+    offsets, size = assign(sizes, lives)
+    return offsets, sizes, size
 
 
 def footprint(manifest: dict, weights, weight_bytes: int, batch: int = 1) -> dict[str, int]:
     """What running the artifact holds in memory: the weights (`weights`: their names; mapped,
     `weight_bytes` in all), the KV caches and the activations."""
     kv = cache_bytes(manifest, batch)
-    _, arena = arena_plan(manifest, weights, batch)
+    _, _, arena = arena_plan(manifest, weights, batch)
     return {"weights": weight_bytes, "kv_cache": kv, "activations": arena, "total": weight_bytes + kv + arena}
 
 

@@ -5,7 +5,8 @@ one pool of blocks of N positions. A sequence holds the blocks its length needs,
 order (its row of the block table the kernels read); blocks are taken from a free list as the
 sequence grows and go back when it ends, so sequences of different lengths share the pool
 without each reserving the artifact's whole context. When the free list runs dry the pool grows
-to twice its size (the executor reallocates the caches and copies them: `grow`).
+by half (the executor reallocates the caches and copies them: `grow`), so it never holds more
+than about 1.5 times the blocks in use at its fullest, and copies each block a few times at most.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class BlockPool:
         if need <= 0:
             return
         if need > len(self.free):
-            capacity = max(2 * self.capacity, self.capacity + need - len(self.free))
+            capacity = max(self.capacity + self.capacity // 2 + 1, self.capacity + need - len(self.free))
             self._grow(capacity)
             self.free[:0] = range(capacity - 1, self.capacity - 1, -1)
             self.capacity = capacity

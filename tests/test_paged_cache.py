@@ -57,7 +57,7 @@ def test_a_batch_of_prompts_gets_each_prompt_its_solo_tokens(artifacts, rng):
     need = sum(-(-(len(p) + len(w) - 1) // 4) for p, w in zip(prompts, want))
     ended_together = len({len(w) for w in want}) == 1  # else some gave blocks back before the others grew
     assert (pages.peak == need if ended_together else pages.peak <= need)
-    assert len(pages.free) == pages.capacity < 2 * need
+    assert len(pages.free) == pages.capacity <= 1.5 * need + 1
     # sampled: each prompt's own generator, as alone
     sampled = model.generate(prompts, 16, temperature=0.8, top_k=20, seed=7)
     assert sampled == [model.generate(p, 16, temperature=0.8, top_k=20, seed=7) for p in prompts]
@@ -90,18 +90,18 @@ def test_block_pool_takes_grows_and_gives_back():
     sizes = []
     pool = BlockPool(page_tokens=4, max_blocks=8, capacity=2, grow=sizes.append)
     pool.reserve(0, 5)  # two blocks
-    pool.reserve(1, 1)  # a third: the pool doubles
+    pool.reserve(1, 1)  # a third: the pool grows by half, and a block
     assert sizes == [4] and pool.held == {0: [0, 1], 1: [2]}
     pool.reserve(0, 8)  # still two blocks
-    pool.reserve(1, 13)  # three more: 4 -> 8
-    assert sizes == [4, 8] and len(pool.held[1]) == 4 and pool.peak == 6
+    pool.reserve(1, 13)  # three more: 4 -> 7
+    assert sizes == [4, 7] and len(pool.held[1]) == 4 and pool.peak == 6
     np.testing.assert_array_equal(pool.table([1, 0])[:, :4], [pool.held[1], [0, 1, 0, 0]])
     freed = pool.held[1]
     pool.release(1)
     pool.reserve(2, 16)
     assert sorted(pool.held[2]) == sorted(freed)  # the freed blocks serve the next sequence first
     pool.clear()
-    assert len(pool.free) == 8 and not pool.held
+    assert len(pool.free) == 7 and not pool.held
 
 
 @pytest.mark.parametrize("args,message", [
@@ -125,3 +125,13 @@ def test_the_native_runtime_refuses_a_paged_artifact_by_name(artifacts, native):
     done = subprocess.run([str(native), str(artifacts("llama-tiny", kv_layout=LAYOUT)), "--prompt-ids", "1,2"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "page_tokens: expected 0: this runtime reads contiguous KV caches" in done.stderr
+
+
+def test_a_paged_batch_prefills_one_sequence_at_a_time(artifacts):
+    """Its arena holds one sequence's prefill or the batch's decode step, not a batch's prefill."""
+    from llmc.runtime.errors import LlmcError
+
+    model = runtime.load(artifacts("llama-tiny", kv_layout=LAYOUT))
+    model.executor.reset(batch=2)
+    with pytest.raises(LlmcError, match="prefills one sequence at a time"):
+        model.forward(np.array([[1, 2, 3], [4, 5, 6]]), past=0)
