@@ -112,8 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate tokens with a compiled artifact")
     run.add_argument("artifact")
     prompt = run.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="the prompt as text (the artifact must bundle a tokenizer); streams text")
-    prompt.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    prompt.add_argument("--prompt", action="append",
+                        help="the prompt as text (the artifact must bundle a tokenizer); streams text. Repeated: a "
+                             "batch, one output line per prompt (decoded together with a paged KV cache)")
+    prompt.add_argument("--prompt-ids", action="append", help="comma-separated token ids, e.g. 1,2,3 (repeatable)")
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     run.add_argument("--top-k", type=int)
@@ -309,7 +311,7 @@ def _inspect_artifact(path) -> int:
         f"target:   cuda, cubins for {', '.join(m['kernels']['archs'])} (Triton {m['kernels']['triton_version']}), "
         f"--dtype {m['target']['dtype']}",
         f"model:    {model['name']}, context {model['max_seq_len']} tokens, KV cache {model['kv_cache']['dtype']} "
-        f"{model['kv_cache']['layout']['order']}, weights {'f32' if not quant else _quant_summary(quant)}",
+        f"{_layout_summary(model['kv_cache']['layout'])}, weights {'f32' if not quant else _quant_summary(quant)}",
         f"inputs:   {', '.join(t['name'] for t in model['inputs'] if t['name'] not in pasts)}"
         + (f", and {len(pasts)} KV-cache inputs" if pasts else ""),
         f"plan:     {len(m['plans']['forward'])} kernel calls, {len(m['kernels']['functions'])} distinct kernels; "
@@ -344,6 +346,12 @@ def _run_passes(graph, dump_ir, max_seq_len):
     if kernels:
         print(f"kernels per layer (layer 1): {len(kernels)}: " + ", ".join(n.op for n in kernels))
     return passed
+
+
+def _layout_summary(layout: dict) -> str:
+    if layout["page_tokens"]:
+        return f"paged ({layout['page_tokens']} tokens a block, {layout['order']} blocks)"
+    return layout["order"]
 
 
 def _tuning_summary(tuning: dict) -> str:
@@ -448,25 +456,33 @@ def _run(args) -> int:
     from llmc import runtime
 
     model = runtime.load(args.artifact, threads=args.threads, interpret=args.interpret)
-    prompt = model.text.encode(args.prompt) if args.prompt is not None else _token_ids(args.prompt_ids, "--prompt-ids")
-    if args.json:
-        show = None
-    elif args.prompt is not None:
-        show = model.text.stream(lambda text: print(text, end="", flush=True))
-    else:
-        show = lambda t: print(t, end=" ", flush=True)  # noqa: E731
+    text = args.prompt is not None
+    prompts = [model.text.encode(p) for p in args.prompt] if text else \
+        [_token_ids(p, "--prompt-ids") for p in args.prompt_ids]
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     start = time.perf_counter()
-    tokens = model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, on_token=show)
+    if len(prompts) > 1:  # a batch: each output when all are done
+        outputs = model.generate(prompts, args.max_new_tokens, **sampling)
+    else:
+        if args.json:
+            show = None
+        elif text:
+            show = model.text.stream(lambda chunk: print(chunk, end="", flush=True))
+        else:
+            show = lambda t: print(t, end=" ", flush=True)  # noqa: E731
+        outputs = [model.generate(prompts[0], args.max_new_tokens, **sampling, on_token=show)]
     seconds = time.perf_counter() - start
+    results = [{"prompt_ids": prompt, "new_token_ids": tokens, **({"text": model.text.decode(tokens)} if text else {})}
+               for prompt, tokens in zip(prompts, outputs)]
     if args.json:
-        result = {"prompt_ids": prompt, "new_token_ids": tokens, "seconds": round(seconds, 4)}
-        if args.prompt is not None:
-            result["text"] = model.text.decode(tokens)
-        print(json.dumps(result))
+        print(json.dumps({**results[0], "seconds": round(seconds, 4)} if len(results) == 1 else
+                         {"outputs": results, "seconds": round(seconds, 4)}))
+    elif len(prompts) > 1:
+        for r in results:
+            print(r["text"] if text else " ".join(map(str, r["new_token_ids"])))
     else:
         print()
-        log.info("%d tokens in %.3f s", len(tokens), seconds)
+    log.info("%d tokens in %.3f s", sum(map(len, outputs)), seconds)
     return 0
 
 

@@ -135,3 +135,14 @@ def test_a_paged_batch_prefills_one_sequence_at_a_time(artifacts):
     model.executor.reset(batch=2)
     with pytest.raises(LlmcError, match="prefills one sequence at a time"):
         model.forward(np.array([[1, 2, 3], [4, 5, 6]]), past=0)
+
+
+def test_llmc_run_with_several_prompts_prints_one_line_each(artifacts, capsys):
+    from llmc.cli import main
+
+    art = str(artifacts("llama-tiny", kv_layout=LAYOUT))
+    assert main(["run", art, "--prompt-ids", "1,2,3", "--prompt-ids", "4,5,6,7,8,9", "--max-new-tokens", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    solo = runtime.load(art)
+    assert [[int(t) for t in line.split()] for line in lines] == [solo.generate([1, 2, 3], 5),
+                                                                  solo.generate([4, 5, 6, 7, 8, 9], 5)]
