@@ -150,8 +150,11 @@ def _parser() -> argparse.ArgumentParser:
     bt.add_argument("--prompt-len", type=int, default=128)
     bt.add_argument("--new-tokens", type=int, default=64)
     bt.add_argument("--repeats", type=int, default=3)
-    bt.add_argument("--systems", nargs="+", choices=("eager", "inductor", "inductor-freezing", "llmc"),
-                    default=["eager", "inductor", "inductor-freezing", "llmc"])
+    bt.add_argument("--systems", nargs="+", choices=("eager", "inductor", "inductor-freezing", "llmc", "llmc-runtime"),
+                    default=["eager", "inductor", "inductor-freezing", "llmc", "llmc-runtime"],
+                    help="llmc-runtime: the model's ONNX export compiled by llmc compile, run by the artifact runtime")
+    bt.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                    help="transformers' KV cache in generate: its dynamic one, or StaticCache (written in place)")
     bt.add_argument("--json", metavar="FILE", help="also write every figure as JSON here")
     bt.set_defaults(run=_bench_torch)
 
@@ -503,7 +506,8 @@ def _bench_torch(args) -> int:
     from .tools.torch_bench import bench_torch, format_table
 
     return _print_result(bench_torch(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                     repeats=args.repeats, systems=tuple(args.systems)), format_table, args.json)
+                                     repeats=args.repeats, systems=tuple(args.systems), cache=args.cache),
+                         format_table, args.json)
 
 
 def _print_result(result: dict, format_table, json_path) -> int:

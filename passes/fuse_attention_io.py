@@ -1,7 +1,8 @@
 """Fuse what surrounds attention into its two neighbours.
 
 Before: the projections are split into heads (reshape + transpose), q and k rotated, k and v
-appended to the cache, and after attention the heads are merged back (transpose + reshape).
+appended to the cache (or written into a static one at given positions, and read whole or
+through a slice), and after attention the heads are merged back (transpose + reshape).
 After: `rope_cache` takes the projections as the GEMM wrote them ([batch, seq, heads*head_dim])
 and does the split, the rotation and the cache write in one kernel; attention writes its output
 with the heads already merged.
@@ -24,7 +25,7 @@ def _heads(name, **kwargs):
 
 
 def _variants():
-    for rotary, cached, masked in itertools.product((1, 0), repeat=3):
+    for rotary, cached, masked in itertools.product((1, 0), ("kv_append", "kv_write", "kv_write_read", None), (1, 0)):
         # without a cache, the keys and values may be graph outputs too (a functional cache
         # that starts empty): rope_cache's k and v outputs then stand in for them
         q, v = _heads("q"), _heads("v", bind="v_heads", shared=not cached)
@@ -32,9 +33,15 @@ def _variants():
         if rotary:
             q = Op("rotary", q, Var("cos"), Var("sin"), bind="q_rot")
             k = Op("rotary", k, Var("cos"), Var("sin"), bind="k_rot", shared=not cached)
-        if cached:  # the caches are graph outputs: their values stay, produced by rope_cache
+        if cached == "kv_append":  # the caches are graph outputs: their values stay, produced by rope_cache
             k = Op("kv_append", Var("past_k"), k, shared=True, bind="k_cache")
             v = Op("kv_append", Var("past_v"), v, shared=True, bind="v_cache")
+        elif cached:  # a static cache, written at given positions (and read through a slice: a prefill's)
+            k = Op("kv_write", Var("past_k"), Var("positions"), k, shared=True, bind="k_cache")
+            v = Op("kv_write", Var("past_v"), Var("positions"), v, shared=True, bind="v_cache")
+            if cached == "kv_write_read":
+                k = Op("slice", k, bind="k_read", rest=True)
+                v = Op("slice", v, bind="v_read", rest=True)
         args = (q, k, v, Var("mask")) if masked else (q, k, v)
         yield Op("attention", *args, bind="attn")
 
@@ -54,11 +61,13 @@ def _build(m, b):
     heads = m.nodes["q_split"].outputs[0].shape[2]
     kv_heads = m.nodes["k_split"].outputs[0].shape[2]
     inputs = [m["q"], m["k"], m["v"], m.values.get("cos"), m.values.get("sin"),
-              m.values.get("past_k"), m.values.get("past_v")]
+              m.values.get("past_k"), m.values.get("past_v"), m.values.get("positions")]
     rotary_dim = m.nodes["q_rot"].attrs["rotary_dim"] if "q_rot" in m.nodes else 0
     q, k, v = b.emit_multi("rope_cache", inputs, heads=heads, kv_heads=kv_heads, rotary_dim=rotary_dim)
     attn = m.nodes["attn"]
-    y = b.emit("attention", [q, k, v] + attn.inputs[3:], **attn.attrs)
+    k_read, v_read = ([b.emit("slice", [c, *m.nodes[read].inputs[1:]], **m.nodes[read].attrs)
+                       for c, read in ((k, "k_read"), (v, "v_read"))] if "k_read" in m.nodes else (k, v))
+    y = b.emit("attention", [q, k_read, v_read] + attn.inputs[3:], **attn.attrs)
     new = {attn.outputs[0]: y}
     if "k_cache" in m.nodes:
         new[m.nodes["k_cache"].outputs[0]] = k

@@ -16,12 +16,14 @@ def _past(v) -> str | None:
 RULES = [Rule("kv_append", Op("concat", Var("past", where=_past), Var("new"),
                               attrs={"axis": lambda a: a in (2, -2)}),
               lambda m, b: b.emit("kv_append", [m["past"], m["new"]]))]
+CACHE_WRITES = ("kv_append", "kv_write")  # kv_write: a static cache (torch.compile's frontend makes it)
 
 
 def _run(graph, ctx: PassContext):
     apply_rules(graph, RULES, ctx.current.rewrites, ctx.current.near_misses)
     position = {v: i for i, v in enumerate(graph.outputs)}
-    appends = sorted((n for n in graph.nodes if n.op == "kv_append" and n.outputs[0] in position),
+    appends = sorted((n for n in graph.nodes if n.op in CACHE_WRITES and n.outputs[0] in position
+                      and _past(n.inputs[0]) is None),
                      key=lambda n: position[n.outputs[0]])
     entries = [{"past": n.inputs[0].name, "present": n.outputs[0].name} for n in appends]
     if entries:

@@ -114,16 +114,64 @@ def test_generate_greedy_tokens_equal_eager_with_bounded_recompiles(name, rng):
     _fully_compiled()
 
 
-@pytest.mark.slow  # a second generate loop under torch.compile (15 s)
-def test_generate_with_static_cache_equals_eager(rng):
-    """The static cache writes with index_copy, which runs in eager; the rest compiles."""
+def _static_cache(model, length):
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=length)
+
+
+def test_static_cache_is_written_in_place_and_compiles_whole(rng, monkeypatch):
+    """transformers' StaticCache writes with index_copy: here rope_cache writes the caller's
+    cache tensors in place (the graph's new cache values are its input tensors: no copy of the
+    cache per step), and prefill and decode each compile as one llmc graph."""
+    from llmc.torch_compile.runner import TorchPlan
+
+    aliased = []  # per call: how many outputs are input tensors themselves
+    call = TorchPlan.__call__
+
+    def watched(self, *args):
+        outs = call(self, *args)
+        aliased.append(sum(any(o is a for a in args) for o in outs))
+        return outs
+    monkeypatch.setattr(TorchPlan, "__call__", watched)
     model = zoo.get("llama-tiny").build_torch()
+    compiled = torch.compile(model, backend="llmc")
+    ids, nxt = _ids(rng, model.config.vocab_size, (1, 7)), _ids(rng, model.config.vocab_size, (1, 1))
+    ours, theirs = _static_cache(model, 16), _static_cache(model, 16)
+    with torch.no_grad():
+        for past, x in ((0, ids), (7, nxt)):
+            positions = torch.arange(past, past + x.shape[1])
+            out = compiled(input_ids=x, past_key_values=ours, cache_position=positions)
+            ref = model(input_ids=x, past_key_values=theirs, cache_position=positions)
+            assert rel_err(out.logits, ref.logits) < 1e-5, past
+    # the decode step's: every layer's keys and values (the prefill creates the cache's tensors:
+    # StaticCache allocates them at its first update, inside the graph)
+    assert aliased[1] == 2 * len(ours.layers)
+    for layer_out, layer_ref in zip(ours.layers, theirs.layers):
+        assert rel_err(layer_out.keys, layer_ref.keys) < 1e-5 and rel_err(layer_out.values, layer_ref.values) < 1e-5
+    _fully_compiled()
+    assert all(report.subgraphs == 1 for report in torch_backend.REPORTS)
+
+
+@pytest.mark.slow  # a second generate loop under torch.compile (15 s)
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_generate_with_static_cache_equals_eager(name, rng):
+    model = zoo.get(name).build_torch()
     got, want = _generate_both(model, _ids(rng, model.config.vocab_size, (1, 5)), max_new_tokens=32,
                                cache_implementation="static")
     _assert_same_greedy(model, got, want)
-    report = torch_backend.REPORTS[-1]
-    assert report.compiled_nodes > 0
-    assert any("index_copy" in reason for reason in report.fallbacks)
+    _fully_compiled()
+    assert all(report.subgraphs == 1 for report in torch_backend.REPORTS)
+
+
+def test_a_static_cache_written_out_of_order_is_refused():
+    """The kernel writes consecutive rows: other positions are an error naming the cache."""
+    from llmc.torch_compile.runner import _first_position
+
+    assert _first_position(torch.tensor([5, 6, 7]), 3, 16, "k") == 5
+    for positions in ([5, 7, 6], [14, 15, 16], [3]):
+        with pytest.raises(LlmcError, match="k: a static cache is written at 3 consecutive positions inside its 16"):
+            _first_position(torch.tensor(positions), 3, 16, "k")
 
 
 class _Cumprod(torch.nn.Module):

@@ -85,34 +85,54 @@ def kv_append(past, new):
     return np.concatenate([past, new], axis=2)
 
 
+def _kv_write_infer(inputs):
+    cache, positions, new = inputs
+    same_dtype("kv_write", [cache, new])
+    return [cache.type]
+
+
+@register("kv_write", ("cache", "positions", "new"), infer=_kv_write_infer)
+def kv_write(cache, positions, new):
+    """A static cache [batch, kv_heads, max_len, head_dim] with `new` [batch, kv_heads, seq,
+    head_dim] written at `positions` [seq] (torch's `index_copy` along the sequence, as
+    transformers' StaticCache does it). The caller owns the cache; the kernels write in place."""
+    out = cache.copy()
+    out[:, :, np.asarray(positions)] = new
+    return out
+
+
 def _split_heads(x, heads):
     b, s, _ = x.shape
     return x.reshape(b, s, heads, -1).transpose(0, 2, 1, 3)
 
 
 def _rope_cache_infer(inputs, heads, kv_heads, rotary_dim):
-    q, k, v, cos, sin, past_k, past_v = (list(inputs) + [None] * 7)[:7]
+    q, k, v, cos, sin, past_k, past_v, positions = (list(inputs) + [None] * 8)[:8]
     same_dtype("rope_cache", [q, k, v])
     b, s = q.shape[:2]
 
     def heads_of(x, n, past):
         d = x.shape[2] // n if isinstance(x.shape[2], int) else None
-        length = s if past is None else past.shape[2] + s
+        length = s if past is None else past.shape[2] if positions is not None else past.shape[2] + s
         return x.type.with_shape((b, n, length, d))
     return [heads_of(q, heads, None), heads_of(k, kv_heads, past_k), heads_of(v, kv_heads, past_v)]
 
 
-@register("rope_cache", ("q", "k", "v", "cos?", "sin?", "past_k?", "past_v?"),
+@register("rope_cache", ("q", "k", "v", "cos?", "sin?", "past_k?", "past_v?", "positions?"),
           {"heads": REQUIRED, "kv_heads": REQUIRED, "rotary_dim": 0}, infer=_rope_cache_infer)
-def rope_cache(q, k, v, cos=None, sin=None, past_k=None, past_v=None, heads=1, kv_heads=1,
+def rope_cache(q, k, v, cos=None, sin=None, past_k=None, past_v=None, positions=None, heads=1, kv_heads=1,
                rotary_dim=0):
     """Split the projections [batch, seq, heads*head_dim] into heads, apply the rotary embedding
     to q and k (when cos/sin are given), and write k and v behind the cached past. Returns q
-    [batch, heads, seq, head_dim] and the caches [batch, kv_heads, past+seq, head_dim]."""
+    [batch, heads, seq, head_dim] and the caches [batch, kv_heads, past+seq, head_dim]; with
+    `positions`, the caches are static ([batch, kv_heads, max_len, head_dim]) and k and v are
+    written at those positions (`kv_write`)."""
     q, k, v = _split_heads(q, heads), _split_heads(k, kv_heads), _split_heads(v, kv_heads)
     if cos is not None:
         q, k = rotary(q, cos, sin, rotary_dim), rotary(k, cos, sin, rotary_dim)
-    if past_k is not None:
+    if positions is not None:
+        k, v = kv_write(past_k, positions, k), kv_write(past_v, positions, v)
+    elif past_k is not None:
         k, v = kv_append(past_k, k), kv_append(past_v, v)
     return np.require(q, requirements="C"), k, v
 

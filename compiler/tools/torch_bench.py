@@ -1,10 +1,13 @@
 """`llmc bench-torch`: decode speed under `torch.compile`: eager, inductor, inductor with
-freezing, and llmc.
+freezing, and llmc; and llmc's artifact runtime on the same model, the speed the llmc backend
+aims at.
 
 A zoo model (transformers, seeded random weights) generates greedily with the usual loop,
-`model.generate` with transformers' default dynamic cache, batch 1, its forward run by each
-system: PyTorch eager, `torch.compile` with inductor, with inductor and freezing (weights
-folded as constants, as llmc folds them), and with llmc. Each system runs in a process of its
+`model.generate` with transformers' dynamic cache (or, with `cache="static"`, its StaticCache,
+written in place), batch 1, its forward run by each system: PyTorch eager, `torch.compile` with
+inductor, with inductor and freezing (weights folded as constants, as llmc folds them), and with
+llmc. `llmc-runtime` is the model's ONNX export compiled by `llmc compile` (before the
+measurement, in the parent process) and run by `llmc.runtime` alone. Each system runs in a process of its
 own: in one process the thread pools of the systems measured before (TVM's, OpenMP's) kept
 spinning into the next system's time, and an earlier version of this harness measured eager
 GPT-2 at a third of `llmc bench`'s eager figure. A system first generates once to compile
@@ -25,7 +28,8 @@ import time
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("eager", "inductor", "inductor-freezing", "llmc")
+SYSTEMS = ("eager", "inductor", "inductor-freezing", "llmc", "llmc-runtime")
+CACHES = ("dynamic", "static")
 
 
 def _forward(name, eager):
@@ -38,7 +42,8 @@ def _forward(name, eager):
     return torch.compile(eager, backend=name)
 
 
-def measure(name: str, model: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def measure(name: str, model: str, prompt_len: int, new_tokens: int, repeats: int, cache: str = "dynamic",
+            artifact: str = "") -> dict:
     """One system, in this process."""
     import numpy as np
     import torch
@@ -47,15 +52,27 @@ def measure(name: str, model: str, prompt_len: int, new_tokens: int, repeats: in
 
     torch.manual_seed(0)
     net = zoo.get(model).build_torch()
-    eager = net.forward
-    net.forward = _forward(name, eager)
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, net.config.vocab_size, (1, prompt_len)))
+    if name == "llmc-runtime":
+        from llmc import runtime
 
-    def generate(n):
-        with torch.no_grad():
+        runner = runtime.load(artifact)
+
+        def generate(n):
             start = time.perf_counter()
-            out = net.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-            return out, time.perf_counter() - start
+            out = runner.generate(ids[0].tolist(), n)
+            return torch.tensor([ids[0].tolist() + out]), time.perf_counter() - start
+    else:
+        eager = net.forward
+        net.forward = _forward(name, eager)
+        options = {"cache_implementation": "static"} if cache == "static" else {}
+
+        def generate(n):
+            with torch.no_grad():
+                start = time.perf_counter()
+                out = net.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                   **options)
+                return out, time.perf_counter() - start
 
     out, first = generate(new_tokens)
     prefills, totals = [], []
@@ -69,40 +86,55 @@ def measure(name: str, model: str, prompt_len: int, new_tokens: int, repeats: in
 
 
 def bench_torch(model: str, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3,
-                systems=SYSTEMS) -> dict:
+                systems=SYSTEMS, cache: str = "dynamic") -> dict:
+    import tempfile
+    from pathlib import Path
+
     rows = []
-    for name in systems:
-        log.info("%s: measuring in a process of its own", name)
-        done = subprocess.run([sys.executable, "-m", "llmc.tools.torch_bench", name, model, str(prompt_len),
-                               str(new_tokens), str(repeats)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"bench-torch {name}: {done.stderr.strip().splitlines()[-1:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory(prefix="llmc-bench-torch-") as work:
+        artifact = ""
+        if "llmc-runtime" in systems:
+            import llmc
+            from llmc import zoo
+
+            log.info("llmc-runtime: compiling the model's ONNX export")
+            artifact = str(llmc.compile(zoo.get(model).export(exporter="dynamo", kv_cache=True),
+                                        output=Path(work) / "model.llmc", max_seq_len=prompt_len + new_tokens))
+        for name in systems:
+            log.info("%s: measuring in a process of its own", name)
+            done = subprocess.run([sys.executable, "-m", "llmc.tools.torch_bench", name, model, str(prompt_len),
+                                   str(new_tokens), str(repeats), cache, artifact], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"bench-torch {name}: {done.stderr.strip().splitlines()[-1:]}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     first = rows[0]["tokens"]  # eager's, unless the caller left eager out
     for r in rows:
         r["same_tokens_as_eager"] = r["tokens"] == first
     for r in rows:
         del r["tokens"]
     return {"model": model, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-            "threads": rows[0]["threads"], "systems": rows}
+            "threads": rows[0]["threads"], "cache": cache, "systems": rows}
 
 
 def format_table(result: dict) -> str:
     base = {r["system"]: r["decode_tok_s"] for r in result["systems"]}
     lines = [f"{result['model']}: prompt {result['prompt_len']}, {result['new_tokens']} new tokens, batch 1, "
-             f"{result['threads']} threads, median of {result['repeats']}; transformers' generate with its dynamic "
-             "cache; each system in a process of its own",
-             "| system | decode tok/s | vs eager | vs inductor | prefill ms | first generation s | tokens = eager |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"{result['threads']} threads, median of {result['repeats']}; transformers' generate with its "
+             f"{result['cache']} cache (llmc-runtime: the artifact runtime's own loop); each system in a process of "
+             "its own",
+             "| system | decode tok/s | vs eager | vs inductor | vs inductor-freezing | vs llmc-runtime | prefill ms "
+             "| first generation s | tokens = eager |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     def ratio(r, peer):
         return f"{r['decode_tok_s'] / base[peer]:.2f}x" if peer in base else "-"
 
     for r in result["systems"]:
         same = "yes" if r["same_tokens_as_eager"] else "no"
         lines.append(f"| {r['system']} | {r['decode_tok_s']} | {ratio(r, 'eager')} | {ratio(r, 'inductor')} | "
-                     f"{r['prefill_ms']} | {r['first_generation_s']} | {same} |")
+                     f"{ratio(r, 'inductor-freezing')} | {ratio(r, 'llmc-runtime')} | {r['prefill_ms']} | "
+                     f"{r['first_generation_s']} | {same} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]))))
+    print(json.dumps(measure(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), *sys.argv[6:8])))

@@ -71,9 +71,17 @@ def llmc_backend(gm, example_inputs, options: dict | None = None):
 
         context = TracingContext.try_get()
         static = set(context.fw_metadata.static_input_indices or []) if context and context.fw_metadata else set()
-        return _LazyForward(fx_module, static, opts)
+        return _LazyForward(fx_module, static - _written_inputs(fx_module), opts)
 
     return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+
+
+def _written_inputs(gm) -> set[int]:
+    """Inputs the graph writes (a static KV cache, which `index_copy` updates): static addresses,
+    but not constants."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    written = {n.args[0] for n in gm.graph.nodes if n.op == "call_function" and "index_copy" in str(n.target)}
+    return {i for i, p in enumerate(placeholders) if p in written}
 
 
 def _options(options: dict | None) -> dict:

@@ -9,7 +9,10 @@ assume, and an input that is not contiguous and aligned is copied once.
 A functional KV cache (`present = concat(past, new)`, which the KV cache pass turned into a
 write by `rope_cache`) is a new tensor [batch, kv_heads, past + seq, head_dim] per call: the past
 is copied into its front and the kernel writes the new rows after it, the same work as eager's
-concat. Symbolic dims are bound from the inputs' sizes at every call.
+concat. A static cache (transformers' StaticCache: `index_copy` at the cache positions, which
+the graph returns as the cache's new value) is written in place: the present is the caller's
+tensor itself, so AOTAutograd's copy of it back into the input is a no-op, and a decode step
+copies no cache. Symbolic dims are bound from the inputs' sizes at every call.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class TorchPlan:
         # a cache rope_cache writes: the past it reads -> the present (its k or v output) it makes
         self.present_of = {past.name: present.name for n in graph.nodes if n.op == "rope_cache"
                            for past, present in zip(n.inputs[5:7], n.outputs[1:]) if past is not None}
+        # a static cache: the positions it is written at (rope_cache's last input)
+        self.positions_of = {past.name: n.inputs[7].name for n in graph.nodes if n.op == "rope_cache"
+                             and len(n.inputs) > 7 and n.inputs[7] is not None for past in n.inputs[5:7]}
         # each symbol is bound from an input's size: (input position, axis), or a SymInt input
         self.binders: dict[str, tuple[int, int | None]] = {}
         for i, v in enumerate(graph.inputs):
@@ -96,13 +102,19 @@ class TorchPlan:
         return tuple(buf(name) for name in self.outputs)
 
     def _rope_cache(self, step, bufs, buf, env):
-        """The caches: a new present holding the past (functional concat), or without a past the
-        node's own k/v outputs; the "past" dim is the length already in them."""
+        """The caches: the static cache itself, written at its positions; a new present holding
+        the past (functional concat); or without a past the node's own k/v outputs. The "past"
+        dim is where the new rows go."""
         qkv, cos, sin, k, v, *rest = step.args
-        caches = []
+        x = buf(qkv)
+        batch, seq = x.shape[0], x.shape[1]
+        caches, past_len = [], None
         for name in (k, v):
             present = self.present_of.get(name)
-            if present is not None:
+            if name in self.positions_of:
+                caches.append(bufs.setdefault(present, bufs[name]))
+                past_len = _first_position(bufs[self.positions_of[name]], seq, bufs[name].shape[2], name)
+            elif present is not None:
                 past = bufs[name]
                 out = buf(present)
                 # numpy copies on this thread: torch's parallel copy would wake its OpenMP pool
@@ -111,10 +123,9 @@ class TorchPlan:
                 caches.append(out)
             else:
                 caches.append(buf(name))
-        x = buf(qkv)
-        batch, seq = x.shape[0], x.shape[1]
         tables = [self._table(buf(t), batch, seq) if t else _no_tables(batch, seq) for t in (cos, sin)]
-        past_len = caches[0].shape[2] - seq
+        if past_len is None:
+            past_len = caches[0].shape[2] - seq
         self.functions[step.kernel](x, *tables, *caches, *[buf(a) for a in rest], past_len)
 
 
@@ -124,6 +135,19 @@ class TorchPlan:
         one sequence serve all of a batch when torch computed them once."""
         t = t.reshape(t.shape[0], seq, -1)
         return t if t.shape[0] == batch else t.expand(batch, -1, -1).contiguous()
+
+
+def _first_position(positions, seq: int, length: int, cache: str) -> int:
+    """Where a static cache's new rows start: its positions must be consecutive (the kernel
+    writes rows p..p+seq-1) and inside the cache."""
+    import torch
+
+    start = int(positions.reshape(-1)[0]) if positions.numel() else 0
+    if positions.numel() != seq or not torch.equal(positions.reshape(-1).cpu(), torch.arange(start, start + seq)) \
+            or start < 0 or start + seq > length:
+        raise LlmcError(f"{cache}: a static cache is written at {seq} consecutive positions inside its {length}; "
+                        f"got {positions.reshape(-1).tolist()[:8]}")
+    return start
 
 
 def _no_tables(batch, seq):

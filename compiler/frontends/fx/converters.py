@@ -272,6 +272,16 @@ def cat(ctx, tensors, dim=0):
     return tensors[0] if len(tensors) == 1 else ctx.emit("concat", tensors, axis=dim)
 
 
+@converter()
+def index_copy(ctx, x, dim, index, source):
+    """A static KV cache's write (transformers' StaticCache: the new keys or values at the cache
+    positions, along the sequence axis of [batch, kv_heads, max_len, head_dim])."""
+    if x.type.rank != 4 or dim not in (2, -2):
+        ctx.fail(f"index_copy along dim {dim} of a rank-{x.type.rank} tensor: only a KV cache's sequence axis "
+                 "(dim 2 of 4) is supported")
+    return ctx.emit("kv_write", [x, index, source])
+
+
 @converter("aten.split", "aten.split_with_sizes")
 def split(ctx, x, sizes, dim=0):
     if isinstance(sizes, int):
