@@ -63,6 +63,17 @@ def test_specs_of_compiled_models():
                      "phi-tiny": {RopeCacheSpec(4, 4, 16, 8)}}
 
 
+def _written(spec, qkv, cos, sin):
+    """The op's q and the rows it writes into empty caches: (q, k, v)."""
+    d = spec.head_dim
+    qp, kp, vp = np.split(qkv, [spec.heads * d, (spec.heads + spec.kv_heads) * d], axis=-1)
+    rotary = spec.rotary_dim > 0
+    empty = np.zeros((qkv.shape[0], spec.kv_heads, 0, d), np.float32)
+    return get_op("rope_cache").ref(qp, kp, vp, cos[:, None] if rotary else None, sin[:, None] if rotary else None,
+                                    empty, empty, heads=spec.heads, kv_heads=spec.kv_heads,
+                                    rotary_dim=spec.rotary_dim % d)
+
+
 @pytest.mark.parametrize("spec", [RopeCacheSpec(4, 2, 16, 16, kv_int8=True), RopeCacheSpec(3, 3, 10, 0, kv_int8=True)],
                          ids=["gqa-rotary", "none"])
 def test_int8_cache_kernel_quantizes_rows(spec, rng):
@@ -80,12 +91,7 @@ def test_int8_cache_kernel_quantizes_rows(spec, rng):
     q = tvm.runtime.tensor(np.zeros((batch, spec.heads, seq, d), np.float32), dev)
     kernel(*args, q, past)
 
-    qp, kp, vp = np.split(qkv, [spec.heads * d, (spec.heads + spec.kv_heads) * d], axis=-1)
-    rotary = spec.rotary_dim > 0
-    empty = np.zeros((batch, spec.kv_heads, 0, d), np.float32)
-    want = get_op("rope_cache").ref(qp, kp, vp, cos[:, None] if rotary else None, sin[:, None] if rotary else None,
-                                    empty, empty, heads=spec.heads, kv_heads=spec.kv_heads,
-                                    rotary_dim=spec.rotary_dim % d)
+    want = _written(spec, qkv, cos, sin)
     assert rel_err(q.numpy(), want[0]) < 1e-6
     for i in range(2):
         values, scale = quantize_rows(want[1 + i])
@@ -121,12 +127,7 @@ def test_paged_kernel_writes_each_sequence_at_its_own_length(spec, seq, rng):
     q = tvm.runtime.tensor(np.zeros((batch, spec.heads, seq, d), np.float32), dev)
     kernel(*args, q)
 
-    qp, kp, vp = np.split(qkv, [spec.heads * d, (spec.heads + spec.kv_heads) * d], axis=-1)
-    rotary = spec.rotary_dim > 0
-    empty = np.zeros((batch, spec.kv_heads, 0, d), np.float32)
-    want = get_op("rope_cache").ref(qp, kp, vp, cos[:, None] if rotary else None, sin[:, None] if rotary else None,
-                                    empty, empty, heads=spec.heads, kv_heads=spec.kv_heads,
-                                    rotary_dim=spec.rotary_dim % d)
+    want = _written(spec, qkv, cos, sin)
     assert rel_err(q.numpy(), want[0]) < 1e-6
     got = [from_pages(a.numpy(), table, MAX_SEQ) for a in args[3:3 + len(pools)]]
     written = [want[1], want[2]] if not spec.kv_int8 else [*(r[0] for r in map(quantize_rows, want[1:])),

@@ -430,6 +430,14 @@ static int role(llmc_model *m, const json *roles, const char *key, int required)
     return v;  /* a feed the compiled graph never reads has no value: -1 */
 }
 
+/* The error being set, prefixed with `where` (the artifact): -1. */
+static int fail_at(const char *where) {
+    char why[1024];
+    snprintf(why, sizeof why, "%s", get_error());
+    set_error("%s: %s", where, why);
+    return -1;
+}
+
 /* The caches are allocated from plans.values whatever their axis order; a paged cache (a pool of
    blocks and a block table per sequence) is the Python runtime's only. Checked before the values,
    whose dims then name the pool's size. */
@@ -438,12 +446,7 @@ static int check_contiguous_cache(llmc_model *m) {
     const json *kv = model ? field(model, "kv_cache", JSON_OBJECT, "model") : NULL;
     const json *layout = kv ? field(kv, "layout", JSON_OBJECT, "model.kv_cache") : NULL;
     const json *pages = layout ? field(layout, "page_tokens", JSON_NUMBER, "model.kv_cache.layout") : NULL;
-    if (!pages) {
-        char why[1024];
-        snprintf(why, sizeof why, "%s", get_error());
-        set_error("%s: %s", m->art.where, why);
-        return -1;
-    }
+    if (!pages) return fail_at(m->art.where);
     if (!pages->is_int || pages->integer != 0) {
         set_error("%s: model.kv_cache.layout.page_tokens: expected 0: this runtime reads contiguous KV caches "
                   "(a paged one runs in the Python runtime: llmc run)", m->art.where);
@@ -461,12 +464,7 @@ static int read_model(llmc_model *m) {
     const json *entries = kv ? field(kv, "entries", JSON_ARRAY, "model.kv_cache") : NULL;
     const json *eos = entries ? field(model, "eos_token_ids", JSON_ARRAY, "model") : NULL;
     const json *bounds = eos ? field(model, "index_bounds", JSON_OBJECT, "model") : NULL;
-    if (!bounds) {
-        char why[1024];
-        snprintf(why, sizeof why, "%s", get_error());
-        set_error("%s: %s", where, why);
-        return -1;
-    }
+    if (!bounds) return fail_at(where);
     if (!max_seq->is_int || max_seq->integer < 1 || max_seq->integer > (1 << 20)) {
         set_error("%s: model.max_seq_len: expected an integer >= 1 and <= %d", where, 1 << 20);
         return -1;
@@ -524,12 +522,7 @@ static int read_plan(llmc_model *m, const json *plans, const json *functions) {
         const json *kernel = field(j, "kernel", JSON_STRING, at), *kind = kernel ? field(j, "kind", JSON_STRING, at) : NULL;
         const json *args = kind ? field(j, "args", JSON_ARRAY, at) : NULL;
         const json *dims = args ? field(j, "dims", JSON_ARRAY, at) : NULL;
-        if (!dims) {
-            char why[1024];
-            snprintf(why, sizeof why, "%s", get_error());
-            set_error("%s: %s", where, why);
-            return -1;
-        }
+        if (!dims) return fail_at(where);
         s->kernel = kernel->string;
         s->kind = -1;
         for (int k = 0; k < 5; k++)
@@ -769,9 +762,7 @@ llmc_model *llmc_load(const char *path, int threads) {
     kernels = plans ? field(m->art.manifest, "kernels", JSON_OBJECT, "manifest") : NULL;
     functions = kernels ? field(kernels, "functions", JSON_ARRAY, "kernels") : NULL;
     if (!functions) {
-        char why[1024];
-        snprintf(why, sizeof why, "%s", get_error());
-        set_error("%s: %s", m->art.where, why);
+        fail_at(m->art.where);
         goto fail;
     }
     if (check_contiguous_cache(m) || read_values(m, plans) || read_model(m) || read_plan(m, plans, functions))
