@@ -73,15 +73,16 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     backend = backends.for_target(target)
     backend_options = {"cpu": cpu or getattr(backend, "default_cpu", None), "dtype": dtype, "kv_cache": kv_cache, "arch": arch, "activations": activations, "kv_layout": kv_layout}
     backend.check(backend_options)
-    activations = backend_options["activations"] = activations or backend.default_activations(backend_options)
     if tune and backend.can_measure(backend_options):
         raise LlmcError(f"--tune: {backend.can_measure(backend_options)}")
     if tune_budget is not None and tune_budget <= 0:
         raise LlmcError(f"--tune-budget {tune_budget}: the budget must be a positive number of seconds")
-    from .tuning import Tuner
+    from .tuning import Table, Tuner
 
+    tables = {path: Table.load(path) for path in tuning}  # a bad file is refused before any work
+    activations = backend_options["activations"] = activations or backend.default_activations(backend_options)
     tuner = backend_options["tuner"] = Tuner(backend.machine(backend_options), measure=tune, budget=tune_budget,
-                                             imports=list(tuning))
+                                             imports=tables)
     options = {"max_seq_len": max_seq_len, "dtype": dtype, "activations": activations}
     if quant:
         from llmc.ops.transformer import QUANT_SCHEMES

@@ -117,13 +117,13 @@ class Tuner:
     the configurations timed; `chosen` records every kernel's configuration and its source."""
 
     def __init__(self, machine: dict, measure: bool = False, budget: float | None = None,
-                 imports: list | None = None, cache: Path | None = None):
+                 imports: dict | None = None, cache: Path | None = None):
+        """`imports`: {path: Table} of the files given (`--tuning`), loaded by the caller."""
         self.machine, self.measuring = machine, measure
         self.cache_path = cache or cache_file()
         self.cache = Table.load(self.cache_path) if self.cache_path.exists() else Table()
         self.imported = Table()
-        for path in imports or []:
-            table = Table.load(path)
+        for path, table in (imports or {}).items():
             usable = table.for_machine(machine)
             others = len(table.entries) - len(usable)
             if others:

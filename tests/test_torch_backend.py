@@ -43,8 +43,8 @@ def _fully_compiled():
         assert report.compiled_nodes > 0
 
 
-# llama and gpt2 by default, every family with the slow tests (CI): 10 s each
-@pytest.mark.parametrize("name", [n if n in ("llama-tiny", "gpt2-tiny") else pytest.param(n, marks=pytest.mark.slow)
+# llama by default, every family with the slow tests (CI): 10 s each
+@pytest.mark.parametrize("name", [n if n == "llama-tiny" else pytest.param(n, marks=pytest.mark.slow)
                                   for n in DECODERS])
 def test_decoder_prefill_and_decode_match_eager(name, rng):
     model = zoo.get(name).build_torch()
