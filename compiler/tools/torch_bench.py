@@ -42,6 +42,12 @@ def _forward(name, eager):
     return torch.compile(eager, backend=name)
 
 
+def _static_cache(net, length: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=net.config, max_cache_len=length)
+
+
 def measure(name: str, model: str, prompt_len: int, new_tokens: int, repeats: int, cache: str = "dynamic",
             artifact: str = "") -> dict:
     """One system, in this process."""
@@ -65,11 +71,12 @@ def measure(name: str, model: str, prompt_len: int, new_tokens: int, repeats: in
     else:
         eager = net.forward
         net.forward = _forward(name, eager)
-        options = {"cache_implementation": "static"} if cache == "static" else {}
 
         def generate(n):
             with torch.no_grad():
                 start = time.perf_counter()
+                # a static cache of one size for every generation: its shapes are the graphs'
+                options = {"past_key_values": _static_cache(net, prompt_len + new_tokens)} if cache == "static" else {}
                 out = net.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
                                    **options)
                 return out, time.perf_counter() - start
