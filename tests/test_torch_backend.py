@@ -272,12 +272,12 @@ def test_bench_torch_runs_each_system_in_its_own_process(tmp_path):
 
     out = tmp_path / "bt.json"
     assert main(["bench-torch", "gpt2-tiny", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
-                 "--systems", "eager", "llmc", "--json", str(out)]) == 0
+                 "--systems", "eager", "llmc", "llmc-runtime", "--cache", "static", "--json", str(out)]) == 0
     import json
 
     rows = {r["system"]: r for r in json.loads(out.read_text())["systems"]}
-    assert set(rows) == {"eager", "llmc"} and all(r["decode_tok_s"] > 0 for r in rows.values())
-    assert rows["llmc"]["same_tokens_as_eager"]
+    assert set(rows) == {"eager", "llmc", "llmc-runtime"} and all(r["decode_tok_s"] > 0 for r in rows.values())
+    assert rows["llmc"]["same_tokens_as_eager"] and rows["llmc-runtime"]["same_tokens_as_eager"]
 
 
 @pytest.mark.parametrize("bad", [256, -1])

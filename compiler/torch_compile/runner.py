@@ -17,6 +17,8 @@ copies no cache. Symbolic dims are bound from the inputs' sizes at every call.
 
 from __future__ import annotations
 
+import threading
+
 from llmc.backends.tvm.compile import Step, weights
 from llmc.errors import LlmcError
 from llmc.ir.graph import Graph
@@ -38,6 +40,8 @@ class TorchPlan:
         self.layouts = {v.name: (v.shape, getattr(torch, v.dtype.numpy().name)) for v in graph.values()}
         self.inputs = [v.name for v in graph.inputs]
         self.outputs = [v.name for v in graph.outputs]
+        self.returned = set(self.outputs)
+        self._kept = threading.local()
         self.weights = {name: torch.from_numpy(w) for name, w in weights(graph, plan).items()}
         self.weights = {name: w if w.data_ptr() % ALIGN == 0 else w.clone() for name, w in self.weights.items()}
         self.weights.update({name: torch.from_numpy(graph.store[name].copy()) for name in graph.params
@@ -73,6 +77,12 @@ class TorchPlan:
         env = {name: int(a) for name, a in zip(self.dim_inputs, args[len(self.inputs):])}
         for sym, (i, axis) in self.binders.items():
             env[sym] = tensors[i].shape[axis]
+        # intermediates are kept per thread and per sizes (a decode step's repeat); the outputs,
+        # which the caller keeps, are new every call
+        kept = getattr(self._kept, "by_env", None)
+        if kept is None:
+            kept = self._kept.by_env = {}
+        scratch = kept.setdefault(tuple(sorted(env.items())), {})
         bufs = dict(self.weights)
         for name, t in zip(self.inputs, tensors):
             if not t.is_contiguous() or t.data_ptr() % ALIGN:
@@ -82,8 +92,13 @@ class TorchPlan:
         def buf(name):
             b = bufs.get(name)
             if b is None:
-                shape, dtype = self.layouts[name]
-                b = bufs[name] = torch.empty(tuple(evaluate(d, env) for d in shape), dtype=dtype)
+                b = scratch.get(name)
+                if b is None:
+                    shape, dtype = self.layouts[name]
+                    b = torch.empty(tuple(evaluate(d, env) for d in shape), dtype=dtype)
+                    if name not in self.returned:
+                        scratch[name] = b
+                bufs[name] = b
             return b
 
         for step in self.plan:
@@ -109,11 +124,12 @@ class TorchPlan:
         x = buf(qkv)
         batch, seq = x.shape[0], x.shape[1]
         caches, past_len = [], None
+        if k in self.positions_of:
+            past_len = _first_position(bufs[self.positions_of[k]], seq, bufs[k].shape[2], k)
         for name in (k, v):
             present = self.present_of.get(name)
             if name in self.positions_of:
                 caches.append(bufs.setdefault(present, bufs[name]))
-                past_len = _first_position(bufs[self.positions_of[name]], seq, bufs[name].shape[2], name)
             elif present is not None:
                 past = bufs[name]
                 out = buf(present)
@@ -142,9 +158,10 @@ def _first_position(positions, seq: int, length: int, cache: str) -> int:
     writes rows p..p+seq-1) and inside the cache."""
     import torch
 
-    start = int(positions.reshape(-1)[0]) if positions.numel() else 0
-    if positions.numel() != seq or not torch.equal(positions.reshape(-1).cpu(), torch.arange(start, start + seq)) \
-            or start < 0 or start + seq > length:
+    flat = positions.reshape(-1)
+    start = int(flat[0]) if flat.numel() else 0
+    consecutive = flat.numel() == seq and (seq == 1 or torch.equal(flat.cpu(), torch.arange(start, start + seq)))
+    if not consecutive or start < 0 or start + seq > length:
         raise LlmcError(f"{cache}: a static cache is written at {seq} consecutive positions inside its {length}; "
                         f"got {positions.reshape(-1).tolist()[:8]}")
     return start
