@@ -138,15 +138,19 @@ def test_static_cache_is_written_in_place_and_compiles_whole(rng, monkeypatch):
     compiled = torch.compile(model, backend="llmc")
     ids, nxt = _ids(rng, model.config.vocab_size, (1, 7)), _ids(rng, model.config.vocab_size, (1, 1))
     ours, theirs = _static_cache(model, 16), _static_cache(model, 16)
+    outs = []
     with torch.no_grad():
-        for past, x in ((0, ids), (7, nxt)):
+        for past, x in ((0, ids), (7, nxt), (8, nxt)):
             positions = torch.arange(past, past + x.shape[1])
             out = compiled(input_ids=x, past_key_values=ours, cache_position=positions)
             ref = model(input_ids=x, past_key_values=theirs, cache_position=positions)
             assert rel_err(out.logits, ref.logits) < 1e-5, past
+            outs.append((out.logits, ref.logits))
+    # two decode steps of the same sizes share the runner's intermediates, not their outputs
+    assert rel_err(*outs[1]) < 1e-5
     # the decode step's: every layer's keys and values (the prefill creates the cache's tensors:
     # StaticCache allocates them at its first update, inside the graph)
-    assert aliased[1] == 2 * len(ours.layers)
+    assert aliased[1:] == [2 * len(ours.layers)] * 2
     for layer_out, layer_ref in zip(ours.layers, theirs.layers):
         assert rel_err(layer_out.keys, layer_ref.keys) < 1e-5 and rel_err(layer_out.values, layer_ref.values) < 1e-5
     _fully_compiled()
