@@ -191,5 +191,12 @@ def test_third_party_exports_interpreted_give_onnxruntime_tokens(name, tmp_path,
     art = llmc.compile(path, target="cuda", output=tmp_path / "m.llmc", max_seq_len=64, dtype="fp32",
                        kv_cache="f32", arch=ARCH)
     prompt = rng.integers(0, 256, 5).tolist()
-    want, _ = OnnxDecoder(path, art).greedy(prompt, STEPS)
-    assert runtime.load(art, interpret=True).generate(prompt, STEPS) == want
+    want, want_logits = OnnxDecoder(path, art).greedy(prompt, STEPS)
+    got, logits = _greedy(runtime.load(art, interpret=True), prompt, STEPS, follow=want)
+    for step, (ours, theirs) in enumerate(zip(logits, want_logits)):
+        assert rel_err(ours, theirs) < 1e-4, step
+    # onnxruntime's tokens, except where its own two best logits tie (random weights; 4-bit
+    # weights dequantized in another order than MatMulNBits's may pick the other one)
+    for step, (g, w) in enumerate(zip(got, want)):
+        gap = float(want_logits[step][w] - want_logits[step][g])
+        assert gap <= 1e-4 * float(np.abs(want_logits[step]).max()), (step, g, w)

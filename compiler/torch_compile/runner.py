@@ -77,12 +77,13 @@ class TorchPlan:
         env = {name: int(a) for name, a in zip(self.dim_inputs, args[len(self.inputs):])}
         for sym, (i, axis) in self.binders.items():
             env[sym] = tensors[i].shape[axis]
-        # intermediates are kept per thread and per sizes (a decode step's repeat); the outputs,
-        # which the caller keeps, are new every call
-        kept = getattr(self._kept, "by_env", None)
-        if kept is None:
-            kept = self._kept.by_env = {}
-        scratch = kept.setdefault(tuple(sorted(env.items())), {})
+        # the last call's intermediates are kept (per thread) and serve a call of the same sizes,
+        # as each step of a static cache's decode is; the outputs, which the caller keeps, are
+        # new every call
+        key = tuple(sorted(env.items()))
+        if getattr(self._kept, "key", None) != key:
+            self._kept.key, self._kept.scratch = key, {}
+        scratch = self._kept.scratch
         bufs = dict(self.weights)
         for name, t in zip(self.inputs, tensors):
             if not t.is_contiguous() or t.data_ptr() % ALIGN:
