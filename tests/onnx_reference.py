@@ -46,6 +46,23 @@ class OnnxDecoder:
         return tokens, logits
 
 
+def at_accuracy_level_0(path, folder):
+    """A copy of an ONNX file in `folder` whose MatMulNBits compute in f32 (accuracy level 0):
+    onnxruntime's CPU kernel at the builder's level 4 rounds the activations to int8 too, while
+    llmc's f32-activation kernels compute with the same 4-bit weights and f32 activations."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = 0
+    out = folder / "model.onnx"
+    onnx.save(model, str(out), save_as_external_data=True, location="model.onnx.data")
+    return out
+
+
 def _dtype(info):
     return {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
             "tensor(float16)": np.float16}[info.type]

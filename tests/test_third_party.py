@@ -14,7 +14,7 @@ import onnx
 import pytest
 from conftest import rel_err
 from onnx import helper
-from onnx_reference import OnnxDecoder
+from onnx_reference import OnnxDecoder, at_accuracy_level_0
 from zoo_cases import export
 
 import llmc
@@ -64,14 +64,7 @@ def test_int4_genai_export_keeps_its_weights(name, tmp_path, native):
     accuracy level 4 rounds the activations to int8 too; at level 0 it computes in f32 with the
     same 4-bit weights, which is what llmc computes with f32 activations: that run is the
     reference. (With int8 activations, llmc's default, the rounding differs from onnxruntime's.)"""
-    model = onnx.load(str(FIXTURES / name / "model.onnx"))
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = 0
-    path = tmp_path / "model.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
+    path = at_accuracy_level_0(FIXTURES / name / "model.onnx", tmp_path)
     art = llmc.compile(path, output=tmp_path / "m.llmc", max_seq_len=64, activations="f32")
     quant = runtime.load(art).manifest["model"]["quant"]
     assert quant["scheme"] == "w4" and quant["imported"] and quant["lm_head"] == "w4"
