@@ -17,8 +17,6 @@ copies no cache. Symbolic dims are bound from the inputs' sizes at every call.
 
 from __future__ import annotations
 
-import threading
-
 from llmc.backends.tvm.compile import Step, weights
 from llmc.errors import LlmcError
 from llmc.ir.graph import Graph
@@ -40,8 +38,6 @@ class TorchPlan:
         self.layouts = {v.name: (v.shape, getattr(torch, v.dtype.numpy().name)) for v in graph.values()}
         self.inputs = [v.name for v in graph.inputs]
         self.outputs = [v.name for v in graph.outputs]
-        self.returned = set(self.outputs)
-        self._kept = threading.local()
         self.weights = {name: torch.from_numpy(w) for name, w in weights(graph, plan).items()}
         self.weights = {name: w if w.data_ptr() % ALIGN == 0 else w.clone() for name, w in self.weights.items()}
         self.weights.update({name: torch.from_numpy(graph.store[name].copy()) for name in graph.params
@@ -77,13 +73,6 @@ class TorchPlan:
         env = {name: int(a) for name, a in zip(self.dim_inputs, args[len(self.inputs):])}
         for sym, (i, axis) in self.binders.items():
             env[sym] = tensors[i].shape[axis]
-        # the last call's intermediates are kept (per thread) and serve a call of the same sizes,
-        # as each step of a static cache's decode is; the outputs, which the caller keeps, are
-        # new every call
-        key = tuple(sorted(env.items()))
-        if getattr(self._kept, "key", None) != key:
-            self._kept.key, self._kept.scratch = key, {}
-        scratch = self._kept.scratch
         bufs = dict(self.weights)
         for name, t in zip(self.inputs, tensors):
             if not t.is_contiguous() or t.data_ptr() % ALIGN:
@@ -93,13 +82,8 @@ class TorchPlan:
         def buf(name):
             b = bufs.get(name)
             if b is None:
-                b = scratch.get(name)
-                if b is None:
-                    shape, dtype = self.layouts[name]
-                    b = torch.empty(tuple(evaluate(d, env) for d in shape), dtype=dtype)
-                    if name not in self.returned:
-                        scratch[name] = b
-                bufs[name] = b
+                shape, dtype = self.layouts[name]
+                b = bufs[name] = torch.empty(tuple(evaluate(d, env) for d in shape), dtype=dtype)
             return b
 
         for step in self.plan:
