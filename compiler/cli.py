@@ -154,7 +154,10 @@ def _parser() -> argparse.ArgumentParser:
                     default=["eager", "inductor", "inductor-freezing", "llmc", "llmc-runtime"],
                     help="llmc-runtime: the model's ONNX export compiled by llmc compile, run by the artifact runtime")
     bt.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
-                    help="transformers' KV cache in generate: its dynamic one, or StaticCache (written in place)")
+                    help="transformers' KV cache: its dynamic one, or StaticCache (written in place)")
+    bt.add_argument("--loop", choices=("generate", "forward"), default="generate",
+                    help="transformers' generate, or a plain greedy loop over the model's forward (what is left "
+                         "is the forward the compiler runs)")
     bt.add_argument("--json", metavar="FILE", help="also write every figure as JSON here")
     bt.set_defaults(run=_bench_torch)
 
@@ -506,7 +509,8 @@ def _bench_torch(args) -> int:
     from .tools.torch_bench import bench_torch, format_table
 
     return _print_result(bench_torch(args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                     repeats=args.repeats, systems=tuple(args.systems), cache=args.cache),
+                                     repeats=args.repeats, systems=tuple(args.systems), cache=args.cache,
+                                     loop=args.loop),
                          format_table, args.json)
 
 

@@ -2,9 +2,13 @@
 freezing, and llmc; and llmc's artifact runtime on the same model, the speed the llmc backend
 aims at.
 
-A zoo model (transformers, seeded random weights) generates greedily with the usual loop,
-`model.generate` with transformers' dynamic cache (or, with `cache="static"`, its StaticCache,
-written in place), batch 1, its forward run by each system: PyTorch eager, `torch.compile` with
+A zoo model (transformers, seeded random weights) generates greedily, batch 1, with
+transformers' dynamic cache (or, with `cache="static"`, its StaticCache, written in place), in
+one of two loops: `loop="generate"`, the usual `model.generate`, or `loop="forward"`, a plain
+greedy loop that calls the model's forward once per token (as a serving loop or gpt-fast does:
+what is left is the forward itself, which the compiler controls; `generate` adds some
+milliseconds of Python per token, stopping criteria and input preparation). The forward is run
+by each system: PyTorch eager, `torch.compile` with
 inductor, with inductor and freezing (weights folded as constants, as llmc folds them), and with
 llmc. `llmc-runtime` is the model's ONNX export compiled by `llmc compile` (before the
 measurement, in the parent process) and run by `llmc.runtime` alone. Each system runs in a process of its
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SYSTEMS = ("eager", "inductor", "inductor-freezing", "llmc", "llmc-runtime")
 CACHES = ("dynamic", "static")
+LOOPS = ("generate", "forward")
 
 
 def _forward(name, eager):
@@ -42,14 +48,27 @@ def _forward(name, eager):
     return torch.compile(eager, backend=name)
 
 
-def _static_cache(net, length: int):
-    from transformers import StaticCache
+def _cache(net, cache: str, length: int):
+    from transformers import DynamicCache, StaticCache
 
-    return StaticCache(config=net.config, max_cache_len=length)
+    return StaticCache(config=net.config, max_cache_len=length) if cache == "static" else DynamicCache()
+
+
+def _greedy(net, ids, n: int, past):
+    """`n` greedy tokens after `ids`, one forward call each; the ids with them appended."""
+    import torch
+
+    positions = torch.arange(ids.shape[1])
+    tokens = [ids]
+    for _ in range(n):
+        out = net(input_ids=tokens[-1], past_key_values=past, cache_position=positions, use_cache=True)
+        tokens.append(out.logits[:, -1:].argmax(-1))
+        positions = positions[-1:] + 1
+    return torch.cat(tokens, dim=1)
 
 
 def measure(name: str, model: str, prompt_len: int, new_tokens: int, repeats: int, cache: str = "dynamic",
-            artifact: str = "") -> dict:
+            loop: str = "generate", artifact: str = "") -> dict:
     """One system, in this process."""
     import numpy as np
     import torch
@@ -76,9 +95,11 @@ def measure(name: str, model: str, prompt_len: int, new_tokens: int, repeats: in
             with torch.no_grad():
                 start = time.perf_counter()
                 # a static cache of one size for every generation: its shapes are the graphs'
-                options = {"past_key_values": _static_cache(net, prompt_len + new_tokens)} if cache == "static" else {}
+                past = _cache(net, cache, prompt_len + new_tokens)
+                if loop == "forward":
+                    return _greedy(net, ids, n, past), time.perf_counter() - start
                 out = net.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
-                                   **options)
+                                   past_key_values=past)
                 return out, time.perf_counter() - start
 
     out, first = generate(new_tokens)
@@ -93,7 +114,7 @@ def measure(name: str, model: str, prompt_len: int, new_tokens: int, repeats: in
 
 
 def bench_torch(model: str, prompt_len: int = 128, new_tokens: int = 64, repeats: int = 3,
-                systems=SYSTEMS, cache: str = "dynamic") -> dict:
+                systems=SYSTEMS, cache: str = "dynamic", loop: str = "generate") -> dict:
     import tempfile
     from pathlib import Path
 
@@ -110,7 +131,8 @@ def bench_torch(model: str, prompt_len: int = 128, new_tokens: int = 64, repeats
         for name in systems:
             log.info("%s: measuring in a process of its own", name)
             done = subprocess.run([sys.executable, "-m", "llmc.tools.torch_bench", name, model, str(prompt_len),
-                                   str(new_tokens), str(repeats), cache, artifact], capture_output=True, text=True)
+                                   str(new_tokens), str(repeats), cache, loop, artifact],
+                                  capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"bench-torch {name}: {done.stderr.strip().splitlines()[-1:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -120,15 +142,18 @@ def bench_torch(model: str, prompt_len: int = 128, new_tokens: int = 64, repeats
     for r in rows:
         del r["tokens"]
     return {"model": model, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-            "threads": rows[0]["threads"], "cache": cache, "systems": rows}
+            "threads": rows[0]["threads"], "cache": cache, "loop": loop,
+            # torch's OpenMP threads spin after its parallel ops unless PASSIVE (docs/torch-compile.md)
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "systems": rows}
 
 
 def format_table(result: dict) -> str:
     base = {r["system"]: r["decode_tok_s"] for r in result["systems"]}
+    loop = "transformers' generate" if result["loop"] == "generate" else "a greedy loop over the forward"
     lines = [f"{result['model']}: prompt {result['prompt_len']}, {result['new_tokens']} new tokens, batch 1, "
-             f"{result['threads']} threads, median of {result['repeats']}; transformers' generate with its "
+             f"{result['threads']} threads, median of {result['repeats']}; {loop} with transformers' "
              f"{result['cache']} cache (llmc-runtime: the artifact runtime's own loop); each system in a process of "
-             "its own",
+             f"its own; OMP_WAIT_POLICY {result['omp_wait_policy']}",
              "| system | decode tok/s | vs eager | vs inductor | vs inductor-freezing | vs llmc-runtime | prefill ms "
              "| first generation s | tokens = eager |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -144,4 +169,4 @@ def format_table(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), *sys.argv[6:8])))
+    print(json.dumps(measure(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), *sys.argv[6:9])))

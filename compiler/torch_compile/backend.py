@@ -23,8 +23,10 @@ every pass, per subgraph).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import operator
+import os
 from dataclasses import dataclass, field
 
 from llmc.errors import LlmcError
@@ -122,12 +124,22 @@ class _LazyForward:
                         isinstance(a, torch.Tensor) and a.dim() == 0 and a.dtype.is_floating_point}
         constants.update({self.placeholders[i].name: args[i] for i in self.scalars})
         report = Report()
+        _advise_omp_wait_policy()
         self.impl = partition_and_compile(self.gm, constants, self.opts, report)
         REPORTS.append(report)
         if self.opts["report"]:
             log.warning("%s", report)
         else:
             log.info("%s", report)
+
+
+@functools.cache
+def _advise_omp_wait_policy() -> None:
+    """Once per process: torch's OpenMP threads spin after its parallel ops (libgomp's default)
+    and take cycles from the llmc kernels that follow (docs/torch-compile.md, "Threads")."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        log.info("torch's OpenMP threads spin after torch's own parallel ops and slow the llmc kernels "
+                 "that follow them; OMP_WAIT_POLICY=PASSIVE, set before the process starts, avoids it")
 
 
 def partition_and_compile(gm, constants: dict, opts: dict, report: Report):

@@ -12,17 +12,28 @@ is copied into its front and the kernel writes the new rows after it, the same w
 concat. A static cache (transformers' StaticCache: `index_copy` at the cache positions, which
 the graph returns as the cache's new value) is written in place: the present is the caller's
 tensor itself, so AOTAutograd's copy of it back into the input is a no-op, and a decode step
-copies no cache. Symbolic dims are bound from the inputs' sizes at every call.
+copies no cache.
+
+Symbolic dims are bound from the inputs' sizes at every call. The kernel calls are bound once
+per set of sizes, as the artifact runtime binds them: the intermediates get one arena planned by
+lifetime (`llmc.runtime.memory`), the argument lists and dims are prepared, and a call only puts
+its inputs and new outputs in their places. The bindings of the last `KEEP` sets of sizes are
+kept: a static cache's decode steps all have one set; a dynamic cache's each have a new one.
 """
 
 from __future__ import annotations
+
+import math
+from collections import OrderedDict
 
 from llmc.backends.tvm.compile import Step, weights
 from llmc.errors import LlmcError
 from llmc.ir.graph import Graph
 from llmc.ir.symbolic import Sym, evaluate
+from llmc.runtime import memory
 
-ALIGN = 64
+ALIGN = memory.ALIGN
+KEEP = 2  # bound sets of sizes kept (their arenas too): a static cache's prefill and decode step
 
 
 class TorchPlan:
@@ -48,6 +59,12 @@ class TorchPlan:
         # a static cache: the positions it is written at (rope_cache's last input)
         self.positions_of = {past.name: n.inputs[7].name for n in graph.nodes if n.op == "rope_cache"
                              and len(n.inputs) > 7 and n.inputs[7] is not None for past in n.inputs[5:7]}
+        # per call: the inputs, the static caches' presents (the inputs themselves), new outputs
+        # (a cache StaticCache creates inside the graph is a constant: its present is a new tensor)
+        self.aliases = {self.present_of[past]: past for past in self.positions_of if past in self.inputs}
+        self.fresh = [n for n in self.outputs if n not in self.weights and n not in self.aliases
+                      and n not in self.inputs]
+        self.per_call = set(self.inputs) | set(self.aliases) | set(self.fresh)
         # each symbol is bound from an input's size: (input position, axis), or a SymInt input
         self.binders: dict[str, tuple[int, int | None]] = {}
         for i, v in enumerate(graph.inputs):
@@ -60,6 +77,7 @@ class TorchPlan:
         unbound = graph.symbols() - set(self.binders) - set(self.dim_inputs)
         if unbound:
             raise LlmcError(f"dims {sorted(unbound)} are not the size of any input")
+        self._bound: OrderedDict[tuple, tuple[dict, list]] = OrderedDict()
 
     def __call__(self, *args):
         import torch
@@ -73,69 +91,115 @@ class TorchPlan:
         env = {name: int(a) for name, a in zip(self.dim_inputs, args[len(self.inputs):])}
         for sym, (i, axis) in self.binders.items():
             env[sym] = tensors[i].shape[axis]
-        bufs = dict(self.weights)
+        key = tuple(sorted(env.items()))
+        fixed, steps = bound = self._bound.pop(key, None) or self._bind(env)
+        self._bound[key] = bound
+        if len(self._bound) > KEEP:
+            self._bound.popitem(last=False)
+
+        vals = dict(fixed)
         for name, t in zip(self.inputs, tensors):
             if not t.is_contiguous() or t.data_ptr() % ALIGN:
                 t = t.contiguous() if t.data_ptr() % ALIGN == 0 else t.clone(memory_format=torch.contiguous_format)
-            bufs[name] = t
-
-        def buf(name):
-            b = bufs.get(name)
-            if b is None:
-                shape, dtype = self.layouts[name]
-                b = bufs[name] = torch.empty(tuple(evaluate(d, env) for d in shape), dtype=dtype)
-            return b
-
-        for step in self.plan:
-            if step.kind == "rope_cache":
-                self._rope_cache(step, bufs, buf, env)
-                continue
-            call = [buf(a) for a in step.args]
-            if step.kind == "linear":
-                call = [a if a.dim() <= 2 or name in self.weights else a.view(-1, a.shape[-1])
-                        for name, a in zip(step.args, call)]
-            if step.kind == "attention":  # unmasked, it takes the keys' length: here the whole cache
-                dims = [call[1].shape[2]] * len(step.dims)
-            else:
-                dims = [env[d] for d in step.dims]
-            self.functions[step.kernel](*call, *dims)
-        return tuple(buf(name) for name in self.outputs)
-
-    def _rope_cache(self, step, bufs, buf, env):
-        """The caches: the static cache itself, written at its positions; a new present holding
-        the past (functional concat); or without a past the node's own k/v outputs. The "past"
-        dim is where the new rows go."""
-        qkv, cos, sin, k, v, *rest = step.args
-        x = buf(qkv)
-        batch, seq = x.shape[0], x.shape[1]
-        caches, past_len = [], None
-        if k in self.positions_of:
-            past_len = _first_position(bufs[self.positions_of[k]], seq, bufs[k].shape[2], k)
-        for name in (k, v):
-            present = self.present_of.get(name)
-            if name in self.positions_of:
-                caches.append(bufs.setdefault(present, bufs[name]))
-            elif present is not None:
-                past = bufs[name]
-                out = buf(present)
+            vals[name] = t
+        for present, past in self.aliases.items():
+            vals[present] = vals[past]
+        for name in self.fresh:
+            shape, dtype = self.layouts[name]
+            vals[name] = torch.empty(tuple(evaluate(d, env) for d in shape), dtype=dtype)
+        starts = {}
+        for fn, call, patches, copies, dims, start in steps:
+            for j, name, lay_out in patches:
+                call[j] = lay_out(vals[name]) if lay_out else vals[name]
+            for present, past in copies:
                 # numpy copies on this thread: torch's parallel copy would wake its OpenMP pool
                 # while TVM's workers still spin, and the two pools fight over the cores
-                out.numpy()[:, :, :past.shape[2]] = past.numpy()
-                caches.append(out)
+                t = vals[past]
+                vals[present].numpy()[:, :, :t.shape[2]] = t.numpy()
+            if start is not None:
+                positions, seq, length, cache = start
+                if positions not in starts:
+                    starts[positions] = _first_position(vals[positions], seq, length, cache)
+                dims = (starts[positions],)
+            fn(*call, *dims)
+        return tuple(vals[name] for name in self.outputs)
+
+    def _bind(self, env) -> tuple[dict, list]:
+        """The plan at `env`'s sizes: the weights and the intermediates (views into one arena),
+        and each call's (kernel, argument list, [(position, value, layout)] to fill at each call,
+        [(present, past)] caches to copy before it, dims, a static cache's start or None)."""
+        import torch
+
+        def shape(name):
+            return tuple(evaluate(d, env) for d in self.layouts[name][0])
+
+        # what each step touches: its arguments; rope_cache's also the presents it writes and a
+        # static cache's positions
+        reads = [s.args + (self._cache_args(s) if s.kind == "rope_cache" else ()) for s in self.plan]
+        names = {a for args in reads for a in args if a} - self.per_call - set(self.weights)
+        sizes = {n: math.prod(shape(n)) * self.layouts[n][1].itemsize for n in names}
+        lives = memory.lifetimes([{"args": args} for args in reads], names, (), ())
+        offsets, size = memory.assign(sizes, lives)
+        arena = torch.empty(size, dtype=torch.uint8)
+        fixed = dict(self.weights)
+        fixed.update({n: arena[offsets[n]:offsets[n] + sizes[n]].view(self.layouts[n][1]).view(shape(n))
+                      for n in names})
+
+        steps = []
+        for step in self.plan:
+            lay_outs = [None] * len(step.args)
+            copies, start = [], None
+            if step.kind == "linear":  # x, residual and y as [rows, features]; weights as packed
+                lay_outs = [None if name in self.weights or len(self.layouts[name][0]) <= 2 else _rows
+                            for name in step.args]
+                dims = tuple(env[d] for d in step.dims)
+            elif step.kind == "attention":  # unmasked, it takes the keys' length: the whole cache
+                dims = (shape(step.args[1])[2],) * len(step.dims)
+            elif step.kind == "rope_cache":
+                qkv, cos, sin, k, v, *rest = step.args
+                batch, seq = shape(qkv)[:2]
+                lay_outs[1:3] = [_tables(batch, seq)] * 2
+                copies = [(self.present_of[c], c) for c in (k, v) if c in self.present_of
+                          and self.present_of[c] not in self.aliases]
+                call_names = [qkv, cos, sin, *self._cache_args(step)[:2], *rest]
+                if k in self.positions_of:
+                    start, dims = (self.positions_of[k], seq, shape(k)[2], k), ()
+                else:
+                    dims = (shape(call_names[3])[2] - seq,)
             else:
-                caches.append(buf(name))
-        tables = [self._table(buf(t), batch, seq) if t else _no_tables(batch, seq) for t in (cos, sin)]
-        if past_len is None:
-            past_len = caches[0].shape[2] - seq
-        self.functions[step.kernel](x, *tables, *caches, *[buf(a) for a in rest], past_len)
+                dims = tuple(env[d] for d in step.dims)
+            arg_names = call_names if step.kind == "rope_cache" else step.args
+            call, patches = [], []
+            for j, (name, lay_out) in enumerate(zip(arg_names, lay_outs)):
+                if not name:  # rope_cache without rotary: the kernel ignores its tables
+                    call.append(_no_tables(batch, seq))
+                elif name in fixed and (lay_out is None or lay_out is _rows):  # the same tensor every call
+                    call.append(lay_out(fixed[name]) if lay_out else fixed[name])
+                else:
+                    call.append(None)
+                    patches.append((j, name, lay_out))
+            steps.append((self.functions[step.kernel], call, patches, copies, dims, start))
+        return fixed, steps
+
+    def _cache_args(self, step) -> tuple[str, ...]:
+        """The caches a rope_cache step writes, the presents (a static one's is its input
+        itself), and a static cache's positions."""
+        k, v = step.args[3:5]
+        return (self.present_of.get(k, k), self.present_of.get(v, v)) + \
+            ((self.positions_of[k],) if k in self.positions_of else ())
 
 
-    @staticmethod
-    def _table(t, batch, seq):
-        """A rotary table [b, 1, s, d] as the kernel takes it, [batch, s, d]: the positions of
-        one sequence serve all of a batch when torch computed them once."""
+def _rows(t):
+    return t.view(-1, t.shape[-1])
+
+
+def _tables(batch, seq):
+    """A rotary table [b, 1, s, d] as the kernel takes it, [batch, s, d]: the positions of one
+    sequence serve all of a batch when torch computed them once."""
+    def lay_out(t):
         t = t.reshape(t.shape[0], seq, -1)
         return t if t.shape[0] == batch else t.expand(batch, -1, -1).contiguous()
+    return lay_out
 
 
 def _first_position(positions, seq: int, length: int, cache: str) -> int:
@@ -143,9 +207,12 @@ def _first_position(positions, seq: int, length: int, cache: str) -> int:
     writes rows p..p+seq-1) and inside the cache."""
     import torch
 
-    flat = positions.reshape(-1)
-    start = int(flat[0]) if flat.numel() else 0
-    consecutive = flat.numel() == seq and (seq == 1 or torch.equal(flat.cpu(), torch.arange(start, start + seq)))
+    if seq == 1 and positions.numel() == 1:  # a decode step
+        start, consecutive = int(positions.item()), True
+    else:
+        flat = positions.reshape(-1)
+        start = int(flat[0]) if flat.numel() else 0
+        consecutive = flat.numel() == seq and torch.equal(flat.cpu(), torch.arange(start, start + seq))
     if not consecutive or start < 0 or start + seq > length:
         raise LlmcError(f"{cache}: a static cache is written at {seq} consecutive positions inside its {length}; "
                         f"got {positions.reshape(-1).tolist()[:8]}")
@@ -156,4 +223,3 @@ def _no_tables(batch, seq):
     import torch
 
     return torch.empty((batch, seq, 2), dtype=torch.float32)
-
