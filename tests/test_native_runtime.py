@@ -24,10 +24,11 @@ from llmc.zoo import TINY_DECODERS
 
 PROMPT = [3, 17, 5, 9, 2, 11]
 ENCODINGS = {"fp32": {}, "w8": {"quant": "w8"}, "w4": {"quant": "w4", "group_size": 32}, "kv-int8": {"kv_cache": "int8"},
-             "kv-int8-bshd": {"kv_cache": "int8", "kv_layout": "bshd"}}
-# every encoding of llama-tiny and two of gpt2-tiny run by default, all of every family with the
-# slow tests (CI)
-DEFAULT = {("llama-tiny", e) for e in ENCODINGS} | {("gpt2-tiny", "fp32"), ("gpt2-tiny", "w4")}
+             "kv-int8-bshd": {"kv_cache": "int8", "kv_layout": "bshd"}, "paged": {"kv_layout": "paged:4"},
+             "kv-int8-paged": {"kv_cache": "int8", "kv_layout": "paged:8"}}
+# every encoding of llama-tiny but one and two of gpt2-tiny run by default, all of every family
+# with the slow tests (CI)
+DEFAULT = {("llama-tiny", e) for e in ENCODINGS if e != "kv-int8-paged"} | {("gpt2-tiny", "fp32"), ("gpt2-tiny", "w4")}
 CASES = [(m.name, e) if (m.name, e) in DEFAULT else pytest.param(m.name, e, marks=pytest.mark.slow)
          for m in TINY_DECODERS for e in ENCODINGS]
 SYSROOT = "/usr/aarch64-linux-gnu"
@@ -191,13 +192,15 @@ def _resealed(change):
 
 _cuda = _resealed(lambda m: m.update(target={"kind": "cuda", "dtype": "fp16"}))
 _paged = _resealed(lambda m: m["model"]["kv_cache"]["layout"].update(page_tokens=16))
+_pages = _resealed(lambda m: m["model"]["kv_cache"]["layout"].update(page_tokens=5000))
 
 
 @pytest.mark.parametrize("make,args,message", [
     (_altered, ["--prompt-ids", "1,2"], "checksum mismatch (the file was altered after compilation)"),
     (_edited, ["--prompt-ids", "1,2"], "altered after compilation"),
     (_cuda, ["--prompt-ids", "1,2"], "a cuda artifact; the native runtime runs CPU artifacts"),
-    (_paged, ["--prompt-ids", "1,2"], "model.kv_cache.layout.page_tokens: expected 0"),
+    (_paged, ["--prompt-ids", "1,2"], "plans.values['kv_cache.blocks']: a paged cache's kernels take it as int32"),
+    (_pages, ["--prompt-ids", "1,2"], "page_tokens: expected an integer from 0 (contiguous) to 4096"),
     (None, ["--prompt-ids", "1,2", "--max-new-tokens", "127"], "exceeds the context of 128 tokens"),
     (None, ["--prompt-ids", "1,2", "--beam", "4"], "unknown option '--beam'"),
     (None, ["--prompt-ids", "1,256"], "token id 256 is outside the vocabulary (0..255)"),
@@ -226,7 +229,8 @@ ARM64_CASES = [("llama-tiny", {}), pytest.param("qwen2-tiny", {"cpu": "cortex-a7
                                                  marks=pytest.mark.slow),
                pytest.param("gpt2-tiny", {"cpu": "cortex-a76", "quant": "w8", "kv_cache": "int8"},
                             marks=pytest.mark.slow),
-               pytest.param("phi-tiny", {"quant": "w8"}, marks=pytest.mark.slow)]
+               pytest.param("phi-tiny", {"quant": "w8"}, marks=pytest.mark.slow),
+               pytest.param("mistral-tiny", {"kv_layout": "paged:8"}, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("name,arm", ARM64_CASES)

@@ -111,7 +111,6 @@ def test_block_pool_takes_grows_and_gives_back():
     (["--kv-layout", "paged:x"], "N, the tokens of a block"),
     (["--kv-layout", "pages"], "not a KV-cache layout; supported: auto, bhsd, bshd, paged:N"),
     (["--kv-layout", "paged:16", "--target", "cuda"], "paged KV caches are built for the cpu target only"),
-    (["--kv-layout", "paged:16", "--target", "arm64"], "the native runtime that runs arm64 artifacts reads contiguous"),
 ])
 def test_compile_refuses(args, message, tmp_path):
     from zoo_cases import export
@@ -119,14 +118,6 @@ def test_compile_refuses(args, message, tmp_path):
     done = run_cli("compile", str(export("llama-tiny", exporter="dynamo", kv_cache=True)), "-o",
                    str(tmp_path / "m.llmc"), *args)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
-
-
-def test_the_native_runtime_refuses_a_paged_artifact_by_name(artifacts, native):
-    import subprocess
-
-    done = subprocess.run([str(native), str(artifacts("llama-tiny", kv_layout=LAYOUT)), "--prompt-ids", "1,2"],
-                          capture_output=True, text=True)
-    assert done.returncode == 2 and "page_tokens: expected 0: this runtime reads contiguous KV caches" in done.stderr
 
 
 def test_a_paged_batch_prefills_one_sequence_at_a_time(artifacts):

@@ -42,9 +42,6 @@ class TvmBackend:
         if options["kv_cache"] not in ("f32", "int8"):
             raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on CPUs; supported: f32, int8")
         check_kv_layout(options)
-        if self.arch == "aarch64" and kv_layout(options)[1]:
-            raise LlmcError(f"--kv-layout {options['kv_layout']}: paged KV caches are read by the Python runtime "
-                            "only; the native runtime that runs arm64 artifacts reads contiguous ones")
 
     def machine(self, options: dict) -> dict:
         """What tuning results are kept for (`llmc.tuning`): the CPU the kernels are built for

@@ -7,7 +7,7 @@
 #include "internal.h"
 
 enum { OP_NUM, OP_DIM, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_MIN, OP_MAX };
-static const char *NAMES[N_RUNTIME_DIMS] = {"batch", "seq", "past", "total"};
+static const char *NAMES[N_RUNTIME_DIMS] = {"batch", "seq", "past", "total", "blocks"};
 
 typedef struct {
     const char *text, *p;

@@ -41,7 +41,7 @@ int pool_install_hooks(void *library, const char *path);
 
 /* ---- plan dims: integers or polynomials over atoms, an atom an expression over the run-time
  * dims (dims.c; the Python runtime's dims.py) ---- */
-enum { DIM_BATCH, DIM_SEQ, DIM_PAST, DIM_TOTAL, N_RUNTIME_DIMS };
+enum { DIM_BATCH, DIM_SEQ, DIM_PAST, DIM_TOTAL, DIM_BLOCKS, N_RUNTIME_DIMS };  /* blocks: a paged cache's pool */
 typedef struct { int op; int64_t value; int a, b; } dim_node;
 typedef struct {
     dim_node *nodes;

@@ -3,7 +3,8 @@
  *
  * Values live in three places: the weights, in place in the memory-mapped weights file; the KV
  * caches, one buffer per layer's keys or values at the artifact's longest context (`present`
- * names the same buffer as its `past`); and one arena for the activations, planned by lifetime
+ * names the same buffer as its `past`; a paged cache's pool holds the blocks of the one sequence,
+ * in order, with the block table 0, 1, 2, ...); and one arena for the activations, planned by lifetime
  * (greedy by size, as memory.py: values never alive together share bytes). A step's tensors
  * are the values viewed at the step's shape from the front of their place; a decode step
  * allocates nothing. */
@@ -61,6 +62,7 @@ struct llmc_model {
     step *steps;
     int n_steps;
     int max_seq, tokens, mask, positions, logits, vocab, last_only;
+    int page_tokens, blocks, block_table, lengths;  /* a paged cache: its pool, the two values (-1: none) */
     int64_t token_bound;
     int *eos;
     int n_eos;
@@ -356,14 +358,14 @@ static int by_start(const void *a, const void *b) {
 
 /* memory.py's arena plan: offsets greedy by size at the lowest free aligned offset. */
 static int plan_memory(llmc_model *m) {
-    int64_t longest[N_RUNTIME_DIMS] = {1, m->max_seq, m->max_seq, m->max_seq};
+    int64_t longest[N_RUNTIME_DIMS] = {1, m->max_seq, m->max_seq, m->max_seq, m->blocks};
     int64_t *atoms = calloc((size_t)m->atoms.n_atoms + 1, sizeof *atoms);
     int *order = calloc((size_t)m->n_values + 1, sizeof *order);
     placed *done = calloc((size_t)m->n_values + 1, sizeof *done), *overlap = calloc((size_t)m->n_values + 1, sizeof *done);
     size_t *offsets = calloc((size_t)m->n_values + 1, sizeof *offsets);
     if (!atoms || !order || !done || !overlap || !offsets) { set_error("out of memory"); return -1; }
     dims_eval_atoms(&m->atoms, longest, atoms);
-    int64_t cache_env[N_RUNTIME_DIMS] = {1, 0, m->max_seq, m->max_seq};
+    int64_t cache_env[N_RUNTIME_DIMS] = {1, 0, m->max_seq, m->max_seq, m->blocks};
     dims_eval_atoms(&m->atoms, cache_env, m->atom_cache);
     int n = 0;
     for (int i = 0; i < m->n_values; i++) {
@@ -438,19 +440,43 @@ static int fail_at(const char *where) {
     return -1;
 }
 
-/* The caches are allocated from plans.values whatever their axis order; a paged cache (a pool of
-   blocks and a block table per sequence) is the Python runtime's only. Checked before the values,
-   whose dims then name the pool's size. */
-static int check_contiguous_cache(llmc_model *m) {
+/* The caches are allocated from plans.values whatever their axis order. A paged cache (a pool of
+   `blocks` blocks of page_tokens positions, read through a block table) holds the one sequence
+   this runtime generates: as many blocks as its longest context fills, the table 0, 1, 2, ...
+   Read before the values, whose dims then name the pool's size. */
+static int read_layout(llmc_model *m) {
     const json *model = field(m->art.manifest, "model", JSON_OBJECT, "manifest");
-    const json *kv = model ? field(model, "kv_cache", JSON_OBJECT, "model") : NULL;
+    const json *max_seq = model ? field(model, "max_seq_len", JSON_NUMBER, "model") : NULL;
+    const json *kv = max_seq ? field(model, "kv_cache", JSON_OBJECT, "model") : NULL;
     const json *layout = kv ? field(kv, "layout", JSON_OBJECT, "model.kv_cache") : NULL;
     const json *pages = layout ? field(layout, "page_tokens", JSON_NUMBER, "model.kv_cache.layout") : NULL;
     if (!pages) return fail_at(m->art.where);
-    if (!pages->is_int || pages->integer != 0) {
-        set_error("%s: model.kv_cache.layout.page_tokens: expected 0: this runtime reads contiguous KV caches "
-                  "(a paged one runs in the Python runtime: llmc run)", m->art.where);
+    if (!pages->is_int || pages->integer < 0 || pages->integer > 4096) {
+        set_error("%s: model.kv_cache.layout.page_tokens: expected an integer from 0 (contiguous) to 4096",
+                  m->art.where);
         return -1;
+    }
+    m->page_tokens = (int)pages->integer;
+    if (m->page_tokens && max_seq->is_int && max_seq->integer > 0)
+        m->blocks = (int)((max_seq->integer + m->page_tokens - 1) / m->page_tokens);
+    return 0;
+}
+
+/* A paged cache's block table [1, max_blocks] and lengths [1] (runtime/schema.py: KV_BLOCKS,
+   KV_LENGTHS): fed at every step, like the token ids. */
+static int read_paging(llmc_model *m) {
+    m->block_table = lookup(m, "kv_cache.blocks");
+    m->lengths = lookup(m, "kv_cache.lengths");
+    if (!m->page_tokens) return 0;
+    const char *names[2] = {"kv_cache.blocks", "kv_cache.lengths"};
+    const int values[2] = {m->block_table, m->lengths};
+    for (int i = 0; i < 2; i++) {
+        const value *v = values[i] >= 0 ? &m->values[values[i]] : NULL;
+        if (!v || strcmp(v->dtype_name, "int32") || v->ndim != 2 - i) {
+            set_error("%s: plans.values['%s']: a paged cache's kernels take it as int32 [batch%s]", m->art.where, names[i],
+                      i ? "" : ", max_blocks");
+            return -1;
+        }
     }
     return 0;
 }
@@ -575,6 +601,8 @@ static int read_plan(llmc_model *m, const json *plans, const json *functions) {
         if (s->writes_logits && s->kind == KIND_LINEAR) m->last_only = 1;
     }
     /* feeds are alive from before the first step, the logits to after the last */
+    if (m->block_table >= 0) m->values[m->block_table].first = -1;
+    if (m->lengths >= 0) m->values[m->lengths].first = -1;
     const json *inputs = json_get(json_get(m->art.manifest, "model"), "inputs");
     for (size_t i = 0; inputs && inputs->type == JSON_ARRAY && i < inputs->count; i++) {
         const json *name = json_get(&inputs->items[i], "name");
@@ -639,7 +667,8 @@ static void flatten_rows(DLTensor *t) {
 
 static int run(llmc_model *m, const int32_t *ids, int seq, int past, int last_logits, const float **out,
                double *kernel_seconds) {
-    int64_t env[N_RUNTIME_DIMS] = {1, seq, past, past + seq}, last_env[N_RUNTIME_DIMS] = {1, 1, past, past + seq};
+    int64_t env[N_RUNTIME_DIMS] = {1, seq, past, past + seq, m->blocks};
+    int64_t last_env[N_RUNTIME_DIMS] = {1, 1, past, past + seq, m->blocks};
     dims_eval_atoms(&m->atoms, env, m->atom_env);
     dims_eval_atoms(&m->atoms, last_env, m->atom_last);
     last_logits = last_logits && seq > 1 && m->last_only;
@@ -661,6 +690,12 @@ static int run(llmc_model *m, const int32_t *ids, int seq, int past, int last_lo
                 return -1;
             }
         }
+    }
+    if (m->page_tokens) {  /* the one sequence's blocks, in order, and its length */
+        const value *table = &m->values[m->block_table];
+        int64_t n = dims_value(&table->shape[1], m->atom_env);
+        for (int64_t b = 0; b < n; b++) ((int32_t *)table->data)[b] = (int32_t)b;
+        *(int32_t *)m->values[m->lengths].data = past;
     }
     double in_kernels = 0;
     for (int i = 0; i < m->n_steps; i++) {
@@ -765,7 +800,8 @@ llmc_model *llmc_load(const char *path, int threads) {
         fail_at(m->art.where);
         goto fail;
     }
-    if (check_contiguous_cache(m) || read_values(m, plans) || read_model(m) || read_plan(m, plans, functions))
+    if (read_layout(m) || read_values(m, plans) || read_model(m) || read_paging(m)
+        || read_plan(m, plans, functions))
         goto fail;
     size_t n_atoms = (size_t)m->atoms.n_atoms + 1;
     m->atom_env = calloc(n_atoms, sizeof *m->atom_env);
