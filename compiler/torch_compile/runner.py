@@ -77,7 +77,15 @@ class TorchPlan:
         unbound = graph.symbols() - set(self.binders) - set(self.dim_inputs)
         if unbound:
             raise LlmcError(f"dims {sorted(unbound)} are not the size of any input")
+        # the intermediates and when each is alive, the same at every size (what a step touches:
+        # its arguments; rope_cache's also the presents it writes and a static cache's positions)
+        reads = [s.args + (self._cache_args(s) if s.kind == "rope_cache" else ()) for s in plan]
+        self.intermediates = {a for args in reads for a in args if a} - self.per_call - set(self.weights)
+        self.lives = memory.lifetimes([{"args": args} for args in reads], self.intermediates, (), ())
         self._bound: OrderedDict[tuple, tuple[dict, list]] = OrderedDict()
+        # one arena serves every binding (calls never overlap); it grows by half at least, so that
+        # a dynamic cache's steps, each a new size, do not each fault in new memory
+        self._arena = torch.empty(0, dtype=torch.uint8)
 
     def __call__(self, *args):
         import torch
@@ -133,17 +141,14 @@ class TorchPlan:
         def shape(name):
             return tuple(evaluate(d, env) for d in self.layouts[name][0])
 
-        # what each step touches: its arguments; rope_cache's also the presents it writes and a
-        # static cache's positions
-        reads = [s.args + (self._cache_args(s) if s.kind == "rope_cache" else ()) for s in self.plan]
-        names = {a for args in reads for a in args if a} - self.per_call - set(self.weights)
-        sizes = {n: math.prod(shape(n)) * self.layouts[n][1].itemsize for n in names}
-        lives = memory.lifetimes([{"args": args} for args in reads], names, (), ())
-        offsets, size = memory.assign(sizes, lives)
-        arena = torch.empty(size, dtype=torch.uint8)
+        sizes = {n: math.prod(shape(n)) * self.layouts[n][1].itemsize for n in self.intermediates}
+        offsets, size = memory.assign(sizes, self.lives)
+        if self._arena.numel() < size:
+            self._arena = torch.empty(max(size, self._arena.numel() * 3 // 2), dtype=torch.uint8)
+        arena = self._arena
         fixed = dict(self.weights)
         fixed.update({n: arena[offsets[n]:offsets[n] + sizes[n]].view(self.layouts[n][1]).view(shape(n))
-                      for n in names})
+                      for n in self.intermediates})
 
         steps = []
         for step in self.plan:
