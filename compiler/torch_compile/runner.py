@@ -33,7 +33,7 @@ from llmc.ir.symbolic import Sym, evaluate
 from llmc.runtime import memory
 
 ALIGN = memory.ALIGN
-KEEP = 2  # bound sets of sizes kept (their arenas too): a static cache's prefill and decode step
+KEEP = 2  # bound sets of sizes kept: a static cache's prefill and decode step
 
 
 class TorchPlan:
