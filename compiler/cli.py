@@ -393,7 +393,7 @@ def _quant_arguments(p) -> None:
     p.add_argument("--kv-layout", default="auto", metavar="{auto,bhsd,bshd,paged:N}",
                    help="the KV cache's layout: [batch, kv_heads, seq, head_dim] (bhsd), [batch, seq, kv_heads, "
                         "head_dim] (bshd), blocks of N tokens shared by the sequences of a batch as they grow "
-                        "(paged:N; CPU targets), or auto (the target's choice: bhsd)")
+                        "(paged:N), or auto (the target's choice: bhsd)")
     p.add_argument("--activations", choices=("int8", "f32"),
                    help="what the quantized GEMMs multiply: int8 activations (blocks of 32, integer dot products; "
                         "the cpu default) or f32 (weights dequantized; the cuda target's only choice)")

@@ -71,3 +71,18 @@ def test_graph_replay_matches_kernel_by_kernel_launches(cuda, rng):
     assert replayed[0] == direct[0]
     for a, b in zip(replayed[1], direct[1]):
         assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("kv_cache", ["f16", "int8"])
+def test_gpu_paged_batch_gives_each_prompt_its_solo_tokens(kv_cache, cuda, rng):
+    """A paged cache on the GPU: prompts of different lengths prefilled one by one into a pool
+    that grows (copied on the device), then decoded together, replaying one graph per batch
+    size as sequences end; each gets the tokens the contiguous artifact gives it alone."""
+    alone = runtime.load(cuda("llama-tiny", dtype="fp32", kv_cache=kv_cache))
+    paged = runtime.load(cuda("llama-tiny", dtype="fp32", kv_cache=kv_cache, kv_layout="paged:4"))
+    prompts = [rng.integers(0, 256, n).tolist() for n in (3, 11, 30, 6)]
+    want = [alone.generate(p, 24) for p in prompts]
+    assert paged.generate(prompts, 24) == want
+    assert paged.executor.pages.capacity > len(prompts)  # the pool grew
+    paged.eos_token_ids = alone.eos_token_ids = {want[1][3]}
+    assert paged.generate(prompts, 24) == [alone.generate(p, 24) for p in prompts]

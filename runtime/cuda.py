@@ -24,6 +24,7 @@ import numpy as np
 
 from . import launch, memory
 from .errors import ArtifactError, LlmcError
+from .paging import BlockPool, check_step
 
 _MAX_DYNAMIC_SHARED = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _CC_MAJOR, _CC_MINOR = 75, 76  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR
@@ -102,6 +103,8 @@ class CudaExecutor:
         self.weight_names = set(offsets)
         self.argmax = manifest["kernels"].get("argmax")  # greedy decoding on the device
         self.batch = None
+        self.pages: BlockPool | None = None
+        self.caches: dict[str, tuple[int, int]] = {}  # {past: (address, bytes)}
         self.use_graphs = True  # False: decode steps too are launched kernel by kernel (tests)
 
     @staticmethod
@@ -129,14 +132,16 @@ class CudaExecutor:
         return function, binary
 
     def reset(self, batch: int) -> None:
-        """Caches, arena and pinned staging for a batch; graphs are captured anew."""
+        """Caches, arena and pinned staging for a batch; graphs are captured anew. A paged
+        cache's pool keeps its blocks, all free again, as the CPU executor's does."""
         if batch == self.batch:
+            if self.pages:
+                self.pages.clear()
             return
         cu = self.cu
-        env = {"batch": batch, "seq": self.max_seq, "past": self.max_seq, "total": self.max_seq}
-        for entry in self.kv_entries:
-            nbytes = memory.nbytes(self.values[entry["past"]], env)
-            self.addresses[entry["past"]] = self.addresses[entry["present"]] = cu.alloc(nbytes)
+        page = self.manifest["model"]["kv_cache"]["layout"]["page_tokens"]
+        self.pages = BlockPool(page, -(-self.max_seq // page), batch, self._grow) if page else None
+        self._allocate_caches({"batch": batch, "past": self.max_seq, "blocks": batch})
         offsets, _, size = memory.arena_plan(self.manifest, self.weight_names, batch)
         arena = cu.alloc(size + ALIGN)
         self.addresses.update({name: arena + offset for name, offset in offsets.items()})
@@ -150,6 +155,35 @@ class CudaExecutor:
         self.graphs = {}
         self.batch = batch
 
+    def _allocate_caches(self, env: dict, keep: bool = False) -> None:
+        """The KV caches at `env`'s sizes, replacing (and freeing) the ones before. A paged pool
+        starts zeroed, as the CPU executor's; with `keep` (a pool that grows) the old blocks are
+        copied to its front. Graphs captured on the old caches are captured anew."""
+        cu = self.cu
+        cu("cuStreamSynchronize", self.stream)  # nothing in flight reads the old caches
+        olds = []
+        for entry in self.kv_entries:
+            nbytes = memory.nbytes(self.values[entry["past"]], env)
+            address = cu.alloc(nbytes)
+            old, old_bytes = self.caches.get(entry["past"], (0, 0))
+            olds += [old] * bool(old)
+            if self.pages:
+                cu("cuMemsetD8Async", ctypes.c_uint64(address), ctypes.c_ubyte(0), ctypes.c_size_t(nbytes),
+                   self.stream)
+            if keep and old:
+                cu("cuMemcpyDtoDAsync_v2", ctypes.c_uint64(address), ctypes.c_uint64(old),
+                   ctypes.c_size_t(min(old_bytes, nbytes)), self.stream)
+            self.caches[entry["past"]] = (address, nbytes)
+            self.addresses[entry["past"]] = self.addresses[entry["present"]] = address
+        cu("cuStreamSynchronize", self.stream)
+        for old in olds:
+            cu("cuMemFree_v2", ctypes.c_uint64(old))
+        self.graphs = {}
+
+    def _grow(self, blocks: int) -> None:
+        """A paged cache's pool grows to `blocks` blocks (`paging.BlockPool`)."""
+        self._allocate_caches({"batch": self.batch, "past": self.max_seq, "blocks": blocks}, keep=True)
+
     def run(self, feeds: dict[str, np.ndarray], batch: int, seq: int, past: int,
             last_logits: bool = False, greedy: bool = False) -> np.ndarray:
         """As the CPU executor's `run`; returns the last position's logits [batch, 1, vocab]
@@ -157,10 +191,7 @@ class CudaExecutor:
         sequence's next token [batch] (the argmax kernel's: 4 bytes a sequence come back)."""
         if greedy and not self.argmax:
             raise LlmcError("this artifact has no argmax kernel for greedy decoding on the device")
-        if past + seq > self.max_seq:
-            raise LlmcError(f"context of {past + seq} tokens exceeds the {self.max_seq} this artifact was compiled for")
-        if self.batch != batch:
-            raise LlmcError(f"the caches hold a batch of {self.batch}, this step has {batch}")
+        check_step(self.max_seq, self.batch, self.pages, batch, seq, past)
         cu = self.cu
         env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
         self.dims_host[:] = past, past + seq
@@ -191,8 +222,8 @@ class CudaExecutor:
         """The feed into its pinned buffer (sized for the longest prompt and context)."""
         info = self.values[name]
         buf = self.staging.get(name)
-        if buf is None:
-            longest = {"batch": env["batch"], "seq": self.max_seq, "past": self.max_seq, "total": self.max_seq}
+        if buf is None:  # a paged cache's steps may hold fewer sequences than the batch
+            longest = {"batch": self.batch, "seq": self.max_seq, "past": self.max_seq, "total": self.max_seq}
             buf = self.staging[name] = self.cu.host(memory.nbytes(info, longest)).view(info["dtype"])
         flat = np.ascontiguousarray(a, dtype=info["dtype"]).ravel()
         buf[:flat.size] = flat

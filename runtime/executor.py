@@ -26,7 +26,7 @@ from . import memory
 from .dims import atom, evaluate, names
 from .errors import LlmcError
 from .memory import ALIGN
-from .paging import BlockPool
+from .paging import BlockPool, check_step
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -147,14 +147,7 @@ class Executor:
         1, vocab]: all that generation reads after a prefill, and the largest GEMM of a small
         model's prefill."""
         env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
-        if past + seq > self.max_seq:
-            raise LlmcError(f"context of {past + seq} tokens exceeds the {self.max_seq} this artifact "
-                            "was compiled for")
-        if self.batch != batch and not (self.pages and batch <= self.batch):
-            raise LlmcError(f"the caches hold a batch of {self.batch}, this step has {batch}")
-        if self.pages and batch > 1 and seq > 1:  # the arena is planned for these steps only
-            raise LlmcError(f"a paged cache's batch prefills one sequence at a time (this step: {batch} "
-                            f"sequences of {seq} tokens)")
+        check_step(self.max_seq, self.batch, self.pages, batch, seq, past)
         last_logits = last_logits and seq > 1 and self.last_only
         key = (batch, seq, last_logits)
         bound = self._bound.get(key)

@@ -15,6 +15,8 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import LlmcError
+
 
 class BlockPool:
     def __init__(self, page_tokens: int, max_blocks: int, capacity: int, grow: Callable[[int], None]):
@@ -55,3 +57,17 @@ class BlockPool:
             blocks = self.held.get(seq, [])
             out[row, :len(blocks)] = blocks
         return out
+
+
+def check_step(max_seq: int, reset_batch: int, pages: BlockPool | None, batch: int, seq: int, past: int) -> None:
+    """A step the executors' caches and arena can hold: within the artifact's context; the batch
+    they were reset for, or with a paged cache any part of it (sequences that are still going);
+    and a paged batch's prefill one sequence at a time (the arena is planned for one sequence's
+    prefill or the whole batch's decode step)."""
+    if past + seq > max_seq:
+        raise LlmcError(f"context of {past + seq} tokens exceeds the {max_seq} this artifact was compiled for")
+    if reset_batch != batch and not (pages and batch <= reset_batch):
+        raise LlmcError(f"the caches hold a batch of {reset_batch}, this step has {batch}")
+    if pages and batch > 1 and seq > 1:
+        raise LlmcError(f"a paged cache's batch prefills one sequence at a time (this step: {batch} "
+                        f"sequences of {seq} tokens)")

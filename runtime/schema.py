@@ -223,14 +223,12 @@ def _references(m: dict) -> None:
 
 
 def _paging_references(m: dict) -> None:
-    """A paged cache: a cpu artifact's, each cache a pool of blocks of page_tokens positions, with
-    the block tables and lengths described as the kernels take them."""
+    """A paged cache: each cache a pool of blocks of page_tokens positions, with the block tables
+    and lengths described as the kernels take them."""
     layout, values = m["model"]["kv_cache"]["layout"], m["plans"]["values"]
     page = layout["page_tokens"]
     if not page:
         return
-    if m["target"]["kind"] != "llvm":
-        raise Invalid(f"model.kv_cache.layout.page_tokens: {page}: paged caches are built for cpu targets only")
     for name, ndim in ((KV_BLOCKS, 2), (KV_LENGTHS, 1)):
         if name not in values or values[name]["dtype"] != "int32" or len(values[name]["shape"]) != ndim:
             raise Invalid(f"plans.values[{name!r}]: a paged cache's kernels take it as int32 with {ndim} dims")

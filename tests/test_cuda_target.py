@@ -99,6 +99,22 @@ def test_quantized_interpreted_matches_the_cpu_target(options, cuda, artifacts, 
         assert rel_err(logits[step], want_logits[step]) < 1e-5, step
 
 
+@pytest.mark.parametrize("kv_cache", ["f32", pytest.param("int8", marks=pytest.mark.slow)])
+def test_paged_cache_interpreted_gives_each_prompt_its_solo_tokens(kv_cache, cuda, artifacts, rng):
+    """`--kv-layout paged:4` on cuda, under the interpreter: prompts of different lengths are
+    prefilled one by one into a pool that grows, then decoded together, each at its own length
+    (the kernels read each sequence's blocks and length); each gets the tokens the CPU target's
+    contiguous artifact gives it alone (the end-to-end tests hold those to onnxruntime)."""
+    art = cuda("llama-tiny", dtype="fp32", kv_cache=kv_cache, kv_layout="paged:4")
+    assert open_artifact(art).manifest["model"]["kv_cache"]["layout"]["page_tokens"] == 4
+    model = runtime.load(art, interpret=True)
+    alone = runtime.load(artifacts("llama-tiny", kv_cache=kv_cache, activations="f32"))
+    prompts = [rng.integers(0, 256, n).tolist() for n in (3, 6)]
+    want = [alone.generate(p, 3) for p in prompts]  # two decode steps (the interpreter is slow)
+    assert model.generate(prompts, 3) == want
+    assert model.executor.pages.capacity > len(prompts)  # from a block per sequence, grown
+
+
 def _kernel_parameters(cubin: Path) -> list[int]:
     """The sizes of a cubin's kernel parameters, in order, from its ELF (cuobjdump, which the
     Triton package ships)."""

@@ -18,7 +18,7 @@ from llmc.ops.transformer import fused_linear, rope_cache  # noqa: E402
 from llmc.backends.tvm.rope_cache import quantize_rows  # noqa: E402
 from llmc.runtime.interpret import load_package  # noqa: E402
 
-from conftest import in_kv_order, rel_err  # noqa: E402
+from conftest import block_table, from_pages, in_kv_order, rel_err, to_pages  # noqa: E402
 
 K = load_package(Path(kernels_package.__file__).parent, ["linear", "attention", "rope_cache", "norm", "sample"])
 NONE = torch.zeros(1)
@@ -30,6 +30,9 @@ def _t(a):
 
 def _dims(past, total):
     return torch.tensor([past, total], dtype=torch.int32)
+
+
+CONTIGUOUS = dict(PAGE=0, MAX_BLOCKS=1)  # the cache kernels' paging constants, for contiguous caches
 
 
 ACT = {"": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}
@@ -117,13 +120,56 @@ def test_attention(case, order, rng):
     y, partials = torch.zeros(want.shape), torch.zeros(b * h * s * splits * (bd + 1))
     consts = dict(HEADS=h, KV_HEADS=kvh, HEAD_DIM=d, MAX_SEQ=max_seq, SCALE=0.3, MASKED=int(case["masked"]),
                   CAUSAL=int(case["causal"]), KV_INT8=int(cache == "int8"), MERGE_HEADS=merge, SPLITS=splits,
-                  DOT_F16=0, BLOCK_M=16, BLOCK_N=16, BD=bd, SEQ_MAJOR=int(order == "bshd"))
+                  DOT_F16=0, BLOCK_M=16, BLOCK_N=16, BD=bd, SEQ_MAJOR=int(order == "bshd"), **CONTIGUOUS)
     kc, vc, ks, vs = (in_kv_order(c, order) for c in (kc, vc, ks, vs))
-    args = (_t(q), _t(kc), _t(vc), _t(ks), _t(vs), _t(mask), y, partials, _dims(past, total), b, s)
+    args = (_t(q), _t(kc), _t(vc), _t(ks), _t(vs), _t(mask), NONE, NONE, y, partials, _dims(past, total), b, s)
     K["attention"].partial[(-(-s // 16), b * h, splits)](*args, **consts)
     if splits > 1:
         K["attention"].merge[(-(-s // 16), b * h)](*args, **consts)
     assert np.abs(y.numpy() - want).max() < 1e-5
+
+
+@pytest.mark.parametrize("case", [dict(page=4, seq=1, splits=2, masked=False), dict(page=3, seq=3, splits=1, masked=True),
+                                  dict(page=5, seq=1, splits=1, masked=True, int8=True)],
+                         ids=["decode-split", "prefill-masked", "int8"])
+def test_paged_attention_reads_each_sequence_to_its_own_length(case, rng):
+    """Two sequences holding different lengths in one batch, their blocks shuffled over a pool:
+    each attends to its own blocks up to its own length (+ its causal position), as if alone;
+    the slots past a sequence's length hold large values the kernel must not weigh."""
+    page, seq, splits, int8 = case["page"], case["seq"], case["splits"], case.get("int8", False)
+    batch, h, kvh, d, max_seq, scale = 2, 4, 2, 16, 37, 0.3
+    lengths = np.array([4, 21], np.int32)
+    total = int(lengths.max()) + seq
+    table, blocks = block_table(batch, max_seq, page, rng)
+    q = rng.standard_normal((batch, h, seq, d)).astype(np.float32)
+    k, v = (rng.standard_normal((batch, kvh, max_seq, d)).astype(np.float32) for _ in range(2))
+    for b, n in enumerate(lengths):
+        k[b, :, n + seq:], v[b, :, n + seq:] = 1e3, -1e3
+    if int8:
+        (kq, ks), (vq, vs) = quantize_rows(k), quantize_rows(v)
+        k, v = kq * ks[..., None], vq * vs[..., None]  # what the kernel reads back
+        caches = (kq, vq, ks, vs)
+    else:
+        caches = (k, v, None, None)
+    mask = np.where(rng.random((batch, 1, seq, total)) > 0.3, 0, -np.inf).astype(np.float32)
+    mask[..., 0] = 0
+    bd = 16
+    y, partials = torch.zeros(batch, h, seq, d), torch.zeros(batch * h * seq * splits * (bd + 1))
+    consts = dict(HEADS=h, KV_HEADS=kvh, HEAD_DIM=d, MAX_SEQ=max_seq, SCALE=scale, MASKED=int(case["masked"]),
+                  CAUSAL=0, KV_INT8=int(int8), MERGE_HEADS=0, SPLITS=splits, DOT_F16=0, BLOCK_M=16, BLOCK_N=16,
+                  BD=bd, SEQ_MAJOR=0, PAGE=page, MAX_BLOCKS=table.shape[1])
+    pools = [_t(to_pages(c, table, blocks, page)) if c is not None else NONE for c in caches]
+    args = (_t(q), *pools, _t(mask if case["masked"] else None), _t(table), _t(lengths), y, partials,
+            _dims(int(lengths.max()), total), batch, seq)
+    K["attention"].partial[(-(-seq // 16), batch * h, splits)](*args, **consts)
+    if splits > 1:
+        K["attention"].merge[(-(-seq // 16), batch * h)](*args, **consts)
+    for b, n in enumerate(lengths):
+        own = n + seq
+        causal = np.where(np.arange(own)[None] <= n + np.arange(seq)[:, None], 0, -np.inf).astype(np.float32)
+        m = causal + (mask[b:b + 1, :, :, :own] if case["masked"] else 0)
+        want = attention(q[b:b + 1], k[b:b + 1, :, :own], v[b:b + 1, :, :own], m, scale=scale)
+        assert rel_err(y.numpy()[b:b + 1], want) < 1e-5, b
 
 
 @pytest.mark.parametrize("rotary,cache,order", [(r, c, "bhsd") for r in (16, 8, 0) for c in ("float32", "float16", "int8")]
@@ -145,9 +191,9 @@ def test_rope_cache(rotary, cache, order, rng):
     kc_t, vc_t, ks_t, vs_t = (_t(in_kv_order(c, order)) for c in (kc, vc, ks, vs))
     q = torch.zeros(b, heads, s, d)
     consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, ROTARY=rotary, ROW=width, OFFSET=offset,
-                  MAX_SEQ=max_seq, KV_INT8=int(int8), BD=16, SEQ_MAJOR=int(order == "bshd"))
+                  MAX_SEQ=max_seq, KV_INT8=int(int8), BD=16, SEQ_MAJOR=int(order == "bshd"), **CONTIGUOUS)
     K["rope_cache"].rope_cache[(b * s, heads + 2 * kv_heads)](
-        _t(qkv), _t(cos if rotary else None), _t(sin if rotary else None), kc_t, vc_t, ks_t, vs_t, q,
+        _t(qkv), _t(cos if rotary else None), _t(sin if rotary else None), kc_t, vc_t, ks_t, vs_t, NONE, NONE, q,
         _dims(past, past + s), b, s, **consts)
     assert np.abs(q.numpy() - want_q).max() < 1e-5
     new = slice(past, past + s)
@@ -160,6 +206,47 @@ def test_rope_cache(rotary, cache, order, rng):
             assert np.abs(got - want_q8).max() <= 1
         else:
             assert np.abs(got - want[:, :, new]).max() <= (1e-5 if cache == "float32" else 2e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["f32", "int8"])
+def test_paged_rope_cache_writes_each_sequence_at_its_own_length(int8, rng):
+    """Two sequences of different lengths: each token lands in its own sequence's block at its
+    own position, as in a contiguous cache; no other slot of the pool changes."""
+    b, s, heads, kv_heads, d, max_seq, page = 2, 3, 4, 2, 16, 23, 4
+    lengths = np.array([2, 13], np.int32)
+    table, blocks = block_table(b, max_seq, page, rng)
+    width = (heads + 2 * kv_heads) * d
+    qkv = rng.standard_normal((b, s, width)).astype(np.float32)
+    angles = rng.standard_normal((b, s, d)).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    parts = np.split(qkv, [heads * d, (heads + kv_heads) * d], -1)
+    empty = np.zeros((b, kv_heads, 0, d), np.float32)
+    want_q, want_k, want_v = rope_cache(*parts, cos[:, None], sin[:, None], empty, empty, heads=heads,
+                                        kv_heads=kv_heads, rotary_dim=d)
+    before = [rng.standard_normal((b, kv_heads, max_seq, d)).astype(np.float32) for _ in range(2)]
+    before += [rng.random((b, kv_heads, max_seq)).astype(np.float32) for _ in range(2)]
+    if int8:
+        before[:2] = [rng.integers(-127, 128, c.shape).astype(np.int8) for c in before[:2]]
+    pools = [_t(to_pages(c, table, blocks, page)) for c in before]
+    q = torch.zeros(b, heads, s, d)
+    consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, ROTARY=d, ROW=width, OFFSET=0, MAX_SEQ=max_seq,
+                  KV_INT8=int(int8), BD=16, SEQ_MAJOR=0, PAGE=page, MAX_BLOCKS=table.shape[1])
+    K["rope_cache"].rope_cache[(b * s, heads + 2 * kv_heads)](
+        _t(qkv), _t(cos), _t(sin), *pools, _t(table), _t(lengths), q, _dims(int(lengths.max()), 0), b, s, **consts)
+    assert np.abs(q.numpy() - want_q).max() < 1e-5
+    got = [from_pages(p.numpy(), table, max_seq) for p in pools]
+    written = [want_k, want_v] if not int8 else [*(r[0] for r in map(quantize_rows, (want_k, want_v))),
+                                                 *(r[1] for r in map(quantize_rows, (want_k, want_v)))]
+    for g, old, w in zip(got, before, written):
+        for i, n in enumerate(lengths):
+            new = g[i, :, n:n + s]
+            if new.dtype == np.int8:
+                assert np.abs(new.astype(int) - w[i]).max() <= 1  # rounding at ties
+            else:
+                np.testing.assert_allclose(new, w[i], rtol=1e-5, atol=1e-6)
+            kept = np.ones(max_seq, bool)
+            kept[n:n + s] = False
+            np.testing.assert_array_equal(g[i, :, kept], old[i, :, kept])  # no other slot changed
 
 
 @pytest.mark.parametrize("op", ["add_rms", "add_layer", "rms", "layer"])

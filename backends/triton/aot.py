@@ -46,7 +46,8 @@ def _compile_jobs(jobs: list[dict], folder: Path, out: Path) -> None:
                                       target=GPUTarget("cuda", ARCHS[job["arch"]], 32),
                                       options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
         except Exception as e:  # the parent reports the last line of stderr
-            message = " ".join(str(e).split())
+            cause = f" ({e.__cause__})" if e.__cause__ else ""  # Triton's own reason, behind the source line
+            message = " ".join(f"{e}{cause}".split())
             print(f"kernel {job['name']} ({job['module']}.{job['function']}, {job['arch']}): {message}", file=sys.stderr)
             sys.exit(1)
         path = out / job["arch"] / f"{job['name']}.cubin"

@@ -51,9 +51,6 @@ class TritonBackend:
         if options["kv_cache"] not in ("f32", "f16", "int8"):
             raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on cuda; supported: f32, f16, int8")
         check_kv_layout(options)
-        if kv_layout(options)[1]:
-            raise LlmcError(f"--kv-layout {options['kv_layout']}: paged KV caches are built for the cpu target only "
-                            "(the CUDA executor addresses contiguous caches)")
         if options["activations"] not in (None, "f32"):
             raise LlmcError(f"--activations {options['activations']}: the cuda target's kernels take f32 activations "
                             "(int8 activations are the cpu target's)")

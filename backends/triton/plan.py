@@ -17,7 +17,7 @@ from llmc.ir.graph import Graph, Node
 from llmc.ir.symbolic import Sym
 
 from ..knobs import Chooser, Knob
-from ..plan import (Step, UnsupportedGraph, attention_args, encode_dim, kv_int8, kv_order, node_key,
+from ..plan import (Step, UnsupportedGraph, attention_args, encode_dim, kv_int8, kv_order, kv_pages, node_key,
                     rope_cache_args)
 from . import injective
 
@@ -102,6 +102,7 @@ class Planner:
         self.graph, self.dtypes, self.dot_f16 = graph, dtypes, dot_f16
         self.choose = choose or Chooser()  # each GEMM's configuration (`linear_knobs`)
         self.seq_major = int(kv_order(graph) == "bshd")  # the caches' axis order (`plan.lay_out_caches`)
+        self.page = kv_pages(graph)  # tokens per block of a paged cache; 0: contiguous
         self.scratch: dict[str, tuple[str, list]] = {}  # values the plan adds: {name: (dtype, IR shape)}
 
     def dtype(self, name: str) -> str:
@@ -115,6 +116,10 @@ class Planner:
             raise UnsupportedGraph(f"{node.name}: the Triton kernels read a runtime-owned KV cache of a known "
                                    "length: compile a decoder with a context length", node.name)
         return self.graph.metadata["max_seq_len"]
+
+    def paging(self, node: Node) -> dict:
+        """The cache kernels' paging constants: tokens per block, and the block table's width."""
+        return dict(PAGE=self.page, MAX_BLOCKS=-(-self.max_seq(node) // self.page) if self.page else 1)
 
     def signature(self, args) -> list[str]:
         return [POINTER[self.dtype(a)] for a in args] + ["*i32", "i32", "i32"]
@@ -178,6 +183,8 @@ class Planner:
             args[3:3] = ["", ""]
         if not masked:
             args[5:5] = [""]
+        if not self.page:  # nor the block tables and lengths
+            args[6:6] = ["", ""]
         max_seq = self.max_seq(node)
         splits = min(16, pow2(max_seq // 512 + 1))  # key slices at decode, from the context the artifact serves
         bd = max(16, pow2(d))
@@ -186,7 +193,8 @@ class Planner:
         consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, MAX_SEQ=max_seq,
                       SCALE=scale, MASKED=int(masked), CAUSAL=int(bool(node.attrs["is_causal"])), KV_INT8=int(int8),
                       MERGE_HEADS=int(bool(node.attrs["merge_heads"])), SPLITS=splits, DOT_F16=int(self.dot_f16),
-                      BLOCK_M=16, BLOCK_N=64 if d <= 128 else 32, BD=bd, SEQ_MAJOR=self.seq_major)
+                      BLOCK_M=16, BLOCK_N=64 if d <= 128 else 32, BD=bd, SEQ_MAJOR=self.seq_major,
+                      **self.paging(node))
         seq, batch = q.shape[2], q.shape[0]
         partial = node.outputs[0].name + ".partial"
         args.append(partial)
@@ -205,13 +213,15 @@ class Planner:
         args = list(args)
         if not kv_int8(self.graph):
             args[5:5] = ["", ""]
+        if not self.page:
+            args[7:7] = ["", ""]
         q = node.outputs[0]
         heads, kv_heads, d = node.attrs["heads"], node.attrs["kv_heads"], q.shape[3]
         rotary = node.inputs[3] is not None
         rd = (node.attrs["rotary_dim"] or d) if rotary else 0
         consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, ROTARY=rd, ROW=qkv.shape[-1], OFFSET=offset,
                       MAX_SEQ=self.max_seq(node), KV_INT8=int(kv_int8(self.graph)), BD=pow2(d),
-                      SEQ_MAJOR=self.seq_major)
+                      SEQ_MAJOR=self.seq_major, **self.paging(node))
         batch, seq = q.shape[0], q.shape[2]
         grid = [[_cdiv(_poly(batch, seq), 1)], [[heads + 2 * kv_heads, 1]], []]
         kernel = TritonKernel("rope_cache", "rope_cache", consts, self.signature(args), grid, num_warps=1)

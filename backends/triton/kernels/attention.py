@@ -1,8 +1,10 @@
 """`attention` in Triton: flash attention over the runtime's KV cache, split over the keys.
 
 q [batch, heads, seq, d] (f32); k, v [batch, kv_heads, MAX_SEQ, d], the caches (f32, f16, or
-int8 with f32 scales [batch, kv_heads, MAX_SEQ]; with SEQ_MAJOR [batch, MAX_SEQ, kv_heads, ...]:
-`cache_row`), of which the first `total` positions are read;
+int8 with f32 scales [batch, kv_heads, MAX_SEQ]; with SEQ_MAJOR [batch, MAX_SEQ, kv_heads, ...];
+paged, PAGE > 0, a pool [blocks, kv_heads, PAGE, ...] read through each sequence's row of the
+block table BLOCKS [batch, MAX_BLOCKS]: `cache_row`), of which the first `total` positions are
+read (paged, each sequence's own: LENGTHS [batch] holds its past);
 `total` (and `past`) come from device memory (D = [past, total]), so one captured decode step
 serves every position. Grouped-query: head h reads kv head h // (heads / kv_heads). The mask is
 causal (query i sees keys up to past + i) or additive [batch, 1, seq, total] (f32).
@@ -19,25 +21,47 @@ import triton.language as tl
 
 
 @triton.jit
-def cache_row(b, h, pos, KV_HEADS: tl.constexpr, MAX_SEQ: tl.constexpr, SEQ_MAJOR: tl.constexpr):
-    """The row (of HEAD_DIM values, or the one scale) of batch b, kv head h, position pos in a
-    cache laid out [batch, kv_heads, MAX_SEQ] or, SEQ_MAJOR, [batch, MAX_SEQ, kv_heads]."""
+def cache_row(BLOCKS, b, h, pos, KV_HEADS: tl.constexpr, MAX_SEQ: tl.constexpr, SEQ_MAJOR: tl.constexpr,
+              PAGE: tl.constexpr, MAX_BLOCKS: tl.constexpr):
+    """The row (of HEAD_DIM values, or the one scale) of sequence b, kv head h, position pos in a
+    cache laid out [batch, kv_heads, MAX_SEQ] or, SEQ_MAJOR, [batch, MAX_SEQ, kv_heads]; paged
+    (PAGE > 0), in the block BLOCKS[b, pos // PAGE] of a pool of such rows of PAGE positions
+    (positions past the table, which callers mask out, read its last entry)."""
+    if PAGE > 0:
+        row = tl.load(BLOCKS + b * MAX_BLOCKS + tl.minimum(pos // PAGE, MAX_BLOCKS - 1))
+        at = pos % PAGE
+        length = PAGE
+    else:
+        row = b
+        at = pos
+        length = MAX_SEQ
     if SEQ_MAJOR:
-        return (b * MAX_SEQ + pos) * KV_HEADS + h
-    return (b * KV_HEADS + h) * MAX_SEQ + pos
+        return (row * length + at) * KV_HEADS + h
+    return (row * KV_HEADS + h) * length + at
 
 
 @triton.jit
-def partial(Q, K, V, KS, VS, MASK, Y, P, D, batch, seq,
+def sequence_past(D, LENGTHS, b, PAGE: tl.constexpr):
+    """The positions sequence b already caches: the step's past (D[0]), or in a paged cache its
+    own (LENGTHS[b]: the sequences of a batch may differ)."""
+    if PAGE > 0:
+        return tl.load(LENGTHS + b)
+    return tl.load(D)
+
+
+@triton.jit
+def partial(Q, K, V, KS, VS, MASK, BLOCKS, LENGTHS, Y, P, D, batch, seq,
             HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_SEQ: tl.constexpr,
             SCALE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, KV_INT8: tl.constexpr,
             MERGE_HEADS: tl.constexpr, SPLITS: tl.constexpr, DOT_F16: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, SEQ_MAJOR: tl.constexpr):
-    """Grid (cdiv(seq, BLOCK_M), batch * heads, SPLITS)."""
-    past = tl.load(D)
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, SEQ_MAJOR: tl.constexpr,
+            PAGE: tl.constexpr, MAX_BLOCKS: tl.constexpr):
+    """Grid (cdiv(seq, BLOCK_M), batch * heads, SPLITS). Paged, attention is causal within each
+    sequence's own length: the pool's other positions are other sequences'."""
     total = tl.load(D + 1)
     bh = tl.program_id(1)
     b = bh // HEADS
+    past = sequence_past(D, LENGTHS, b, PAGE)
     h = bh % HEADS
     kvh = h // (HEADS // KV_HEADS)
     qs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -50,7 +74,7 @@ def partial(Q, K, V, KS, VS, MASK, Y, P, D, batch, seq,
     chunk = tl.cdiv(tl.cdiv(total, SPLITS), BLOCK_N) * BLOCK_N
     start = tl.program_id(2) * chunk
     end = tl.minimum(start + chunk, total)
-    if CAUSAL:
+    if CAUSAL or PAGE > 0:
         end = tl.minimum(end, past + tl.program_id(0) * BLOCK_M + BLOCK_M)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
@@ -59,7 +83,7 @@ def partial(Q, K, V, KS, VS, MASK, Y, P, D, batch, seq,
         ks = k0 + tl.arange(0, BLOCK_N)
         k_mask = ks < end
         kv_mask = k_mask[:, None] & d_mask[None, :]
-        rows = cache_row(b, kvh, ks, KV_HEADS, MAX_SEQ, SEQ_MAJOR)
+        rows = cache_row(BLOCKS, b, kvh, ks, KV_HEADS, MAX_SEQ, SEQ_MAJOR, PAGE, MAX_BLOCKS)
         k = tl.load(K + rows[:, None] * HEAD_DIM + ds[None, :], mask=kv_mask, other=0).to(tl.float32)
         v = tl.load(V + rows[:, None] * HEAD_DIM + ds[None, :], mask=kv_mask, other=0).to(tl.float32)
         if KV_INT8:
@@ -71,7 +95,7 @@ def partial(Q, K, V, KS, VS, MASK, Y, P, D, batch, seq,
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         s = s * SCALE
         visible = q_mask[:, None] & k_mask[None, :]
-        if CAUSAL:
+        if CAUSAL or PAGE > 0:
             visible = visible & (ks[None, :] <= past + qs[:, None])
         if MASKED:
             s += tl.load(MASK + (b * seq + qs[:, None]) * total + ks[None, :], mask=visible, other=0.0)
@@ -110,11 +134,12 @@ def store_output(Y, out, b, h, qs, q_mask, ds, d_mask, seq, HEADS: tl.constexpr,
 
 
 @triton.jit
-def merge(Q, K, V, KS, VS, MASK, Y, P, D, batch, seq,
+def merge(Q, K, V, KS, VS, MASK, BLOCKS, LENGTHS, Y, P, D, batch, seq,
           HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MAX_SEQ: tl.constexpr,
           SCALE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, KV_INT8: tl.constexpr,
           MERGE_HEADS: tl.constexpr, SPLITS: tl.constexpr, DOT_F16: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, SEQ_MAJOR: tl.constexpr):
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, SEQ_MAJOR: tl.constexpr,
+          PAGE: tl.constexpr, MAX_BLOCKS: tl.constexpr):
     """The slices' outputs weighted by their share of the softmax; grid (cdiv(seq, BLOCK_M),
     batch * heads). Takes `partial`'s arguments, so one launch description serves both."""
     bh = tl.program_id(1)

@@ -4,27 +4,28 @@ and v into the runtime's caches at position past + i, in place.
 qkv [batch, seq, ROW] (f32) holds q, k, v from column OFFSET on; cos, sin [batch, seq, ROTARY]
 (absent when ROTARY is 0); caches [batch, kv_heads, MAX_SEQ, d] (f32, f16, or int8 with scales
 [batch, kv_heads, MAX_SEQ]: each head's row scaled by its largest magnitude / 127; with
-SEQ_MAJOR [batch, MAX_SEQ, kv_heads, ...]: `attention.cache_row`); q out
-[batch, heads, seq, d] (f32). `past` is read from device memory (D = [past, total]).
+SEQ_MAJOR [batch, MAX_SEQ, kv_heads, ...]; paged, blocks of PAGE positions through the block
+table BLOCKS: `attention.cache_row`); q out [batch, heads, seq, d] (f32). `past` is read from
+device memory (D = [past, total]), or paged, each sequence's from LENGTHS [batch].
 Grid (batch * seq, heads + 2 * kv_heads): one program per token and head.
 """
 
 import triton
 import triton.language as tl
 
-from .attention import cache_row  # noqa: F401 (a jit function the kernel calls)
+from .attention import cache_row, sequence_past  # noqa: F401 (jit functions the kernel calls)
 
 
 @triton.jit
-def rope_cache(QKV, COS, SIN, KC, VC, KS, VS, Q, D, batch, seq,
+def rope_cache(QKV, COS, SIN, KC, VC, KS, VS, BLOCKS, LENGTHS, Q, D, batch, seq,
                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROTARY: tl.constexpr,
                ROW: tl.constexpr, OFFSET: tl.constexpr, MAX_SEQ: tl.constexpr, KV_INT8: tl.constexpr,
-               BD: tl.constexpr, SEQ_MAJOR: tl.constexpr):
-    past = tl.load(D)
+               BD: tl.constexpr, SEQ_MAJOR: tl.constexpr, PAGE: tl.constexpr, MAX_BLOCKS: tl.constexpr):
     token = tl.program_id(0)  # b * seq + i
     slot = tl.program_id(1)
     b = token // seq
     i = token % seq
+    past = sequence_past(D, LENGTHS, b, PAGE)
     ds = tl.arange(0, BD)
     d_mask = ds < HEAD_DIM
     row = QKV + token * ROW + OFFSET + slot * HEAD_DIM
@@ -43,7 +44,7 @@ def rope_cache(QKV, COS, SIN, KC, VC, KS, VS, Q, D, batch, seq,
     else:
         is_v = slot >= HEADS + KV_HEADS
         h = slot - HEADS - is_v.to(tl.int32) * KV_HEADS
-        at = cache_row(b, h, past + i, KV_HEADS, MAX_SEQ, SEQ_MAJOR)
+        at = cache_row(BLOCKS, b, h, past + i, KV_HEADS, MAX_SEQ, SEQ_MAJOR, PAGE, MAX_BLOCKS)
         if KV_INT8:
             top = tl.maximum(tl.max(tl.where(d_mask, tl.abs(x), 0.0), 0), 1e-30)
             q8 = tl.floor(x * 127.0 / top + 0.5).to(tl.int8)
