@@ -5,14 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The arm64 tests run the native runtime under emulation and read the kernels' disassembly:
-# Debian's qemu-user, the aarch64 loader and libc, and aarch64 binutils (as root, where apt is).
-ARM64_PACKAGES="qemu-user libc6-arm64-cross binutils-aarch64-linux-gnu"
+# Debian's qemu-user, the aarch64 loader and libc, and aarch64 binutils. The GPU schedules'
+# tests run their OpenCL kernels on pocl, an OpenCL driver for the CPU, through the ICD loader.
+# (As root, where apt is.)
+SYSTEM_PACKAGES="qemu-user libc6-arm64-cross binutils-aarch64-linux-gnu pocl-opencl-icd ocl-icd-libopencl1"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    if ! dpkg -s $ARM64_PACKAGES >/dev/null 2>&1; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $ARM64_PACKAGES >/dev/null
+    if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $SYSTEM_PACKAGES >/dev/null
     fi
-elif ! command -v qemu-aarch64 >/dev/null; then
-    echo "setup.sh: not root: install $ARM64_PACKAGES for the arm64 tests" >&2
+elif ! command -v qemu-aarch64 >/dev/null || [ ! -d /etc/OpenCL/vendors ]; then
+    echo "setup.sh: not root: install $SYSTEM_PACKAGES for the arm64 and OpenCL tests" >&2
 fi
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "${LLMC_TORCH:-torch==2.13.0}"
