@@ -44,7 +44,8 @@ class KernelGroup:
 
     def __init__(self, context, group: dict):
         cl = opencl()
-        self.table = group["kernels"]
+        self.table, self.scratch = group["kernels"], group["scratch"]
+        self.context = context
         try:
             program = cl.Program(context, group["source"]).build()
         except cl.Error as e:
@@ -52,11 +53,20 @@ class KernelGroup:
                             f"{str(e).strip().splitlines()[-1]}") from None
         self.kernels = [getattr(program, k["name"]) for k in self.table]
 
-    def __call__(self, queue, buffers: list, env: dict[str, int]) -> None:
+    def scratch_bytes(self, env: dict[str, int]) -> list[int]:
+        """The bytes of each intermediate the kernels pass on, at `env`."""
+        return [atom(s["elements"], env) * np.dtype(s["dtype"]).itemsize for s in self.scratch]
+
+    def __call__(self, queue, buffers: list, env: dict[str, int], scratch: list | None = None) -> None:
         """Enqueue every kernel on `queue`: `buffers` are the function's buffer parameters by
-        position (pyopencl Buffers), `env` the run-time dims."""
+        position (pyopencl Buffers), `env` the run-time dims, `scratch` buffers of at least
+        `scratch_bytes(env)` (made here when not given)."""
+        if scratch is None:
+            cl = opencl()
+            scratch = [cl.Buffer(self.context, cl.mem_flags.READ_WRITE, max(n, 4)) for n in self.scratch_bytes(env)]
         for kernel, entry in zip(self.kernels, self.table):
-            args = [buffers[a] if isinstance(a, int) else np.dtype(a[1]).type(atom(a[0], env)) for a in entry["args"]]
+            args = [buffers[a] if isinstance(a, int) else scratch[a["scratch"]] if isinstance(a, dict)
+                    else np.dtype(a[1]).type(atom(a[0], env)) for a in entry["args"]]
             launch = entry["launch"]
             groups = [atom(launch.get(f"blockIdx.{a}", "1"), env) for a in AXES]
             local = [atom(launch.get(f"threadIdx.{a}", "1"), env) for a in AXES]

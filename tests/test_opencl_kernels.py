@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 from small_ops import ENV, check_nodes, shape
 
-from llmc.backends.tvm import gpu
+from conftest import rel_err
+
+from llmc.backends.tvm import attention, gpu, rope_cache
 from llmc.backends.tvm.injective import LOWERINGS, prim_func
+from llmc.ops import get_op
 from llmc.runtime import opencl
+
+MAX_SEQ = 24
 
 
 @pytest.fixture(scope="module")
@@ -21,22 +26,25 @@ def queue():
     return cl.CommandQueue(context)
 
 
-def run(queue, func, inputs: list[np.ndarray], outputs: list[tuple], env: dict) -> list[np.ndarray]:
+def run(queue, func, inputs: list[np.ndarray], outputs: list[tuple], env: dict, bindings=None) -> list[np.ndarray]:
     """`func` (a TensorIR function: its buffers, inputs then outputs) scheduled for the opencl
-    target, built, and run on `inputs`; its outputs, of the given (shape, dtype)s."""
+    target, built (`bindings`: its variables that are not run-time dims), and run on `inputs`;
+    its outputs, of the given (shape, dtype)s, then the inputs as the kernels left them (a cache
+    written in place)."""
     cl = opencl.opencl()
-    group = gpu.build(gpu.default_schedule(func, "opencl"), "opencl")
+    group = gpu.build(gpu.default_schedule(func, "opencl"), "opencl", bindings)
     flags = cl.mem_flags
     buffers = [cl.Buffer(queue.context, flags.READ_WRITE | flags.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(a))
                if a.size else cl.Buffer(queue.context, flags.READ_WRITE, 4) for a in inputs]
     results = [np.zeros(s, d) for s, d in outputs]
     buffers += [cl.Buffer(queue.context, flags.READ_WRITE, max(r.nbytes, 4)) for r in results]
     opencl.KernelGroup(queue.context, group)(queue, buffers, env)
-    for r, b in zip(results, buffers[len(inputs):]):
+    after = [np.empty_like(a) for a in inputs]
+    for r, b in zip(results + after, buffers[len(inputs):] + buffers):
         if r.size:
             cl.enqueue_copy(queue, r, b)
     queue.finish()
-    return results
+    return results + after
 
 
 # llama by default (rotary tables, GQA); the other families' ops with the slow tests
@@ -50,5 +58,75 @@ def test_small_ops_match_reference(name, exporter, queue, rng):
     threads, and every output is the reference's."""
     def kernel(node, inputs):
         outs = [(shape(v), v.dtype.numpy()) for v in node.outputs]
-        return run(queue, prim_func(node), [np.asarray(a) for a in inputs], outs, ENV)
+        return run(queue, prim_func(node), [np.asarray(a) for a in inputs], outs, ENV)[:len(outs)]
     assert check_nodes(name, exporter, rng, lambda node, readers: node.op in LOWERINGS, kernel) > 20
+
+
+@pytest.mark.parametrize("spec,seq,past", [
+    (attention.AttentionSpec(4, 2, 16, 0.25), 3, 4),  # masked prefill of a chunk after a past, GQA
+    (attention.AttentionSpec(4, 4, 12, 0.3, masked=False, is_causal=True), 5, 0),  # causal prefill
+    (attention.AttentionSpec(6, 2, 16, 0.25, masked=False, is_causal=True, merge_heads=False), 1, 9),  # decode
+    (attention.AttentionSpec(4, 2, 16, 0.25, kv_int8=True), 1, 6),  # int8 cache
+], ids=["masked-chunk", "causal-prefill", "causal-decode-heads", "int8"])
+def test_attention_matches_reference(spec, seq, past, queue, rng):
+    """The CPU backend's attention function (the same TensorIR), on threads: every stage a kernel
+    of one thread per output, passing its intermediates in global memory."""
+    batch, d, total = 2, spec.head_dim, past + seq
+    q = rng.standard_normal((batch, spec.heads, seq, d)).astype(np.float32)
+    k, v = (rng.standard_normal((batch, spec.kv_heads, MAX_SEQ, d)).astype(np.float32) for _ in range(2))
+    caches = [k, v]
+    if spec.kv_int8:
+        (kq, ks), (vq, vs) = rope_cache.quantize_rows(k), rope_cache.quantize_rows(v)
+        k, v, caches = kq * ks[..., None], vq * vs[..., None], [kq, vq, ks, vs]
+    mask = np.where(rng.random((batch, 1, seq, total)) < 0.8, 0, -np.inf).astype(np.float32)
+    mask[0, 0, 0] = -np.inf  # a query that sees no key gets zeros
+    out_shape = (batch, seq, spec.heads * d) if spec.merge_heads else (batch, spec.heads, seq, d)
+    env = {"batch": batch, "seq": seq, "past": past, "total": total}
+    got = run(queue, attention.prim_func(spec), [q, *caches] + [mask] * spec.masked, [(out_shape, np.float32)],
+              env, {"kv_len": "total", "max_seq": str(MAX_SEQ)})[0]
+    want = get_op("attention").ref(q, k[:, :, :total], v[:, :, :total], mask if spec.masked else None,
+                                   scale=spec.scale, is_causal=int(spec.is_causal), merge_heads=int(spec.merge_heads))
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("spec", [rope_cache.RopeCacheSpec(4, 2, 16, 16), rope_cache.RopeCacheSpec(4, 4, 12, 4),
+                                  rope_cache.RopeCacheSpec(3, 3, 10, 0), rope_cache.RopeCacheSpec(4, 2, 16, 16,
+                                                                                                 kv_int8=True)],
+                         ids=["gqa-full", "partial", "none", "int8"])
+@pytest.mark.parametrize("seq,past", [(5, 0), (1, 7)], ids=["prefill", "decode"])
+def test_rope_cache_matches_reference(spec, seq, past, queue, rng):
+    """Queries rotated out, keys and values written into the caches at past + i in place, no
+    other row touched."""
+    batch, d = 2, spec.head_dim
+    qkv = rng.standard_normal((batch, seq, (spec.heads + 2 * spec.kv_heads) * d)).astype(np.float32)
+    rd = max(spec.rotary_dim, 2)
+    cos, sin = (rng.standard_normal((batch, seq, rd)).astype(np.float32) for _ in range(2))
+    int8 = spec.kv_int8
+    caches = [rng.integers(-127, 128, (batch, spec.kv_heads, MAX_SEQ, d)).astype(np.int8) if int8 else
+              rng.standard_normal((batch, spec.kv_heads, MAX_SEQ, d)).astype(np.float32) for _ in range(2)]
+    caches += [rng.random((batch, spec.kv_heads, MAX_SEQ)).astype(np.float32) for _ in range(2 * int8)]
+    env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
+    q, _, _, _, *after = run(queue, rope_cache.prim_func(spec), [qkv, cos, sin, *caches],
+                          [((batch, spec.heads, seq, d), np.float32)], env,
+                          {"b": "batch", "s": "seq", "m": str(MAX_SEQ)})
+    qp, kp, vp = np.split(qkv, [spec.heads * d, (spec.heads + spec.kv_heads) * d], axis=-1)
+    rotary = spec.rotary_dim > 0
+    empty = np.zeros((batch, spec.kv_heads, 0, d), np.float32)
+    want_q, want_k, want_v = get_op("rope_cache").ref(qp, kp, vp, cos[:, None] if rotary else None,
+                                                      sin[:, None] if rotary else None, empty, empty,
+                                                      heads=spec.heads, kv_heads=spec.kv_heads,
+                                                      rotary_dim=spec.rotary_dim % d)
+    assert rel_err(q, want_q) < 1e-6
+    new = slice(past, past + seq)
+    written = [want_k, want_v]
+    if int8:
+        (kq, ks), (vq, vs) = rope_cache.quantize_rows(want_k), rope_cache.quantize_rows(want_v)
+        written = [kq, vq, ks, vs]
+    for got, before, w in zip(after, caches, written):
+        if got.dtype == np.int8:
+            assert np.abs(got[:, :, new].astype(int) - w).max() <= 1  # rounding at ties
+        else:
+            assert rel_err(got[:, :, new], w) < 1e-6
+        untouched = np.ones(MAX_SEQ, bool)
+        untouched[new] = False
+        np.testing.assert_array_equal(got[:, :, untouched], before[:, :, untouched])

@@ -29,50 +29,115 @@ def target(kind: str):
     return tvm.target.Target(TARGETS[kind])
 
 
-def default_schedule(func, kind: str):
-    """`func` scheduled by dlight's GPU rules for `kind`'s target, as an IRModule."""
+def default_schedule(func, kind: str, threads: int = 256):
+    """`func` scheduled for `kind`'s target, as an IRModule: dlight's GEMV and reduction rules
+    where they apply, else `thread_per_output`. Some dlight rules raise on a function they do
+    not fit instead of declining it; those take the fallback too."""
     import tvm
     from tvm.s_tir import dlight as dl
 
+    mod = tvm.IRModule({"main": func})
     with target(kind):
-        return dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.Fallback())(
-            tvm.IRModule({"main": func}))
+        try:
+            return dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.Fallback())(mod)
+        except RuntimeError:  # a ScheduleError, or an InternalError of a primitive a rule tried
+            return thread_per_output(func, threads)
 
 
-def expression(e, lets: dict) -> str:
-    """A launch extent or scalar argument (a TIR integer expression over the dims, through the
-    host's `lets`) as `llmc.runtime.dims` parses it."""
+def thread_per_output(func, threads: int = 256):
+    """The simplest GPU schedule of any function: stages that only compute elements inlined into
+    their readers where they can be, then each remaining stage a kernel of one thread per output
+    element (its spatial loops fused and split over work-groups of `threads`), its reduction
+    serial in the thread. Correct for every function; fast for none but the elementwise ones."""
     import tvm
+
+    sch = tvm.s_tir.Schedule(func)
+    root = sch.get_sblock("root")
+    for block in sch.get_child_blocks(root):
+        if not any(v.iter_type != 0 for v in sch.get(block).iter_vars):
+            try:
+                sch.compute_inline(block)
+            except RuntimeError:  # an output, or read in a way inlining cannot follow
+                pass
+    for block in sch.get_child_blocks(root):
+        loops = sch.get_loops(block)
+        spatial = [l for l, v in zip(loops, sch.get(block).iter_vars) if v.iter_type == 0]
+        fused = sch.fuse(*spatial) if spatial else sch.add_unit_loop(block)
+        groups, items = sch.split(fused, [None, threads])
+        sch.bind(groups, "blockIdx.x")
+        sch.bind(items, "threadIdx.x")
+    return sch.mod
+
+
+BINARY = ("Add", "+"), ("Sub", "-"), ("Mul", "*"), ("FloorDiv", "//")
+
+
+def expression(e, lets: dict, bindings: dict[str, str]) -> str:
+    """A launch extent or scalar argument (a TIR integer expression) as `llmc.runtime.dims`
+    parses it: over the run-time dims, a variable of the function through `bindings` (its value
+    as such an expression: the kernel's rows, a cache's length), a host variable through the
+    host's `lets`. The host's variables are substituted first and the whole simplified knowing
+    that every dim is >= 0, which removes the conditionals the lowering leaves."""
+    import tvm
+    import tvm.sym
     from tvm import tirx
 
-    if isinstance(e, tirx.IntImm):
-        return str(int(e.value))
-    if isinstance(e, tvm.ir.Var):
-        if e.name in DIMS:
-            return e.name
-        if e in lets:
-            return expression(lets[e], lets)
-        raise NotImplementedError(f"a launch value the runtime cannot evaluate: {e.name}")
-    if isinstance(e, tirx.Cast):
-        return expression(e.value, lets)
-    ops = {tirx.Add: "+", tirx.Sub: "-", tirx.Mul: "*", tirx.FloorDiv: "//"}
-    for kind, op in ops.items():
-        if isinstance(e, kind):
-            return f"({expression(e.a, lets)} {op} {expression(e.b, lets)})"
-    for kind, name in ((tirx.Min, "min"), (tirx.Max, "max")):
-        if isinstance(e, kind):
-            return f"{name}({expression(e.a, lets)}, {expression(e.b, lets)})"
-    raise NotImplementedError(f"a launch value the runtime cannot evaluate: {e}")
+    free = {}
+
+    def resolve(e):
+        if isinstance(e, tvm.ir.Var):
+            if e in lets and e.name not in bindings and e.name not in DIMS:
+                return resolve(lets[e])
+            free[e.name] = e
+            return e
+        if isinstance(e, tirx.Cast):
+            return tirx.Cast(e.ty, resolve(e.value))
+        for kind in (tirx.Add, tirx.Sub, tirx.Mul, tirx.FloorDiv, tirx.FloorMod, tirx.Min, tirx.Max, tirx.LT,
+                     tirx.LE, tirx.GT, tirx.GE, tirx.EQ, tirx.NE, tirx.And, tirx.Or):
+            if isinstance(e, kind):
+                return kind(resolve(e.a), resolve(e.b))
+        if isinstance(e, tirx.Not):
+            return tirx.Not(resolve(e.a))
+        if isinstance(e, tirx.Select):
+            return tirx.Select(resolve(e.condition), resolve(e.true_value), resolve(e.false_value))
+        return e
+
+    resolved = resolve(e)
+    analyzer = tvm.sym.Analyzer()
+    for var in free.values():
+        analyzer.bind(var, tvm.ir.Range(0, 1 << 40))
+    simple = analyzer.simplify(resolved)
+
+    def text(e):
+        if isinstance(e, tirx.IntImm):
+            return str(int(e.value))
+        if isinstance(e, tvm.ir.Var):
+            if e.name in bindings:
+                return f"({bindings[e.name]})"
+            if e.name in DIMS:
+                return e.name
+            raise NotImplementedError(f"a launch value the runtime cannot evaluate: {e.name}")
+        if isinstance(e, tirx.Cast):
+            return text(e.value)
+        for kind, op in BINARY:
+            if isinstance(e, getattr(tirx, kind)):
+                return f"({text(e.a)} {op} {text(e.b)})"
+        for kind, name in ((tirx.Min, "min"), (tirx.Max, "max")):
+            if isinstance(e, kind):
+                return f"{name}({text(e.a)}, {text(e.b)})"
+        raise NotImplementedError(f"a launch value the runtime cannot evaluate: {e}")
+    return text(simple)
 
 
-def _host_calls(host_mod) -> tuple[dict[str, list], dict]:
+def _host_calls(host_mod) -> tuple[dict[str, list], dict, dict]:
     """({kernel name: the host's launch call's arguments}, in the order the host launches them;
-    the host's let-bound variables and their values)."""
+    the host's let-bound variables and their values; the buffers it allocates between kernels,
+    by name)."""
     import tvm
     import tvm_ffi
     from tvm import tirx
 
-    calls, lets = {}, {}
+    calls, lets, scratch = {}, {}, {}
 
     def call(node):
         if getattr(node.op, "name", "") == "tirx.call_ffi_kernel":
@@ -80,17 +145,24 @@ def _host_calls(host_mod) -> tuple[dict[str, list], dict]:
 
     def let(node):
         lets[node.var] = node.value
+
+    def alloc(node):
+        scratch[node.buffer.name] = node.buffer
     for func in host_mod.functions.values():
         if isinstance(func, tirx.PrimFunc):
-            tvm_ffi.structural_walk(func.body, [(tvm.ir.Call, call), ((tirx.Bind, tirx.LetStmt, tirx.Let), let)],
-                                    order="pre")
-    return calls, lets
+            tvm_ffi.structural_walk(func.body, [(tvm.ir.Call, call), ((tirx.Bind, tirx.LetStmt, tirx.Let), let),
+                                                (tirx.AllocBuffer, alloc)], order="pre")
+    return calls, lets, scratch
 
 
-def build(mod, kind: str) -> dict:
+def build(mod, kind: str, bindings: dict[str, str] | None = None) -> dict:
     """Device source and launch table of a scheduled IRModule with one function `main`:
-    {"source", "kernels": [{"name", "args": [int (main's buffer parameter) | [expression, dtype]],
-    "launch": {"blockIdx.x": extent, ...}}]} in the order the host launches them."""
+    {"source", "kernels": [{"name", "args": [...], "launch": {"blockIdx.x": extent, ...}}] in
+    the order the host launches them, "scratch": [{"name", "dtype", "elements"}]}. An argument is
+    an int (main's buffer parameter of that position), {"scratch": i} (an intermediate in global
+    memory that kernels pass on, of `elements` items) or [expression, dtype] (a scalar).
+    `bindings`: the function's variables that are not run-time dims, as expressions over them."""
+    bindings = bindings or {}
     import tvm
     from tvm.tirx.build import split_host_device_mods, tir_to_runtime
 
@@ -101,8 +173,8 @@ def build(mod, kind: str) -> dict:
     pipeline, finalize_host, finalize_device = tvm.tirx.get_default_tir_pipeline(tgt)
     host_mod, device_mods = split_host_device_mods(pipeline(lowered))
     devices = {gv.name_hint: f for d in device_mods.values() for gv, f in d.functions.items()}
-    kernels = []
-    calls, lets = _host_calls(host_mod)
+    kernels, scratch = [], []
+    calls, lets, allocated = _host_calls(host_mod)
     for name, call in calls.items():
         func = devices[name]
         tags = list(func.attrs["tirx.kernel_launch_params"])
@@ -113,13 +185,20 @@ def build(mod, kind: str) -> dict:
             buffer = p.name.removesuffix("_ptr")
             if buffer in buffers:
                 args.append(buffers[buffer])
+            elif buffer in allocated:  # an intermediate in global memory, between two kernels
+                names = [s["name"] for s in scratch]
+                if buffer not in names:
+                    b = allocated[buffer]
+                    elements = " * ".join(f"({expression(d, lets, bindings)})" for d in b.shape) or "1"
+                    scratch.append({"name": buffer, "dtype": str(b.dtype), "elements": elements})
+                    names.append(buffer)
+                args.append({"scratch": names.index(buffer)})
             elif "Pointer" in type(p.ty).__name__:
-                raise NotImplementedError(f"{name}: {p.name} is an intermediate in global memory, not a buffer "
-                                          "of the function (a stage the schedule did not inline)")
+                raise NotImplementedError(f"{name}: parameter {p.name} is no buffer the runtime can give")
             else:  # a scalar the host computes from the dims
-                args.append([expression(value, lets), str(p.ty)])
+                args.append([expression(value, lets, bindings), str(p.ty)])
         kernels.append({"name": name, "args": args,
-                        "launch": {t: expression(e, lets) for t, e in zip(tags, call[len(func.params):])}})
+                        "launch": {t: expression(e, lets, bindings) for t, e in zip(tags, call[len(func.params):])}})
     runtime_mod = tir_to_runtime(finalize_host()(host_mod), {t: finalize_device()(d) for t, d in device_mods.items()},
                                  tgt.host)
-    return {"source": runtime_mod.imports[0].inspect_source(), "kernels": kernels}
+    return {"source": runtime_mod.imports[0].inspect_source(), "kernels": kernels, "scratch": scratch}
