@@ -11,7 +11,7 @@ from small_ops import ENV, check_nodes, shape
 
 from conftest import rel_err
 
-from llmc.backends.tvm import attention, gpu, rope_cache
+from llmc.backends.tvm import attention, gpu, linear, measure, rope_cache
 from llmc.backends.tvm.injective import LOWERINGS, prim_func
 from llmc.ops import get_op
 from llmc.runtime import opencl
@@ -130,3 +130,27 @@ def test_rope_cache_matches_reference(spec, seq, past, queue, rng):
         untouched = np.ones(MAX_SEQ, bool)
         untouched[new] = False
         np.testing.assert_array_equal(got[:, :, untouched], before[:, :, untouched])
+
+
+LINEAR_CASES = [dict(bias=True, residual=True), dict(norm="rms", activation="silu", gated=True),
+                dict(norm="layer", activation="gelu_tanh", bias=True), dict(activation="gelu", quant="w8", gated=True),
+                dict(activation="relu", quant="w4", group_size=32, norm="rms", residual=True),
+                dict(quant="w4", group_size=64, norm="layer", gated=True, activation="silu", bias=True)]
+
+
+@pytest.mark.parametrize("rows", [1, 37], ids=["decode", "prefill"])
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_linear_matches_reference(case, rows, queue, rng):
+    """fused_linear over the weight as the graph holds it ([n, k]; w8; w4 two features a byte),
+    the norm prologue and every epilogue, on odd sizes."""
+    spec = linear.LinearSpec(n=2 * 50 if case.get("gated") else 50, k=192, plain=True, **case)
+    inputs = measure.linear_inputs(spec, rows, rng)
+    want = get_op("fused_linear").ref(*[inputs.get(a) for a in ("x", "w", "bias", "residual", "norm_scale",
+                                                                  "norm_bias", "w_scale", "w_zero")],
+                                      norm=spec.norm, epsilon=spec.epsilon, activation=spec.activation,
+                                      gated=int(spec.gated), quant=spec.quant, group_size=spec.group_size)
+    args = [linear.PACKINGS[spec.packing(a)](inputs[a]) if spec.packing(a) else inputs[a]
+            for a in spec.arg_names()[:-1]]
+    func = linear.prim_func(spec)
+    got = run(queue, func, args, [((rows, spec.out_features), np.float32)], {"seq": rows}, {"m": "seq"})[0]
+    assert rel_err(got, want) < 1e-5

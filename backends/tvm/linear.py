@@ -109,6 +109,14 @@ def packed_rows(n: int) -> int:
     return -(-n // (LANES * TILE)) * TILE
 
 
+def pair_nibbles(q):
+    """[n, k] 4-bit values (uint8 0..15) -> [n, k / 2] bytes: input features 2i and 2i + 1 in
+    the low and high nibble of one byte."""
+    import numpy as np
+
+    return np.require(q[:, 0::2] | (q[:, 1::2] << 4), requirements="C")
+
+
 def pack_nibbles(q):
     """[n, k] 4-bit values (uint8 0..15) -> [n / 64, k / 2, 64] bytes: input features 2i and
     2i + 1 of an output feature in the low and high nibble of one byte."""
@@ -162,7 +170,7 @@ def _words(b, reg: int, per_block: int):
 
 # the packed copy of a weight is named after the graph's with one of these suffixes
 _REGISTERS = sorted({4 * lanes for lanes in int_dot.ISAS.values()})  # LinearSpec.register_width
-PACKINGS = {".packed16": pack, ".nibbles16": pack_nibbles,
+PACKINGS = {".packed16": pack, ".nibbles16": pack_nibbles, ".nibbles2": pair_nibbles,
             **{f".words{r}": functools.partial(pack_words, reg=r, signed=False) for r in _REGISTERS},
             **{f".swords{r}": functools.partial(pack_words, reg=r, signed=True) for r in _REGISTERS},
             **{f".nibblewords{r}": functools.partial(pack_nibble_words, reg=r) for r in _REGISTERS}}
@@ -195,6 +203,7 @@ class LinearSpec:
     group_size: int = 0
     act_block: int = 0  # int8 activations in blocks of this many features: integer dot products
     isa: str = ""  # with act_block: the instruction set of the dot products (int_dot.ISAS)
+    plain: bool = False  # the weight as the graph holds it, [n, k] (the GPU schedules': `gpu.py`)
 
     @property
     def out_features(self) -> int:
@@ -231,9 +240,11 @@ class LinearSpec:
         if arg == "w" and self.act_block:
             kind = "nibble" if self.quant == "w4" else "s" if int_dot.signed_weights(self.isa, self.quant) else ""
             return f".{kind}words{self.register_width}"
+        if arg == "w" and self.plain:
+            return ".nibbles2" if self.quant == "w4" else None
         if arg == "w":
             return ".nibbles16" if self.quant == "w4" else ".packed16"
-        if arg in ("w_scale", "w_zero") and self.quant == "w4":
+        if arg in ("w_scale", "w_zero") and self.quant == "w4" and not self.plain:
             return ".packed16"  # [n, groups] -> [n/64, groups, 64]: a group's scales in vector lanes
         return None
 
@@ -297,6 +308,31 @@ def _weight(spec: LinearSpec, args: dict):
         g = kk // spec.group_size
         return (_nibble(w, jb, kk, lane).astype(dt) - _at(zero, jb, g, lane)) * _at(scale, jb, g, lane)
     return dequantized
+
+
+def _plain_rows(spec: LinearSpec, h, m, args):
+    """The sums over the weight as the graph holds it ([n, k]; 4-bit: two input features a byte,
+    `pair_nibbles`), dequantized as read (w8's channel scale goes to the epilogue)."""
+    from tvm import te
+
+    n, k, dt = spec.n, spec.k, spec.dtype
+    if spec.quant == "w4":
+        groups = k // spec.group_size
+        w = args["w"] = te.placeholder((n, k // 2), "uint8", name="w")
+        scale = args["w_scale"] = te.placeholder((n, groups), dt, name="w_scale")
+        zero = args["w_zero"] = te.placeholder((n, groups), dt, name="w_zero")
+
+        def weight(j, kk):
+            nibble = (w[j, kk // 2] >> (kk % 2 * 4).astype("uint8")) & 15
+            g = kk // spec.group_size
+            return (nibble.astype(dt) - zero[j, g]) * scale[j, g]
+    else:
+        w = args["w"] = te.placeholder((n, k), "int8" if spec.quant == "w8" else dt, name="w")
+        if spec.quant == "w8":
+            args["w_scale"] = te.placeholder((n,), dt, name="w_scale")
+        weight = lambda j, kk: w[j, kk].astype(dt)  # noqa: E731
+    r = te.reduce_axis((0, k), name="kk")
+    return te.compute((m, n), lambda i, j: te.sum(h[i, r] * weight(j, r), axis=r), name="sums")
 
 
 def _grouped_rows(spec: LinearSpec, h, rows, args):
@@ -397,7 +433,7 @@ def tensors(spec: LinearSpec, config: dict | None = None) -> list:
     n, k, dt = spec.n, spec.k, spec.dtype
     x = te.placeholder((m, k), dt, name="x")
     args = {"x": x}
-    weight = None if spec.act_block else _weight(spec, args)
+    weight = None if spec.act_block or spec.plain else _weight(spec, args)
     h = x
     if spec.norm:
         scale = args["norm_scale"] = te.placeholder((k,), dt, name="norm_scale")
@@ -417,6 +453,9 @@ def tensors(spec: LinearSpec, config: dict | None = None) -> list:
     if spec.act_block:
         int_rows = _integer_rows(spec, h, m, args)
         acc = lambda i, jj: int_rows[i, jj]  # noqa: E731
+    elif spec.plain:
+        plain_rows = _plain_rows(spec, h, m, args)
+        acc = lambda i, jj: plain_rows[i, jj]  # noqa: E731
     else:
         acc = _float_rows(spec, h, m, weight, args, _tile(config or {})[0])
     bias = args["bias"] = te.placeholder((n,), dt, name="bias") if spec.bias else None
