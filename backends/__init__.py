@@ -1,6 +1,7 @@
 """Backends turn a passed graph into kernels, a plan of kernel calls and the files of an
 artifact, behind one small interface that the compile driver picks by target: `reference`
-(numpy, the ops' definitions), `tvm` (x86 and arm64 CPUs) and `triton` (CUDA). A new target is a new entry of
+(numpy, the ops' definitions), `tvm` (x86 and arm64 CPUs; OpenCL and Metal GPUs) and `triton`
+(CUDA). A new target is a new entry of
 BACKENDS and a module implementing `Backend`; the driver does not change."""
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Callable, Protocol
 
 # target -> "module:object" of the Backend that builds for it (imported only when asked for)
 BACKENDS = {"cpu": "llmc.backends.tvm.backend:HOST", "arm64": "llmc.backends.tvm.backend:ARM64",
-            "cuda": "llmc.backends.triton.backend:BACKEND"}
+            "cuda": "llmc.backends.triton.backend:BACKEND", "opencl": "llmc.backends.tvm.gpu_backend:OPENCL",
+            "metal": "llmc.backends.tvm.gpu_backend:METAL"}
 
 
 @dataclass

@@ -45,12 +45,13 @@ def lifetimes(plan: list[dict], names, feeds, results) -> dict[str, tuple[int, i
     return {n: (a, b) for n, (a, b) in lives.items()}
 
 
-def assign(sizes: dict[str, int], lives: dict[str, tuple[int, int]]) -> tuple[dict[str, int], int]:
-    """Byte offsets for values of `sizes` alive over `lives`, and the arena's size."""
+def assign(sizes: dict[str, int], lives: dict[str, tuple[int, int]], align: int = ALIGN) -> tuple[dict[str, int], int]:
+    """Byte offsets (multiples of `align`) for values of `sizes` alive over `lives`, and the
+    arena's size."""
     placed: list[tuple[int, int, int, int]] = []  # offset, end, first, last
     offsets = {}
     for name in sorted(sizes, key=lambda n: (-sizes[n], lives[n], n)):
-        size, (first, last) = _aligned(sizes[name]), lives[name]
+        size, (first, last) = -(-sizes[name] // align) * align, lives[name]
         offset = 0
         for start, end, a, b in sorted(p for p in placed if p[2] <= last and first <= p[3]):
             if start - offset >= size:
@@ -59,10 +60,6 @@ def assign(sizes: dict[str, int], lives: dict[str, tuple[int, int]]) -> tuple[di
         offsets[name] = offset
         placed.append((offset, offset + size, first, last))
     return offsets, max((end for _, end, _, _ in placed), default=0)
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 def cache_bytes(manifest: dict, batch: int, blocks: int | None = None) -> int:
@@ -94,12 +91,13 @@ def arena_sizes(manifest: dict, weights, batch: int) -> dict[str, int]:
     return {n: max(nbytes(values[n], env) for env in envs) for n in arena_names(manifest, weights)}
 
 
-def arena_plan(manifest: dict, weights, batch: int) -> tuple[dict[str, int], dict[str, int], int]:
-    """Offsets and sizes of the activations in the arena, and its size, for `batch` sequences."""
+def arena_plan(manifest: dict, weights, batch: int, align: int = ALIGN) -> tuple[dict[str, int], dict[str, int], int]:
+    """Offsets and sizes of the activations in the arena, and its size, for `batch` sequences;
+    offsets are multiples of `align` bytes."""
     sizes = arena_sizes(manifest, weights, batch)
     feeds = [t["name"] for t in manifest["model"]["inputs"]] + [KV_BLOCKS, KV_LENGTHS]  # written before step 0
     lives = lifetimes(manifest["plans"]["forward"], sizes, feeds, [manifest["model"]["outputs"][0]["name"]])
-    offsets, size = assign(sizes, lives)
+    offsets, size = assign(sizes, lives, align)
     return offsets, sizes, size
 
 

@@ -26,15 +26,21 @@ from .threads import start as start_kernel_pool
 
 
 class Model:
-    def __init__(self, path, threads: int | None = None, interpret: bool = False):
+    def __init__(self, path, threads: int | None = None, interpret: bool = False, device: int | None = None):
         art = open_artifact(path)
         m = art.manifest
         where = str(art.file("manifest.json"))
-        cuda = m["target"]["kind"] == "cuda"
+        kind = m["target"]["kind"]
+        cuda = kind == "cuda"
         if interpret and not cuda:
             raise LlmcError(f"{where}: --interpret runs a cuda artifact's Triton kernels; this artifact is for "
                             f"{m['target']['kind']}")
-        if not cuda:
+        if device is not None and kind != "opencl":
+            raise LlmcError(f"{where}: --device chooses among OpenCL devices; this artifact is for {kind}")
+        if kind == "metal":
+            raise LlmcError(f"{where}: a metal artifact runs on an Apple GPU, through the Metal executor on macOS "
+                            "(issue 18: not built yet); compile with --target opencl to run here")
+        if kind == "llvm":
             cpu.check(m["cpu"], where)
         if not m["plans"]["forward"]:
             raise ArtifactError(f"{where}: plans.forward: the artifact has no execution plan")
@@ -50,6 +56,12 @@ class Model:
         if cuda:
             self.threads = None
             self.executor = _cuda_executor(art, m, weights, interpret)
+            return
+        if kind == "opencl":
+            from .opencl import OpenCLExecutor
+
+            self.threads = None
+            self.executor = OpenCLExecutor(art, m, weights, device)
             return
         self.threads = start_kernel_pool(threads)
         library = import_tvm_ffi().load_module(str(art.file(m["kernels"]["library"])))
@@ -222,8 +234,8 @@ def _check_weights(plans: dict, weights: dict[str, np.ndarray], where: str) -> N
                                 f"file holds {w.dtype}{list(w.shape)}")
 
 
-def load(path, threads: int | None = None, interpret: bool = False) -> Model:
+def load(path, threads: int | None = None, interpret: bool = False, device: int | None = None) -> Model:
     """Open, verify and load an artifact; `threads`: the kernels' threads (default: every core,
     or LLMC_NUM_THREADS). A cuda artifact runs on the GPU, or with `interpret` under Triton's
     interpreter on the CPU (slow; needs torch and triton)."""
-    return Model(path, threads, interpret)
+    return Model(path, threads, interpret, device)

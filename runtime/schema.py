@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .dims import is_atom
+from .dims import BadDim, is_atom, parse
 from .errors import ArtifactError
 DTYPES = ("float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
 KINDS = ("linear", "attention", "rope_cache", "injective", "norm")
@@ -72,16 +72,38 @@ TRITON_KERNEL = {"module": NAME, "function": NAME, "constexprs": Map(SCALAR), "s
                      isinstance(v, dict) and set(v) == {"kernel", "max_rows", "rows"} and NAME(v["kernel"])
                      and type(v["max_rows"]) is int and POLY(v["rows"]))),
                  "binaries": Map(CUBIN)}
+
+def _expression(v) -> bool:
+    try:
+        return isinstance(v, str) and parse(v) is not None
+    except BadDim:
+        return False
+
+
+EXPRESSION = Check("an expression over the run-time dims", _expression)
+GPU_ARG = Check("a buffer's position, {scratch: i}, or [expression, int64|int32]", lambda v: (
+    (type(v) is int and v >= 0) or (isinstance(v, dict) and set(v) == {"scratch"} and type(v["scratch"]) is int)
+    or (isinstance(v, list) and len(v) == 2 and _expression(v[0]) and v[1] in ("int64", "int32"))))
+LAUNCH_TAGS = tuple(f"{kind}.{axis}" for kind in ("blockIdx", "threadIdx") for axis in "xyz")
+GPU_KERNEL = {"name": NAME, "args": [GPU_ARG], "launch": Check(
+    f"an object of launch extents ({', '.join(LAUNCH_TAGS)}: expressions over the run-time dims)",
+    lambda v: isinstance(v, dict) and set(v) <= set(LAUNCH_TAGS) and all(_expression(e) for e in v.values()))}
+# a TVM function's device kernels in launch order and the intermediates they pass on (`runtime/opencl.py`)
+GPU_GROUP = {"kernels": [GPU_KERNEL], "scratch": [{"name": NAME, "dtype": DTYPES, "elements": EXPRESSION}]}
 # a kernel's signature as tuning tables key it, its knob values (`llmc.tuning`), and where they came from
 TUNED = {"kernel": str, "config": Map(Check("a number or a string", lambda v: type(v) in (int, float, str, bool))),
          "source": ("default", "cache", "file", "measured", "partial")}
-# the kernels by target kind: one TVM library, or Triton kernels (source and cubins)
+# the kernels by target kind: one TVM library, Triton kernels (source and cubins), or TVM's GPU
+# kernels (one source file, and the launch table of each function's kernels)
 KERNELS = {"llvm": {"library": NAME, "functions": [NAME], "tuning": Map(TUNED)},
            "cuda": {"triton_version": str, "archs": [NAME], "sources": [NAME], "functions": Map(TRITON_KERNEL),
-                    "argmax": NAME, "tuning": Map(TUNED)}}
+                    "argmax": NAME, "tuning": Map(TUNED)},
+           **{kind: {"source": NAME, "functions": Map(GPU_GROUP)} for kind in ("opencl", "metal")}}
 TARGETS = {"llvm": {"kind": ("llvm",), "?mcpu": str, "?mtriple": str, "?mattr": [str], "?num-cores": _int(1),
                     "?fast-math-reassoc": bool, "?fast-math-contract": bool},
-           "cuda": {"kind": ("cuda",), "dtype": ("fp32", "fp16")}}
+           "cuda": {"kind": ("cuda",), "dtype": ("fp32", "fp16")},
+           **{kind: {"kind": (kind,)} for kind in ("opencl", "metal")}}
+GPU_KINDS = ("cuda", "opencl", "metal")  # artifacts with no CPU requirements
 CPU = {"name": NAME, "arch": ("x86_64", "aarch64"), "features": [NAME]}
 FILE = {"bytes": _int(0), "sha256": Check("a sha256 hex digest", lambda v: isinstance(v, str) and _SHA256.match(v))}
 
@@ -169,7 +191,7 @@ def validate(manifest: dict, where: str) -> None:
         kind = manifest["target"]["kind"]
         check(manifest["target"], TARGETS[kind], "target")
         check(manifest["kernels"], KERNELS[kind], "kernels")
-        if (manifest["cpu"] is None) != (kind == "cuda"):
+        if (manifest["cpu"] is None) != (kind in GPU_KINDS):
             raise Invalid(f"cpu: {'null' if manifest['cpu'] is None else 'given'} for a {kind} target")
         if manifest["cpu"] is not None:
             check(manifest["cpu"], CPU, "cpu")
@@ -184,6 +206,8 @@ def _references(m: dict) -> None:
     presents = {e["present"] for e in m["model"]["kv_cache"]["entries"]}  # the same buffers as the pasts
     if m["target"]["kind"] == "cuda":
         _triton_references(m["kernels"], files)
+    elif m["target"]["kind"] in GPU_KINDS:
+        _gpu_references(m["kernels"], m["plans"]["forward"], files)
     elif m["kernels"]["library"] not in files:
         raise Invalid(f"kernels.library: {m['kernels']['library']!r} is not a listed file")
     for name in m["kernels"].get("tuning", {}):
@@ -238,6 +262,24 @@ def _paging_references(m: dict) -> None:
         if len(shape) < 3 or shape[0] != [[1, ["blocks"]]] or shape[seq_axis] != page:
             raise Invalid(f"plans.values[{e['past']!r}]: a paged cache is [blocks, ...] with {page} positions "
                           f"on axis {seq_axis}, got {shape}")
+
+
+def _gpu_references(kernels: dict, plan: list, files: dict) -> None:
+    """The source is a listed file; a kernel's buffer arguments are positions the plan's calls of
+    its function give, its scratch arguments intermediates the function lists."""
+    if kernels["source"] not in files:
+        raise Invalid(f"kernels.source: {kernels['source']!r} is not a listed file")
+    given = {}
+    for step in plan:
+        given[step["kernel"]] = min(given.get(step["kernel"], len(step["args"])), len(step["args"]))
+    for name, group in kernels["functions"].items():
+        for i, k in enumerate(group["kernels"]):
+            for j, a in enumerate(k["args"]):
+                where = f"kernels.functions[{name!r}].kernels[{i}].args[{j}]"
+                if type(a) is int and a >= given.get(name, 0):
+                    raise Invalid(f"{where}: buffer {a}, but the plan's calls give {given.get(name, 0)}")
+                if isinstance(a, dict) and a["scratch"] >= len(group["scratch"]):
+                    raise Invalid(f"{where}: scratch {a['scratch']}, but the function lists {len(group['scratch'])}")
 
 
 def _triton_references(kernels: dict, files: dict) -> None:

@@ -38,7 +38,7 @@ def run(queue, func, inputs: list[np.ndarray], outputs: list[tuple], env: dict, 
                if a.size else cl.Buffer(queue.context, flags.READ_WRITE, 4) for a in inputs]
     results = [np.zeros(s, d) for s, d in outputs]
     buffers += [cl.Buffer(queue.context, flags.READ_WRITE, max(r.nbytes, 4)) for r in results]
-    opencl.KernelGroup(queue.context, group)(queue, buffers, env)
+    opencl.KernelGroup(opencl.program(queue.context, group["source"]), group)(queue, buffers, env)
     after = [np.empty_like(a) for a in inputs]
     for r, b in zip(results + after, buffers[len(inputs):] + buffers):
         if r.size:

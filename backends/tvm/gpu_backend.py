@@ -1,0 +1,142 @@
+"""The TVM backend for GPUs behind `llmc.compile(..., target="opencl")` (Android's Adreno and
+Mali; here pocl) and, from the same schedules, Metal (Apple).
+
+Every node becomes a kernel group (`gpu.build`): the op's TensorIR function, the CPU backend's
+where it has no CPU-specific layout (attention, rope_cache, the small ops) and a GEMM over the
+graph's weight layout (`linear.LinearSpec.plain`), scheduled for the GPU (`gpu.default_schedule`)
+and lowered to device source and a launch table. The artifact holds one source file with every
+kernel (`kernels/<kind>/model.<ext>`, each kernel named after its group) and the table, which
+the runtime follows without TVM (`llmc.runtime.opencl`).
+
+The functions' variables that are not run-time dims are bound here, per kernel: a GEMM's rows
+(the product of its input's leading dims), a cache's length (the artifact's context), the
+keys' length (`total`), the small ops' dims that are expressions (`min(seq, 1)`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from llmc.errors import LlmcError
+from llmc.ir.graph import Graph, Node
+
+from .. import Build
+from ..plan import (Step, UnsupportedGraph, attention_args, check_kv_layout, kv_int8, kv_layout, lay_out_caches,
+                    node_key, plan_nodes, rope_cache_args)
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = {"opencl": "cl", "metal": "metal"}
+
+
+def dim_text(d) -> str:
+    """An IR dim (an int or a polynomial over the named dims) as `llmc.runtime.dims` parses it."""
+    if isinstance(d, int):
+        return str(d)
+    terms = [" * ".join([str(c)] + [f"({a})" for a in monomial]) for monomial, c in d.terms.items()]
+    return " + ".join(terms) or "0"
+
+
+def _rows(x) -> str:
+    """A GEMM's rows: the product of its input's leading dims."""
+    rows = 1
+    for d in x.shape[:-1]:
+        rows = rows * d
+    return dim_text(rows)
+
+
+def plan_node(node: Node, graph: Graph, max_seq: int):
+    """(kernel key, builder of {name: (function, bindings)}, [step]) for one node."""
+    from . import attention, injective, linear, rope_cache
+
+    def one(make, bindings):
+        return lambda name: {name: (make().with_attr("global_symbol", name), bindings)}
+    if node.op == "fused_linear":
+        spec = replace(linear.LinearSpec.of(node, graph), plain=True)
+        if spec.act_block:
+            raise UnsupportedGraph(f"{node.name}: GPU GEMMs take f32 activations", node.name)
+        slots = dict(zip(["x", "w", "bias", "residual", "norm_scale", "norm_bias", "w_scale", "w_zero"], node.inputs))
+        args = [slots[a].name + (spec.packing(a) or "") for a in spec.arg_names()[:-1]] + [node.outputs[0].name]
+        rows = _rows(node.inputs[0])
+        return repr((spec, rows)), one(lambda: linear.prim_func(spec), {"m": rows}), [Step("", "linear", tuple(args))]
+    if node.op == "attention":
+        spec = replace(attention.AttentionSpec.of(node), kv_int8=kv_int8(graph))
+        return repr(spec), one(lambda: attention.prim_func(spec), {"kv_len": "total", "max_seq": str(max_seq)}), \
+            [Step("", "attention", attention_args(node, graph))]
+    if node.op == "rope_cache":
+        qkv, offset, args = rope_cache_args(node, graph)
+        spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset,
+                       kv_int8=kv_int8(graph))
+        return repr(spec), one(lambda: rope_cache.prim_func(spec), {"b": "batch", "s": "seq", "m": str(max_seq)}), \
+            [Step("", "rope_cache", args)]
+    if node.op in injective.LOWERINGS:
+        args = [v.name for pos, v in enumerate(node.inputs)
+                if v is not None and not (node.op in ("reshape", "expand") and pos == 1)]
+        dims = injective.Dims()
+        bindings = {dims.var(d).name: d for d in injective.dim_names(node)}
+        return node_key(node), one(lambda: injective.prim_func(node), bindings), [Step(
+            "", "injective", tuple(args + [v.name for v in node.outputs]))]
+    raise UnsupportedGraph(f"{node.name}: no GPU kernel for op {node.op!r}", node.name)
+
+
+class GpuBackend:
+    name = "TVM"
+
+    def __init__(self, kind: str):
+        self.kind = kind  # "opencl" or "metal"
+
+    def check(self, options: dict) -> None:
+        if options["dtype"] != "fp32":
+            raise LlmcError(f"--dtype {options['dtype']}: the {self.kind} target computes in fp32 so far "
+                            "(use --quant to shrink the weights)")
+        if options["activations"] not in (None, "f32"):
+            raise LlmcError(f"--activations {options['activations']}: the {self.kind} target's GEMMs take f32 "
+                            "activations")
+        if options["kv_cache"] not in ("f32", "int8"):
+            raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on {self.kind}; supported: f32, int8")
+        check_kv_layout(options)
+        if kv_layout(options) != ("bhsd", 0):
+            raise LlmcError(f"--kv-layout {options['kv_layout']}: the {self.kind} target's kernels read "
+                            "contiguous bhsd caches")
+
+    def default_activations(self, options: dict) -> str:
+        return "f32"
+
+    def machine(self, options: dict) -> dict:
+        return {"gpu": self.kind}
+
+    def can_measure(self, options: dict) -> str:
+        return f"the {self.kind} target's kernels have no tuning knobs yet"
+
+    def build(self, graph, options: dict) -> Build:
+        from llmc.progress import bar
+
+        from . import gpu
+        from .compile import weights
+
+        caches = lay_out_caches(graph, options["kv_cache"])
+        max_seq = graph.metadata.get("max_seq_len")
+        if not max_seq or not graph.metadata.get("kv_cache", {}).get("entries"):
+            raise UnsupportedGraph("the GPU kernels read a runtime-owned KV cache of a known length: compile a "
+                                   "decoder with a context length")
+        functions, plan = plan_nodes(graph, lambda node: plan_node(node, graph, max_seq))
+        shown = bar(total=len(functions), desc=f"compiling {self.kind} kernels")
+        groups = {}
+        for name, (func, bindings) in functions.items():
+            try:
+                groups[name] = gpu.build(gpu.default_schedule(func, self.kind), self.kind, bindings)
+            except NotImplementedError as e:
+                raise UnsupportedGraph(f"kernel {name}: {e}") from None
+            shown.update()
+        shown.close()
+        source_path = f"kernels/{self.kind}/model.{EXTENSIONS[self.kind]}"
+        source = "\n".join(g.pop("source") for g in groups.values()).encode()
+        kernels = {"source": source_path, "functions": groups}
+        return Build(target={"kind": self.kind}, cpu=None, kernels=kernels, plan=plan, values=caches,
+                     weights=weights(graph, plan), files={source_path: lambda path: Path(path).write_bytes(source)})
+
+
+OPENCL = GpuBackend("opencl")
+METAL = GpuBackend("metal")
