@@ -36,22 +36,25 @@ def default_schedule(func, kind: str, threads: int = 256):
     import tvm
     from tvm.s_tir import dlight as dl
 
-    mod = tvm.IRModule({"main": func})
+    symbol = func.attrs["global_symbol"] if func.attrs and "global_symbol" in func.attrs else "main"
+    mod = tvm.IRModule({symbol: func})
     with target(kind):
         try:
             return dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.Fallback())(mod)
         except RuntimeError:  # a ScheduleError, or an InternalError of a primitive a rule tried
-            return thread_per_output(func, threads)
+            return thread_per_output(mod, threads)
 
 
-def thread_per_output(func, threads: int = 256):
-    """The simplest GPU schedule of any function: stages that only compute elements inlined into
+def thread_per_output(mod, threads: int = 256):
+    """The simplest GPU schedule of any function (`mod`'s one): stages that only compute elements inlined into
     their readers where they can be, then each remaining stage a kernel of one thread per output
     element (its spatial loops fused and split over work-groups of `threads`), its reduction
     serial in the thread. Correct for every function; fast for none but the elementwise ones."""
     import tvm
 
-    sch = tvm.s_tir.Schedule(func)
+    sch = tvm.s_tir.Schedule(mod)
+    (symbol,) = [gv.name_hint for gv in mod.functions]
+    sch.work_on(symbol)
     root = sch.get_sblock("root")
     for block in sch.get_child_blocks(root):
         if not any(v.iter_type != 0 for v in sch.get(block).iter_vars):
@@ -155,50 +158,76 @@ def _host_calls(host_mod) -> tuple[dict[str, list], dict, dict]:
     return calls, lets, scratch
 
 
-def build(mod, kind: str, bindings: dict[str, str] | None = None) -> dict:
-    """Device source and launch table of a scheduled IRModule with one function `main`:
-    {"source", "kernels": [{"name", "args": [...], "launch": {"blockIdx.x": extent, ...}}] in
-    the order the host launches them, "scratch": [{"name", "dtype", "elements"}]}. An argument is
-    an int (main's buffer parameter of that position), {"scratch": i} (an intermediate in global
-    memory that kernels pass on, of `elements` items) or [expression, dtype] (a scalar).
-    `bindings`: the function's variables that are not run-time dims, as expressions over them."""
-    bindings = bindings or {}
-    import tvm
-    from tvm.tirx.build import split_host_device_mods, tir_to_runtime
+class Lowered:
+    """One scheduled function lowered for a GPU target: its launch table (`table`), and its host
+    and device code, which `source` turns into device source together with other functions'."""
 
-    tgt = target(kind)
-    main = mod["main"]
-    buffers = {p.name: i for i, p in enumerate(main.params) if "Buffer" in type(p.ty).__name__}
-    lowered = tvm.tirx.transform.BindTarget(tgt.with_host(tgt.host))(mod)
-    pipeline, finalize_host, finalize_device = tvm.tirx.get_default_tir_pipeline(tgt)
-    host_mod, device_mods = split_host_device_mods(pipeline(lowered))
-    devices = {gv.name_hint: f for d in device_mods.values() for gv, f in d.functions.items()}
-    kernels, scratch = [], []
-    calls, lets, allocated = _host_calls(host_mod)
-    for name, call in calls.items():
-        func = devices[name]
-        tags = list(func.attrs["tirx.kernel_launch_params"])
-        if not all(t.startswith(("blockIdx.", "threadIdx.")) for t in tags):
-            raise NotImplementedError(f"{name}: launch parameters {tags} (dynamic shared memory?)")
-        args = []
-        for p, value in zip(func.params, call):
-            buffer = p.name.removesuffix("_ptr")
-            if buffer in buffers:
-                args.append(buffers[buffer])
-            elif buffer in allocated:  # an intermediate in global memory, between two kernels
-                names = [s["name"] for s in scratch]
-                if buffer not in names:
-                    b = allocated[buffer]
-                    elements = " * ".join(f"({expression(d, lets, bindings)})" for d in b.shape) or "1"
-                    scratch.append({"name": buffer, "dtype": str(b.dtype), "elements": elements})
-                    names.append(buffer)
-                args.append({"scratch": names.index(buffer)})
-            elif "Pointer" in type(p.ty).__name__:
-                raise NotImplementedError(f"{name}: parameter {p.name} is no buffer the runtime can give")
-            else:  # a scalar the host computes from the dims
-                args.append([expression(value, lets, bindings), str(p.ty)])
-        kernels.append({"name": name, "args": args,
-                        "launch": {t: expression(e, lets, bindings) for t, e in zip(tags, call[len(func.params):])}})
-    runtime_mod = tir_to_runtime(finalize_host()(host_mod), {t: finalize_device()(d) for t, d in device_mods.items()},
+    def __init__(self, mod, kind: str, bindings: dict[str, str] | None = None):
+        """`mod`: a scheduled IRModule of one function; `bindings`: the function's variables
+        that are not run-time dims, as expressions over them."""
+        import tvm
+        from tvm.tirx.build import split_host_device_mods
+
+        self.kind, bindings = kind, bindings or {}
+        tgt = target(kind)
+        (main,) = mod.functions.values()
+        buffers = {p.name: i for i, p in enumerate(main.params) if "Buffer" in type(p.ty).__name__}
+        lowered = tvm.tirx.transform.BindTarget(tgt.with_host(tgt.host))(mod)
+        pipeline, self.finalize_host, self.finalize_device = tvm.tirx.get_default_tir_pipeline(tgt)
+        self.host, device_mods = split_host_device_mods(pipeline(lowered))
+        self.devices = {gv: f for d in device_mods.values() for gv, f in d.functions.items()}
+        by_name = {gv.name_hint: f for gv, f in self.devices.items()}
+        kernels, scratch = [], []
+        calls, lets, allocated = _host_calls(self.host)
+        for name, call in calls.items():
+            func = by_name[name]
+            tags = list(func.attrs["tirx.kernel_launch_params"])
+            if not all(t.startswith(("blockIdx.", "threadIdx.")) for t in tags):
+                raise NotImplementedError(f"{name}: launch parameters {tags} (dynamic shared memory?)")
+            args = []
+            for p, value in zip(func.params, call):
+                buffer = p.name.removesuffix("_ptr")
+                if buffer in buffers:
+                    args.append(buffers[buffer])
+                elif buffer in allocated:  # an intermediate in global memory, between two kernels
+                    names = [s["name"] for s in scratch]
+                    if buffer not in names:
+                        b = allocated[buffer]
+                        elements = " * ".join(f"({expression(d, lets, bindings)})" for d in b.shape) or "1"
+                        scratch.append({"name": buffer, "dtype": str(b.dtype), "elements": elements})
+                        names.append(buffer)
+                    args.append({"scratch": names.index(buffer)})
+                elif "Pointer" in type(p.ty).__name__:
+                    raise NotImplementedError(f"{name}: parameter {p.name} is no buffer the runtime can give")
+                else:  # a scalar the host computes from the dims
+                    args.append([expression(value, lets, bindings), str(p.ty)])
+            launch = {t: expression(e, lets, bindings) for t, e in zip(tags, call[len(func.params):])}
+            kernels.append({"name": name, "args": args, "launch": launch})
+        self.table = {"kernels": kernels, "scratch": scratch}
+
+
+def source(lowered: list[Lowered]) -> str:
+    """The device source of every kernel of `lowered` (one target kind, distinct names), from one
+    code generation: one preamble, every kernel once."""
+    import tvm
+    from tvm.tirx.build import tir_to_runtime
+
+    first = lowered[0]
+    tgt = target(first.kind)
+    host = tvm.IRModule({gv: f for low in lowered for gv, f in low.host.functions.items()})
+    device = tvm.IRModule({gv: f for low in lowered for gv, f in low.devices.items()})
+    device_target = next(iter(first.devices.values())).attrs["target"]
+    runtime_mod = tir_to_runtime(first.finalize_host()(host), {device_target: first.finalize_device()(device)},
                                  tgt.host)
-    return {"source": runtime_mod.imports[0].inspect_source(), "kernels": kernels, "scratch": scratch}
+    return runtime_mod.imports[0].inspect_source()
+
+
+def build(mod, kind: str, bindings: dict[str, str] | None = None) -> dict:
+    """One scheduled function's launch table (`Lowered.table`) with its device source
+    ("source"). The table: {"kernels": [{"name", "args", "launch": {"blockIdx.x": extent, ...}}]
+    in the order the host launches them, "scratch": [{"name", "dtype", "elements"}]}. An
+    argument is an int (the function's buffer parameter of that position), {"scratch": i} (an
+    intermediate in global memory that kernels pass on, of `elements` items) or [expression,
+    dtype] (a scalar)."""
+    low = Lowered(mod, kind, bindings)
+    return {**low.table, "source": source([low])}

@@ -122,18 +122,19 @@ class GpuBackend:
             raise UnsupportedGraph("the GPU kernels read a runtime-owned KV cache of a known length: compile a "
                                    "decoder with a context length")
         functions, plan = plan_nodes(graph, lambda node: plan_node(node, graph, max_seq))
-        shown = bar(total=len(functions), desc=f"compiling {self.kind} kernels")
-        groups = {}
+        shown = bar(total=len(functions) + 1, desc=f"compiling {self.kind} kernels")
+        lowered = {}
         for name, (func, bindings) in functions.items():
             try:
-                groups[name] = gpu.build(gpu.default_schedule(func, self.kind), self.kind, bindings)
+                lowered[name] = gpu.Lowered(gpu.default_schedule(func, self.kind), self.kind, bindings)
             except NotImplementedError as e:
                 raise UnsupportedGraph(f"kernel {name}: {e}") from None
             shown.update()
+        source = gpu.source(list(lowered.values())).encode()
+        shown.update()
         shown.close()
         source_path = f"kernels/{self.kind}/model.{EXTENSIONS[self.kind]}"
-        source = "\n".join(g.pop("source") for g in groups.values()).encode()
-        kernels = {"source": source_path, "functions": groups}
+        kernels = {"source": source_path, "functions": {name: low.table for name, low in lowered.items()}}
         return Build(target={"kind": self.kind}, cpu=None, kernels=kernels, plan=plan, values=caches,
                      weights=weights(graph, plan), files={source_path: lambda path: Path(path).write_bytes(source)})
 
