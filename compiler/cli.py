@@ -3,7 +3,9 @@
     llmc inspect model.onnx [--ir] [--svg FILE [--layer N]] [--passes]
     llmc compile model.onnx --target cpu -o model.llmc
     llmc compile model.onnx --target cuda [--dtype fp16] [--arch sm_80,sm_90] -o model.llmc
+    llmc compile model.onnx --target opencl|metal -o model.llmc
     llmc run model.llmc --prompt-ids 1,2,3 --max-new-tokens 32  [--interpret: a cuda artifact on the CPU]
+    llmc devices   (the OpenCL devices an opencl artifact can run on)
     llmc run model.llmc --prompt "Once upon a time"   (with a bundled tokenizer)
     llmc runtime build [--target x86_64|arm64] [--shared] -o llmc-run
     llmc package model.onnx --target arm64 [--cpu cortex-a76] -o DIR   (program + artifact + README)
@@ -23,8 +25,12 @@ import shutil
 import sys
 from pathlib import Path
 
+from llmc.backends import BACKENDS
+
 from . import __version__
 from .errors import LlmcError
+
+TARGETS = tuple(BACKENDS)
 
 log = logging.getLogger("llmc")
 
@@ -70,10 +76,12 @@ def _parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compile", help="compile an ONNX decoder (with KV cache) to an artifact")
     comp.add_argument("model", help="an ONNX decoder with a KV cache, as any exporter writes it")
-    comp.add_argument("--target", choices=("cpu", "arm64", "cuda"), default="cpu",
+    comp.add_argument("--target", choices=TARGETS, default="cpu",
                       help="cpu: TVM kernels for this CPU; arm64: TVM kernels for an aarch64 CPU, cross-compiled "
                            "(run them with the native runtime: llmc runtime build --target arm64); cuda: Triton "
-                           "kernels compiled to cubins (no GPU needed)")
+                           "kernels compiled to cubins (no GPU needed); opencl: TVM GPU kernels as OpenCL C "
+                           "(Android GPUs; run here on any OpenCL device, pocl included); metal: the same kernels "
+                           "as Metal Shading Language (Apple GPUs; no runtime for them yet)")
     comp.add_argument("--dtype", choices=("fp32", "fp16"),
                       help="the GEMM weights' precision (default: fp16 on cuda, fp32 on cpu); sums are f32")
     comp.add_argument("--arch", default="sm_80,sm_90",
@@ -97,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="measure a model's kernels on this machine into the tuning cache, or export "
                                        "the cache for identical machines")
     tune.add_argument("model", nargs="?", help="an ONNX decoder (compile options as for compile)")
-    tune.add_argument("--target", choices=("cpu", "arm64", "cuda"), default="cpu")
+    tune.add_argument("--target", choices=TARGETS, default="cpu")
     tune.add_argument("--cpu", help="as for compile")
     tune.add_argument("--dtype", choices=("fp32", "fp16"))
     tune.add_argument("--arch", default="sm_80,sm_90")
@@ -125,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--interpret", action="store_true",
                      help="run a cuda artifact's Triton kernels under Triton's interpreter on the CPU (slow; needs "
                           "torch and triton)")
+    run.add_argument("--device", type=int, metavar="N",
+                     help="an opencl artifact: the OpenCL device to run on, by its index in `llmc devices` (default 0)")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.set_defaults(run=_run)
 
@@ -182,6 +192,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="also measure onnxruntime's own quantized models of the same schemes")
     qr.add_argument("--json", metavar="FILE", help="also write the figures as JSON here")
     qr.set_defaults(run=_quant_report)
+
+    dev = sub.add_parser("devices", help="the OpenCL devices this machine has (llmc run --device N)")
+    dev.set_defaults(run=_devices)
 
     rt = sub.add_parser("runtime", help="the native runtime (C, no Python): build it for a target")
     rsub = rt.add_subparsers(metavar="ACTION")
@@ -315,13 +328,15 @@ def _inspect_artifact(path) -> int:
         f"target:   {m['target']['kind']} {m['target'].get('mtriple', '')}, CPU {m['cpu']['name']} "
         f"(needs {', '.join(m['cpu']['features']) or 'nothing beyond the architecture'})" if m["cpu"] else
         f"target:   cuda, cubins for {', '.join(m['kernels']['archs'])} (Triton {m['kernels']['triton_version']}), "
-        f"--dtype {m['target']['dtype']}",
+        f"--dtype {m['target']['dtype']}" if m["target"]["kind"] == "cuda" else
+        f"target:   {m['target']['kind']}, {sum(len(g['kernels']) for g in m['kernels']['functions'].values())} GPU "
+        f"kernels in {m['kernels']['source']}",
         f"model:    {model['name']}, context {model['max_seq_len']} tokens, KV cache {model['kv_cache']['dtype']} "
         f"{_layout_summary(model['kv_cache']['layout'])}, weights {'f32' if not quant else _quant_summary(quant)}",
         f"inputs:   {', '.join(t['name'] for t in model['inputs'] if t['name'] not in pasts)}"
         + (f", and {len(pasts)} KV-cache inputs" if pasts else ""),
         f"plan:     {len(m['plans']['forward'])} kernel calls, {len(m['kernels']['functions'])} distinct kernels; "
-        f"tuning: {_tuning_summary(m['kernels']['tuning'])}",
+        f"tuning: {_tuning_summary(m['kernels'].get('tuning', {}))}",
         "memory (batch 1, the whole context):",
         f"  weights      {_bytes(mem['weights'])} (mapped from the file, shared between processes)",
         f"  KV cache     {_bytes(mem['kv_cache'])}",
@@ -455,13 +470,22 @@ def _tune(args) -> int:
         print(f"{args.export}: {len(entries)} entries for this machine")
     return 0
 
+def _devices(args) -> int:
+    from llmc.runtime import opencl
+
+    for i, d in enumerate(opencl.devices()):
+        print(f"{i}: {d.name.strip()} ({d.platform.name.strip()}, {d.global_mem_size >> 20} MiB, "
+              f"{d.max_compute_units} compute units)")
+    return 0
+
+
 def _run(args) -> int:
     import json
     import time
 
     from llmc import runtime
 
-    model = runtime.load(args.artifact, threads=args.threads, interpret=args.interpret)
+    model = runtime.load(args.artifact, threads=args.threads, interpret=args.interpret, device=args.device)
     text = args.prompt is not None
     prompts = [model.text.encode(p) for p in args.prompt] if text else \
         [_token_ids(p, "--prompt-ids") for p in args.prompt_ids]

@@ -237,5 +237,6 @@ def _check_weights(plans: dict, weights: dict[str, np.ndarray], where: str) -> N
 def load(path, threads: int | None = None, interpret: bool = False, device: int | None = None) -> Model:
     """Open, verify and load an artifact; `threads`: the kernels' threads (default: every core,
     or LLMC_NUM_THREADS). A cuda artifact runs on the GPU, or with `interpret` under Triton's
-    interpreter on the CPU (slow; needs torch and triton)."""
+    interpreter on the CPU (slow; needs torch and triton); an opencl artifact on OpenCL device
+    number `device` (default 0)."""
     return Model(path, threads, interpret, device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from llmc.runtime.dims import DIMS
 
+METAL_PREAMBLE = "#include <metal_stdlib>\nusing namespace metal;\n\nunion __TVMArgUnion {\n int v_int[2];\n};\n"
 TARGETS = {
     "opencl": {"kind": "opencl", "host": {"kind": "llvm"}},
     "metal": {"kind": "metal", "thread_warp_size": 32, "host": {"kind": "llvm", "mtriple": "arm64-apple-macos"}},
@@ -219,7 +220,11 @@ def source(lowered: list[Lowered]) -> str:
     device_target = next(iter(first.devices.values())).attrs["target"]
     runtime_mod = tir_to_runtime(first.finalize_host()(host), {device_target: first.finalize_device()(device)},
                                  tgt.host)
-    return runtime_mod.imports[0].inspect_source()
+    text = runtime_mod.imports[0].inspect_source()
+    # TVM's Metal code generation writes each kernel as a library of its own, each with this
+    # preamble: kept once, the kernels are one library
+    start = text.find(METAL_PREAMBLE) + len(METAL_PREAMBLE)
+    return text[:start] + text[start:].replace(METAL_PREAMBLE, "") if first.kind == "metal" else text
 
 
 def build(mod, kind: str, bindings: dict[str, str] | None = None) -> dict:

@@ -1,0 +1,148 @@
+"""The opencl and metal targets end to end. opencl artifacts run on pocl (an OpenCL driver for
+this CPU) through the runtime's OpenCL executor: every zoo decoder family gives onnxruntime's
+greedy tokens and its logits within f32 rounding; quantized weights and the int8 KV cache give
+the CPU target's results (f32 activations, dequantized in the kernels). metal artifacts hold the
+same kernels from the same schedules, as Metal source with the same launch tables; running one
+here is a clear error. pocl's speed says nothing about a GPU's: nothing here is timed."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import rel_err
+from onnx_reference import OnnxDecoder
+from test_cuda_target import _greedy, _some_slow
+from zoo_cases import compiler, export
+
+import llmc
+from llmc import runtime, zoo
+from llmc.runtime.artifact import open_artifact
+from llmc.runtime.errors import LlmcError
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def gpu(tmp_path_factory):
+    """`gpu(name, target="opencl", **options)`: a zoo model compiled for a GPU target, once."""
+    by_target = {t: compiler(tmp_path_factory.mktemp(t), t) for t in ("opencl", "metal")}
+    return lambda name, target="opencl", **options: by_target[target](name, **options)
+
+
+@pytest.mark.parametrize("name", _some_slow([m.name for m in zoo.TINY_DECODERS], ("llama-tiny",)))
+def test_gives_onnxruntime_tokens_and_logits(name, gpu, rng):
+    art = gpu(name)
+    prompt = rng.integers(0, zoo.get(name).config().vocab_size, 7).tolist()
+    want_tokens, want_logits = OnnxDecoder(export(name, exporter="dynamo", kv_cache=True), art).greedy(prompt, STEPS)
+    model = runtime.load(art)
+    tokens, logits = _greedy(model, prompt, STEPS)
+    assert tokens == want_tokens
+    for step in range(STEPS):
+        assert rel_err(logits[step], want_logits[step]) < 1e-5, step
+    assert model.generate(prompt, STEPS) == want_tokens
+
+
+@pytest.mark.parametrize("options", [pytest.param(dict(quant="w8"), marks=pytest.mark.slow),
+                                     pytest.param(dict(quant="w4", group_size=32, zero_point=True),
+                                                  marks=pytest.mark.slow),
+                                     dict(quant="w4", group_size=64, kv_cache="int8")],
+                         ids=["w8", "w4-g32-zero-point", "w4-g64-int8-kv"])
+def test_quantized_matches_the_cpu_target(options, gpu, artifacts, rng):
+    """The same quantized weights (and int8 KV cache) give the TVM CPU kernels' logits with f32
+    activations: both dequantize in registers, in f32."""
+    prompt = rng.integers(0, 256, 6).tolist()
+    want_tokens, want_logits = _greedy(runtime.load(artifacts("llama-tiny", activations="f32", **options)),
+                                       prompt, STEPS)
+    tokens, logits = _greedy(runtime.load(gpu("llama-tiny", **options)), prompt, STEPS)
+    assert tokens == want_tokens
+    for step in range(STEPS):
+        assert rel_err(logits[step], want_logits[step]) < 1e-5, step
+
+
+def test_metal_holds_the_opencl_kernels_as_metal_source(gpu):
+    """One schedule, two languages: the metal artifact's plan and launch tables are the opencl
+    one's, and every kernel the tables name is defined in each source."""
+    metal, cl = (open_artifact(gpu("llama-tiny", target=t)) for t in ("metal", "opencl"))
+    assert metal.manifest["plans"] == cl.manifest["plans"]
+    assert metal.manifest["kernels"]["functions"] == cl.manifest["kernels"]["functions"]
+    names = [k["name"] for g in cl.manifest["kernels"]["functions"].values() for k in g["kernels"]]
+    metal_source = metal.file(metal.manifest["kernels"]["source"]).read_text()
+    cl_source = cl.file(cl.manifest["kernels"]["source"]).read_text()
+    assert metal_source.count("#include <metal_stdlib>") == 1  # one library
+    for name in names:
+        assert re.search(rf"\bkernel void {name}\(", metal_source), name
+        assert re.search(rf"__kernel void {name}\(", cl_source), name
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "llmc.cli", *args], capture_output=True, text=True)
+
+
+def test_llmc_run_on_an_opencl_device(gpu):
+    art = gpu("gpt2-tiny")
+    out = _cli("run", str(art), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--device", "0", "--json")
+    assert out.returncode == 0, out.stderr
+    want, _ = OnnxDecoder(export("gpt2-tiny", exporter="dynamo", kv_cache=True), art).greedy([1, 2, 3], 4)
+    assert json.loads(out.stdout)["new_token_ids"] == want
+    listed = _cli("devices")
+    assert listed.returncode == 0 and listed.stdout.startswith("0: ")
+
+
+@pytest.mark.parametrize("target,args,message", [
+    ("metal", [], "runs on an Apple GPU"),
+    ("opencl", ["--device", "7"], "--device 7: this machine has"),
+    ("opencl", ["--interpret"], "--interpret runs a cuda artifact"),
+])
+def test_run_refuses_by_name(target, args, message, gpu):
+    out = _cli("run", str(gpu("gpt2-tiny", target=target)), "--prompt-ids", "1,2,3", *args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(dtype="fp16"), "computes in fp32 so far"),
+    (dict(kv_layout="paged:16"), "read contiguous bhsd caches"),
+    (dict(kv_cache="f16"), "supported: f32, int8"),
+])
+def test_compile_refuses_by_name(options, message, tmp_path):
+    with pytest.raises(LlmcError, match=re.escape(message)):
+        llmc.compile(export("gpt2-tiny", exporter="dynamo", kv_cache=True), target="opencl",
+                     output=tmp_path / "m.llmc", max_seq_len=32, **options)
+
+
+def test_a_kernel_table_naming_a_missing_buffer_is_refused(gpu, tmp_path):
+    """The launch table is checked against the plan before anything runs."""
+    import shutil
+
+    from llmc.runtime.artifact import ArtifactError
+
+    art = tmp_path / "bad.llmc"
+    shutil.copytree(gpu("gpt2-tiny"), art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    group = next(iter(manifest["kernels"]["functions"].values()))
+    group["kernels"][0]["args"][0] = 99
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"args\[0\]: buffer 99, but the plan's calls give"):
+        runtime.load(art)
+
+
+@pytest.mark.slow
+def test_every_kernel_of_the_half_billion_model_is_generated_for_both(tmp_path):
+    """The ~0.5B model's kernels, as OpenCL C and as Metal, from one schedule each."""
+    path = zoo.get("llama-0.5b").export()
+    arts = {t: open_artifact(llmc.compile(path, target=t, output=tmp_path / f"{t}.llmc", max_seq_len=256))
+            for t in ("opencl", "metal")}
+    tables = {t: a.manifest["kernels"]["functions"] for t, a in arts.items()}
+    assert tables["opencl"] == tables["metal"]
+    ops = {step["kind"] for step in arts["opencl"].manifest["plans"]["forward"]}
+    assert {"linear", "attention", "rope_cache", "injective"} <= ops
+    for t, a in arts.items():
+        source = a.file(a.manifest["kernels"]["source"]).read_text()
+        for group in tables[t].values():
+            for k in group["kernels"]:
+                assert f"void {k['name']}(" in source, (t, k["name"])
+    assert np.all([len(g["kernels"]) >= 1 for g in tables["opencl"].values()])
