@@ -62,11 +62,13 @@ def test_small_ops_match_reference(name, exporter, queue, rng):
     assert check_nodes(name, exporter, rng, lambda node, readers: node.op in LOWERINGS, kernel) > 20
 
 
+# the slow ones with the slow tests (each builds a kernel group for pocl: seconds)
 @pytest.mark.parametrize("spec,seq,past", [
-    (attention.AttentionSpec(4, 2, 16, 0.25), 3, 4),  # masked prefill of a chunk after a past, GQA
-    (attention.AttentionSpec(4, 4, 12, 0.3, masked=False, is_causal=True), 5, 0),  # causal prefill
+    pytest.param(attention.AttentionSpec(4, 2, 16, 0.25), 3, 4, marks=pytest.mark.slow),  # masked chunk, GQA
+    pytest.param(attention.AttentionSpec(4, 4, 12, 0.3, masked=False, is_causal=True), 5, 0,
+                 marks=pytest.mark.slow),  # causal prefill
     (attention.AttentionSpec(6, 2, 16, 0.25, masked=False, is_causal=True, merge_heads=False), 1, 9),  # decode
-    (attention.AttentionSpec(4, 2, 16, 0.25, kv_int8=True), 1, 6),  # int8 cache
+    (attention.AttentionSpec(4, 2, 16, 0.25, kv_int8=True), 3, 6),  # masked chunk, int8 cache
 ], ids=["masked-chunk", "causal-prefill", "causal-decode-heads", "int8"])
 def test_attention_matches_reference(spec, seq, past, queue, rng):
     """The CPU backend's attention function (the same TensorIR), on threads: every stage a kernel
@@ -89,9 +91,10 @@ def test_attention_matches_reference(spec, seq, past, queue, rng):
     assert rel_err(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("spec", [rope_cache.RopeCacheSpec(4, 2, 16, 16), rope_cache.RopeCacheSpec(4, 4, 12, 4),
-                                  rope_cache.RopeCacheSpec(3, 3, 10, 0), rope_cache.RopeCacheSpec(4, 2, 16, 16,
-                                                                                                 kv_int8=True)],
+@pytest.mark.parametrize("spec", [rope_cache.RopeCacheSpec(4, 2, 16, 16),
+                                  pytest.param(rope_cache.RopeCacheSpec(4, 4, 12, 4), marks=pytest.mark.slow),
+                                  pytest.param(rope_cache.RopeCacheSpec(3, 3, 10, 0), marks=pytest.mark.slow),
+                                  rope_cache.RopeCacheSpec(4, 2, 16, 16, kv_int8=True)],
                          ids=["gqa-full", "partial", "none", "int8"])
 @pytest.mark.parametrize("seq,past", [(5, 0), (1, 7)], ids=["prefill", "decode"])
 def test_rope_cache_matches_reference(spec, seq, past, queue, rng):
@@ -136,10 +139,13 @@ LINEAR_CASES = [dict(bias=True, residual=True), dict(norm="rms", activation="sil
                 dict(norm="layer", activation="gelu_tanh", bias=True), dict(activation="gelu", quant="w8", gated=True),
                 dict(activation="relu", quant="w4", group_size=32, norm="rms", residual=True),
                 dict(quant="w4", group_size=64, norm="layer", gated=True, activation="silu", bias=True)]
+LINEAR_DEFAULT = (1, 3, 5)  # the rest with the slow tests
 
 
 @pytest.mark.parametrize("rows", [1, 37], ids=["decode", "prefill"])
-@pytest.mark.parametrize("case", LINEAR_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("case", [c if i in LINEAR_DEFAULT else pytest.param(c, marks=pytest.mark.slow)
+                                  for i, c in enumerate(LINEAR_CASES)],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_linear_matches_reference(case, rows, queue, rng):
     """fused_linear over the weight as the graph holds it ([n, k]; w8; w4 two features a byte),
     the norm prologue and every epilogue, on odd sizes."""
