@@ -1,5 +1,6 @@
-"""GPU tests (`scripts/gpu-check.sh` runs them on a machine with an NVIDIA GPU; the default test
-run never collects this folder). They share the CPU tests' helpers and fixtures."""
+"""GPU tests (`scripts/gpu-check.sh` runs test_cuda_executor.py on a machine with an NVIDIA GPU,
+`scripts/metal-check.sh` test_metal.py on a Mac; the default test run never collects this
+folder). They share the CPU tests' helpers and fixtures."""
 
 import importlib.util
 import os

@@ -37,9 +37,6 @@ class Model:
                             f"{m['target']['kind']}")
         if device is not None and kind != "opencl":
             raise LlmcError(f"{where}: --device chooses among OpenCL devices; this artifact is for {kind}")
-        if kind == "metal":
-            raise LlmcError(f"{where}: a metal artifact runs on an Apple GPU, through the Metal executor on macOS "
-                            "(issue 18: not built yet); compile with --target opencl to run here")
         if kind == "llvm":
             cpu.check(m["cpu"], where)
         if not m["plans"]["forward"]:
@@ -57,11 +54,11 @@ class Model:
             self.threads = None
             self.executor = _cuda_executor(art, m, weights, interpret)
             return
-        if kind == "opencl":
-            from .opencl import OpenCLExecutor
+        if kind in ("opencl", "metal"):
+            from .gpu import GpuExecutor
 
             self.threads = None
-            self.executor = OpenCLExecutor(art, m, weights, device)
+            self.executor = GpuExecutor(_gpu_device(kind, device), art, m, weights)
             return
         self.threads = start_kernel_pool(threads)
         library = import_tvm_ffi().load_module(str(art.file(m["kernels"]["library"])))
@@ -221,6 +218,17 @@ def _cuda_executor(art, manifest: dict, weights: dict, interpret: bool):
     from .cuda import CudaExecutor
 
     return CudaExecutor(art, manifest, weights)
+
+
+def _gpu_device(kind: str, index: int | None):
+    """The device an opencl (OpenCL device number `index`) or metal artifact runs on."""
+    if kind == "metal":
+        from .metal import MetalDevice
+
+        return MetalDevice()
+    from .opencl import OpenCLDevice
+
+    return OpenCLDevice(index)
 
 
 def _check_weights(plans: dict, weights: dict[str, np.ndarray], where: str) -> None:

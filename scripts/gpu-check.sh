@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 # llmc itself, over what is installed (no downloads): the cuda target needs no TVM
 "$PY" -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | tail -3
 set +e
-timeout 240 "$PY" -m pytest -q -x -p no:cacheprovider gpu_tests 2>&1 | tee "$OUT/tests.log"
+timeout 240 "$PY" -m pytest -q -x -p no:cacheprovider gpu_tests/test_cuda_executor.py 2>&1 | tee "$OUT/tests.log"
 tests=${PIPESTATUS[0]}
 timeout 300 "$PY" -m llmc.cli -v bench llama-1b --target cuda --prompt-len 512 --new-tokens 128 --repeats 3 \
     --json "$OUT/bench.json" 2>"$OUT/bench.log" | tee "$OUT/bench.md"

@@ -15,35 +15,31 @@ from llmc.backends.tvm import attention, gpu, linear, measure, rope_cache
 from llmc.backends.tvm.injective import LOWERINGS, prim_func
 from llmc.ops import get_op
 from llmc.runtime import opencl
+from llmc.runtime.gpu import KernelGroup
 
 MAX_SEQ = 24
 
 
 @pytest.fixture(scope="module")
-def queue():
-    cl = opencl.opencl()
-    context = cl.Context([opencl.devices()[0]])
-    return cl.CommandQueue(context)
+def device():
+    return opencl.OpenCLDevice()
 
 
-def run(queue, func, inputs: list[np.ndarray], outputs: list[tuple], env: dict, bindings=None) -> list[np.ndarray]:
+def run(device, func, inputs: list[np.ndarray], outputs: list[tuple], env: dict, bindings=None) -> list[np.ndarray]:
     """`func` (a TensorIR function: its buffers, inputs then outputs) scheduled for the opencl
     target, built (`bindings`: its variables that are not run-time dims), and run on `inputs`;
     its outputs, of the given (shape, dtype)s, then the inputs as the kernels left them (a cache
     written in place)."""
-    cl = opencl.opencl()
     group = gpu.build(gpu.default_schedule(func, "opencl"), "opencl", bindings)
-    flags = cl.mem_flags
-    buffers = [cl.Buffer(queue.context, flags.READ_WRITE | flags.COPY_HOST_PTR, hostbuf=np.ascontiguousarray(a))
-               if a.size else cl.Buffer(queue.context, flags.READ_WRITE, 4) for a in inputs]
+    buffers = [device.upload(np.ascontiguousarray(a)) if a.size else device.alloc(4) for a in inputs]
     results = [np.zeros(s, d) for s, d in outputs]
-    buffers += [cl.Buffer(queue.context, flags.READ_WRITE, max(r.nbytes, 4)) for r in results]
-    opencl.KernelGroup(opencl.program(queue.context, group["source"]), group)(queue, buffers, env)
+    buffers += [device.alloc(r.nbytes) for r in results]
+    built = device.build(group["source"], [k["name"] for k in group["kernels"]])
+    KernelGroup(device, built, group)(buffers, env)
     after = [np.empty_like(a) for a in inputs]
     for r, b in zip(results + after, buffers[len(inputs):] + buffers):
         if r.size:
-            cl.enqueue_copy(queue, r, b)
-    queue.finish()
+            device.read(b, r)
     return results + after
 
 
@@ -52,13 +48,13 @@ def run(queue, func, inputs: list[np.ndarray], outputs: list[tuple], env: dict, 
                                            *(pytest.param(*case, marks=pytest.mark.slow) for case in
                                              (("gpt2-tiny", "dynamo"), ("phi-tiny", "torchscript"),
                                               ("gpt-neox-tiny", "dynamo")))])
-def test_small_ops_match_reference(name, exporter, queue, rng):
+def test_small_ops_match_reference(name, exporter, device, rng):
     """The embedding gather and the mask and rotary-table construction of real compiled graphs,
     node by node, fed the reference executor's inputs: dlight's fallback schedule binds each to
     threads, and every output is the reference's."""
     def kernel(node, inputs):
         outs = [(shape(v), v.dtype.numpy()) for v in node.outputs]
-        return run(queue, prim_func(node), [np.asarray(a) for a in inputs], outs, ENV)[:len(outs)]
+        return run(device, prim_func(node), [np.asarray(a) for a in inputs], outs, ENV)[:len(outs)]
     assert check_nodes(name, exporter, rng, lambda node, readers: node.op in LOWERINGS, kernel) > 20
 
 
@@ -70,7 +66,7 @@ def test_small_ops_match_reference(name, exporter, queue, rng):
     (attention.AttentionSpec(6, 2, 16, 0.25, masked=False, is_causal=True, merge_heads=False), 1, 9),  # decode
     (attention.AttentionSpec(4, 2, 16, 0.25, kv_int8=True), 3, 6),  # masked chunk, int8 cache
 ], ids=["masked-chunk", "causal-prefill", "causal-decode-heads", "int8"])
-def test_attention_matches_reference(spec, seq, past, queue, rng):
+def test_attention_matches_reference(spec, seq, past, device, rng):
     """The CPU backend's attention function (the same TensorIR), on threads: every stage a kernel
     of one thread per output, passing its intermediates in global memory."""
     batch, d, total = 2, spec.head_dim, past + seq
@@ -84,7 +80,7 @@ def test_attention_matches_reference(spec, seq, past, queue, rng):
     mask[0, 0, 0] = -np.inf  # a query that sees no key gets zeros
     out_shape = (batch, seq, spec.heads * d) if spec.merge_heads else (batch, spec.heads, seq, d)
     env = {"batch": batch, "seq": seq, "past": past, "total": total}
-    got = run(queue, attention.prim_func(spec), [q, *caches] + [mask] * spec.masked, [(out_shape, np.float32)],
+    got = run(device, attention.prim_func(spec), [q, *caches] + [mask] * spec.masked, [(out_shape, np.float32)],
               env, {"kv_len": "total", "max_seq": str(MAX_SEQ)})[0]
     want = get_op("attention").ref(q, k[:, :, :total], v[:, :, :total], mask if spec.masked else None,
                                    scale=spec.scale, is_causal=int(spec.is_causal), merge_heads=int(spec.merge_heads))
@@ -97,7 +93,7 @@ def test_attention_matches_reference(spec, seq, past, queue, rng):
                                   rope_cache.RopeCacheSpec(4, 2, 16, 16, kv_int8=True)],
                          ids=["gqa-full", "partial", "none", "int8"])
 @pytest.mark.parametrize("seq,past", [(5, 0), (1, 7)], ids=["prefill", "decode"])
-def test_rope_cache_matches_reference(spec, seq, past, queue, rng):
+def test_rope_cache_matches_reference(spec, seq, past, device, rng):
     """Queries rotated out, keys and values written into the caches at past + i in place, no
     other row touched."""
     batch, d = 2, spec.head_dim
@@ -109,7 +105,7 @@ def test_rope_cache_matches_reference(spec, seq, past, queue, rng):
               rng.standard_normal((batch, spec.kv_heads, MAX_SEQ, d)).astype(np.float32) for _ in range(2)]
     caches += [rng.random((batch, spec.kv_heads, MAX_SEQ)).astype(np.float32) for _ in range(2 * int8)]
     env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
-    q, _, _, _, *after = run(queue, rope_cache.prim_func(spec), [qkv, cos, sin, *caches],
+    q, _, _, _, *after = run(device, rope_cache.prim_func(spec), [qkv, cos, sin, *caches],
                           [((batch, spec.heads, seq, d), np.float32)], env,
                           {"b": "batch", "s": "seq", "m": str(MAX_SEQ)})
     qp, kp, vp = np.split(qkv, [spec.heads * d, (spec.heads + spec.kv_heads) * d], axis=-1)
@@ -146,7 +142,7 @@ LINEAR_DEFAULT = (1, 3, 5)  # the rest with the slow tests
 @pytest.mark.parametrize("case", [c if i in LINEAR_DEFAULT else pytest.param(c, marks=pytest.mark.slow)
                                   for i, c in enumerate(LINEAR_CASES)],
                          ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_linear_matches_reference(case, rows, queue, rng):
+def test_linear_matches_reference(case, rows, device, rng):
     """fused_linear over the weight as the graph holds it ([n, k]; w8; w4 two features a byte),
     the norm prologue and every epilogue, on odd sizes."""
     spec = linear.LinearSpec(n=2 * 50 if case.get("gated") else 50, k=192, plain=True, **case)
@@ -158,5 +154,5 @@ def test_linear_matches_reference(case, rows, queue, rng):
     args = [linear.PACKINGS[spec.packing(a)](inputs[a]) if spec.packing(a) else inputs[a]
             for a in spec.arg_names()[:-1]]
     func = linear.prim_func(spec)
-    got = run(queue, func, args, [((rows, spec.out_features), np.float32)], {"seq": rows}, {"m": "seq"})[0]
+    got = run(device, func, args, [((rows, spec.out_features), np.float32)], {"seq": rows}, {"m": "seq"})[0]
     assert rel_err(got, want) < 1e-5

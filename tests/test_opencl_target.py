@@ -130,6 +130,21 @@ def test_a_kernel_table_naming_a_missing_buffer_is_refused(gpu, tmp_path):
         runtime.load(art)
 
 
+def test_metal_arguments_struct_has_the_c_layout():
+    """The scalars of a Metal kernel go in one struct (TVM's `<kernel>_args_t`): packed as a C
+    compiler lays it out, as ctypes does on this machine (both are the platform C ABI)."""
+    import ctypes
+
+    from llmc.runtime.metal import pack
+
+    for types in (["int64", "int64"], ["int32", "int64", "int32"], ["int32"], ["int64", "int32"]):
+        values = [np.dtype(t).type(i + 1) for i, t in enumerate(types)]
+
+        class Args(ctypes.Structure):
+            _fields_ = [(f"f{i}", ctypes.c_int64 if t == "int64" else ctypes.c_int32) for i, t in enumerate(types)]
+        assert pack(values) == bytes(Args(*[int(v) for v in values])), types
+
+
 @pytest.mark.slow
 def test_every_kernel_of_the_half_billion_model_is_generated_for_both(tmp_path):
     """The ~0.5B model's kernels, as OpenCL C and as Metal, from one schedule each."""
