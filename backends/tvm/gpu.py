@@ -2,15 +2,16 @@
 Metal (Apple): a scheduled TensorIR function becomes device source and a launch table that a
 runtime without TVM follows.
 
-TVM's lowering splits a function into device kernels and a host function that binds the dims
-and launches them (`call_ffi_kernel(name, *args, *extents)`). The launch table is read off
-that call: each kernel's arguments (the function's buffers by position, its dims by name) and
-its launch extents, in the order of its launch tags (blockIdx.*, threadIdx.*), as expressions
-over the run-time dims (`llmc.runtime.dims`). The runtime sizes the work from them: an NDRange
-of extents.blockIdx * extents.threadIdx global items in work-groups of threadIdx.
+TVM's lowering splits a function into device kernels and a host function that binds the dims,
+allocates the intermediates kernels pass on, and launches the kernels
+(`call_ffi_kernel(name, *args, *extents)`). The launch table is read off that host code (`Lowered`):
+each kernel's arguments (the function's buffers by position, intermediates as scratch, scalars)
+and its launch extents, in the order of its launch tags (blockIdx.*, threadIdx.*), with every
+size as an expression over the run-time dims (`llmc.runtime.dims`). The runtime launches a grid
+of blockIdx work-groups of threadIdx threads.
 
-Schedules: TVM's dlight rules (GEMV, reductions, a fallback that binds every loop nest to
-threads), until an op family gets its own.
+Schedules (`default_schedule`): TVM's dlight rules where they apply, else one thread per output
+element (`thread_per_output`), until an op family gets its own.
 """
 
 from __future__ import annotations
