@@ -15,8 +15,9 @@ import sys
 import numpy as np
 import pytest
 from conftest import rel_err
-from onnx_reference import OnnxDecoder
+from onnx_reference import OnnxDecoder, at_accuracy_level_0
 from test_cuda_target import _greedy, _some_slow
+from test_third_party import FILES, FIXTURES, PROMPT
 from zoo_cases import compiler, export
 
 import llmc
@@ -50,6 +51,18 @@ def check_onnxruntime_tokens(art, name: str, rng, tolerance: float) -> None:
 @pytest.mark.parametrize("name", _some_slow([m.name for m in zoo.TINY_DECODERS], ("llama-tiny",)))
 def test_gives_onnxruntime_tokens_and_logits(name, gpu, rng):
     check_onnxruntime_tokens(gpu(name), name, rng, 1e-5)
+
+
+@pytest.mark.parametrize("name", _some_slow(FILES, ("optimum-qwen2",)))
+def test_files_nobody_here_made(name, tmp_path):
+    """optimum's and onnxruntime-genai's builder's exports (its int4 MatMulNBits files at
+    onnxruntime's f32 accuracy level, as llmc computes them on GPUs): onnxruntime's greedy tokens."""
+    path = FIXTURES / name / "model.onnx"
+    if name.endswith("int4"):
+        path = at_accuracy_level_0(path, tmp_path)
+    art = llmc.compile(path, target="opencl", output=tmp_path / "m.llmc", max_seq_len=64)
+    want, _ = OnnxDecoder(path, art).greedy(PROMPT, STEPS)
+    assert runtime.load(art).generate(PROMPT, STEPS) == want
 
 
 @pytest.mark.parametrize("options", [pytest.param(dict(quant="w8"), marks=pytest.mark.slow),
