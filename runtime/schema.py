@@ -98,7 +98,8 @@ TUNED = {"kernel": str, "config": Map(Check("a number or a string", lambda v: ty
 KERNELS = {"llvm": {"library": NAME, "functions": [NAME], "tuning": Map(TUNED)},
            "cuda": {"triton_version": str, "archs": [NAME], "sources": [NAME], "functions": Map(TRITON_KERNEL),
                     "argmax": NAME, "tuning": Map(TUNED)},
-           **{kind: {"source": NAME, "functions": Map(GPU_GROUP)} for kind in ("opencl", "metal")}}
+           **{kind: {"source": NAME, "functions": Map(GPU_GROUP), "?tuning": Map(TUNED)}
+              for kind in ("opencl", "metal")}}
 TARGETS = {"llvm": {"kind": ("llvm",), "?mcpu": str, "?mtriple": str, "?mattr": [str], "?num-cores": _int(1),
                     "?fast-math-reassoc": bool, "?fast-math-contract": bool},
            "cuda": {"kind": ("cuda",), "dtype": ("fp32", "fp16")},

@@ -11,7 +11,7 @@ from small_ops import ENV, check_nodes, shape
 
 from conftest import rel_err
 
-from llmc.backends.tvm import attention, gpu, linear, measure, rope_cache
+from llmc.backends.tvm import attention, gpu, gpu_attention, gpu_linear, linear, measure, rope_cache
 from llmc.backends.tvm.injective import LOWERINGS, prim_func
 from llmc.ops import get_op
 from llmc.runtime import opencl
@@ -26,11 +26,15 @@ def device():
 
 
 def run(device, func, inputs: list[np.ndarray], outputs: list[tuple], env: dict, bindings=None) -> list[np.ndarray]:
-    """`func` (a TensorIR function: its buffers, inputs then outputs) scheduled for the opencl
-    target, built (`bindings`: its variables that are not run-time dims), and run on `inputs`;
-    its outputs, of the given (shape, dtype)s, then the inputs as the kernels left them (a cache
-    written in place)."""
-    group = gpu.build(gpu.default_schedule(func, "opencl"), "opencl", bindings)
+    """`func` (a TensorIR function: its buffers, inputs then outputs; or a scheduled IRModule;
+    or a kernel group, `gpu.build`'s) scheduled for the opencl target, built (`bindings`: its
+    variables that are not run-time dims), and run on `inputs`; its outputs, of the given
+    (shape, dtype)s, then the inputs as the kernels left them (a cache written in place)."""
+    if isinstance(func, dict):
+        group = func
+    else:
+        group = gpu.build(func if hasattr(func, "functions") else gpu.default_schedule(func, "opencl"), "opencl",
+                          bindings)
     buffers = [device.upload(np.ascontiguousarray(a)) if a.size else device.alloc(4) for a in inputs]
     results = [np.zeros(s, d) for s, d in outputs]
     buffers += [device.alloc(r.nbytes) for r in results]
@@ -59,16 +63,17 @@ def test_small_ops_match_reference(name, exporter, device, rng):
 
 
 # the slow ones with the slow tests (each builds a kernel group for pocl: seconds)
-@pytest.mark.parametrize("spec,seq,past", [
-    pytest.param(attention.AttentionSpec(4, 2, 16, 0.25), 3, 4, marks=pytest.mark.slow),  # masked chunk, GQA
-    pytest.param(attention.AttentionSpec(4, 4, 12, 0.3, masked=False, is_causal=True), 5, 0,
+SMALL_CHUNKS = {"chunk": 8, "threads": 4}  # several chunks, the last one partial, over MAX_SEQ
+@pytest.mark.parametrize("spec,seq,past,config", [
+    pytest.param(attention.AttentionSpec(4, 2, 16, 0.25), 3, 4, None, marks=pytest.mark.slow),  # masked chunk, GQA
+    pytest.param(attention.AttentionSpec(4, 4, 12, 0.3, masked=False, is_causal=True), 5, 0, SMALL_CHUNKS,
                  marks=pytest.mark.slow),  # causal prefill
-    (attention.AttentionSpec(6, 2, 16, 0.25, masked=False, is_causal=True, merge_heads=False), 1, 9),  # decode
-    (attention.AttentionSpec(4, 2, 16, 0.25, kv_int8=True), 3, 6),  # masked chunk, int8 cache
+    (attention.AttentionSpec(6, 2, 16, 0.25, masked=False, is_causal=True, merge_heads=False), 1, 12, SMALL_CHUNKS),
+    (attention.AttentionSpec(4, 2, 16, 0.25, kv_int8=True), 3, 14, SMALL_CHUNKS),  # masked chunk, int8 cache
 ], ids=["masked-chunk", "causal-prefill", "causal-decode-heads", "int8"])
-def test_attention_matches_reference(spec, seq, past, device, rng):
-    """The CPU backend's attention function (the same TensorIR), on threads: every stage a kernel
-    of one thread per output, passing its intermediates in global memory."""
+def test_attention_matches_reference(spec, seq, past, config, device, rng):
+    """Split-K attention (`gpu_attention`): a work-group per chunk of keys, then the chunks
+    combined; a chunk past the keys and a query that sees no key (zeros) included."""
     batch, d, total = 2, spec.head_dim, past + seq
     q = rng.standard_normal((batch, spec.heads, seq, d)).astype(np.float32)
     k, v = (rng.standard_normal((batch, spec.kv_heads, MAX_SEQ, d)).astype(np.float32) for _ in range(2))
@@ -80,7 +85,8 @@ def test_attention_matches_reference(spec, seq, past, device, rng):
     mask[0, 0, 0] = -np.inf  # a query that sees no key gets zeros
     out_shape = (batch, seq, spec.heads * d) if spec.merge_heads else (batch, spec.heads, seq, d)
     env = {"batch": batch, "seq": seq, "past": past, "total": total}
-    got = run(device, attention.prim_func(spec), [q, *caches] + [mask] * spec.masked, [(out_shape, np.float32)],
+    got = run(device, gpu_attention.schedule(spec, config), [q, *caches] + [mask] * spec.masked,
+              [(out_shape, np.float32)],
               env, {"kv_len": "total", "max_seq": str(MAX_SEQ)})[0]
     want = get_op("attention").ref(q, k[:, :, :total], v[:, :, :total], mask if spec.masked else None,
                                    scale=spec.scale, is_causal=int(spec.is_causal), merge_heads=int(spec.merge_heads))
@@ -144,7 +150,8 @@ LINEAR_DEFAULT = (1, 3, 5)  # the rest with the slow tests
                          ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_linear_matches_reference(case, rows, device, rng):
     """fused_linear over the weight as the graph holds it ([n, k]; w8; w4 two features a byte),
-    the norm prologue and every epilogue, on odd sizes."""
+    the norm prologue and every epilogue, on odd sizes: the kernel group as the backend makes
+    it, whose GEMV runs one row and whose tiled GEMM runs 37 (a partial tile)."""
     spec = linear.LinearSpec(n=2 * 50 if case.get("gated") else 50, k=192, plain=True, **case)
     inputs = measure.linear_inputs(spec, rows, rng)
     want = get_op("fused_linear").ref(*[inputs.get(a) for a in ("x", "w", "bias", "residual", "norm_scale",
@@ -153,6 +160,35 @@ def test_linear_matches_reference(case, rows, device, rng):
                                       gated=int(spec.gated), quant=spec.quant, group_size=spec.group_size)
     args = [linear.PACKINGS[spec.packing(a)](inputs[a]) if spec.packing(a) else inputs[a]
             for a in spec.arg_names()[:-1]]
-    func = linear.prim_func(spec)
-    got = run(device, func, args, [((rows, spec.out_features), np.float32)], {"seq": rows}, {"m": "seq"})[0]
+    lowered = [(gpu.Lowered(mod, "opencl", bindings), condition)
+               for mod, bindings, condition in gpu_linear.variants(spec, "linear", "seq")]
+    group = {**gpu.group_table(lowered), "source": gpu.source([low for low, _ in lowered])}
+    got = run(device, group, args, [((rows, spec.out_features), np.float32)], {"seq": rows})[0]
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("op,attrs,params", [
+    ("rms_norm", {"epsilon": 1e-6}, 1), ("layer_norm", {"epsilon": 1e-5}, 2),
+    ("add_norm", {"norm": "rms", "epsilon": 1e-6}, 1), ("add_norm", {"norm": "layer", "epsilon": 1e-5}, 2)])
+def test_norm_matches_reference(op, attrs, params, device, rng):
+    """Norms that stand alone (`gpu_norm`): a work-group per row, the statistics in cross-thread
+    reductions; add_norm's sum beside them. Rows over two symbolic dims, 200 features (not a
+    multiple of the threads)."""
+    from llmc.backends.tvm import gpu_norm
+    from llmc.ir.dtypes import DType
+    from llmc.ir.graph import Graph, TensorType
+    from llmc.ir.symbolic import Sym
+
+    g, width = Graph(), 200
+    shape = (Sym.var("batch"), Sym.var("seq"), width)
+    inputs = [g.add_input(f"x{i}", TensorType(shape, DType.f32)) for i in range(2 if op == "add_norm" else 1)]
+    consts = [rng.standard_normal(width).astype(np.float32) for _ in range(params)]
+    g.add_node(op, inputs + [g.add_param(f"p{i}", c) for i, c in enumerate(consts)], attrs)
+    node = g.nodes[0]
+    xs = [rng.standard_normal((2, 3, width)).astype(np.float32) * 3 + 1 for _ in inputs]
+    want = get_op(op).ref(*xs, *consts, **node.attrs)
+    wants = want if isinstance(want, tuple) else (want,)
+    got = run(device, gpu_norm.schedule(prim_func(node)), xs + consts, [(w.shape, np.float32) for w in wants],
+              {"batch": 2, "seq": 3})
+    for a, w in zip(got, wants):
+        assert rel_err(a, w) < 1e-5

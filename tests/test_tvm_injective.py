@@ -60,20 +60,26 @@ def _one_node(op, shapes, params=(), **attrs):
     ("slice", [("n", 7, 3)], [[1], [7], [1], [2]], {}),
     ("layer_norm", [("n", 3, 24)], [np.float32(np.arange(24) / 7), np.float32(np.arange(24) / 5 - 1)], {"epsilon": 1e-5}),
     ("rms_norm", [("n", 24)], [np.float32(np.arange(24) / 7)], {"epsilon": 1e-6}),
+    ("add_norm", [("n", 3, 24)] * 2, [np.float32(np.arange(24) / 7), np.float32(np.arange(24) / 5 - 1)],
+     {"norm": "layer", "epsilon": 1e-5}),
+    ("add_norm", [("n", 24)] * 2, [np.float32(np.arange(24) / 7)], {"norm": "rms", "epsilon": 1e-6}),
 ])
 def test_lowering_matches_reference(op, shapes, params, attrs, rng):
     """The lowerings torch.compile graphs need besides the exported ones (transpose, slice, norms
-    on their own), on a symbolic leading dim."""
+    on their own), and add_norm (a residual add that no GEMM took, and the norm after it), on a
+    symbolic leading dim."""
     node = _one_node(op, shapes, params, **attrs)
     n = int(rng.integers(1, 5))
     xs = [rng.standard_normal([n if d == "n" else d for d in s]).astype(np.float32) for s in shapes]
     consts = [np.asarray(p) for p in params]
     want = llmc.ops.get_op(op).ref(*xs, *consts, **node.attrs)
+    wants = want if isinstance(want, tuple) else (want,)  # add_norm: the sum and its norm
     dev = tvm.cpu(0)
-    out = tvm.runtime.tensor(np.zeros(want.shape, want.dtype), dev)
+    outs = [tvm.runtime.tensor(np.zeros(w.shape, w.dtype), dev) for w in wants]
     args = [tvm.runtime.tensor(a, dev) for a in xs + [np.array(c, order="C") for c in consts]]
-    build(node, host())["main"](*args, out, *[n for _ in dim_names(node)])
-    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-6)
+    build(node, host())["main"](*args, *outs, *[n for _ in dim_names(node)])
+    for out, w in zip(outs, wants):
+        np.testing.assert_allclose(out.numpy(), w, rtol=1e-5, atol=1e-6)
 
 
 def test_slices_with_different_starts_get_different_kernels():

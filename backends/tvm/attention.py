@@ -52,48 +52,81 @@ class AttentionSpec:
             ["blocks", "lengths"] * bool(self.page_tokens) + ["y"]
 
 
+class Operands:
+    """The function's arguments and its per-element definitions, shared by the CPU's function
+    (`prim_func`) and the GPU's (`gpu_attention`): the caches read through their layout, the
+    scaled and masked score of one (query, key), and one value element times its scale."""
+
+    def __init__(self, spec: AttentionSpec):
+        from tvm import te, tirx
+
+        self.spec = spec
+        b, s, t, m = self.dims = tuple(tirx.Var(n, "int64") for n in ("batch", "seq", "kv_len", "max_seq"))
+        h, d, dt = spec.heads, spec.head_dim, spec.dtype
+        self.q = te.placeholder((b, h, s, d), dt, name="q")
+        cache_dt, hkv, order, page = "int8" if spec.kv_int8 else dt, spec.kv_heads, spec.order, spec.page_tokens
+        # a paged cache: a pool of n blocks of `page` positions, and each sequence's blocks and length
+        rows, positions = (tirx.Var("blocks", "int64"), page) if page else (b, m)
+        self.k = te.placeholder(kv_shape(order, rows, hkv, positions, d), cache_dt, name="k")
+        self.v = te.placeholder(kv_shape(order, rows, hkv, positions, d), cache_dt, name="v")
+        self.scales = [te.placeholder(kv_shape(order, rows, hkv, positions), dt, name=n)
+                       for n in ("k_scale", "v_scale")] if spec.kv_int8 else []
+        self.paging = [te.placeholder((b, tirx.Var("max_blocks", "int64")), "int32", name="blocks"),
+                       te.placeholder((b,), "int32", name="lengths")] if page else []
+        self.mask = te.placeholder((b, 1, s, t), dt, name="mask") if spec.masked else None
+        self.neg_inf = tirx.const(float("-inf"), dt)
+
+    def at(self, cache, bi, hi, ti, *di):
+        """Query head hi's kv head in `cache`, at position ti."""
+        spec = self.spec
+        row, pos = kv_slot(spec.page_tokens, self.paging[0] if self.paging else None, bi, ti)
+        return cache[tuple(kv_index(spec.order, row, hi // (spec.heads // spec.kv_heads), pos, *di))]
+
+    def dot(self, bi, hi, si, ti, rd):
+        """q . k over the reduction axis rd (to sum)."""
+        return self.q[bi, hi, si, rd] * self.at(self.k, bi, hi, ti, rd).astype(self.spec.dtype)
+
+    def score(self, raw, bi, hi, si, ti):
+        """The dot product `raw` of query si and key ti scaled and masked (-inf where unseen)."""
+        from tvm import tirx
+
+        spec, (_, s, t, _) = self.spec, self.dims
+        x = raw * tirx.const(spec.scale, spec.dtype)
+        if spec.kv_int8:  # the key's scale factors out of its dot product
+            x = x * self.at(self.scales[0], bi, hi, ti)
+        if self.mask is not None:
+            x = x + self.mask[bi, 0, si, ti]
+        if spec.page_tokens:  # causal within each sequence's own length (the batch's may differ)
+            x = tirx.Select(ti <= si + self.paging[1][bi].astype("int64"), x, self.neg_inf)
+        elif spec.is_causal:
+            x = tirx.Select(ti <= si + t - s, x, self.neg_inf)
+        return x
+
+    def weight(self, p, bi, hi, ti):
+        """A softmax numerator times the value's scale (int8 caches)."""
+        return p * self.at(self.scales[1], bi, hi, ti) if self.spec.kv_int8 else p
+
+    def value(self, bi, hi, ti, di):
+        return self.at(self.v, bi, hi, ti, di).astype(self.spec.dtype)
+
+    def args(self, y, t) -> list:
+        """The function's arguments around its output y; without a mask, the keys' length t comes
+        as a trailing scalar (the cache holds max_seq positions)."""
+        return [self.q, self.k, self.v] + self.scales + ([self.mask] if self.mask is not None else []) + \
+            self.paging + [y] + ([] if self.mask is not None else [t])
+
+
 def prim_func(spec: AttentionSpec):
     from tvm import te, tirx, topi
 
-    b, s, t, m = (tirx.Var(n, "int64") for n in ("batch", "seq", "kv_len", "max_seq"))
-    h, g, d, dt = spec.heads, spec.heads // spec.kv_heads, spec.head_dim, spec.dtype
-    q = te.placeholder((b, h, s, d), dt, name="q")
-    cache_dt, hkv, order, page = "int8" if spec.kv_int8 else dt, spec.kv_heads, spec.order, spec.page_tokens
-    # a paged cache: a pool of n blocks of `page` positions, and each sequence's blocks and length
-    rows, positions = (tirx.Var("blocks", "int64"), page) if page else (b, m)
-    k = te.placeholder(kv_shape(order, rows, hkv, positions, d), cache_dt, name="k")
-    v = te.placeholder(kv_shape(order, rows, hkv, positions, d), cache_dt, name="v")
-    scales = [te.placeholder(kv_shape(order, rows, hkv, positions), dt, name=n) for n in ("k_scale", "v_scale")] \
-        if spec.kv_int8 else []
-    paging = [te.placeholder((b, tirx.Var("max_blocks", "int64")), "int32", name="blocks"),
-              te.placeholder((b,), "int32", name="lengths")] if page else []
-
-    def at(cache, bi, hi, ti, *di):  # query head hi's kv head, at position ti
-        row, pos = kv_slot(page, paging[0] if page else None, bi, ti)
-        return cache[tuple(kv_index(order, row, hi // g, pos, *di))]
-    mask = te.placeholder((b, 1, s, t), dt, name="mask") if spec.masked else None
+    ops = Operands(spec)
+    b, s, t, _ = ops.dims
+    h, d, dt = spec.heads, spec.head_dim, spec.dtype
     rd = te.reduce_axis((0, d), name="rd")
-    neg_inf = tirx.const(float("-inf"), dt)
-
-    def score(bi, hi, si, ti):
-        x = te.sum(q[bi, hi, si, rd] * at(k, bi, hi, ti, rd).astype(dt), axis=rd)
-        return x
-
-    raw = te.compute((b, h, s, t), score, name="raw")
-
-    def masked(bi, hi, si, ti):
-        x = raw[bi, hi, si, ti] * tirx.const(spec.scale, dt)
-        if spec.kv_int8:  # the key's scale factors out of its dot product
-            x = x * at(scales[0], bi, hi, ti)
-        if mask is not None:
-            x = x + mask[bi, 0, si, ti]
-        if page:  # causal within each sequence's own length (the batch's may differ)
-            x = tirx.Select(ti <= si + paging[1][bi].astype("int64"), x, neg_inf)
-        elif spec.is_causal:
-            x = tirx.Select(ti <= si + t - s, x, neg_inf)
-        return x
-
-    scores = te.compute((b, h, s, t), masked, name="scores")
+    raw = te.compute((b, h, s, t), lambda bi, hi, si, ti: te.sum(ops.dot(bi, hi, si, ti, rd), axis=rd), name="raw")
+    scores = te.compute((b, h, s, t), lambda bi, hi, si, ti: ops.score(raw[bi, hi, si, ti], bi, hi, si, ti),
+                        name="scores")
+    neg_inf = ops.neg_inf
     rt = te.reduce_axis((0, t), name="rt")
     mx = te.compute((b, h, s), lambda bi, hi, si: te.max(scores[bi, hi, si, rt], axis=rt), name="mx")
     # rows that see no key: subtract 0 instead of -inf, and give zero weights below
@@ -108,19 +141,13 @@ def prim_func(spec: AttentionSpec):
     inv = te.compute((b, h, s), lambda bi, hi, si: tirx.Select(den[bi, hi, si] > 0, 1 / den[bi, hi, si],
                                                                 tirx.const(0, dt)), name="inv")
     rt3 = te.reduce_axis((0, t), name="rt3")
-    def weight(bi, hi, si, ti):  # the softmax numerator, times the value's scale when int8
-        p = ex[bi, hi, si, ti]
-        return p * at(scales[1], bi, hi, ti) if spec.kv_int8 else p
-
     out = te.compute((b, h, s, d), lambda bi, hi, si, di: te.sum(
-        weight(bi, hi, si, rt3) * at(v, bi, hi, rt3, di).astype(dt), axis=rt3), name="pv")
+        ops.weight(ex[bi, hi, si, rt3], bi, hi, rt3) * ops.value(bi, hi, rt3, di), axis=rt3), name="pv")
     if spec.merge_heads:
         y = te.compute((b, s, h * d), lambda bi, si, c: out[bi, c // d, si, c % d] * inv[bi, c // d, si], name="y")
     else:
         y = te.compute((b, h, s, d), lambda bi, hi, si, di: out[bi, hi, si, di] * inv[bi, hi, si], name="y")
-    args = [q, k, v] + scales + ([mask] if mask is not None else []) + paging
-    # without a mask, the keys' length comes as a scalar: the cache holds max_seq positions
-    return te.create_prim_func(args + [y] + ([] if mask is not None else [t]))
+    return te.create_prim_func(ops.args(y, t))
 
 
 def schedule(spec: AttentionSpec):

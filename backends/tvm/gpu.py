@@ -31,6 +31,14 @@ def target(kind: str):
     return tvm.target.Target(TARGETS[kind])
 
 
+def named(mod, symbol: str):
+    """`mod` (one function) with its function named `symbol`: its kernels are named after it."""
+    import tvm
+
+    (func,) = mod.functions.values()
+    return tvm.IRModule({symbol: func.with_attr("global_symbol", symbol)})
+
+
 def default_schedule(func, kind: str, threads: int = 256):
     """`func` scheduled for `kind`'s target, as an IRModule: dlight's GEMV and reduction rules
     where they apply, else `thread_per_output`. Some dlight rules raise on a function they do
@@ -226,6 +234,25 @@ def source(lowered: list[Lowered]) -> str:
     # preamble: kept once, the kernels are one library
     start = text.find(METAL_PREAMBLE) + len(METAL_PREAMBLE)
     return text[:start] + text[start:].replace(METAL_PREAMBLE, "") if first.kind == "metal" else text
+
+
+def group_table(variants: list[tuple[Lowered, str | None]]) -> dict:
+    """One kernel group's launch table (`Lowered.table`) from the variants of its function
+    (`(lowered, condition)`): every variant's kernels in turn, each kernel's grid multiplied by
+    its variant's condition (an expression that is 1 where the variant runs, else 0; None:
+    always), and the variants' scratch side by side. The runtimes skip an empty grid, so each
+    step runs the variants whose condition holds at its dims."""
+    kernels, scratch = [], []
+    for low, condition in variants:
+        base = len(scratch)
+        scratch += low.table["scratch"]
+        for kernel in low.table["kernels"]:
+            args = [{"scratch": a["scratch"] + base} if isinstance(a, dict) else a for a in kernel["args"]]
+            launch = dict(kernel["launch"])
+            if condition:
+                launch["blockIdx.x"] = f"{launch.get('blockIdx.x', '1')} * {condition}"
+            kernels.append({**kernel, "args": args, "launch": launch})
+    return {"kernels": kernels, "scratch": scratch}
 
 
 def build(mod, kind: str, bindings: dict[str, str] | None = None) -> dict:

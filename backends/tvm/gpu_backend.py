@@ -23,6 +23,7 @@ from llmc.errors import LlmcError
 from llmc.ir.graph import Graph, Node
 
 from .. import Build
+from ..knobs import Chooser
 from ..plan import (Step, UnsupportedGraph, attention_args, check_kv_layout, kv_int8, kv_layout, lay_out_caches,
                     node_key, plan_nodes, rope_cache_args)
 
@@ -47,24 +48,32 @@ def _rows(x) -> str:
     return dim_text(rows)
 
 
-def plan_node(node: Node, graph: Graph, max_seq: int):
-    """(kernel key, builder of {name: (function, bindings)}, [step]) for one node."""
-    from . import attention, injective, linear, rope_cache
+def plan_node(node: Node, graph: Graph, max_seq: int, kind: str, choose):
+    """(kernel key, builder of {name: [(scheduled module, bindings, condition)]}, [step]) for one
+    node: the variants of its kernel group (`gpu.group_table`), with the knob values `choose`
+    (a `knobs.Chooser`) gives the schedules that have knobs."""
+    from . import attention, gpu, gpu_attention, gpu_linear, gpu_norm, injective, rope_cache
 
-    def one(make, bindings):
-        return lambda name: {name: (make().with_attr("global_symbol", name), bindings)}
+    def one(make, bindings):  # one variant, always run, with the default schedule
+        return lambda name: {name: [(gpu.default_schedule(make().with_attr("global_symbol", name), kind),
+                                     bindings, None)]}
     if node.op == "fused_linear":
-        spec = replace(linear.LinearSpec.of(node, graph), plain=True)
+        spec = gpu_linear.spec_of(node, graph)
         if spec.act_block:
             raise UnsupportedGraph(f"{node.name}: GPU GEMMs take f32 activations", node.name)
         slots = dict(zip(["x", "w", "bias", "residual", "norm_scale", "norm_bias", "w_scale", "w_zero"], node.inputs))
         args = [slots[a].name + (spec.packing(a) or "") for a in spec.arg_names()[:-1]] + [node.outputs[0].name]
         rows = _rows(node.inputs[0])
-        return repr((spec, rows)), one(lambda: linear.prim_func(spec), {"m": rows}), [Step("", "linear", tuple(args))]
+        key = repr((spec, rows))
+        variants = lambda name: {name: gpu_linear.variants(  # noqa: E731
+            spec, name, rows, choose(name, key, gpu_linear.knobs(spec)))}
+        return key, variants, [Step("", "linear", tuple(args))]
     if node.op == "attention":
         spec = replace(attention.AttentionSpec.of(node), kv_int8=kv_int8(graph))
-        return repr(spec), one(lambda: attention.prim_func(spec), {"kv_len": "total", "max_seq": str(max_seq)}), \
-            [Step("", "attention", attention_args(node, graph))]
+        key = repr(spec)
+        return key, lambda name: {name: [(gpu.named(gpu_attention.schedule(
+            spec, choose(name, key, gpu_attention.knobs(spec))), name), {"kv_len": "total", "max_seq": str(max_seq)},
+            None)]}, [Step("", "attention", attention_args(node, graph))]
     if node.op == "rope_cache":
         qkv, offset, args = rope_cache_args(node, graph)
         spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset,
@@ -76,8 +85,12 @@ def plan_node(node: Node, graph: Graph, max_seq: int):
                 if v is not None and not (node.op in ("reshape", "expand") and pos == 1)]
         dims = injective.Dims()
         bindings = {dims.var(d).name: d for d in injective.dim_names(node)}
-        return node_key(node), one(lambda: injective.prim_func(node), bindings), [Step(
-            "", "injective", tuple(args + [v.name for v in node.outputs]))]
+        if node.op in gpu_norm.OPS:
+            make = lambda name: {name: [(gpu.named(gpu_norm.schedule(  # noqa: E731
+                injective.prim_func(node), choose(name, node_key(node), gpu_norm.knobs())), name), bindings, None)]}
+        else:
+            make = one(lambda: injective.prim_func(node), bindings)
+        return node_key(node), make, [Step("", "injective", tuple(args + [v.name for v in node.outputs]))]
     raise UnsupportedGraph(f"{node.name}: no GPU kernel for op {node.op!r}", node.name)
 
 
@@ -108,7 +121,8 @@ class GpuBackend:
         return {"gpu": self.kind}
 
     def can_measure(self, options: dict) -> str:
-        return f"the {self.kind} target's kernels have no tuning knobs yet"
+        return (f"the {self.kind} target's kernels are not timed here (pocl runs on the CPU): their knobs "
+                "(gpu_linear, gpu_attention, gpu_norm) keep their defaults, recorded in the manifest")
 
     def build(self, graph, options: dict) -> Build:
         from llmc.progress import bar
@@ -121,20 +135,23 @@ class GpuBackend:
         if not max_seq or not graph.metadata.get("kv_cache", {}).get("entries"):
             raise UnsupportedGraph("the GPU kernels read a runtime-owned KV cache of a known length: compile a "
                                    "decoder with a context length")
-        functions, plan = plan_nodes(graph, lambda node: plan_node(node, graph, max_seq))
+        choose = Chooser()  # the knobs' defaults: nothing times these kernels here (`can_measure`)
+        functions, plan = plan_nodes(graph, lambda node: plan_node(node, graph, max_seq, self.kind, choose))
         shown = bar(total=len(functions) + 1, desc=f"compiling {self.kind} kernels")
-        lowered = {}
-        for name, (func, bindings) in functions.items():
+        lowered, tables = [], {}
+        for name, variants in functions.items():
             try:
-                lowered[name] = gpu.Lowered(gpu.default_schedule(func, self.kind), self.kind, bindings)
+                group = [(gpu.Lowered(mod, self.kind, bindings), condition) for mod, bindings, condition in variants]
             except NotImplementedError as e:
                 raise UnsupportedGraph(f"kernel {name}: {e}") from None
+            lowered += [low for low, _ in group]
+            tables[name] = gpu.group_table(group)
             shown.update()
-        source = gpu.source(list(lowered.values())).encode()
+        source = gpu.source(lowered).encode()
         shown.update()
         shown.close()
         source_path = f"kernels/{self.kind}/model.{EXTENSIONS[self.kind]}"
-        kernels = {"source": source_path, "functions": {name: low.table for name, low in lowered.items()}}
+        kernels = {"source": source_path, "functions": tables, "tuning": choose.configs}
         return Build(target={"kind": self.kind}, cpu=None, kernels=kernels, plan=plan, values=caches,
                      weights=weights(graph, plan), files={source_path: lambda path: Path(path).write_bytes(source)})
 

@@ -310,31 +310,6 @@ def _weight(spec: LinearSpec, args: dict):
     return dequantized
 
 
-def _plain_rows(spec: LinearSpec, h, m, args):
-    """The sums over the weight as the graph holds it ([n, k]; 4-bit: two input features a byte,
-    `pair_nibbles`), dequantized as read (w8's channel scale goes to the epilogue)."""
-    from tvm import te
-
-    n, k, dt = spec.n, spec.k, spec.dtype
-    if spec.quant == "w4":
-        groups = k // spec.group_size
-        w = args["w"] = te.placeholder((n, k // 2), "uint8", name="w")
-        scale = args["w_scale"] = te.placeholder((n, groups), dt, name="w_scale")
-        zero = args["w_zero"] = te.placeholder((n, groups), dt, name="w_zero")
-
-        def weight(j, kk):
-            nibble = (w[j, kk // 2] >> (kk % 2 * 4).astype("uint8")) & 15
-            g = kk // spec.group_size
-            return (nibble.astype(dt) - zero[j, g]) * scale[j, g]
-    else:
-        w = args["w"] = te.placeholder((n, k), "int8" if spec.quant == "w8" else dt, name="w")
-        if spec.quant == "w8":
-            args["w_scale"] = te.placeholder((n,), dt, name="w_scale")
-        weight = lambda j, kk: w[j, kk].astype(dt)  # noqa: E731
-    r = te.reduce_axis((0, k), name="kk")
-    return te.compute((m, n), lambda i, j: te.sum(h[i, r] * weight(j, r), axis=r), name="sums")
-
-
 def _grouped_rows(spec: LinearSpec, h, rows, args):
     """4-bit row by row with the scales and zeros applied per group, not per weight:
     sum_g scale_g * (sum_{k in g} h_k q_k - zero_g * sum_{k in g} h_k). The inner loop is then
@@ -425,6 +400,31 @@ def prim_func(spec: LinearSpec, config: dict | None = None):
     return te.create_prim_func(tensors(spec, config))
 
 
+def normed(spec: LinearSpec, x, m, args: dict):
+    """The norm prologue: h = norm(x) over x's [m, k] rows (x itself without a norm); declares
+    the norm's arguments in `args`."""
+    from tvm import te
+
+    k, dt = spec.k, spec.dtype
+    if not spec.norm:
+        return x
+    scale = args["norm_scale"] = te.placeholder((k,), dt, name="norm_scale")
+    r = te.reduce_axis((0, k), name="r")
+    if spec.norm == "rms":
+        ss = te.compute((m,), lambda i: te.sum(x[i, r] * x[i, r], axis=r), name="sumsq")
+        h = te.compute((m, k), lambda i, j: x[i, j] * te.rsqrt(ss[i] / k + spec.epsilon) * scale[j],
+                       name="normed")
+    else:
+        shift = args["norm_bias"] = te.placeholder((k,), dt, name="norm_bias")
+        s1 = te.compute((m,), lambda i: te.sum(x[i, r], axis=r), name="sum")
+        r2 = te.reduce_axis((0, k), name="r2")
+        s2 = te.compute((m,), lambda i: te.sum((x[i, r2] - s1[i] / k) * (x[i, r2] - s1[i] / k), axis=r2),
+                        name="sqdev")
+        h = te.compute((m, k), lambda i, j: (x[i, j] - s1[i] / k) * te.rsqrt(s2[i] / k + spec.epsilon)
+                       * scale[j] + shift[j], name="normed")
+    return h
+
+
 def tensors(spec: LinearSpec, config: dict | None = None) -> list:
     """The kernel's arguments as TE tensors, in order, the output last."""
     from tvm import te, tirx
@@ -433,29 +433,11 @@ def tensors(spec: LinearSpec, config: dict | None = None) -> list:
     n, k, dt = spec.n, spec.k, spec.dtype
     x = te.placeholder((m, k), dt, name="x")
     args = {"x": x}
-    weight = None if spec.act_block or spec.plain else _weight(spec, args)
-    h = x
-    if spec.norm:
-        scale = args["norm_scale"] = te.placeholder((k,), dt, name="norm_scale")
-        r = te.reduce_axis((0, k), name="r")
-        if spec.norm == "rms":
-            ss = te.compute((m,), lambda i: te.sum(x[i, r] * x[i, r], axis=r), name="sumsq")
-            h = te.compute((m, k), lambda i, j: x[i, j] * te.rsqrt(ss[i] / k + spec.epsilon) * scale[j],
-                           name="normed")
-        else:
-            shift = args["norm_bias"] = te.placeholder((k,), dt, name="norm_bias")
-            s1 = te.compute((m,), lambda i: te.sum(x[i, r], axis=r), name="sum")
-            r2 = te.reduce_axis((0, k), name="r2")
-            s2 = te.compute((m,), lambda i: te.sum((x[i, r2] - s1[i] / k) * (x[i, r2] - s1[i] / k), axis=r2),
-                            name="sqdev")
-            h = te.compute((m, k), lambda i, j: (x[i, j] - s1[i] / k) * te.rsqrt(s2[i] / k + spec.epsilon)
-                           * scale[j] + shift[j], name="normed")
+    weight = None if spec.act_block else _weight(spec, args)
+    h = normed(spec, x, m, args)
     if spec.act_block:
         int_rows = _integer_rows(spec, h, m, args)
         acc = lambda i, jj: int_rows[i, jj]  # noqa: E731
-    elif spec.plain:
-        plain_rows = _plain_rows(spec, h, m, args)
-        acc = lambda i, jj: plain_rows[i, jj]  # noqa: E731
     else:
         acc = _float_rows(spec, h, m, weight, args, _tile(config or {})[0])
     bias = args["bias"] = te.placeholder((n,), dt, name="bias") if spec.bias else None
