@@ -64,6 +64,18 @@ KV_ALIGNMENT = 64  # bytes: every cache buffer starts on a cache line (both runt
 MAX_PAGE_TOKENS = 4096
 
 
+NIBBLES = ".nibbles2"  # a 4-bit weight's copy packed two input features a byte (`pair_nibbles`)
+
+
+def pair_nibbles(q):
+    """4-bit values (uint8 0..15) with the input features on axis 1 ([n, k], or the CPU
+    kernel's packed [n / 64, k, 64]) -> bytes, k / 2 on that axis: input features 2i and 2i + 1
+    in the low and high nibble of one byte (the GPU kernels' w4 layout)."""
+    import numpy as np
+
+    return np.require(q[:, 0::2] | (q[:, 1::2] << 4), requirements="C")
+
+
 def kv_int8(graph: Graph) -> bool:
     """Whether the KV cache is int8 (`graph.metadata["kv_cache"]["dtype"]`, set by the driver)."""
     return graph.metadata.get("kv_cache", {}).get("dtype") == "int8"

@@ -72,7 +72,8 @@ class TritonBackend:
         from importlib.metadata import version
 
         from . import aot
-        from .plan import NIBBLES, Planner, value_dtypes
+        from ..plan import NIBBLES, pair_nibbles
+        from .plan import Planner, value_dtypes
 
         from ..knobs import Chooser
 
@@ -85,7 +86,7 @@ class TritonBackend:
         for name in {a for step in plan for a in step.args if a}:
             if name.endswith(NIBBLES):
                 q = graph.store[name[:-len(NIBBLES)]]
-                weights[name] = np.require(q[:, 0::2] | (q[:, 1::2] << 4), requirements="C")
+                weights[name] = pair_nibbles(q)
             elif name in graph.params:
                 weights[name] = np.require(graph.store[name], requirements="C")
         staging = Path(tempfile.mkdtemp(prefix="llmc-triton-"))

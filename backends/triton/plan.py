@@ -17,14 +17,13 @@ from llmc.ir.graph import Graph, Node
 from llmc.ir.symbolic import Sym
 
 from ..knobs import Chooser, Knob
-from ..plan import (Step, UnsupportedGraph, attention_args, encode_dim, kv_int8, kv_order, kv_pages, node_key,
-                    rope_cache_args)
+from ..plan import (NIBBLES, Step, UnsupportedGraph, attention_args, encode_dim, kv_int8, kv_order, kv_pages,
+                    node_key, rope_cache_args)
 from . import injective
 
 DIMS = ("past", "total", "batch", "seq")  # the scalars every step passes (past, total via D)
 POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int64": "*i64", "int32": "*i32",
            "int8": "*i8", "uint8": "*u8", "bool": "*i1"}
-NIBBLES = ".nibbles2"  # a 4-bit weight packed two input features a byte
 DECODE_ROWS = 4  # GEMMs of up to this many rows run the GEMV kernel
 PREFILL_ROWS = 128  # the row count the prefill knobs are tuned at
 ACTIVATIONS = {"": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}

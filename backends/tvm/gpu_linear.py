@@ -9,7 +9,7 @@ holds it, and its two schedules, a GEMV for few rows (decode) and a tiled GEMM f
 The weight [n, k] is read as [parts, n / parts, k], the same bytes: output j of a gated GEMM
 needs rows j and n/2 + j, and with the halves on their own axis a work-group's tile of outputs
 reads two tiles of the weight, not the rows between them. w8 is int8 with a scale per output
-channel, applied to the sums; w4 is two input features a byte (`linear.pair_nibbles`) with a
+channel, applied to the sums; w4 is two input features a byte (`plan.pair_nibbles`) with a
 scale and a zero per group. Both are dequantized in registers as read (decode) or as a tile
 goes to local memory (prefill): no f32 copy of the weights exists.
 

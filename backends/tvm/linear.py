@@ -48,6 +48,7 @@ import math
 from dataclasses import dataclass
 
 from . import int_dot
+from ..plan import NIBBLES, pair_nibbles
 from ..knobs import Knob
 
 LANES, TILE = 16, 4  # vector lanes (output features), vectors per parallel task (its 64 features)
@@ -109,21 +110,10 @@ def packed_rows(n: int) -> int:
     return -(-n // (LANES * TILE)) * TILE
 
 
-def pair_nibbles(q):
-    """[n, k] 4-bit values (uint8 0..15) -> [n, k / 2] bytes: input features 2i and 2i + 1 in
-    the low and high nibble of one byte."""
-    import numpy as np
-
-    return np.require(q[:, 0::2] | (q[:, 1::2] << 4), requirements="C")
-
-
 def pack_nibbles(q):
     """[n, k] 4-bit values (uint8 0..15) -> [n / 64, k / 2, 64] bytes: input features 2i and
     2i + 1 of an output feature in the low and high nibble of one byte."""
-    import numpy as np
-
-    p = pack(q)
-    return np.require(p[:, 0::2] | (p[:, 1::2] << 4), requirements="C")
+    return pair_nibbles(pack(q))
 
 
 def pack(w):
@@ -170,7 +160,7 @@ def _words(b, reg: int, per_block: int):
 
 # the packed copy of a weight is named after the graph's with one of these suffixes
 _REGISTERS = sorted({4 * lanes for lanes in int_dot.ISAS.values()})  # LinearSpec.register_width
-PACKINGS = {".packed16": pack, ".nibbles16": pack_nibbles, ".nibbles2": pair_nibbles,
+PACKINGS = {".packed16": pack, ".nibbles16": pack_nibbles, NIBBLES: pair_nibbles,
             **{f".words{r}": functools.partial(pack_words, reg=r, signed=False) for r in _REGISTERS},
             **{f".swords{r}": functools.partial(pack_words, reg=r, signed=True) for r in _REGISTERS},
             **{f".nibblewords{r}": functools.partial(pack_nibble_words, reg=r) for r in _REGISTERS}}
@@ -241,7 +231,7 @@ class LinearSpec:
             kind = "nibble" if self.quant == "w4" else "s" if int_dot.signed_weights(self.isa, self.quant) else ""
             return f".{kind}words{self.register_width}"
         if arg == "w" and self.plain:
-            return ".nibbles2" if self.quant == "w4" else None
+            return NIBBLES if self.quant == "w4" else None
         if arg == "w":
             return ".nibbles16" if self.quant == "w4" else ".packed16"
         if arg in ("w_scale", "w_zero") and self.quant == "w4" and not self.plain:
