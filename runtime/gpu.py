@@ -23,7 +23,7 @@ import numpy as np
 from . import memory
 from .dims import atom, evaluate
 from .errors import ArtifactError
-from .paging import check_step
+from .paging import BlockPool, check_step
 
 AXES = ("x", "y", "z")
 
@@ -48,6 +48,9 @@ class Device(Protocol):
 
     def read(self, ref, out: np.ndarray) -> None:
         """`ref`'s first bytes into `out`, after everything enqueued before."""
+
+    def copy(self, source, target, nbytes: int) -> None:
+        """`source`'s first `nbytes` into `target`, after everything enqueued before."""
 
     def launch(self, kernel, args: list, groups: tuple, threads: tuple) -> None:
         """Enqueue `kernel` over `groups` work-groups of `threads`; `args`: buffers (views) and
@@ -87,8 +90,6 @@ def kernel_names(kernels: dict) -> list[str]:
 
 
 class GpuExecutor:
-    pages = None  # contiguous caches only
-
     def __init__(self, device: Device, art, manifest: dict, weights: dict[str, np.ndarray]):
         self.device = device
         self.manifest, self.plan = manifest, manifest["plans"]["forward"]
@@ -108,15 +109,20 @@ class GpuExecutor:
                         for name in self.weight_names}
         self.scratch: list = []
         self.batch = None
+        self.pages: BlockPool | None = None
+        self.caches: dict[str, tuple] = {}  # {past: (buffer, bytes)}
 
     def reset(self, batch: int) -> None:
-        """Caches and activations for a batch (kept while the batch size is)."""
+        """Caches and activations for a batch (kept while the batch size is). A paged cache's
+        pool keeps its blocks, all free again, as the CPU executor's does."""
         if batch == self.batch:
+            if self.pages:
+                self.pages.clear()
             return
-        env = {"batch": batch, "past": self.max_seq}
-        for entry in self.manifest["model"]["kv_cache"]["entries"]:
-            cache = self.device.alloc(memory.nbytes(self.values[entry["past"]], env), zero=True)
-            self.buffers[entry["past"]] = self.buffers[entry["present"]] = cache
+        page = self.manifest["model"]["kv_cache"]["layout"]["page_tokens"]
+        self.pages = BlockPool(page, -(-self.max_seq // page), batch, self._grow) if page else None
+        self.caches = {}
+        self._allocate_caches({"batch": batch, "past": self.max_seq, "blocks": batch})
         align = max(memory.ALIGN, self.device.align)
         offsets, sizes, size = memory.arena_plan(self.manifest, self.weight_names, batch, align)
         arena = self.device.alloc(size)
@@ -124,6 +130,23 @@ class GpuExecutor:
             self.buffers[name] = self.device.view(arena, offset, sizes[name]) if sizes[name] else self.dummy
         self.buffers[""] = self.dummy
         self.batch = batch
+
+    def _allocate_caches(self, env: dict, keep: bool = False) -> None:
+        """The KV caches at `env`'s sizes, zeroed (a paged pool's unwritten slots are read and
+        masked out: a zero weight times garbage could be NaN); with `keep` (a pool that grows)
+        the old ones copied to their front."""
+        for entry in self.manifest["model"]["kv_cache"]["entries"]:
+            nbytes = memory.nbytes(self.values[entry["past"]], env)
+            cache = self.device.alloc(nbytes, zero=True)
+            if keep and entry["past"] in self.caches:
+                old, old_bytes = self.caches[entry["past"]]
+                self.device.copy(old, cache, min(old_bytes, nbytes))
+            self.caches[entry["past"]] = (cache, nbytes)
+            self.buffers[entry["past"]] = self.buffers[entry["present"]] = cache
+
+    def _grow(self, blocks: int) -> None:
+        """A paged cache's pool grows to `blocks` blocks (`paging.BlockPool`)."""
+        self._allocate_caches({"batch": self.batch, "past": self.max_seq, "blocks": blocks}, keep=True)
 
     def run(self, feeds: dict[str, np.ndarray], batch: int, seq: int, past: int,
             last_logits: bool = False) -> np.ndarray:

@@ -99,6 +99,10 @@ class MetalDevice:
         self._finish()
         out.reshape(-1).view(np.uint8)[:] = self._bytes(ref)[:out.nbytes]
 
+    def copy(self, source, target, nbytes: int) -> None:
+        self._finish()
+        self._bytes(target)[:nbytes] = self._bytes(source)[:nbytes]
+
     def launch(self, kernel, args: list, groups: tuple, threads: tuple) -> None:
         if self.encoder is None:
             self.command = self.queue.commandBuffer()

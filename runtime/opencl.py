@@ -75,6 +75,9 @@ class OpenCLDevice:
         self.cl.enqueue_copy(self.queue, out, ref)
         self.queue.finish()
 
+    def copy(self, source, target, nbytes: int) -> None:
+        self.cl.enqueue_copy(self.queue, target, source, byte_count=nbytes)
+
     def launch(self, kernel, args: list, groups: tuple, threads: tuple) -> None:
         rank = 3 if groups[2] * threads[2] > 1 else 2 if groups[1] * threads[1] > 1 else 1
         kernel(self.queue, tuple(g * t for g, t in zip(groups[:rank], threads[:rank])), threads[:rank], *args)

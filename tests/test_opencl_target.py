@@ -123,13 +123,26 @@ def test_run_refuses_by_name(target, args, message, gpu):
 
 @pytest.mark.parametrize("options,message", [
     (dict(dtype="fp16"), "computes in fp32 so far"),
-    (dict(kv_layout="paged:16"), "read contiguous bhsd caches"),
     (dict(kv_cache="f16"), "supported: f32, int8"),
 ])
 def test_compile_refuses_by_name(options, message, tmp_path):
     with pytest.raises(LlmcError, match=re.escape(message)):
         llmc.compile(export("gpt2-tiny", exporter="dynamo", kv_cache=True), target="opencl",
                      output=tmp_path / "m.llmc", max_seq_len=32, **options)
+
+
+@pytest.mark.parametrize("kv_cache,layout", [("f32", "paged:4"), pytest.param("int8", "paged:8", marks=pytest.mark.slow)])
+def test_paged_cache_gives_each_prompt_its_solo_tokens(kv_cache, layout, gpu, artifacts, rng):
+    """`--kv-layout paged:N` on opencl: prompts of different lengths are prefilled one by one
+    into a pool that grows (the caches reallocated and copied on the device), then decoded
+    together, each at its own length; each gets the tokens the CPU target's contiguous artifact
+    gives it alone (the end-to-end tests hold those to onnxruntime)."""
+    model = runtime.load(gpu("llama-tiny", kv_cache=kv_cache, kv_layout=layout))
+    alone = runtime.load(artifacts("llama-tiny", kv_cache=kv_cache, activations="f32"))
+    prompts = [rng.integers(0, 256, n).tolist() for n in (3, 9, 6)]
+    want = [alone.generate(p, 6) for p in prompts]
+    assert model.generate(prompts, 6) == want
+    assert model.executor.pages.capacity > len(prompts)  # from a block per sequence, grown
 
 
 def test_a_kernel_table_naming_a_missing_buffer_is_refused(gpu, tmp_path):

@@ -24,8 +24,8 @@ from llmc.ir.graph import Graph, Node
 
 from .. import Build
 from ..knobs import Chooser
-from ..plan import (Step, UnsupportedGraph, attention_args, check_kv_layout, kv_int8, kv_layout, lay_out_caches,
-                    node_key, plan_nodes, rope_cache_args)
+from ..plan import (Step, UnsupportedGraph, attention_args, check_kv_layout, kv_int8, kv_layout, kv_order, kv_pages,
+                    lay_out_caches, node_key, plan_nodes, rope_cache_args)
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +68,21 @@ def plan_node(node: Node, graph: Graph, max_seq: int, kind: str, choose):
         variants = lambda name: {name: gpu_linear.variants(  # noqa: E731
             spec, name, rows, choose(name, key, gpu_linear.knobs(spec)))}
         return key, variants, [Step("", "linear", tuple(args))]
+    pages = kv_pages(graph)
+    blocks = str(-(-max_seq // pages)) if pages else "0"  # a paged cache's block table's width
     if node.op == "attention":
-        spec = replace(attention.AttentionSpec.of(node), kv_int8=kv_int8(graph))
+        spec = replace(attention.AttentionSpec.of(node), kv_int8=kv_int8(graph), order=kv_order(graph),
+                       page_tokens=pages)
         key = repr(spec)
         return key, lambda name: {name: [(gpu.named(gpu_attention.schedule(
-            spec, choose(name, key, gpu_attention.knobs(spec))), name), {"kv_len": "total", "max_seq": str(max_seq)},
+            spec, choose(name, key, gpu_attention.knobs(spec))), name), {"kv_len": "total", "max_seq": str(max_seq), "max_blocks": blocks},
             None)]}, [Step("", "attention", attention_args(node, graph))]
     if node.op == "rope_cache":
         qkv, offset, args = rope_cache_args(node, graph)
         spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset,
-                       kv_int8=kv_int8(graph))
-        return repr(spec), one(lambda: rope_cache.prim_func(spec), {"b": "batch", "s": "seq", "m": str(max_seq)}), \
+                       kv_int8=kv_int8(graph), order=kv_order(graph), page_tokens=pages)
+        bindings = {"b": "batch", "s": "seq", "m": str(max_seq), "mb": blocks}
+        return repr(spec), one(lambda: rope_cache.prim_func(spec), bindings), \
             [Step("", "rope_cache", args)]
     if node.op in injective.LOWERINGS:
         args = [v.name for pos, v in enumerate(node.inputs)
@@ -110,9 +114,6 @@ class GpuBackend:
         if options["kv_cache"] not in ("f32", "int8"):
             raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on {self.kind}; supported: f32, int8")
         check_kv_layout(options)
-        if kv_layout(options) != ("bhsd", 0):
-            raise LlmcError(f"--kv-layout {options['kv_layout']}: the {self.kind} target's kernels read "
-                            "contiguous bhsd caches")
 
     def default_activations(self, options: dict) -> str:
         return "f32"
@@ -130,7 +131,7 @@ class GpuBackend:
         from . import gpu
         from .compile import weights
 
-        caches = lay_out_caches(graph, options["kv_cache"])
+        caches = lay_out_caches(graph, options["kv_cache"], *kv_layout(options))
         max_seq = graph.metadata.get("max_seq_len")
         if not max_seq or not graph.metadata.get("kv_cache", {}).get("entries"):
             raise UnsupportedGraph("the GPU kernels read a runtime-owned KV cache of a known length: compile a "
