@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                            "(Android GPUs; run here on any OpenCL device, pocl included); metal: the same kernels "
                            "as Metal Shading Language (Apple GPUs; no runtime for them yet)")
     comp.add_argument("--dtype", choices=("fp32", "fp16"),
-                      help="the GEMM weights' precision (default: fp16 on cuda, fp32 on cpu); sums are f32")
+                      help="the GEMM weights' precision (default: fp16 on cuda, fp32 elsewhere); sums are f32")
     comp.add_argument("--arch", default="sm_80,sm_90",
                       help="with --target cuda: the GPU architectures to compile for (default sm_80,sm_90)")
     comp.add_argument("--cpu", help="the CPU the kernels may assume. cpu: this machine's (native, the default and "
@@ -403,7 +403,7 @@ def _quant_arguments(p) -> None:
                         "bytes; f32)")
     p.add_argument("--awq", action="store_true", help="with --quant w4: activation-aware scaling (AWQ-style)")
     p.add_argument("--kv-cache", choices=("f32", "f16", "int8"),
-                   help="the KV cache's encoding (default f16 with --dtype fp16, else f32): int8 keeps one scale "
+                   help="the KV cache's encoding (default f16 on cuda with --dtype fp16, else f32): int8 keeps one scale "
                         "per head and token; f16 is for cuda")
     p.add_argument("--kv-layout", default="auto", metavar="{auto,bhsd,bshd,paged:N}",
                    help="the KV cache's layout: [batch, kv_heads, seq, head_dim] (bhsd), [batch, seq, kv_heads, "

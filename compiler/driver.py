@@ -69,7 +69,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     if target not in backends.BACKENDS:
         raise LlmcError(f"target {target!r} is not supported yet; supported: {', '.join(backends.BACKENDS)}")
     dtype = dtype or ("fp16" if target == "cuda" else "fp32")
-    kv_cache = kv_cache or ("f16" if dtype == "fp16" else "f32")
+    kv_cache = kv_cache or ("f16" if dtype == "fp16" and target == "cuda" else "f32")  # as documented above
     backend = backends.for_target(target)
     backend_options = {"cpu": cpu or getattr(backend, "default_cpu", None), "dtype": dtype, "kv_cache": kv_cache, "arch": arch, "activations": activations, "kv_layout": kv_layout}
     backend.check(backend_options)

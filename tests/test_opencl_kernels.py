@@ -140,8 +140,9 @@ def test_rope_cache_matches_reference(spec, seq, past, device, rng):
 LINEAR_CASES = [dict(bias=True, residual=True), dict(norm="rms", activation="silu", gated=True),
                 dict(norm="layer", activation="gelu_tanh", bias=True), dict(activation="gelu", quant="w8", gated=True),
                 dict(activation="relu", quant="w4", group_size=32, norm="rms", residual=True),
-                dict(quant="w4", group_size=64, norm="layer", gated=True, activation="silu", bias=True)]
-LINEAR_DEFAULT = (1, 3, 5)  # the rest with the slow tests
+                dict(quant="w4", group_size=64, norm="layer", gated=True, activation="silu", bias=True),
+                dict(half=True, norm="rms", gated=True, activation="silu", residual=True)]
+LINEAR_DEFAULT = (1, 3, 5, 6)  # the rest with the slow tests
 
 
 @pytest.mark.parametrize("rows", [1, 37], ids=["decode", "prefill"])
@@ -149,11 +150,13 @@ LINEAR_DEFAULT = (1, 3, 5)  # the rest with the slow tests
                                   for i, c in enumerate(LINEAR_CASES)],
                          ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_linear_matches_reference(case, rows, device, rng):
-    """fused_linear over the weight as the graph holds it ([n, k]; w8; w4 two features a byte),
+    """fused_linear over the weight as the graph holds it ([n, k]; f16; w8; w4 two features a byte),
     the norm prologue and every epilogue, on odd sizes: the kernel group as the backend makes
     it, whose GEMV runs one row and whose tiled GEMM runs 37 (a partial tile)."""
     spec = linear.LinearSpec(n=2 * 50 if case.get("gated") else 50, k=192, plain=True, **case)
     inputs = measure.linear_inputs(spec, rows, rng)
+    if spec.half:  # f16 weights (--dtype fp16): the reference multiplies their f32 values
+        inputs["w"] = inputs["w"].astype(np.float16)
     want = get_op("fused_linear").ref(*[inputs.get(a) for a in ("x", "w", "bias", "residual", "norm_scale",
                                                                   "norm_bias", "w_scale", "w_zero")],
                                       norm=spec.norm, epsilon=spec.epsilon, activation=spec.activation,

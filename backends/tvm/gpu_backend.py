@@ -105,9 +105,7 @@ class GpuBackend:
         self.kind = kind  # "opencl" or "metal"
 
     def check(self, options: dict) -> None:
-        if options["dtype"] != "fp32":
-            raise LlmcError(f"--dtype {options['dtype']}: the {self.kind} target computes in fp32 so far "
-                            "(use --quant to shrink the weights)")
+
         if options["activations"] not in (None, "f32"):
             raise LlmcError(f"--activations {options['activations']}: the {self.kind} target's GEMMs take f32 "
                             "activations")

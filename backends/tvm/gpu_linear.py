@@ -10,7 +10,7 @@ The weight [n, k] is read as [parts, n / parts, k], the same bytes: output j of 
 needs rows j and n/2 + j, and with the halves on their own axis a work-group's tile of outputs
 reads two tiles of the weight, not the rows between them. w8 is int8 with a scale per output
 channel, applied to the sums; w4 is two input features a byte (`plan.pair_nibbles`) with a
-scale and a zero per group. Both are dequantized in registers as read (decode) or as a tile
+scale and a zero per group; fp16 (`--dtype fp16`) is f16, converted from its bits (`_from_half`). Both are dequantized in registers as read (decode) or as a tile
 goes to local memory (prefill): no f32 copy of the weights exists.
 
 Decode (`schedule_decode`): a work-group owns `outputs` output features of one row, and
@@ -60,7 +60,19 @@ def variants(spec: linear.LinearSpec, name: str, rows: str, config: dict | None 
 
 
 def spec_of(node, graph) -> linear.LinearSpec:
-    return replace(linear.LinearSpec.of(node, graph), plain=True)
+    return replace(linear.LinearSpec.of(node, graph), plain=True, half=node.inputs[1].dtype.numpy().name == "float16")
+
+
+def _from_half(bits):
+    """An f16 weight's bits (uint16) as f32, without the half type (OpenCL devices need
+    cl_khr_fp16 for it; pocl has none): the exponent and mantissa shifted into f32's places and
+    rebiased by a multiply by 2^112 (exact for normal and subnormal values), then the sign."""
+    from tvm import tirx
+
+    b = bits.astype("uint32")
+    magnitude = tirx.reinterpret("float32", (b & tirx.const(0x7FFF, "uint32")) << tirx.const(13, "uint32")) \
+        * tirx.const(2.0 ** 112, "float32")
+    return tirx.Select((b & tirx.const(0x8000, "uint32")) != tirx.const(0, "uint32"), -magnitude, magnitude)
 
 
 def knobs(spec: linear.LinearSpec) -> list[Knob]:
@@ -100,6 +112,9 @@ def prim_func(spec: linear.LinearSpec, row_tile: int = 0):
             nibble = (w[p, j, kk // 2] >> (kk % 2 * 4).astype("uint8")) & tirx.const(15, "uint8")
             g = kk // spec.group_size
             return (nibble.astype(dt) - zero[p, j, g]) * scale[p, j, g]
+    elif spec.half:
+        w = args["w"] = te.placeholder((parts, out, k), "uint16", name="w")
+        weight = lambda p, j, kk: _from_half(w[p, j, kk])  # noqa: E731
     else:
         w = args["w"] = te.placeholder((parts, out, k), "int8" if spec.quant == "w8" else dt, name="w")
         weight = lambda p, j, kk: w[p, j, kk].astype(dt)  # noqa: E731

@@ -193,7 +193,8 @@ class LinearSpec:
     group_size: int = 0
     act_block: int = 0  # int8 activations in blocks of this many features: integer dot products
     isa: str = ""  # with act_block: the instruction set of the dot products (int_dot.ISAS)
-    plain: bool = False  # the weight as the graph holds it, [n, k] (the GPU schedules': `gpu.py`)
+    plain: bool = False  # the weight as the graph holds it, [n, k] (the GPU schedules': `gpu_linear`)
+    half: bool = False  # an f16 weight (`--dtype fp16`, passes/half_weights.py; the GPU schedules')
 
     @property
     def out_features(self) -> int:
