@@ -323,6 +323,8 @@ def _inspect_artifact(path) -> int:
     model = m["model"]
     quant = model["quant"]
     pasts = {e["past"] for e in model["kv_cache"]["entries"]}
+    values = m["plans"]["values"]
+    precision = "f16" if any(values[w]["dtype"] == "float16" for w in m["plans"]["weights"]) else "f32"
     print("\n".join([
         f"artifact: {path} (format {m['format_version']}, llmc {m['llmc_version']})",
         f"target:   {m['target']['kind']} {m['target'].get('mtriple', '')}, CPU {m['cpu']['name']} "
@@ -332,7 +334,7 @@ def _inspect_artifact(path) -> int:
         f"target:   {m['target']['kind']}, {sum(len(g['kernels']) for g in m['kernels']['functions'].values())} GPU "
         f"kernels in {m['kernels']['source']}",
         f"model:    {model['name']}, context {model['max_seq_len']} tokens, KV cache {model['kv_cache']['dtype']} "
-        f"{_layout_summary(model['kv_cache']['layout'])}, weights {'f32' if not quant else _quant_summary(quant)}",
+        f"{_layout_summary(model['kv_cache']['layout'])}, weights {_quant_summary(quant) if quant else precision}",
         f"inputs:   {', '.join(t['name'] for t in model['inputs'] if t['name'] not in pasts)}"
         + (f", and {len(pasts)} KV-cache inputs" if pasts else ""),
         f"plan:     {len(m['plans']['forward'])} kernel calls, {len(m['kernels']['functions'])} distinct kernels; "
