@@ -1,7 +1,8 @@
 """GPU schedules, proven through OpenCL on pocl (Debian's pocl-opencl-icd: an OpenCL driver for
-this CPU): each kernel built for the opencl target (`backends/tvm/gpu.py`), its source built by
-the driver and launched from its launch table by the runtime's `opencl.KernelGroup`, against
-the op's reference. pocl's speed says nothing about a GPU's; these tests are about results."""
+this CPU): each kernel scheduled (`gpu_linear`, `gpu_attention`, `gpu_norm`, else
+`gpu.default_schedule`) and built for the opencl target (`backends/tvm/gpu.py`), its source
+built by the driver and launched from its launch table by the runtime's `gpu.KernelGroup`,
+against the op's reference, on odd sizes. pocl's speed says nothing about a GPU's; these tests are about results."""
 
 from __future__ import annotations
 

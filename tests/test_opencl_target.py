@@ -1,9 +1,10 @@
 """The opencl and metal targets end to end. opencl artifacts run on pocl (an OpenCL driver for
 this CPU) through the runtime's OpenCL executor: every zoo decoder family gives onnxruntime's
 greedy tokens and its logits within f32 rounding; quantized weights and the int8 KV cache give
-the CPU target's results (f32 activations, dequantized in the kernels). metal artifacts hold the
-same kernels from the same schedules, as Metal source with the same launch tables; running one
-here is a clear error. pocl's speed says nothing about a GPU's: nothing here is timed."""
+the CPU target's results (f32 activations, dequantized in the kernels); f16 weights stay within
+half precision of onnxruntime; a paged cache gives each prompt of a batch its solo tokens. metal
+artifacts hold the same kernels from the same schedules, as Metal source with the same launch
+tables; running one here is a clear error. pocl's speed says nothing about a GPU's: nothing here is timed."""
 
 from __future__ import annotations
 
@@ -146,7 +147,8 @@ def test_compile_refuses_by_name(options, message, tmp_path):
                      output=tmp_path / "m.llmc", max_seq_len=32, **options)
 
 
-@pytest.mark.parametrize("kv_cache,layout", [("f32", "paged:4"), pytest.param("int8", "paged:8", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kv_cache,layout", [("f32", "paged:4"),
+                                             pytest.param("int8", "paged:8", marks=pytest.mark.slow)])
 def test_paged_cache_gives_each_prompt_its_solo_tokens(kv_cache, layout, gpu, artifacts, rng):
     """`--kv-layout paged:N` on opencl: prompts of different lengths are prefilled one by one
     into a pool that grows (the caches reallocated and copied on the device), then decoded

@@ -172,10 +172,14 @@ def test_int8_activation_kernel_matches_reference(spec, zero_point, m, isa, rng)
     a = {k: v if k == "w" else v.astype(np.float32) for k, v in a.items() if k in spec.arg_names()}
     got, want = _run(spec, a, m), _reference(spec, a)
     f32_activations = _reference(replace(spec, act_block=0), a)
-    # the same products as the op's definition (a norm prologue may round an activation across
-    # a step that numpy's does not: a bound well below the quantization's own error)
-    assert rel_err(got, want) < (1e-5 if not spec.norm else 1e-4)
-    assert rel_err(got, want) < rel_err(want, f32_activations) / 10 < 0.01
+    # the same products as the op's definition. A norm prologue's f32 rounding may move an
+    # activation across a quantization step that numpy's does not: one step of one activation
+    # moves its row's outputs by about a seventh of the quantization's own error at k 256 (seed
+    # 1163210884: 8e-4 against 6.4e-3), so a norm's bound is a quarter of that error; the norm
+    # itself is held to 1e-5 with f32 activations (test_kernel_matches_reference)
+    quantization = rel_err(want, f32_activations)
+    assert rel_err(got, want) < (1e-5 if not spec.norm else quantization / 4)
+    assert rel_err(got, want) < quantization / 4 < 0.01
 
 
 @pytest.mark.parametrize("mcpu,isa", [("sapphirerapids", "avx512vnni"), ("alderlake", "avxvnni"), ("znver3", "avx2")])

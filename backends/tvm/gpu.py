@@ -10,8 +10,10 @@ and its launch extents, in the order of its launch tags (blockIdx.*, threadIdx.*
 size as an expression over the run-time dims (`llmc.runtime.dims`). The runtime launches a grid
 of blockIdx work-groups of threadIdx threads.
 
-Schedules (`default_schedule`): TVM's dlight rules where they apply, else one thread per output
-element (`thread_per_output`), until an op family gets its own.
+The GEMMs, attention and the norms have schedules of their own (`gpu_linear`, `gpu_attention`,
+`gpu_norm`); the rest take `default_schedule`: TVM's dlight rules where they apply, else one
+thread per output element (`thread_per_output`). A kernel group may hold variants of its
+function, each run at the dims its condition holds (`group_table`).
 """
 
 from __future__ import annotations

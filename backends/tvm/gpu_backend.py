@@ -1,16 +1,19 @@
 """The TVM backend for GPUs behind `llmc.compile(..., target="opencl")` (Android's Adreno and
 Mali; here pocl) and, from the same schedules, Metal (Apple).
 
-Every node becomes a kernel group (`gpu.build`): the op's TensorIR function, the CPU backend's
-where it has no CPU-specific layout (attention, rope_cache, the small ops) and a GEMM over the
-graph's weight layout (`linear.LinearSpec.plain`), scheduled for the GPU (`gpu.default_schedule`)
-and lowered to device source and a launch table. The artifact holds one source file with every
-kernel (`kernels/<kind>/model.<ext>`, each kernel named after its group) and the table, which
-the runtime follows without TVM (`llmc.runtime.opencl`).
+Every node becomes a kernel group (`gpu.group_table`): its TensorIR function(s) with a GPU
+schedule, lowered to device source and a launch table. The GEMMs (`gpu_linear`: a GEMV for
+decode, a tiled GEMM for prefill, in one group), attention (`gpu_attention`, split-K) and the
+norms that stand alone (`gpu_norm`) have schedules of their own, with knobs whose values the
+manifest records (`kernels.tuning`); rope_cache and the small ops, which compute each output
+once, take `gpu.default_schedule`. The artifact holds one source file with every kernel
+(`kernels/<kind>/model.<ext>`, each kernel named after its group) and the tables, which the
+runtime follows without TVM (`llmc.runtime.gpu`).
 
 The functions' variables that are not run-time dims are bound here, per kernel: a GEMM's rows
 (the product of its input's leading dims), a cache's length (the artifact's context), the
-keys' length (`total`), the small ops' dims that are expressions (`min(seq, 1)`).
+keys' length (`total`), a paged cache's block table's width, the small ops' dims that are
+expressions (`min(seq, 1)`).
 """
 
 from __future__ import annotations
@@ -74,9 +77,10 @@ def plan_node(node: Node, graph: Graph, max_seq: int, kind: str, choose):
         spec = replace(attention.AttentionSpec.of(node), kv_int8=kv_int8(graph), order=kv_order(graph),
                        page_tokens=pages)
         key = repr(spec)
+        bindings = {"kv_len": "total", "max_seq": str(max_seq), "max_blocks": blocks}
         return key, lambda name: {name: [(gpu.named(gpu_attention.schedule(
-            spec, choose(name, key, gpu_attention.knobs(spec))), name), {"kv_len": "total", "max_seq": str(max_seq), "max_blocks": blocks},
-            None)]}, [Step("", "attention", attention_args(node, graph))]
+            spec, choose(name, key, gpu_attention.knobs(spec))), name), bindings, None)]}, \
+            [Step("", "attention", attention_args(node, graph))]
     if node.op == "rope_cache":
         qkv, offset, args = rope_cache_args(node, graph)
         spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset,
@@ -105,7 +109,6 @@ class GpuBackend:
         self.kind = kind  # "opencl" or "metal"
 
     def check(self, options: dict) -> None:
-
         if options["activations"] not in (None, "f32"):
             raise LlmcError(f"--activations {options['activations']}: the {self.kind} target's GEMMs take f32 "
                             "activations")

@@ -10,8 +10,9 @@ The weight [n, k] is read as [parts, n / parts, k], the same bytes: output j of 
 needs rows j and n/2 + j, and with the halves on their own axis a work-group's tile of outputs
 reads two tiles of the weight, not the rows between them. w8 is int8 with a scale per output
 channel, applied to the sums; w4 is two input features a byte (`plan.pair_nibbles`) with a
-scale and a zero per group; fp16 (`--dtype fp16`) is f16, converted from its bits (`_from_half`). Both are dequantized in registers as read (decode) or as a tile
-goes to local memory (prefill): no f32 copy of the weights exists.
+scale and a zero per group; fp16 (`--dtype fp16`) is f16, converted from its bits
+(`_from_half`). All are dequantized in registers as read (decode) or as a tile goes to local
+memory (prefill): no f32 copy of the weights exists.
 
 Decode (`schedule_decode`): a work-group owns `outputs` output features of one row, and
 `threads` threads share each one's reduction: thread t reads `vector` consecutive input
