@@ -32,6 +32,14 @@ def cuda(tmp_path_factory):
     return compiler(tmp_path_factory.mktemp("cuda"), "cuda", arch=ARCH)
 
 
+def quantized_tolerance(options: dict) -> float:
+    """The logits' tolerance between two targets' kernels with the same quantized weights: f32
+    rounding; with an int8 KV cache, one step of one cached value too (a key or value within f32
+    rounding of a step's boundary rounds either way: prompts 87, 219 and 333 of 340 in the opencl
+    target's test moved the logits by 1.6e-4 to 4.2e-4 from the step it happened at)."""
+    return 1e-3 if options.get("kv_cache") == "int8" else 1e-5
+
+
 def _greedy(model, prompt, steps, follow=None):
     """Greedy tokens and the last position's logits at each step (the interpreter is slow: one
     pass gives both). With `follow` (another system's tokens), each step is fed those instead
@@ -96,7 +104,7 @@ def test_quantized_interpreted_matches_the_cpu_target(options, cuda, artifacts, 
     tokens, logits = _greedy(runtime.load(art, interpret=True), prompt, STEPS)
     assert tokens == want_tokens
     for step in range(STEPS):
-        assert rel_err(logits[step], want_logits[step]) < 1e-5, step
+        assert rel_err(logits[step], want_logits[step]) < quantized_tolerance(options), step
 
 
 @pytest.mark.parametrize("kv_cache", ["f32", pytest.param("int8", marks=pytest.mark.slow)])

@@ -84,6 +84,41 @@ def thread_per_output(mod, threads: int = 256):
     return sch.mod
 
 
+def split_exactly(k: int, threads: int, vector: int) -> tuple[int, int]:
+    """(threads, vector) that divide a reduction over k exactly: `threads`, or the largest power
+    of two below it that divides k; `vector`, or the largest value down to 1 that divides what
+    is left. (TVM drops a split's tail predicate when a reduction is moved under another loop:
+    inexact splits would read past the row.)"""
+    while k % threads:
+        threads //= 2
+    while (k // threads) % vector:
+        vector -= 1
+    return threads, vector
+
+
+def rfactor(sch, block, threads: int, vector: int = 1):
+    """`block`'s reduction (its last loop) split for `threads` threads each summing `vector`
+    consecutive elements per step; returns the block of the per-thread partial sums (the
+    original then sums those, across the threads)."""
+    red = sch.get_loops(block)[-1]
+    outer, lane, inner = sch.split(red, [None, threads, vector])
+    sch.reorder(lane, outer, inner)
+    return sch.rfactor(lane, 0)
+
+
+def bind_reduction(sch, block, partial, depth: int, scope: str = "local"):
+    """The partial sums in registers, their loop over the threads (at `depth`) on threadIdx.x,
+    and the sum across the threads a cross-thread reduction, its result in `scope`."""
+    loops = sch.get_loops(partial)
+    sch.bind(loops[depth], "threadIdx.x")
+    sch.unroll(loops[-1])
+    sch.set_scope(partial, 0, "local")
+    loops = sch.get_loops(block)
+    sch.reorder(*loops[depth + 1:], loops[depth])  # TVM reduces across threads innermost
+    sch.bind(loops[depth], "threadIdx.x")
+    sch.set_scope(block, 0, scope)
+
+
 BINARY = ("Add", "+"), ("Sub", "-"), ("Mul", "*"), ("FloorDiv", "//")
 
 

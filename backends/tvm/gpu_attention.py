@@ -22,7 +22,7 @@ Knobs: `chunk` (keys per group) and `threads` (per group).
 from __future__ import annotations
 
 from .attention import AttentionSpec, Operands
-from .gpu_linear import _bind_reduction, _rfactor
+from .gpu import bind_reduction, rfactor
 from ..knobs import Knob
 
 CHUNKS = (64, 128, 32, 256)
@@ -109,7 +109,7 @@ def schedule(spec: AttentionSpec, config: dict | None = None):
     for name in ("scores", "shifted"):
         sch.compute_inline(sch.get_sblock(name))
     peak = sch.get_sblock("peak")
-    peak_partial = _rfactor(sch, peak, threads)
+    peak_partial = rfactor(sch, peak, threads)
     # kernel 1, anchored at the numerators: a group per (batch, head, query, chunk)
     num = sch.get_sblock("num")
     bi, hi, si, group, di, rj = sch.get_loops(num)
@@ -125,7 +125,7 @@ def schedule(spec: AttentionSpec, config: dict | None = None):
         sch.compute_at(block, group)
     for block in scores:  # the keys over the threads
         sch.bind(sch.split(sch.get_loops(block)[3], [None, threads])[1], "threadIdx.x")
-    _bind_reduction(sch, peak, peak_partial, 3)
+    bind_reduction(sch, peak, peak_partial, 3)
     # kernel 2: a thread per output element, its reductions over the chunks serial in it
     y = sch.get_sblock("y")
     groups, items = sch.split(sch.fuse(*sch.get_loops(y)), [None, 256])

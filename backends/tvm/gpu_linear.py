@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from . import linear
+from . import gpu, linear
 from ..knobs import Knob
 
 DECODE_ROWS = 4  # rows from which the tiled GEMM runs: below, each row re-reads the weights
@@ -53,8 +53,6 @@ def variants(spec: linear.LinearSpec, name: str, rows: str, config: dict | None 
     """The kernel group's variants as `gpu.group_table` takes them, built: (the GEMV, named
     `name`_gemv, run below DECODE_ROWS rows; the GEMM, `name`_gemm, from there on); `rows`: the
     rows as an expression over the run-time dims; `config`: knob values (`knobs`)."""
-    from . import gpu
-
     many = f"min(({rows}) // {DECODE_ROWS}, 1)"  # 1 from DECODE_ROWS rows on, else 0
     return [(gpu.named(schedule_decode(spec, config), f"{name}_gemv"), {"m": rows}, f"(1 - {many})"),
             (gpu.named(schedule_prefill(spec, config), f"{name}_gemm"), {"m": rows}, many)]
@@ -78,7 +76,7 @@ def _from_half(bits):
 
 def knobs(spec: linear.LinearSpec) -> list[Knob]:
     """The schedules' knobs, defaults first: the GEMV's group shape and vector width, the GEMM's
-    tile and depth (`split_exactly` may take less where k needs it)."""
+    tile and depth (`gpu.split_exactly` may take less where k needs it)."""
     return [Knob("gemv", GEMV, 1), Knob("vector", VECTORS, 1), Knob("tile", TILES, PREFILL_ROWS),
             Knob("depth", DEPTHS, PREFILL_ROWS)]
 
@@ -156,41 +154,6 @@ def _inline(sch, keep=()) -> None:
             sch.compute_inline(block)
 
 
-def split_exactly(k: int, threads: int, vector: int) -> tuple[int, int]:
-    """(threads, vector) that divide a reduction over k exactly: `threads`, or the largest power
-    of two below it that divides k; `vector`, or the largest value down to 1 that divides what
-    is left. (TVM drops a split's tail predicate when a reduction is moved under another loop:
-    inexact splits would read past the row.)"""
-    while k % threads:
-        threads //= 2
-    while (k // threads) % vector:
-        vector -= 1
-    return threads, vector
-
-
-def _rfactor(sch, block, threads: int, vector: int = 1):
-    """`block`'s reduction (its last loop) split for `threads` threads each summing `vector`
-    consecutive elements per step; returns the block of the per-thread partial sums (the
-    original then sums those, across the threads)."""
-    red = sch.get_loops(block)[-1]
-    outer, lane, inner = sch.split(red, [None, threads, vector])
-    sch.reorder(lane, outer, inner)
-    return sch.rfactor(lane, 0)
-
-
-def _bind_reduction(sch, block, partial, depth: int, scope: str = "local"):
-    """The partial sums in registers, their loop over the threads (at `depth`) on threadIdx.x,
-    and the sum across the threads a cross-thread reduction, its result in `scope`."""
-    loops = sch.get_loops(partial)
-    sch.bind(loops[depth], "threadIdx.x")
-    sch.unroll(loops[-1])
-    sch.set_scope(partial, 0, "local")
-    loops = sch.get_loops(block)
-    sch.reorder(*loops[depth + 1:], loops[depth])  # TVM reduces across threads innermost
-    sch.bind(loops[depth], "threadIdx.x")
-    sch.set_scope(block, 0, scope)
-
-
 def schedule_decode(spec: linear.LinearSpec, config: dict | None = None):
     """The GEMV (module docstring): group (row, `outputs` features), `threads` threads per
     feature. Launch: blockIdx.x = ceil(out / outputs), blockIdx.y = rows; threadIdx.y =
@@ -199,11 +162,11 @@ def schedule_decode(spec: linear.LinearSpec, config: dict | None = None):
 
     config = {**default_config(spec), **(config or {})}
     outputs, threads = (int(v) for v in config["gemv"].split("x"))
-    threads, vector = split_exactly(spec.k, threads, config["vector"])
+    threads, vector = gpu.split_exactly(spec.k, threads, config["vector"])
     sch = tvm.s_tir.Schedule(prim_func(spec))
     _inline(sch)
     reductions = [sch.get_sblock(name) for name in _stats(spec)] + [sch.get_sblock("sums")]
-    partials = [_rfactor(sch, block, threads, vector if block == reductions[-1] else 1) for block in reductions]
+    partials = [gpu.rfactor(sch, block, threads, vector if block == reductions[-1] else 1) for block in reductions]
     i, j = sch.get_loops(sch.get_sblock("y"))
     jo, ji = sch.split(j, [None, outputs])
     sch.bind(i, "blockIdx.y")
@@ -214,7 +177,7 @@ def schedule_decode(spec: linear.LinearSpec, config: dict | None = None):
         sch.compute_at(block, ji)
         sch.compute_at(partial, ji)
     for block, partial in zip(reductions, partials):
-        _bind_reduction(sch, block, partial, 3)
+        gpu.bind_reduction(sch, block, partial, 3)
     return sch.mod
 
 
@@ -226,7 +189,7 @@ def schedule_prefill(spec: linear.LinearSpec, config: dict | None = None):
 
     config = {**default_config(spec), **(config or {})}
     rows, cols = (int(v) for v in config["tile"].split("x"))
-    depth = split_exactly(spec.k, config["depth"], 1)[0]
+    depth = gpu.split_exactly(spec.k, config["depth"], 1)[0]
     sch = tvm.s_tir.Schedule(prim_func(spec, rows))
     _inline(sch, keep=("rows", "wdq"))
     ty, tx = THREADS
@@ -254,8 +217,8 @@ def schedule_prefill(spec: linear.LinearSpec, config: dict | None = None):
     sch.unroll(ki)
     for name in _stats(spec):
         block = sch.get_sblock(name)
-        partial = _rfactor(sch, block, split_exactly(spec.k, STATS, 1)[0])
+        partial = gpu.rfactor(sch, block, gpu.split_exactly(spec.k, STATS, 1)[0])
         sch.bind(sch.get_loops(block)[0], "blockIdx.x")
         sch.compute_at(partial, sch.get_loops(block)[0])
-        _bind_reduction(sch, block, partial, 1, "global")  # read by the GEMM kernel
+        gpu.bind_reduction(sch, block, partial, 1, "global")  # read by the GEMM kernel
     return sch.mod

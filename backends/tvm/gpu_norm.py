@@ -28,7 +28,7 @@ def schedule(func, config: dict | None = None):
     """`func` (an `injective.prim_func` of a norm) scheduled as the module docstring says."""
     import tvm
 
-    from .gpu_linear import _bind_reduction, _rfactor, split_exactly
+    from .gpu import bind_reduction, rfactor, split_exactly
 
     threads = (config or {}).get("threads", THREADS[0])
     sch = tvm.s_tir.Schedule(func)
@@ -39,7 +39,7 @@ def schedule(func, config: dict | None = None):
     threads = split_exactly(k, threads, 1)[0]
     names = ["total", "squares"] if _has(sch, "total") else ["squares"]
     reductions = [sch.get_sblock(name) for name in names]
-    partials = [_rfactor(sch, block, threads) for block in reductions]
+    partials = [rfactor(sch, block, threads) for block in reductions]
     if len(rows) > 3:
         rows = [sch.fuse(*rows[:-2]), *rows[-2:]]
     for loop, tag in zip(reversed(rows), GRID):
@@ -50,7 +50,7 @@ def schedule(func, config: dict | None = None):
         sch.compute_at(block, row)
         sch.compute_at(partial, row)
     for block, partial in zip(reductions, partials):
-        _bind_reduction(sch, block, partial, len(rows))
+        bind_reduction(sch, block, partial, len(rows))
     if _has(sch, "sum"):  # add_norm's residual sum: its own kernel, a thread per element
         groups, items = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock("sum"))), [None, 256])
         sch.bind(groups, "blockIdx.x")
