@@ -34,8 +34,8 @@ def run(device, func, inputs: list[np.ndarray], outputs: list[tuple], env: dict,
     if isinstance(func, dict):
         group = func
     else:
-        group = gpu.build(func if hasattr(func, "functions") else gpu.default_schedule(func, "opencl"), "opencl",
-                          bindings)
+        mod = func if hasattr(func, "functions") else gpu.default_schedule(func, "opencl")
+        group = gpu.build([(mod, bindings, None)], "opencl")
     buffers = [device.upload(np.ascontiguousarray(a)) if a.size else device.alloc(4) for a in inputs]
     results = [np.zeros(s, d) for s, d in outputs]
     buffers += [device.alloc(r.nbytes) for r in results]
@@ -164,9 +164,7 @@ def test_linear_matches_reference(case, rows, device, rng):
                                       gated=int(spec.gated), quant=spec.quant, group_size=spec.group_size)
     args = [linear.PACKINGS[spec.packing(a)](inputs[a]) if spec.packing(a) else inputs[a]
             for a in spec.arg_names()[:-1]]
-    lowered = [(gpu.Lowered(mod, "opencl", bindings), condition)
-               for mod, bindings, condition in gpu_linear.variants(spec, "linear", "seq")]
-    group = {**gpu.group_table(lowered), "source": gpu.source([low for low, _ in lowered])}
+    group = gpu.build(gpu_linear.variants(spec, "linear", "seq"), "opencl")
     got = run(device, group, args, [((rows, spec.out_features), np.float32)], {"seq": rows})[0]
     assert rel_err(got, want) < 1e-5
 

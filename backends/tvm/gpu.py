@@ -292,12 +292,12 @@ def group_table(variants: list[tuple[Lowered, str | None]]) -> dict:
     return {"kernels": kernels, "scratch": scratch}
 
 
-def build(mod, kind: str, bindings: dict[str, str] | None = None) -> dict:
-    """One scheduled function's launch table (`Lowered.table`) with its device source
-    ("source"). The table: {"kernels": [{"name", "args", "launch": {"blockIdx.x": extent, ...}}]
-    in the order the host launches them, "scratch": [{"name", "dtype", "elements"}]}. An
-    argument is an int (the function's buffer parameter of that position), {"scratch": i} (an
-    intermediate in global memory that kernels pass on, of `elements` items) or [expression,
-    dtype] (a scalar)."""
-    low = Lowered(mod, kind, bindings)
-    return {**low.table, "source": source([low])}
+def build(variants: list[tuple], kind: str) -> dict:
+    """One kernel group built alone: its variants' (scheduled module, bindings, condition)
+    lowered, their launch table (`group_table`) and their device source ("source"). The table:
+    {"kernels": [{"name", "args", "launch": {"blockIdx.x": extent, ...}}] in the order the host
+    launches them, "scratch": [{"name", "dtype", "elements"}]}. An argument is an int (the
+    function's buffer parameter of that position), {"scratch": i} (an intermediate in global
+    memory that kernels pass on, of `elements` items) or [expression, dtype] (a scalar)."""
+    lowered = [(Lowered(mod, kind, bindings), condition) for mod, bindings, condition in variants]
+    return {**group_table(lowered), "source": source([low for low, _ in lowered])}

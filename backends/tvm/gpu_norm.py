@@ -13,6 +13,7 @@ threadIdx.x = `threads`. Knob: `threads`.
 
 from __future__ import annotations
 
+from .gpu import bind_reduction, rfactor, split_exactly
 from ..knobs import Knob
 
 OPS = ("rms_norm", "layer_norm", "add_norm")
@@ -28,8 +29,6 @@ def schedule(func, config: dict | None = None):
     """`func` (an `injective.prim_func` of a norm) scheduled as the module docstring says."""
     import tvm
 
-    from .gpu import bind_reduction, rfactor, split_exactly
-
     threads = (config or {}).get("threads", THREADS[0])
     sch = tvm.s_tir.Schedule(func)
     sch.compute_inline(sch.get_sblock("inv"))
@@ -37,7 +36,8 @@ def schedule(func, config: dict | None = None):
     *rows, features = sch.get_loops(normed)
     k = int(sch.get(features).extent)
     threads = split_exactly(k, threads, 1)[0]
-    names = ["total", "squares"] if _has(sch, "total") else ["squares"]
+    stages = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    names = ["total", "squares"] if "total" in stages else ["squares"]
     reductions = [sch.get_sblock(name) for name in names]
     partials = [rfactor(sch, block, threads) for block in reductions]
     if len(rows) > 3:
@@ -51,16 +51,8 @@ def schedule(func, config: dict | None = None):
         sch.compute_at(partial, row)
     for block, partial in zip(reductions, partials):
         bind_reduction(sch, block, partial, len(rows))
-    if _has(sch, "sum"):  # add_norm's residual sum: its own kernel, a thread per element
+    if "sum" in stages:  # add_norm's residual sum: its own kernel, a thread per element
         groups, items = sch.split(sch.fuse(*sch.get_loops(sch.get_sblock("sum"))), [None, 256])
         sch.bind(groups, "blockIdx.x")
         sch.bind(items, "threadIdx.x")
     return sch.mod
-
-
-def _has(sch, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-    except Exception:  # no such stage in this function
-        return False
-    return True
