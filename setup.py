@@ -9,5 +9,6 @@ setup(
     package_dir=ROOTS,
     packages=[f"{name}.{sub}" if sub else name for name, folder in ROOTS.items()
               for sub in ["", *find_packages(folder)]],
-    package_data={"llmc.runtime": ["native/*.c", "native/*.h"]},  # the native runtime, built by `llmc runtime build`
+    # the native runtime, built by `llmc runtime build`; the English sample AWQ calibrates on
+    package_data={"llmc.runtime": ["native/*.c", "native/*.h"], "llmc": ["data/*.txt"]},
 )

@@ -124,19 +124,34 @@ def _parser() -> argparse.ArgumentParser:
                         help="the prompt as text (the artifact must bundle a tokenizer); streams text. Repeated: a "
                              "batch, one output line per prompt (decoded together with a paged KV cache)")
     prompt.add_argument("--prompt-ids", action="append", help="comma-separated token ids, e.g. 1,2,3 (repeatable)")
+    prompt.add_argument("--chat", metavar="MESSAGE",
+                        help="one chat turn: MESSAGE as the user's, rendered with the model's chat template; prints "
+                             "the reply only")
+    run.add_argument("--system", help="with --chat: the system message (default: the template's own, if any)")
     run.add_argument("--max-new-tokens", type=int, default=32)
-    run.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    run.add_argument("--top-k", type=int)
-    run.add_argument("--top-p", type=float)
-    run.add_argument("--seed", type=int)
-    run.add_argument("--threads", type=int, help="kernel threads (default: every core, or $LLMC_NUM_THREADS)")
-    run.add_argument("--interpret", action="store_true",
-                     help="run a cuda artifact's Triton kernels under Triton's interpreter on the CPU (slow; needs "
-                          "torch and triton)")
-    run.add_argument("--device", type=int, metavar="N",
-                     help="an opencl artifact: the OpenCL device to run on, by its index in `llmc devices` (default 0)")
+    _sampling_arguments(run)
+    _load_arguments(run)
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     run.set_defaults(run=_run)
+
+    chat = sub.add_parser("chat", help="chat with a compiled chat model in the terminal (multi-turn; the KV cache "
+                                       "is kept across turns)")
+    chat.add_argument("artifact")
+    chat.add_argument("--system", help="the system message (default: the template's own, if any)")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="the longest reply, in tokens")
+    _sampling_arguments(chat)
+    _load_arguments(chat)
+    chat.set_defaults(run=_chat)
+
+    ppl = sub.add_parser("perplexity", help="perplexity of a text under a compiled artifact (chunked as "
+                                            "llama.cpp's llama-perplexity)")
+    ppl.add_argument("artifact")
+    ppl.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file")
+    ppl.add_argument("--ctx", type=int, help="tokens a chunk (default: the artifact's context, up to 512)")
+    ppl.add_argument("--chunks", type=int, help="at most this many chunks (default: every whole chunk)")
+    _load_arguments(ppl)
+    ppl.add_argument("--json", action="store_true", help="print the result as JSON")
+    ppl.set_defaults(run=_perplexity)
 
     ben = sub.add_parser("bench", help="prefill and decode speed against onnxruntime, PyTorch eager and torch.compile")
     ben.add_argument("model", help="a zoo model name (all peers) or an ONNX decoder with KV cache (llmc only)")
@@ -393,6 +408,32 @@ def _quant_summary(quant: dict) -> str:
     return f"{scheme} ({', '.join(parts)})"
 
 
+def _sampling_arguments(p) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+
+
+def _load_arguments(p) -> None:
+    p.add_argument("--threads", type=int, help="kernel threads (default: every core, or $LLMC_NUM_THREADS)")
+    p.add_argument("--interpret", action="store_true",
+                   help="run a cuda artifact's Triton kernels under Triton's interpreter on the CPU (slow; needs "
+                        "torch and triton)")
+    p.add_argument("--device", type=int, metavar="N",
+                   help="an opencl artifact: the OpenCL device to run on, by its index in `llmc devices` (default 0)")
+
+
+def _load(args):
+    from llmc import runtime
+
+    return runtime.load(args.artifact, threads=args.threads, interpret=args.interpret, device=args.device)
+
+
+def _sampling(args) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+
+
 def _quant_arguments(p) -> None:
     p.add_argument("--quant", choices=("w8", "w4"),
                    help="weight-only quantization: w8 = int8 per output channel, w4 = 4-bit in groups")
@@ -414,8 +455,10 @@ def _quant_arguments(p) -> None:
     p.add_argument("--activations", choices=("int8", "f32"),
                    help="what the quantized GEMMs multiply: int8 activations (blocks of 32, integer dot products; "
                         "the cpu default) or f32 (weights dequantized; the cuda target's only choice)")
-    p.add_argument("--calibration-ids", help="with --awq: comma-separated token ids to calibrate on "
-                   "(default: drawn from the vocabulary)")
+    p.add_argument("--calibration-text", metavar="FILE",
+                   help="with --awq: a UTF-8 text to calibrate on, its first 512 tokens (default: an English "
+                        "sample llmc ships; a model without a tokenizer: ids drawn from the vocabulary)")
+    p.add_argument("--calibration-ids", help="with --awq: comma-separated token ids to calibrate on instead")
 
 
 def _tuning_arguments(p) -> None:
@@ -432,7 +475,8 @@ def _quant_options(args) -> dict:
     return {"quant": args.quant, "group_size": args.group_size, "zero_point": args.zero_point,
             "lm_head": args.lm_head, "embedding": args.embedding, "awq": args.awq, "kv_cache": args.kv_cache,
             "kv_layout": args.kv_layout,
-            "activations": args.activations, "calibration": _token_ids(args.calibration_ids, "--calibration-ids") if args.calibration_ids else None}
+            "activations": args.activations, "calibration_text": args.calibration_text,
+            "calibration": _token_ids(args.calibration_ids, "--calibration-ids") if args.calibration_ids else None}
 
 
 def _compile(args) -> int:
@@ -485,13 +529,20 @@ def _run(args) -> int:
     import json
     import time
 
-    from llmc import runtime
-
-    model = runtime.load(args.artifact, threads=args.threads, interpret=args.interpret, device=args.device)
+    if args.system is not None and args.chat is None:
+        raise LlmcError("--system applies with --chat")
+    model = _load(args)
+    sampling = _sampling(args)
+    if args.chat is not None:
+        start = time.perf_counter()
+        show = None if args.json else (lambda chunk: print(chunk, end="", flush=True))
+        reply = model.chat(_messages(args.system, []) + [{"role": "user", "content": args.chat}], args.max_new_tokens,
+                           **sampling, on_text=show)
+        print(json.dumps({"reply": reply, "seconds": round(time.perf_counter() - start, 4)}) if args.json else "")
+        return 0
     text = args.prompt is not None
     prompts = [model.text.encode(p) for p in args.prompt] if text else \
         [_token_ids(p, "--prompt-ids") for p in args.prompt_ids]
-    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     start = time.perf_counter()
     if len(prompts) > 1:  # a batch: each output when all are done
         outputs = model.generate(prompts, args.max_new_tokens, **sampling)
@@ -515,6 +566,77 @@ def _run(args) -> int:
     else:
         print()
     log.info("%d tokens in %.3f s", sum(map(len, outputs)), seconds)
+    return 0
+
+
+def _messages(system: str | None, turns: list[dict]) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system is not None else []) + turns
+
+
+def _chat(args) -> int:
+    """Read a user turn a line, stream the reply. Ctrl-C stops a reply (what came is kept, and the
+    conversation goes on); Ctrl-C or Ctrl-D at the prompt ends the session; /reset starts anew."""
+    model = _load(args)
+    if model.template is None:  # before the first prompt, not after it
+        model.chat([{"role": "user", "content": ""}])
+    sampling, turns = _sampling(args), []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("llmc chat: Ctrl-C stops a reply, /reset starts a new conversation, Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            if interactive:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            line = ""
+        if not line:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            turns = []
+            continue
+        turns.append({"role": "user", "content": line})
+        chunks: list[str] = []
+
+        def show(chunk: str) -> None:
+            chunks.append(chunk)
+            print(chunk, end="", flush=True)
+        try:
+            model.chat(_messages(args.system, turns), args.max_new_tokens, **sampling, on_text=show)
+        except KeyboardInterrupt:
+            pass
+        except LlmcError as e:  # the conversation outgrew the context, say: this turn is dropped
+            print(f"llmc: {e}", file=sys.stderr)
+            turns.pop()
+            continue
+        print()
+        turns.append({"role": "assistant", "content": "".join(chunks)})
+
+
+def _perplexity(args) -> int:
+    import json
+
+    from llmc.runtime.perplexity import of_model
+
+    path = Path(args.text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmcError(f"--text {path}: not a readable UTF-8 text file ({e})") from None
+    model = _load(args)
+    ids = model.text.encode(text)
+    result = of_model(model, ids, args.ctx, args.chunks,
+                      on_chunk=lambda i, ppl: log.info("chunk %d: running ppl %.4f", i + 1, ppl))
+    if args.json:
+        print(json.dumps({"ppl": result.ppl, "stderr": result.stderr, "tokens": result.tokens,
+                          "chunks": result.chunks, "ctx": result.ctx}))
+    else:
+        print(result)
     return 0
 
 
@@ -673,7 +795,7 @@ def _zoo_list(args) -> int:
 
 
 def _zoo_export(args) -> int:
-    from . import zoo
+    from . import model_files, zoo
 
     try:
         model = zoo.get(args.name)
@@ -688,6 +810,8 @@ def _zoo_export(args) -> int:
         if data.exists():
             # External data is referenced by file name; keep that name next to the copy.
             shutil.copyfile(data, dest.with_name("model.onnx.data"))
+        for name, file in model_files.find(path.parent).items():  # a real model's tokenizer and configs
+            shutil.copyfile(file, dest.with_name(name))
         path = dest
     print(path)
     return 0

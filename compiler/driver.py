@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024,
             eos_token_id: int | None = None, quant: str | None = None, group_size: int = 128,
             zero_point: bool = False, lm_head: str | None = None, embedding: str | None = None, awq: bool = False,
-            calibration: list[int] | None = None, kv_cache: str | None = None, cpu: str | None = None,
+            calibration: list[int] | None = None, calibration_text=None, kv_cache: str | None = None,
+            cpu: str | None = None,
             tokenizer=None, dtype: str | None = None, arch: str = "sm_80,sm_90",
             activations: str | None = None, tune: bool = False, tune_budget: float | None = None,
             tuning: list | tuple = (), kv_layout: str = "auto") -> Path:  # noqa: A001
@@ -29,8 +30,11 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     `group_size` input features, symmetric or with `zero_point`); the LM head is encoded as
     `lm_head` says ("f32", "w8", "w4"; default "w8"), the token embedding as `embedding` says
     ("w8", the default: int8 rows, a scale per row; or "f32"). With `awq`, 4-bit weights are scaled by
-    their activations first, measured on `calibration` token ids (default: drawn from the
-    vocabulary). See `llmc.passes.quantize_weights` and `llmc.passes.awq`.
+    their activations first, measured on `calibration` token ids or on the text of the file
+    `calibration_text` (its first tokens, up to `CALIBRATION_TOKENS`), by default on an English
+    sample llmc ships (`llmc/data/calibration-en.txt`); a model without a tokenizer calibrates on
+    ids drawn from its vocabulary, with a warning. See `llmc.passes.quantize_weights` and
+    `llmc.passes.awq`.
 
     `activations`: "int8" (the quantized GEMMs quantize their input to int8 in blocks of 32 and
     multiply integers; the default on cpu) or "f32" (they dequantize the weights and multiply in
@@ -97,11 +101,16 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
         if embedding not in ("f32", "w8"):
             raise LlmcError(f"embedding encoding {embedding!r} is not supported; supported: f32, w8")
         options.update(quant=quant, group_size=group_size, zero_point=zero_point, lm_head=lm_head,
-                       embedding=embedding, awq=awq, calibration=calibration)
-    elif lm_head or zero_point or calibration or embedding not in (None, "f32"):
-        raise LlmcError("--lm-head, --embedding, --zero-point and --calibration-ids apply with --quant")
-    if (awq or calibration) and quant != "w4":
-        raise LlmcError("--awq and --calibration-ids apply to --quant w4")
+                       embedding=embedding, awq=awq)
+    elif lm_head or zero_point or calibration or calibration_text or embedding not in (None, "f32"):
+        raise LlmcError("--lm-head, --embedding, --zero-point, --calibration-ids and --calibration-text apply with "
+                        "--quant")
+    if (awq or calibration or calibration_text) and quant != "w4":
+        raise LlmcError("--awq, --calibration-ids and --calibration-text apply to --quant w4")
+    if (calibration or calibration_text) and not awq:
+        raise LlmcError("--calibration-ids and --calibration-text calibrate --awq: add it")
+    if calibration and calibration_text:
+        raise LlmcError("give --calibration-ids or --calibration-text, not both")
     onnx_path = Path(onnx_path)
     output = Path(output) if output else onnx_path.with_suffix(".llmc")
     if not output.parent.is_dir():
@@ -112,6 +121,9 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     if model_files.TOKENIZER in files:
         model_files.check_tokenizer(files[model_files.TOKENIZER])
     eos = [eos_token_id] if eos_token_id is not None else model_files.eos_token_ids(files)
+    if awq:
+        options["calibration"] = calibration or _calibration_ids(calibration_text, files.get(model_files.TOKENIZER),
+                                                                 max_seq_len)
     from .progress import bar
 
     stages = []
@@ -164,3 +176,32 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     for name, seconds in stages:
         log.info("%-8s %.1f s", name, seconds)
     return output
+
+
+CALIBRATION_TOKENS = 512
+MIN_CALIBRATION_TOKENS = 64
+DEFAULT_CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration-en.txt"
+
+
+def _calibration_ids(text_path, tokenizer: Path | None, max_seq_len: int) -> list[int] | None:
+    """AWQ's calibration tokens: the first tokens of `text_path` (default: the English sample),
+    or None (ids drawn from the vocabulary) for a model without a tokenizer."""
+    if tokenizer is None:
+        if text_path:
+            raise LlmcError("--calibration-text needs the model's tokenizer (tokenizer.json beside the model, or "
+                            "--tokenizer DIR); or give --calibration-ids")
+        log.warning("--awq: the model has no tokenizer, so AWQ calibrates on token ids drawn from the vocabulary, "
+                    "not on text; give --calibration-ids (or --tokenizer DIR) for a sound calibration")
+        return None
+    path = Path(text_path or DEFAULT_CALIBRATION_TEXT)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmcError(f"--calibration-text {path}: not a readable UTF-8 text file ({e})") from None
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(tokenizer)).encode(text).ids
+    if len(ids) < MIN_CALIBRATION_TOKENS:
+        raise LlmcError(f"--calibration-text {path}: {len(ids)} tokens, too few for calibration (at least "
+                        f"{MIN_CALIBRATION_TOKENS})")
+    return ids[:min(CALIBRATION_TOKENS, max_seq_len)]

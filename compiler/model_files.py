@@ -1,5 +1,6 @@
-"""The files exporters leave beside a model: its tokenizer and configs, bundled into the
-artifact so that it takes and gives text, and the end-of-sequence tokens they name."""
+"""The files exporters leave beside a model: its tokenizer, chat template and configs, bundled
+into the artifact so that it takes and gives text and chats, and the end-of-sequence tokens they
+name."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from .errors import LlmcError
 
 TOKENIZER = "tokenizer.json"
 # what Hugging Face's tools and onnxruntime-genai write next to a model
-FILES = (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", "config.json", "generation_config.json",
-         "genai_config.json")
+FILES = (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "config.json",
+         "generation_config.json", "genai_config.json")
 FOLDER = "model"  # inside the artifact
 
 

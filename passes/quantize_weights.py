@@ -6,8 +6,9 @@ computing in f32: the kernel dequantizes as it reads (the op's definition is
 
 - w8: int8, symmetric, one scale per output channel (max |w| / 127).
 - w4: 4-bit, one scale per group of `group_size` consecutive input features and output
-  channel; symmetric (max |w| / 7, zero 8) or, with `zero_point`, asymmetric
-  ((max - min) / 15 and a zero per group). A GEMM whose input size is not a multiple of the group
+  channel; symmetric (zero 8, the scale the group's signed extreme / -8, as llama.cpp's Q4_0:
+  the scale may be negative) or, with `zero_point`, asymmetric ((max - min) / 15 and a zero per
+  group). A GEMM whose input size is not a multiple of the group
   size uses the largest group size dividing both.
 
 The LM head (the GEMM that writes the logits) has its own encoding, `lm_head`: "f32", "w8" or
@@ -53,7 +54,10 @@ def quantize(w: np.ndarray, quant: str, group_size: int = DEFAULT_GROUP_SIZE, ze
         scale[scale == 0] = 1
         zero = np.clip(np.rint(-lo / scale), 0, 15)
     else:
-        scale = np.maximum(groups.max(axis=2), -groups.min(axis=2)) / 7
+        # as llama.cpp's Q4_0: the group's extreme, with its sign, maps to level -8 (the scale
+        # takes the sign), so all 16 levels serve; max|w| / 7 would leave one unused
+        extreme = np.take_along_axis(groups, np.abs(groups).argmax(axis=2)[..., None], axis=2)[..., 0]
+        scale = extreme / -8
         scale[scale == 0] = 1
         zero = np.full_like(scale, 8)
     q = groups / scale[..., None]  # in place from here: the pass runs over every weight

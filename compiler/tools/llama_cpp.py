@@ -108,6 +108,57 @@ def write_gguf(model, path: Path) -> Path:
     return path
 
 
+def convert_hf(folder: Path, out: Path, cache: Path) -> Path:
+    """A Hugging Face folder as an f32 GGUF file, written by llama.cpp's own converter
+    (`convert_hf_to_gguf.py`, with its vocabulary and metadata), from the llama.cpp sources that
+    the installed llama-cpp-python's source distribution vendors (fetched from the package index
+    once, into `cache`)."""
+    import subprocess
+    import tarfile
+    from importlib.metadata import version
+
+    from llmc.zoo.pretrained import download
+
+    release = version("llama_cpp_python")
+    sources = cache / f"llama.cpp-{release}"
+    if not (sources / "convert_hf_to_gguf.py").exists():
+        archive = download(f"llama-cpp-python=={release}", cache, source=True)
+        prefix = f"llama_cpp_python-{release}/vendor/llama.cpp/"
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+        tmp = cache / f".{sources.name}"
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(tmp, members=members, filter="data")
+        tmp.rename(sources)
+        archive.unlink()
+    done = subprocess.run([sys.executable, str(sources / "convert_hf_to_gguf.py"), str(folder), "--outtype", "f32",
+                           "--outfile", str(out)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {folder}:\n{done.stderr[-2000:]}")
+    return out
+
+
+def perplexity(gguf_path: Path, ids: list[int], ctx: int, n_chunks: int | None, threads: int):
+    """llama.cpp's perplexity of token ids (its logits, through its library; chunked and scored
+    as `llama-perplexity` does, by `llmc.runtime.perplexity`)."""
+    import llama_cpp
+    import numpy as np
+
+    from llmc.runtime.perplexity import evaluate
+
+    _quiet(llama_cpp)
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx, n_threads=threads,
+                          n_threads_batch=threads, logits_all=True, verbose=False)
+
+    def logits(chunk):
+        llm.reset()
+        llm.eval(chunk.tolist())
+        return np.array(llm.scores[:len(chunk)])
+    return evaluate(logits, ids, ctx, n_chunks)
+
+
 def decode_weight_bytes(path: Path) -> int:
     """Bytes of the matrices every decode step reads: all but the tables gathered by row (the
     token table, unless it is also the LM head, and GPT-2's positions)."""

@@ -1,7 +1,9 @@
-"""Model zoo: real Hugging Face architectures with seeded random weights, exported to ONNX.
+"""Model zoo: real Hugging Face architectures with seeded random weights, and real trained models
+from packages on the index (`pretrained`), exported to ONNX.
 
 Tests and benchmarks draw their models from here. Each model is built from a transformers config
-class (the real model definition, not a re-implementation), given seeded random weights, and
+class (the real model definition, not a re-implementation), given seeded random weights (or a
+real model's trained ones, with its tokenizer and chat template beside the export), and
 exported with `torch.onnx.export` (the dynamo exporter or the TorchScript one), with or without a
 KV cache. Exports are cached on disk, keyed by everything that changes the file, so a test suite
 pays for each export once.
@@ -28,6 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from llmc import model_files
+
+from . import pretrained
+from .pretrained import Package
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +126,21 @@ class ZooModel:
     family: str
     sizes: dict = field(hash=False, compare=False)
     train_steps: int = 0  # > 0: trained on text (`training`) instead of random weights
+    package: Package | None = None  # a real trained model from the package index (`pretrained`)
 
     @property
     def is_decoder(self) -> bool:
         return self.family != "bert"
 
+    def hf_folder(self, cache_dir: str | os.PathLike | None = None) -> Path:
+        """A pretrained model's Hugging Face folder (fetched and built once)."""
+        return pretrained.hf_folder(self.package, Path(cache_dir or default_cache_dir()))
+
     def config(self):
         import transformers
 
+        if self.package:
+            return transformers.AutoConfig.from_pretrained(self.hf_folder())
         config_cls, _, kwargs = _FAMILIES[self.family](self.sizes)
         return getattr(transformers, config_cls)(**kwargs)
 
@@ -136,6 +150,9 @@ class ZooModel:
         import torch
         import transformers
 
+        if self.package:
+            model = transformers.AutoModelForCausalLM.from_pretrained(self.hf_folder(), dtype=torch.float32).eval()
+            return model.half() if dtype == "f16" else model
         _, model_cls, _ = _FAMILIES[self.family](self.sizes)
         torch.manual_seed(0)
         model = getattr(transformers, model_cls)(self.config()).eval()
@@ -184,6 +201,9 @@ class ZooModel:
         try:
             _export(self, tmp / "model.onnx", kv_cache=kv_cache, exporter=exporter, dtype=dtype,
                     opset=opset, external_data=external_data)
+            if self.package:  # its tokenizer, chat template and configs beside it, as exporters leave them
+                for name, file in model_files.find(self.hf_folder(cache_dir)).items():
+                    shutil.copyfile(file, tmp / name)
             try:
                 tmp.rename(out_dir)
             except OSError:  # another process exported the same model first
@@ -194,6 +214,8 @@ class ZooModel:
         return path
 
     def _training_key(self) -> dict:
+        if self.package:
+            return {"package": self.package.requirement, "sha256": self.package.sha256}
         if not self.train_steps:
             return {}
         from . import training
@@ -229,7 +251,11 @@ ZOO: dict[str, ZooModel] = {
     **{f"{fam}-tiny": ZooModel(f"{fam}-tiny", fam, dict(_TINY)) for fam in _FAMILIES},
     **{name: ZooModel(name, fam, sizes) for name, (fam, sizes) in _BENCH_SIZES.items()},
     **{name: ZooModel(name, fam, sizes, TRAIN_STEPS) for name, (fam, sizes) in _TRAINED_SIZES.items()},
+    # real trained models, from packages on the index (`pretrained`)
+    "smollm2-135m-instruct": ZooModel("smollm2-135m-instruct", "llama", dict(hidden=576, layers=30, heads=9,
+                                      kv_heads=3, inter=1536, vocab=49152, ctx=8192), package=pretrained.SMOLLM2),
 }
+DEFAULT = "smollm2-135m-instruct"  # the quick start's model
 TINY_DECODERS = [m for m in ZOO.values() if m.name.endswith("-tiny") and m.is_decoder]
 TINY_MODELS = [m for m in ZOO.values() if m.name.endswith("-tiny")]
 
