@@ -63,6 +63,18 @@ def test_greedy_tokens_and_logits_match_onnxruntime(name, artifacts, rng):
         logits = model.forward(np.array([[token]]), past=len(prompt) + step)[0, -1]
 
 
+@pytest.mark.parametrize("options", [{}, {"quant": "w8"}], ids=["fp32", "w8"])
+def test_a_tied_embedding_is_read_from_the_lm_head(options, artifacts):
+    """GPT-2's token table is its LM head: the lookup reads the head's packed weight (int8 rows
+    too, quantized alike), so the artifact holds the table once."""
+    manifest = json.loads((artifacts("gpt2-tiny", **options) / "manifest.json").read_text())
+    values, weights = manifest["plans"]["values"], manifest["plans"]["weights"]
+    assert not [w for w in weights if values[w]["shape"] == [256, 64]]  # vocabulary x hidden, unpacked
+    lookup = next(s for s in manifest["plans"]["forward"] if "input_ids" in s["args"])
+    head = next(s for s in manifest["plans"]["forward"] if s["args"][-1] == "logits")
+    assert lookup["args"][0] == head["args"][1] and values[lookup["args"][0]]["shape"] == [4, 64, 64]
+
+
 # The KV cache in the other axis order ([batch, seq, kv_heads, head_dim]), f32 and int8 (whose
 # scales follow the order): the same greedy tokens as onnxruntime (int8: as the bhsd int8
 # artifact), on every family, with the slow tests (the default run has the kernels in both orders

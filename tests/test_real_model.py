@@ -126,6 +126,19 @@ def test_the_arena_holds_one_position_of_logits(model):
     assert logits.shape == (1, 3, 49152)
 
 
+def test_the_tied_embedding_is_stored_once(compiled, smollm2):
+    import json
+
+    from llmc.runtime.artifact import WEIGHTS
+
+    parameters = sum(p.numel() for p in smollm2.build_torch().parameters())  # the tied table counted once
+    assert (compiled / WEIGHTS).stat().st_size < parameters * 4 * 1.01
+    values = json.loads((compiled / "manifest.json").read_text())["plans"]["values"]
+    gather = next(s for s in json.loads((compiled / "manifest.json").read_text())["plans"]["forward"]
+                  if "input_ids" in s["args"])
+    assert gather["args"][0].endswith(".packed16") and values[gather["args"][0]]["shape"] == [768, 576, 64]
+
+
 @pytest.mark.slow
 def test_w4_perplexity_at_most_llama_cpp_q4_0(onnx_path, smollm2, text_ids, tmp_path):
     """llmc's w4 g32 (Q4_0's grid) and with AWQ calibrated on its English sample, against llama.cpp's

@@ -59,6 +59,11 @@ def _plan_node(node: Node, graph: Graph, target: dict, isa: str | None, register
         # a paged cache's writer takes each sequence's length (an argument), not the step's past
         return repr(spec), _func(lambda name: rope_cache.prim_func(spec)), [Step(
             "", "rope_cache", args, () if pages else ("past",))]
+    shared = _tied_table(node, graph)
+    if shared:
+        ids, rows = node.inputs[1].name, node.outputs[0].name
+        return "packed_" + node_key(node), _func(lambda name: linear.gather_packed(node)), [Step(
+            "", "injective", (shared, ids, rows), tuple(injective.dim_names(node)))]
     if node.op in injective.LOWERINGS:
         key = node_key(node)
         args = [v.name for pos, v in enumerate(node.inputs)
@@ -66,6 +71,28 @@ def _plan_node(node: Node, graph: Graph, target: dict, isa: str | None, register
         return key, _func(lambda name: injective.prim_func(node)), [Step(
             "", "injective", tuple(args + [v.name for v in node.outputs]), tuple(injective.dim_names(node)))]
     raise UnsupportedGraph(f"{node.name}: no TVM kernel for op {node.op!r}", node.name)
+
+
+def _tied_table(node: Node, graph: Graph) -> str | None:
+    """For the token embedding's lookup in a table equal to the LM head's weight (a tied
+    embedding, also after both are quantized to int8 rows), the name of the head's packed
+    weight to read it from; else None. Other packings (the integer kernels') are not shared."""
+    import numpy as np
+
+    if node.op != "gather" or node.attrs["axis"] != 0:
+        return None
+    table = graph.const_value(node.inputs[0])
+    if table is None or table.ndim != 2:
+        return None
+    for head in graph.nodes:
+        if head.op != "fused_linear" or head.outputs[0] not in graph.outputs:
+            continue
+        w = graph.const_value(head.inputs[1])
+        packing = linear.LinearSpec.of(head, graph).packing("w")
+        if packing == ".packed16" and w is not None and w.shape == table.shape and w.dtype == table.dtype \
+                and np.array_equal(w, table):
+            return head.inputs[1].name + packing
+    return None
 
 
 def weights(graph: Graph, plan: list[Step]) -> dict:

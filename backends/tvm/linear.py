@@ -127,6 +127,29 @@ def pack(w):
     return np.require(padded.reshape(-1, TILE * LANES, k).transpose(0, 2, 1), requirements="C")
 
 
+def gather_packed(node):
+    """A PrimFunc for a row lookup (`gather` on axis 0: the token embedding) that reads the table
+    from its `pack`ed copy [n / 64, k, 64], row j at [j / 64, :, j % 64]: a tied embedding served
+    from the LM head's weight, so the artifact stores the table once. Arguments: the packed table,
+    the ids, the rows, then the named dims (`injective.dim_names`)."""
+    from tvm import te, tirx
+
+    from .injective import Dims
+
+    table, ids = node.inputs[:2]
+    (n, k), block = table.shape, TILE * LANES
+    dims = Dims()
+    packed = te.placeholder((packed_rows(n) // TILE, k, block), table.dtype.numpy().name, name="table")
+    index = te.placeholder(dims.shape(ids.shape), ids.dtype.numpy().name, name="ids")
+
+    def body(*i):
+        j = index(*i[:-1]).astype("int64")
+        j = tirx.Select(j < 0, j + n, j)
+        return packed[j // block, i[-1], j % block]
+    rows = te.compute(dims.shape(node.outputs[0].shape), body, name="gather")
+    return te.create_prim_func([packed, index, rows] + [dims.vars[d] for d in sorted(dims.vars)])
+
+
 def pack_words(q, reg: int, signed: bool):
     """int8 [n, k] -> [n / 64, k / 32, 64 / reg, 8, reg, 4] (`_words`): int8 values, or uint8
     value + 128 (`int_dot.signed_weights`)."""
