@@ -202,6 +202,8 @@ def _parser() -> argparse.ArgumentParser:
                          "dequantized); several: each scheme with each")
     qr.add_argument("--tokens", type=int, default=256, help="length of the sampled held-out sequence")
     qr.add_argument("--token-ids", help="comma-separated held-out token ids instead of a sample")
+    qr.add_argument("--text", metavar="FILE", help="a UTF-8 text whose first --tokens tokens are the held-out "
+                                                   "sequence (a model with a tokenizer)")
     qr.add_argument("--seed", type=int, default=0)
     qr.add_argument("--onnxruntime", action="store_true",
                     help="also measure onnxruntime's own quantized models of the same schemes")
@@ -694,8 +696,14 @@ def _quant_report(args) -> int:
         schemes += [dict(s, kv_cache="int8") for s in schemes]
     schemes = [dict(s, activations=a) for a in args.activations for s in schemes]
     ids = _token_ids(args.token_ids, "--token-ids") if args.token_ids else None
+    text = None
+    if args.text:
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LlmcError(f"--text {args.text}: not a readable UTF-8 text file ({e})") from None
     result = report(args.model, schemes, tokens=args.tokens, token_ids=ids, seed=args.seed,
-                    onnxruntime=args.onnxruntime)
+                    onnxruntime=args.onnxruntime, text=text)
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -3,7 +3,9 @@
 Held to transformers on the same weights: greedy chat answers with the same template, and
 perplexity on a real English text (the GPL-3 as Debian ships it; any long text would do).
 Perplexity is what caught a wrong rotary base once, when greedy tokens still matched. The
-4-bit comparison with llama.cpp's Q4_0 (its converter, its quantizer, its logits) is slow.
+4-bit comparison with llama.cpp's Q4_0 (its converter, its quantizer, its logits) takes two
+minutes more. All are slow tests: on a fresh machine the model's download, conversion and export
+take over two minutes before the first of them runs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from llmc.runtime.perplexity import evaluate, of_model
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 CTX, CHUNKS = 256, 8
 QUESTIONS = ["What is the capital of France?", "Name three primary colors."]
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +143,6 @@ def test_the_tied_embedding_is_stored_once(compiled, smollm2):
     assert gather["args"][0].endswith(".packed16") and values[gather["args"][0]]["shape"] == [768, 576, 64]
 
 
-@pytest.mark.slow
 def test_w4_perplexity_at_most_llama_cpp_q4_0(onnx_path, smollm2, text_ids, tmp_path):
     """llmc's w4 g32 (Q4_0's grid) and with AWQ calibrated on its English sample, against llama.cpp's
     Q4_0 made by its own converter and quantizer, on the same tokens and chunks."""

@@ -9,7 +9,8 @@ token by token through the decode kernels (one row per step: the GEMVs and decod
 which are not the prefill's kernels), against the fp32 artifact's decode, and its error and
 top-1 agreement are reported too.
 
-The held-out sequence: token ids given by the user; for the zoo's trained models, text they never
+The held-out sequence: token ids given by the user, or a text's first tokens (`--text FILE`,
+with the tokenizer the model bundles: a real model on real text); for the zoo's trained models, text they never
 saw (and their activation-aware scaling calibrates on text they learned from); otherwise a sample
 of the fp32 model itself (temperature 1, seeded): random-weight models were trained on nothing,
 and a sample is at least text the model finds likely.
@@ -22,6 +23,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from llmc.errors import LlmcError
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +87,18 @@ ONNXRUNTIME_SCHEMES = {"w8": "onnxruntime int8 (dynamic, per channel)", "w4": "o
 
 
 def report(model: str, schemes: list[dict], tokens: int = 256, token_ids: list[int] | None = None,
-           seed: int = 0, onnxruntime: bool = False) -> dict:
+           seed: int = 0, onnxruntime: bool = False, text: str | None = None) -> dict:
     """`schemes`: compile options per scheme, e.g. {"quant": "w4", "group_size": 128}. With
     `onnxruntime`, onnxruntime's own quantized models of the same schemes are measured too: what
-    another engine's quantization costs on the same sequence."""
+    another engine's quantization costs on the same sequence. `text`: the held-out sequence is
+    its first `tokens` tokens (a model that bundles a tokenizer: a real model on real text)."""
     import llmc
     from llmc import runtime, zoo
     from llmc.passes import awq
 
     zoo_model = zoo.ZOO.get(model)
     path = zoo_model.export() if zoo_model else Path(model)
-    if zoo_model and not token_ids:
+    if zoo_model and not token_ids and text is None:
         token_ids = zoo_model.text("held-out", tokens)
         calibration = zoo_model.text("train", awq.CALIBRATION_TOKENS)
         if calibration:
@@ -104,6 +108,10 @@ def report(model: str, schemes: list[dict], tokens: int = 256, token_ids: list[i
     with tempfile.TemporaryDirectory() as tmp:
         log.info("compiling %s (fp32)", path)
         base = llmc.compile(path, output=Path(tmp) / "fp32.llmc", max_seq_len=n + 1)
+        if text is not None:
+            token_ids = runtime.load(base).text.encode(text)[:n]
+            if len(token_ids) < 2:
+                raise LlmcError(f"--text: {len(token_ids)} tokens; at least 2 are needed")
         if not token_ids:
             rng = np.random.default_rng(seed)
             first = [int(t) for t in rng.integers(1, 100, 4)]
