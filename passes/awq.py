@@ -17,8 +17,10 @@ gated GEMM (the MLP down projection after SwiGLU/GeGLU), into the up half of tha
 rows. The attention output projection is clipped but not scaled (its scales would have to fold
 into the value rows, shared between query heads).
 
-Calibration data: token ids given as the `calibration` option, or tokens drawn from the model's
-own vocabulary (seeded).
+Calibration data: token ids given as the `calibration` option (the driver gives real text's:
+`--calibration-text`, by default an English sample llmc ships), or, for a model without a
+tokenizer, tokens drawn from the model's own vocabulary (seeded): random ids calibrate poorly (on
+SmolLM2 they made w4 worse than plain rounding), so the driver warns.
 """
 
 from __future__ import annotations

@@ -105,3 +105,16 @@ def test_the_cli_perplexity_and_chat_on_the_tiny_model(chat_artifact, tmp_path):
                            "--system", "S"], input="Hello\n\n/reset\nHi\n", capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) >= 2  # a reply (maybe of several lines) a turn, the empty line skipped
+
+
+def test_quant_report_measures_a_text(tmp_path):
+    import shutil
+
+    from llmc.tools.quant_report import report
+
+    folder = tokenizer_folder(tmp_path / "model")
+    shutil.copyfile(export("llama-tiny", exporter="dynamo", kv_cache=True), folder / "model.onnx")
+    result = report(str(folder / "model.onnx"), [{"quant": "w8"}], tokens=40,
+                    text="A text in English, long enough to hold forty of its bytes as tokens.")
+    (row,) = result["schemes"]
+    assert result["tokens"] == 40 and row["scheme"] == "w8" and row["perplexity_fp32"] > 1
