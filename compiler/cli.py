@@ -27,7 +27,7 @@ from pathlib import Path
 
 from llmc.backends import BACKENDS
 
-from . import __version__
+from . import __version__, model_files
 from .errors import LlmcError
 
 TARGETS = tuple(BACKENDS)
@@ -579,8 +579,7 @@ def _chat(args) -> int:
     """Read a user turn a line, stream the reply. Ctrl-C stops a reply (what came is kept, and the
     conversation goes on); Ctrl-C or Ctrl-D at the prompt ends the session; /reset starts anew."""
     model = _load(args)
-    if model.template is None:  # before the first prompt, not after it
-        model.chat([{"role": "user", "content": ""}])
+    model.chat_template()  # no template: refused before the first prompt, not after it
     sampling, turns = _sampling(args), []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -625,11 +624,7 @@ def _perplexity(args) -> int:
 
     from llmc.runtime.perplexity import of_model
 
-    path = Path(args.text)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LlmcError(f"--text {path}: not a readable UTF-8 text file ({e})") from None
+    text = model_files.read_text(args.text, "--text")
     model = _load(args)
     ids = model.text.encode(text)
     result = of_model(model, ids, args.ctx, args.chunks,
@@ -696,12 +691,7 @@ def _quant_report(args) -> int:
         schemes += [dict(s, kv_cache="int8") for s in schemes]
     schemes = [dict(s, activations=a) for a in args.activations for s in schemes]
     ids = _token_ids(args.token_ids, "--token-ids") if args.token_ids else None
-    text = None
-    if args.text:
-        try:
-            text = Path(args.text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise LlmcError(f"--text {args.text}: not a readable UTF-8 text file ({e})") from None
+    text = model_files.read_text(args.text, "--text") if args.text else None
     result = report(args.model, schemes, tokens=args.tokens, token_ids=ids, seed=args.seed,
                     onnxruntime=args.onnxruntime, text=text)
     print(format_table(result))
@@ -803,7 +793,7 @@ def _zoo_list(args) -> int:
 
 
 def _zoo_export(args) -> int:
-    from . import model_files, zoo
+    from . import zoo
 
     try:
         model = zoo.get(args.name)

@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+from . import model_files
 from .errors import LlmcError
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     from llmc.passes.manager import PassContext, run_passes
     from llmc.passes.pipeline import default_pipeline
 
-    from . import model_files
     from .artifact_writer import write_artifact
     from .frontends.onnx import from_onnx
 
@@ -194,10 +194,7 @@ def _calibration_ids(text_path, tokenizer: Path | None, max_seq_len: int) -> lis
                     "not on text; give --calibration-ids (or --tokenizer DIR) for a sound calibration")
         return None
     path = Path(text_path or DEFAULT_CALIBRATION_TEXT)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LlmcError(f"--calibration-text {path}: not a readable UTF-8 text file ({e})") from None
+    text = model_files.read_text(path, "--calibration-text")
     from tokenizers import Tokenizer
 
     ids = Tokenizer.from_file(str(tokenizer)).encode(text).ids

@@ -49,3 +49,11 @@ def eos_token_ids(files: dict[str, Path]) -> list[int]:
         if ids:
             return ids
     return []
+
+
+def read_text(path, flag: str) -> str:
+    """A user's text file (a text to measure or calibrate on), or an error naming the option."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmcError(f"{flag} {path}: not a readable UTF-8 text file ({e})") from None

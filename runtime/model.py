@@ -230,10 +230,8 @@ class Model:
         it comes. The caches are kept between calls: a conversation that goes on from the last
         call's (its messages and that reply, then a new turn) prefills only the new turn."""
         check_options(temperature, top_k, top_p)
-        if self.template is None:
-            raise LlmcError("this artifact bundles no chat template (chat_template.jinja or tokenizer_config.json's "
-                            "chat_template beside the model when it was compiled): use generate with a prompt")
-        ids = self.text.encode(self.template.render(messages), special_tokens=False)
+        prompt = self.chat_template().render(messages)
+        ids = self.text.encode(prompt, special_tokens=False)
         return self.text.decode(self._continue(ids, max_new_tokens, (temperature, top_k, top_p, seed),
                                                on_text and self.text.stream(on_text)))
 
@@ -243,6 +241,13 @@ class Model:
         if self._template is None and self._model_files is not None:
             self._template = chat.load(self._model_files)
         return self._template
+
+    def chat_template(self) -> chat.Template:
+        """The bundled chat template; an error when there is none."""
+        if self.template is None:
+            raise LlmcError("this artifact bundles no chat template (chat_template.jinja or tokenizer_config.json's "
+                            "chat_template beside the model when it was compiled): use generate with a prompt")
+        return self.template
 
     def _continue(self, ids: list[int], max_new_tokens: int, sampling: tuple, on_token) -> list[int]:
         """New tokens after `ids` in a batch of one, reusing the cached tokens `ids` begins with
