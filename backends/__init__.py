@@ -19,8 +19,10 @@ BACKENDS = {"cpu": "llmc.backends.tvm.backend:HOST", "arm64": "llmc.backends.tvm
 @dataclass
 class Build:
     """What a backend makes of a passed graph. `values`: the plan values the backend lays out
-    itself (the KV caches, scratch), {name: (dtype, shape)}; `files`: {artifact path: a function
-    writing that file at the path it is given}."""
+    itself (the KV caches, scratch), {name: (dtype, shape)}; `weights`: {name: an array, or a
+    function of no arguments making it (a packed copy is made only while the artifact is written,
+    one at a time)}; `files`: {artifact path: a function writing that file at the path it is
+    given}."""
 
     target: dict
     cpu: dict | None  # the CPU features the kernels need (`llmc.runtime.cpu`); None for GPU code

@@ -23,12 +23,18 @@ def _describe(v) -> dict:
 
 def write_artifact(graph: Graph, output, build, plans: dict, eos_token_ids: list[int], model_files: dict) -> Path:
     """Write `output` (a directory; replaced if it exists) and return its path: the tensors the
-    plan reads, the backend's files and target (`llmc.backends.Build`), the plans, and the
-    tokenizer and configs to bundle under model/ (`model_files`: `llmc.model_files`)."""
+    plan reads, the backend's files and target (`llmc.backends.Build`), the plans (whose
+    "values" get the weights' dtypes and shapes as written), and the tokenizer and configs to
+    bundle under model/ (`model_files`: `llmc.model_files`).
+
+    The weights are made and written one at a time, and the model file's pages are handed back
+    after each, so that writing needs memory for the largest weight, not for the model."""
     output = Path(output)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent if output.parent.exists() else None))
     try:
-        safetensors.save(tmp / artifact.WEIGHTS, build.weights)
+        graph.store.release_pages()
+        written = safetensors.save(tmp / artifact.WEIGHTS, build.weights, after_each=graph.store.release_pages)
+        plans["values"].update({name: {"dtype": dtype, "shape": shape} for name, (dtype, shape) in written.items()})
         for name, write in build.files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             write(tmp / name)

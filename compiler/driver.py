@@ -159,10 +159,8 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     presents = {e["present"] for e in graph.metadata["kv_cache"]["entries"]}
     names = {a for step in build.plan for a in step.args if a} - set(build.values) - presents
     try:
-        values = {n: {"dtype": str(build.weights[n].dtype), "shape": list(build.weights[n].shape)}
-                  if n in build.weights else
-                  {"dtype": by_name[n].dtype.numpy().name, "shape": [encode_dim(d, n) for d in by_name[n].shape]}
-                  for n in sorted(names)}
+        values = {n: {"dtype": by_name[n].dtype.numpy().name, "shape": [encode_dim(d, n) for d in by_name[n].shape]}
+                  for n in sorted(names - set(build.weights))}  # the weights': as written (write_artifact)
         values.update({n: {"dtype": dt, "shape": [encode_dim(d, n) for d in shape]}
                        for n, (dt, shape) in build.values.items()})
     except UnsupportedGraph as e:

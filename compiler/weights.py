@@ -1,13 +1,15 @@
 """The weight store: named tensors backed by memory-mapped files, never copied wholesale.
 
-Sources are ONNX external-data files, safetensors files, and buffers the ONNX protobuf already
-holds (inline initializers). Each file is mapped once; a tensor is a zero-copy view into it.
-Passes that make new tensors (a concatenated QKV weight, quantized weights) add them with `add`.
-Nothing here unpickles anything.
+Sources are ONNX files (their inline initializers' bytes, found by `frontends.onnx.wire`), ONNX
+external-data files and safetensors files. Each file is mapped once; a tensor is a zero-copy view
+into it. Passes that make new tensors (quantized weights) add them with `add`; a tensor made
+cheaply from others (a concatenated QKV weight) is added as the function that makes it. Nothing
+here unpickles anything.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +26,8 @@ class WeightStore:
         self._maps: dict[Path, np.ndarray] = {}
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self._tensors[name]
+        tensor = self._tensors[name]
+        return tensor() if callable(tensor) else tensor
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
@@ -35,7 +38,10 @@ class WeightStore:
     def __len__(self) -> int:
         return len(self._tensors)
 
-    def add(self, name: str, array: np.ndarray) -> None:
+    def add(self, name: str, array) -> None:
+        """`array`: an array, or a function of no arguments making it from tensors of the store (a
+        merged weight: the concatenation of mapped ones), called on each read and never kept, so
+        that it takes no memory before the artifact is written."""
         if name in self._tensors:
             raise KeyError(f"weight {name!r} is already in the store")
         self._tensors[name] = array
@@ -43,6 +49,15 @@ class WeightStore:
     def discard(self, name: str) -> None:
         """Forget a tensor no graph uses any more (its file mapping stays open)."""
         self._tensors.pop(name, None)
+
+    def release_pages(self) -> None:
+        """Hand the mapped files' pages back to the page cache: a tensor read since stays valid
+        and is read again when next touched. Streaming writers call this after each weight, so
+        that the model file does not become resident as a whole."""
+        for data in self._maps.values():
+            mapped = getattr(data.base, "obj", None)  # np.frombuffer's memoryview of the mmap
+            if isinstance(mapped, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+                mapped.madvise(mmap.MADV_DONTNEED)
 
     def map_file(self, path: Path) -> np.ndarray:
         """The whole file as a read-only uint8 array, mapped once per store."""

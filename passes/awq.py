@@ -154,20 +154,23 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
     if not tokens:
         vocab = graph.outputs[0].shape[-1]  # the logits' last dim
         tokens = np.random.default_rng(0).integers(0, vocab, CALIBRATION_TOKENS).tolist()
-    trace = {}
-    run_reference(graph, prompt_feeds(graph, np.array([list(tokens)])), trace=trace)
     group = options.get("group_size", DEFAULT_GROUP_SIZE)
     head_quantized = options.get("lm_head") == "w4"
     consumers = graph.consumers()
     gemms = [n for n in graph.nodes if n.op == "fused_linear" and not n.attrs["quant"]
              and graph.const_value(n.inputs[1]) is not None and (head_quantized or n.outputs[0] not in graph.outputs)]
+    # only the GEMMs' inputs are kept (not every activation, nor the logits), each until its last GEMM
+    inputs = {v.name: v for v in (n.inputs[0] for n in gemms)}
+    seen = run_reference(graph, prompt_feeds(graph, np.array([list(tokens)])), targets=list(inputs.values()))
+    last = {n.inputs[0].name: i for i, n in enumerate(gemms)}
     from llmc.progress import bar
 
     for i, node in enumerate(bar(gemms, desc="AWQ search, GEMMs")):
         log.info("awq: %s (%d/%d)", node.name, i + 1, len(gemms))
         w = graph.const_value(node.inputs[1]).astype(np.float32)
         group_size, zero_point = math.gcd(w.shape[1], group), options.get("zero_point", False)
-        h = trace[node.inputs[0]].reshape(-1, w.shape[1]).astype(np.float32)
+        x = seen.pop(node.inputs[0].name) if last[node.inputs[0].name] == i else seen[node.inputs[0].name]
+        h = x.reshape(-1, w.shape[1]).astype(np.float32)
         fold = _fold_target(graph, node, consumers)
         s = None
         if fold is None:

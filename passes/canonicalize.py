@@ -201,7 +201,7 @@ def _inner_fits(m) -> str | None:
 
 def _to_linear(m, b):
     w = m.data("w")
-    wt = b.param(np.require(w.T, requirements="C"), f"{m['w'].name}.T")
+    wt = b.param(w.T, f"{m['w'].name}.T")
     return b.emit("linear", [m["x"], wt])
 
 

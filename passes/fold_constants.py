@@ -27,7 +27,7 @@ def _fold(graph: Graph, ctx: PassContext) -> Graph:
         if any(np.asarray(r).size > max(largest * _GROWTH_LIMIT, 64) for r in results):
             continue
         for v, r in zip(node.outputs, results):
-            graph.replace_uses(v, graph.add_param(f"{v.name}.folded", np.require(r, requirements="C")))
+            graph.replace_uses(v, graph.add_param(f"{v.name}.folded", np.asarray(r)))
         ctx.current.rewrites[node.op] += 1
     graph.remove_dead()
     return graph

@@ -4,6 +4,8 @@ weight is concatenated once, at compile time, followed by a split. Siblings that
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from llmc.ir.graph import Graph
@@ -28,7 +30,8 @@ def _merge(graph: Graph, ctx: PassContext) -> Graph:
                                                f"linears reading {x.name} differ in having a bias"))
             continue
         weights = [graph.const_value(n.inputs[1]) for n in group]
-        w = graph.add_param(f"{group[0].name}.merged_w", np.concatenate(weights, axis=0))
+        # made when read (`WeightStore.add`): the merged copy costs no memory until it is packed
+        w = graph.add_param(f"{group[0].name}.merged_w", functools.partial(np.concatenate, weights, axis=0))
         inputs = [x, w]
         if with_bias.pop():
             inputs.append(graph.add_param(f"{group[0].name}.merged_b", np.concatenate(

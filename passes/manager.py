@@ -83,6 +83,7 @@ def run_passes(graph: Graph, passes: list[Pass], ctx: PassContext | None = None)
         ctx.current = report
         start = time.perf_counter()
         graph = p(graph, ctx)
+        graph.store.release_pages()  # what the pass read of the model file need not stay resident
         report.seconds = time.perf_counter() - start
         report.ops_after = collections.Counter(n.op for n in graph.nodes)
         ctx.reports.append(report)

@@ -185,7 +185,7 @@ class Builder:
         return self.graph.add_node(op, list(inputs), attrs, name=f"{base}.{op}", scope=self.root.scope)
 
     def param(self, array: np.ndarray, hint: str) -> Value:
-        return self.graph.add_param(hint, np.require(array, requirements="C"))
+        return self.graph.add_param(hint, np.asarray(array))
 
 
 @dataclass
@@ -221,11 +221,16 @@ def apply_rules(graph: Graph, rules: list[Rule], counts, near_misses: list[NearM
             by_op.setdefault(op, []).append(rule)
     total = 0
     while total < max_rewrites:
+        # one sweep in graph order, rewriting as it goes; the nodes a sweep adds are tried by the
+        # next, and a sweep without rewrites ends (an earlier root may match after a later rewrite)
         users = graph.consumers()
         misses: dict[tuple[str, str], NearMiss] = {}
         depths: dict[tuple[str, str], int] = {}
-        rewritten = False
-        for node in graph.nodes:
+        swept = total
+        live = set(graph.nodes)
+        for node in list(graph.nodes):
+            if node not in live:
+                continue
             for rule in by_op.get(node.op, ()):
                 try:
                     m = match(rule.pattern, node.outputs[0], graph, users)
@@ -246,13 +251,13 @@ def apply_rules(graph: Graph, rules: list[Rule], counts, near_misses: list[NearM
                         graph.replace_uses(old, rep)
                 counts[rule.name] += 1
                 total += 1
-                rewritten = True
+                graph.remove_dead()
+                users, live = graph.consumers(), set(graph.nodes)
                 break
-            if rewritten:
+            if total >= max_rewrites:
                 break
-        if not rewritten:
+        graph.toposort()
+        if total == swept:
             near_misses.extend(misses.values())
             return total
-        graph.remove_dead()
-        graph.toposort()
     raise RuntimeError(f"rules did not converge after {max_rewrites} rewrites")

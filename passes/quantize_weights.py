@@ -41,11 +41,14 @@ DEFAULT_GROUP_SIZE = 128
 
 def quantize(w: np.ndarray, quant: str, group_size: int = DEFAULT_GROUP_SIZE, zero_point: bool = False):
     """(q, scale, zero or None) for an f32 weight [n, k]; `dequantize` inverts it up to rounding."""
-    w = w.astype(np.float32)
+    w = np.asarray(w, np.float32)  # one temporary the weight's size at a time: it may be the embedding
     if quant == "w8":
-        scale = np.abs(w).max(axis=1) / 127
+        scale = np.maximum(w.max(axis=1), -w.min(axis=1)) / 127
         scale[scale == 0] = 1
-        return np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8), scale, None
+        q = w / scale[:, None]
+        np.rint(q, out=q)
+        np.clip(q, -127, 127, out=q)
+        return q.astype(np.int8), scale, None
     n, k = w.shape
     groups = w.reshape(n, k // group_size, group_size)
     if zero_point:

@@ -73,10 +73,8 @@ def tensor(data: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], offset: in
     if offset + nbytes > data.size:
         raise SafetensorsError(f"tensor {name!r} needs bytes {offset}..{offset + nbytes}, but the file has "
                                f"{data.size} (truncated?)")
-    view = data[offset:offset + nbytes]
-    if offset % dtype.itemsize:  # unaligned: numpy cannot view it in place
-        view = view.copy()
-    return view.view(dtype).reshape(shape)
+    # an unaligned view (an ONNX file's inline tensor) is valid numpy; `save` aligns what it writes
+    return data[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def load(path, writable: bool = False) -> dict[str, np.ndarray]:
@@ -88,24 +86,43 @@ def _is_pad(name: str) -> bool:
     return name.startswith("__pad_") and name.endswith("__")
 
 
-def save(path, tensors: dict[str, np.ndarray]) -> None:
-    """Write `tensors` with each one's data at a 64-byte aligned offset of the file."""
-    header, layout, offset = {}, [], 0
-    for name in sorted(tensors):
-        a = np.require(tensors[name], requirements="C")  # (ascontiguousarray makes 0-d arrays 1-d)
-        if a.dtype not in _CODES:
-            raise SafetensorsError(f"tensor {name!r}: dtype {a.dtype} has no safetensors code")
-        gap = -offset % ALIGN
-        if gap:
-            header[PAD.format(len(layout))] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
-            layout.append(np.zeros(gap, np.uint8))
-            offset += gap
-        header[name] = {"dtype": _CODES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        layout.append(a)
-        offset += a.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % ALIGN)
+def save(path, tensors: dict, after_each=None) -> dict[str, tuple[str, list[int]]]:
+    """Write `tensors` with each one's data at a 64-byte aligned offset of the file; returns
+    {name: (numpy dtype name, shape)} as written.
+
+    A value is an array, or a function of no arguments that makes it: those are made one at a
+    time, written and dropped (then `after_each()` is called), so a file larger than memory can
+    be written. The header's room is reserved first (from the names: an upper bound on each
+    entry), and filled in with spaces, which JSON ignores, once the shapes are known."""
+    names = sorted(tensors)
+    # each entry (and the padding before it): the name, the keys, up to 8 dims and 2 offsets of 20 digits
+    entry = len('"":{"dtype":"BOOL","shape":[],"data_offsets":[]},') + 10 * 21
+    room = sum(len(json.dumps(n)) + entry + len(PAD.format(2 * len(names))) + entry for n in names) + 2
+    start = 8 + room + (-(8 + room) % ALIGN)
+    header, written, offset = {}, {}, 0
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for a in layout:
+        f.seek(start)
+        for name in names:
+            value = tensors[name]
+            a = np.require(value() if callable(value) else value, requirements="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+            if a.dtype not in _CODES:
+                raise SafetensorsError(f"tensor {name!r}: dtype {a.dtype} has no safetensors code")
+            if a.ndim > 8:
+                raise SafetensorsError(f"tensor {name!r}: {a.ndim} dims, at most 8 are written")
+            gap = -offset % ALIGN
+            if gap:
+                header[PAD.format(len(header))] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+                f.write(bytes(gap))
+                offset += gap
+            header[name] = {"dtype": _CODES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+            written[name] = (a.dtype.name, list(a.shape))
             f.write(a.reshape(-1).view(np.uint8).data if a.size else b"")
+            offset += a.nbytes
+            del a
+            if after_each is not None and callable(value):
+                after_each()
+        text = json.dumps(header, separators=(",", ":")).encode()
+        assert len(text) <= start - 8, "the header outgrew its reserved room"
+        f.seek(0)
+        f.write(struct.pack("<Q", start - 8) + text + b" " * (start - 8 - len(text)))
+    return written

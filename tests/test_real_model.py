@@ -143,6 +143,22 @@ def test_the_tied_embedding_is_stored_once(compiled, smollm2):
     assert gather["args"][0].endswith(".packed16") and values[gather["args"][0]]["shape"] == [768, 576, 64]
 
 
+@pytest.mark.parametrize("quant", [[], ["--quant", "w4", "--group-size", "32"]], ids=["fp32", "w4"])
+def test_compiling_needs_at_most_twice_the_file_in_memory(onnx_path, quant, tmp_path):
+    """The weights stay in the file (mapped) through the passes and are written one at a time."""
+    import subprocess
+    import sys
+
+    measure = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss if done.returncode == 0 else -1)")
+    done = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "llmc.cli", "compile",
+                           str(onnx_path), "-o", str(tmp_path / "m.llmc"), *quant],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and int(done.stdout.split()[-1]) > 0, done.stderr
+    peak = int(done.stdout.split()[-1]) * 1024  # ru_maxrss: KiB on Linux
+    assert peak <= 2 * onnx_path.stat().st_size, f"peak {peak / 2**20:.0f} MiB"
+
+
 def test_w4_perplexity_at_most_llama_cpp_q4_0(onnx_path, smollm2, text_ids, tmp_path):
     """llmc's w4 g32 (Q4_0's grid) and with AWQ calibrated on its English sample, against llama.cpp's
     Q4_0 made by its own converter and quantizer, on the same tokens and chunks."""

@@ -10,12 +10,11 @@ memory and scratch sizes, and its cubins (`llmc.runtime.cuda` launches them).
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from llmc.errors import LlmcError
 
@@ -82,13 +81,12 @@ class TritonBackend:
         planner = Planner(graph, value_dtypes(graph, caches), dot_f16=options["dtype"] != "fp32", choose=choose)
         kernels, plan = plan_nodes(graph, planner)
         kernels[ARGMAX] = planner.argmax()
-        weights = {}
+        weights = {}  # each made when the artifact is written (`Build.weights`)
         for name in {a for step in plan for a in step.args if a}:
             if name.endswith(NIBBLES):
-                q = graph.store[name[:-len(NIBBLES)]]
-                weights[name] = pair_nibbles(q)
+                weights[name] = functools.partial(pair_nibbles, graph.store[name[:-len(NIBBLES)]])
             elif name in graph.params:
-                weights[name] = np.require(graph.store[name], requirements="C")
+                weights[name] = functools.partial(graph.store.__getitem__, name)
         staging = Path(tempfile.mkdtemp(prefix="llmc-triton-"))
         try:
             sources = staging / "triton"

@@ -96,17 +96,22 @@ def _tied_table(node: Node, graph: Graph) -> str | None:
 
 
 def weights(graph: Graph, plan: list[Step]) -> dict:
-    """The weights the plan reads: graph parameters, and GEMM weights packed for the kernel."""
-    import numpy as np
+    """The weights the plan reads: graph parameters, and GEMM weights packed for the kernel;
+    each a function making it, so that the artifact is written one weight at a time."""
+    import functools
 
     out = {}
     for name in {a for step in plan for a in step.args if a}:
         packed = next((sfx for sfx in linear.PACKINGS if name.endswith(sfx)), None)
         if packed:
-            out[name] = linear.PACKINGS[packed](graph.store[name[:-len(packed)]])
+            out[name] = functools.partial(_packed, graph.store, name[:-len(packed)], linear.PACKINGS[packed])
         elif name in graph.params:
-            out[name] = np.require(graph.store[name], requirements="C")
+            out[name] = functools.partial(graph.store.__getitem__, name)
     return out
+
+
+def _packed(store, name: str, pack):
+    return pack(store[name])
 
 
 def compile_graph(graph: Graph, target: dict, tuner=None):

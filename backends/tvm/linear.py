@@ -122,9 +122,13 @@ def pack(w):
     import numpy as np
 
     n, k = w.shape
-    padded = np.zeros((packed_rows(n) * LANES, k), w.dtype)
-    padded[:n] = w
-    return np.require(padded.reshape(-1, TILE * LANES, k).transpose(0, 2, 1), requirements="C")
+    width = TILE * LANES
+    out = np.zeros((packed_rows(n) * LANES // width, k, width), w.dtype)
+    full = n // width  # filled block by block: no padded or transposed copy of a large weight
+    out[:full] = w[:full * width].reshape(full, width, k).transpose(0, 2, 1)
+    if n % width:
+        out[full, :, :n % width] = w[full * width:].T
+    return out
 
 
 def gather_packed(node):

@@ -137,11 +137,13 @@ class Graph:
         self.inputs.append(v)
         return v
 
-    def add_param(self, name: str, array: np.ndarray | None = None) -> Value:
-        """A weight or constant. With `array`, the data is added to the store under `name`;
-        without, `name` must already be in the store."""
+    def add_param(self, name: str, array=None) -> Value:
+        """A weight or constant. With `array` (an array, or a function making it: `WeightStore.add`),
+        the data is added to the store under `name`; without, `name` must already be in the store."""
         name = self.unique_name(name)
         if array is not None:
+            # a new weight was likely made by reading others: their file pages need not stay resident
+            self.store.release_pages()
             self.store.add(name, array)
         data = self.store[name]
         v = Value(name, TensorType(data.shape, DType.from_numpy(data.dtype)), "param")

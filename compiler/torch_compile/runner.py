@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+import numpy as np
 
 from llmc.backends.tvm.compile import Step, weights
 from llmc.errors import LlmcError
@@ -49,7 +50,8 @@ class TorchPlan:
         self.layouts = {v.name: (v.shape, getattr(torch, v.dtype.numpy().name)) for v in graph.values()}
         self.inputs = [v.name for v in graph.inputs]
         self.outputs = [v.name for v in graph.outputs]
-        self.weights = {name: torch.from_numpy(w) for name, w in weights(graph, plan).items()}
+        self.weights = {name: torch.from_numpy(np.require(make(), requirements="C"))
+                        for name, make in weights(graph, plan).items()}
         self.weights = {name: w if w.data_ptr() % ALIGN == 0 else w.clone() for name, w in self.weights.items()}
         self.weights.update({name: torch.from_numpy(graph.store[name].copy()) for name in graph.params
                              if name in self.outputs and name not in self.weights})

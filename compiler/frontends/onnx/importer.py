@@ -19,6 +19,7 @@ from ...ir.dtypes import DType
 from ...ir.graph import Graph, TensorType, Value
 from ...ir.symbolic import Sym
 from ..roles import find_roles
+from . import wire
 from .converters import CONVERTERS, RENAMED_ATTRS
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
@@ -32,7 +33,7 @@ def from_onnx(path, decoder: bool = False) -> Graph:
     With `decoder`, a role that cannot be found is an error naming the file; without, such a
     graph (an encoder, a single op) is returned as the file declares it."""
     path = Path(path)
-    model = _load_proto(path)
+    model, raw = _load_proto(path)
     opset = next((o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS), None)
     if opset is None:
         raise ModelLoadError(f"{path}: the model imports no standard ONNX opset")
@@ -47,7 +48,7 @@ def from_onnx(path, decoder: bool = False) -> Graph:
             missing.setdefault(key, []).append(node.name or f"#{i}")
     if missing:
         raise UnsupportedOpsError(path, opset, missing)
-    graph = _Importer(path, model, opset).run()
+    graph = _Importer(path, model, raw, opset).run()
     try:
         roles = find_roles(graph, path)
     except ModelLoadError:
@@ -55,7 +56,7 @@ def from_onnx(path, decoder: bool = False) -> Graph:
             raise
         return graph
     if any(d != Sym.var(name) for name, d in roles.dims.items()):
-        graph = _Importer(path, model, opset, roles.dims).run()
+        graph = _Importer(path, model, raw, opset, roles.dims).run()
         roles = find_roles(graph, path)
     graph.metadata.update(roles=roles.to_json(), kv_pairs=roles.caches)
     return graph
@@ -69,7 +70,7 @@ def describe_file(path) -> dict:
 
     from onnx import TensorProto
 
-    model = _load_proto(Path(path))
+    model, _ = _load_proto(Path(path))
 
     def declared(vi):
         tt = vi.type.tensor_type
@@ -104,6 +105,8 @@ def _scope(node) -> str:
 
 
 def _load_proto(path: Path):
+    """The file's ModelProto, its inline initializers without their bytes, and {initializer
+    name: the (offset, length) of its bytes in the file, or None} (`wire.split_model`)."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -112,12 +115,13 @@ def _load_proto(path: Path):
     if not path.is_file():
         raise ModelLoadError(f"{path}: not a file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        data, raw = wire.split_model(path)
+        model = onnx.ModelProto.FromString(data)
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
         raise ModelLoadError(f"{path}: not an ONNX model ({type(e).__name__}: {e})") from None
     if model.ir_version == 0 or not model.HasField("graph") or not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph with outputs in it)")
-    return model
+    return model, {t.name: where for t, where in zip(model.graph.initializer, raw)}
 
 
 def onnx_dtype(path, elem_type: int, what: str) -> DType:
@@ -135,8 +139,8 @@ def onnx_dtype(path, elem_type: int, what: str) -> DType:
 
 
 class _Importer:
-    def __init__(self, path: Path, model, opset: int, dims: dict | None = None):
-        self.path, self.model, self.opset = path, model, opset
+    def __init__(self, path: Path, model, raw: dict, opset: int, dims: dict | None = None):
+        self.path, self.model, self.raw, self.opset = path, model, raw, opset
         self.dims = dims or {}  # the file's dim names -> the dims of their roles
         self.graph = Graph(model.graph.name or path.stem)
         self.graph.metadata.update(source=str(path), opset=opset,
@@ -149,7 +153,7 @@ class _Importer:
     def run(self) -> Graph:
         g = self.graph
         for t in self.model.graph.initializer:
-            self._initializer(t)
+            self._initializer(t, self.raw.get(t.name))
         for vi in self.model.graph.input:
             if vi.name not in self.env:
                 self.env[vi.name] = g.add_input(vi.name, self._value_type(vi))
@@ -178,7 +182,8 @@ class _Importer:
                 dims.append(self.dims.get(name, Sym.var(name)))
         return TensorType(tuple(dims), onnx_dtype(self.path, tt.elem_type, f"input {vi.name!r}"))
 
-    def _initializer(self, t) -> None:
+    def _initializer(self, t, raw: tuple[int, int] | None) -> None:
+        """`raw`: where the tensor's inline bytes are in the model file, or None."""
         from onnx import TensorProto, numpy_helper
 
         dtype = onnx_dtype(self.path, t.data_type, f"initializer {t.name!r}").numpy()
@@ -197,12 +202,9 @@ class _Importer:
             length = int(info["length"]) if "length" in info else None
             store.add_from_file(t.name, file, int(info.get("offset", 0)), length, dtype, shape)
             self.env[t.name] = self.graph.add_param(t.name)
-        elif t.raw_data:
-            raw = t.raw_data
-            if len(raw) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-                raise ModelLoadError(f"{self.path}: initializer {t.name!r} has {len(raw)} bytes "
-                                     f"of data for shape {list(shape)}")
-            self.env[t.name] = self.graph.add_param(t.name, np.frombuffer(raw, dtype).reshape(shape))
+        elif raw is not None and raw[1]:
+            store.add_from_file(t.name, self.path, raw[0], raw[1], dtype, shape)
+            self.env[t.name] = self.graph.add_param(t.name)
         else:
             self.env[t.name] = self.graph.add_param(t.name, numpy_helper.to_array(t))
 
