@@ -2,7 +2,7 @@
 
 `onnx.load` parses the whole file into protobuf messages and hands out every initializer's
 `raw_data` as a fresh bytes object: importing a 1 GB file costs 2 GB of memory before any pass
-runs, and a file over protobuf's 2 GB limit does not load at all. Here the file is memory-mapped
+runs. Here the file is memory-mapped
 and walked at the protobuf wire level down to the graph's initializers (ModelProto.graph = 7,
 GraphProto.initializer = 5, TensorProto.raw_data = 9). The message is re-encoded without those
 bytes, which leaves a small model to parse, and each initializer's bytes are located in the file,
