@@ -1,7 +1,7 @@
 """Backends turn a passed graph into kernels, a plan of kernel calls and the files of an
-artifact, behind one small interface that the compile driver picks by target: `reference`
-(numpy, the ops' definitions), `tvm` (x86 and arm64 CPUs; OpenCL and Metal GPUs) and `triton`
-(CUDA). A new target is a new entry of
+artifact, behind one small interface that the compile driver picks by target: `tvm` (x86 and
+arm64 CPUs; OpenCL and Metal GPUs) and `triton` (CUDA). The numpy executor that defines what a
+graph means is the IR's (`llmc.ir.evaluate`), not a backend. A new target is a new entry of
 BACKENDS and a module implementing `Backend`; the driver does not change."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def from_onnx(path):
 def run_reference(graph, feeds, **kwargs):
     """Run `graph` with the numpy reference ops; feeds and results are dicts of numpy arrays
     keyed by the model's input and output names."""
-    from llmc.backends.reference import run_reference as _run
+    from llmc.ir.evaluate import run_reference as _run
 
     return _run(graph, feeds, **kwargs)
 

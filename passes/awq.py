@@ -148,7 +148,7 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
         return graph
     if options.get("quant") != "w4":
         raise ValueError("activation-aware scaling (awq) applies to w4 quantization")
-    from llmc.backends.reference import run_reference
+    from llmc.ir.evaluate import run_reference
 
     tokens = options.get("calibration")
     if not tokens:

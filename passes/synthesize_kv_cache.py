@@ -32,7 +32,7 @@ HIDDEN = -1e4
 
 
 def _check_causal(graph: Graph, attentions, n: int) -> None:
-    from llmc.backends.reference.executor import run_reference
+    from llmc.ir.evaluate import run_reference
 
     masked = [a for a in attentions if len(a.inputs) > 3 and a.inputs[3] is not None]
     if not masked:

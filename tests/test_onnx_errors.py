@@ -130,7 +130,7 @@ def test_external_data_outside_model_folder(tmp_path):
 
 
 def test_feed_errors_name_the_input(rng):
-    from llmc.backends.reference import FeedError
+    from llmc.ir.evaluate import FeedError
 
     graph = llmc.from_onnx(export("gpt2-tiny", exporter="dynamo", kv_cache=False))
     ids = rng.integers(0, 256, (1, 5))

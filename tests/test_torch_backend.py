@@ -15,7 +15,7 @@ import torch
 
 from llmc import zoo
 from llmc.torch_compile import backend as torch_backend
-from llmc.backends.reference.executor import run_reference
+from llmc.ir.evaluate import run_reference
 from llmc.errors import LlmcError
 from llmc.frontends.fx import from_exported_program
 
