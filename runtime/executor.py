@@ -19,6 +19,8 @@ TVM kernels read 64-byte aligned memory; every buffer here is so aligned.
 from __future__ import annotations
 
 import math
+import time
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -26,6 +28,7 @@ from . import memory
 from .dims import atom, evaluate, names
 from .errors import LlmcError
 from .memory import ALIGN
+from .kernels import KernelRefused
 from .paging import BlockPool, check_step
 
 
@@ -46,9 +49,54 @@ def _aligned(a: np.ndarray) -> np.ndarray:
     return out
 
 
+class Call(NamedTuple):
+    """One plan step, bound for a (batch, seq): the kernel's name, its argument arrays (None
+    where growing), [(position, maker)] of the arguments re-viewed at each run, copies
+    (destination, source) before the call, its named dims, whether they are the last
+    position's."""
+    kernel: str
+    args: list
+    growing: dict
+    copies: list
+    dims: list
+    last: bool
+
+
+class Functions:
+    """Kernels as Python callables (Triton's interpreter), called one by one; `bind` and the
+    calls' `run` are what kernels.KernelLibrary offers for a CPU artifact's library."""
+
+    def __init__(self, functions: dict[str, Callable]):
+        self.functions = functions
+
+    def bind(self, calls: list[Call]) -> "FunctionCalls":
+        return FunctionCalls(self.functions, calls)
+
+
+class FunctionCalls:
+    def __init__(self, functions: dict, calls: list[Call]):
+        self.calls = [(functions[c.kernel], c) for c in calls]
+
+    def run(self, env: dict, last_env: dict, seconds: np.ndarray | None = None) -> None:
+        for i, (fn, c) in enumerate(self.calls):
+            args = list(c.args)
+            for j, make in c.growing.items():
+                args[j] = make(env)
+            for dst, src in c.copies:
+                dst[...] = src
+            start = time.perf_counter()
+            try:
+                fn(*args, *[atom(d, last_env if c.last else env) for d in c.dims])
+            except Exception as e:  # a kernel checks its arguments
+                raise KernelRefused(i, str(e).strip().splitlines()[-1]) from None
+            if seconds is not None:
+                seconds[i] += time.perf_counter() - start
+
+
 class Executor:
-    def __init__(self, functions: dict, manifest: dict, weights: dict[str, np.ndarray]):
-        self.functions, self.manifest = functions, manifest
+    def __init__(self, kernels, manifest: dict, weights: dict[str, np.ndarray]):
+        """`kernels`: kernels.KernelLibrary (a CPU artifact's) or Functions (Python callables)."""
+        self.kernels, self.manifest = kernels, manifest
         self.plan, self.values = manifest["plans"]["forward"], manifest["plans"]["values"]
         self.max_seq = manifest["model"]["max_seq_len"]
         self.logits = manifest["model"]["roles"]["logits"]
@@ -59,21 +107,20 @@ class Executor:
         self.arena: dict[str, np.ndarray] = {}
         self.batch = None
         self.pages: BlockPool | None = None
-        # values whose shape depends on the context length: re-viewed at every step
-        self.growing = {name for name, info in self.values.items()
-                        if any(names(a) & {"past", "total"} for d in info["shape"] if not isinstance(d, int)
-                               for _, atoms in d for a in atoms)}
+        # values whose shape depends on the context length: re-viewed at every step (not the
+        # caches: allocated at the longest context, passed whole)
+        caches = {e[k] for e in self.kv_entries for k in ("past", "present")}
+        self.growing = {name for name, info in self.values.items() if name not in caches
+                        and any(names(a) & {"past", "total"} for d in info["shape"] if not isinstance(d, int)
+                                for _, atoms in d for a in atoms)}
         # Every position's logits (a prefill's, when asked: `forward`) are written to an array
         # of their own, the caller's, made per step: the arena holds one position's, so that a
         # long context's logits (1024 x a 49k vocabulary: 192 MiB) cost no resident memory.
         self.logits_out: np.ndarray | None = None
         if self.last_only:
             self.growing.add(self.logits)
-
-    def set_functions(self, functions: dict) -> None:
-        """Swap the kernel table (a profiler wraps the kernels); calls are bound anew."""
-        self.functions = functions
-        self._bound = {}
+        self.timing: dict[str, float] | None = None  # when a dict: seconds per kernel, summed over runs
+        self._makers: dict = {}
 
     def reset(self, batch: int) -> None:
         """Caches and arena for a new batch of sequences. The caches start empty: a step reads
@@ -160,46 +207,53 @@ class Executor:
         key = (batch, seq, last_logits)
         bound = self._bound.get(key)
         if bound is None:
-            bound = self._bound[key] = [self._bind(step, env, last_logits) for step in self.plan]
+            bound = self._bound[key] = self.kernels.bind([self._bind(step, env, last_logits) for step in self.plan])
         for name, a in feeds.items():
             if name in self.values:  # a feed the compiled graph never reads has no buffer
                 self._view(name, env)[...] = a
-        last_env = dict(env, seq=1)
-        for i, (fn, args, growing, copies, dims, last) in enumerate(bound):
-            for j, make in growing:
-                args[j] = make(env)
-            for dst, src in copies:
-                dst[...] = src
-            try:
-                fn(*args, *[atom(d, last_env if last else env) for d in dims])
-            except Exception as e:  # a kernel checks its arguments: the plan disagrees with it
-                step = self.plan[i]
-                raise LlmcError(f"plans.forward[{i}]: kernel {step['kernel']!r} refused the values "
-                                f"{[a for a in step['args'] if a]}: {str(e).strip().splitlines()[-1]}") from None
+        seconds = None if self.timing is None else np.zeros(len(self.plan))
+        try:
+            bound.run(env, dict(env, seq=1), seconds)
+        except KernelRefused as e:  # a kernel checks its arguments: the plan disagrees with it
+            step = self.plan[e.index]
+            raise LlmcError(f"plans.forward[{e.index}]: kernel {step['kernel']!r} refused the values "
+                            f"{[a for a in step['args'] if a]}: {e.message}") from None
+        if seconds is not None:
+            for step, s in zip(self.plan, seconds):
+                self.timing[step["kernel"]] = self.timing.get(step["kernel"], 0.0) + float(s)
         if every_position:
             return self.logits_out
         return self._view(self.logits, dict(env, seq=1) if last_logits else env).copy()
 
-    def _bind(self, step, env, last_logits):
-        """(kernel, arguments, [(position, maker)] of growing arguments, copies before the
-        call, named dims, whether they are the last position's) for one plan step. A maker lays
-        a value out as the kernel takes it."""
+    def _bind(self, step, env, last_logits) -> Call:
+        """One plan step's call. A maker lays a value out as the kernel takes it."""
         kind, names = step["kind"], step["args"]
         if last_logits and names[-1] == self.logits:
             return self._bind_last_logits(step, env)
         makers = [self._maker(kind, i, name) for i, name in enumerate(names)]
         args = [None if name in self.growing else make(env) for name, make in zip(names, makers)]
-        growing = [(i, make) for i, (name, make) in enumerate(zip(names, makers)) if name in self.growing]
-        return self.functions[step["kernel"]], args, growing, [], step["dims"], False
+        growing = {i: make for i, (name, make) in enumerate(zip(names, makers)) if name in self.growing}
+        return Call(step["kernel"], args, growing, [], step["dims"], False)
 
     def _maker(self, kind, i, name):
+        """How argument `i` of a `kind` kernel is made from value `name` at an env; one maker
+        per layout of a value, so that a growing value shared by many calls is viewed once per
+        run (`kernels.Calls`)."""
+        form = "rows" if kind == "linear" and name not in self.weights else \
+            "tables" if kind == "rope_cache" and i in (1, 2) else ""
+        key = (form, name)
+        if key not in self._makers:
+            self._makers[key] = self._make_maker(form, name)
+        return self._makers[key]
+
+    def _make_maker(self, form, name):
         if not name:  # rope_cache without rotary: the kernel ignores its tables
             return lambda env: self.no_tables[:env["batch"] * env["seq"] * 2].reshape(env["batch"], env["seq"], 2)
-        if kind == "linear" and name not in self.weights:
+        if form == "rows":
             # the kernel takes rows: x, residual and y as [rows, features] (views, same bytes); the
             # weights (packed [n/64, k, 64] and the like) pass as they are
             return lambda env: _rows(self._view(name, env))
-        if kind == "rope_cache" and i in (1, 2):  # rotary tables [b, 1, s, d] -> [b, s, d]: same bytes
+        if form == "tables":  # rotary tables [b, 1, s, d] -> [b, s, d]: same bytes
             return lambda env: self._view(name, env).reshape(env["batch"], env["seq"], -1)
         return lambda env: self._view(name, env)
 
@@ -224,7 +278,7 @@ class Executor:
                 a = rows
             args.append(a)
         args.append(_rows(self._view(self.logits, dict(env, seq=1))))
-        return self.functions[step["kernel"]], args, [], copies, step["dims"], True
+        return Call(step["kernel"], args, {}, copies, step["dims"], True)
 
 
 def _rows(a: np.ndarray) -> np.ndarray:

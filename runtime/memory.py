@@ -113,7 +113,7 @@ def arena_plan(manifest: dict, weights, batch: int, align: int = ALIGN,
 
 
 def footprint(manifest: dict, weights, weight_bytes: int, batch: int = 1) -> dict[str, int]:
-    """What running the artifact holds in memory: the weights (`weights`: their names; mapped,
+    """What running the artifact holds in memory: the weights (`weights`: their names; read or mapped,
     `weight_bytes` in all), the KV caches and the activations."""
     kv = cache_bytes(manifest, batch)
     cpu = manifest["target"]["kind"] == "llvm"  # the CPU executor's arena

@@ -1,7 +1,7 @@
 """Load an artifact and generate: prefill the prompt, then the compiled decode loop.
 
-Imports numpy and tvm_ffi (the kernel runtime) only, with TVM's runtime library for the
-kernels' thread pool (`threads.py`). Loading checks, in order and before anything is allocated:
+Imports numpy only; a CPU artifact's kernels run on libllmc, the native runtime's loader and
+thread pool (`kernels.py`). Loading checks, in order and before anything is allocated:
 the artifact (`open_artifact`: schema, files, checksums), that this CPU can run its kernels, and
 that every weight the plan reads (`plans.weights`) is in the weights file with the dtype and
 shape the plan gives it. When a batch's buffers are first allocated, the executor checks that
@@ -10,19 +10,21 @@ the KV caches and activations fit in the memory this machine has free.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
 
-from . import chat, cpu, memory, safetensors
+from . import chat, cpu, memory, safetensors, threads as kernel_threads
 from .artifact import WEIGHTS, open_artifact
 from .errors import ArtifactError, LlmcError
-from .executor import Executor
+from .executor import Executor, Functions
+from .kernels import KernelLibrary
 from .sampling import Rng, check_options, sample
 from .schema import KV_BLOCKS, KV_LENGTHS
 from .text import Text
-from .threads import import_tvm_ffi
-from .threads import start as start_kernel_pool
+
+log = logging.getLogger(__name__)
 
 
 class Model:
@@ -41,7 +43,8 @@ class Model:
             cpu.check(m["cpu"], where)
         if not m["plans"]["forward"]:
             raise ArtifactError(f"{where}: plans.forward: the artifact has no execution plan")
-        weights = safetensors.load(art.file(WEIGHTS), writable=True)
+        # a CPU's kernels stream the weights from memory (huge pages); a GPU's get a copy of their own
+        weights = safetensors.load(art.file(WEIGHTS), writable=True, read=kind == "llvm")
         _check_weights(m["plans"], weights, where)
         self.manifest = m
         self.max_seq_len = m["model"]["max_seq_len"]
@@ -63,13 +66,13 @@ class Model:
             self.threads = None
             self.executor = GpuExecutor(_gpu_device(kind, device), art, m, weights)
             return
-        self.threads = start_kernel_pool(threads)
-        library = import_tvm_ffi().load_module(str(art.file(m["kernels"]["library"])))
-        try:
-            functions = {name: library[name] for name in m["kernels"]["functions"]}
-        except Exception as e:  # tvm_ffi raises its own error types for a missing symbol
-            raise ArtifactError(f"{where}: kernels.functions: not in the kernel library ({e})") from None
-        self.executor = Executor(functions, m, weights)
+        asked = kernel_threads.check(threads)
+        kernels = KernelLibrary(art.file(m["kernels"]["library"]), m["kernels"]["functions"], asked)
+        if kernels.threads < asked:
+            log.warning("%d threads asked for, but this process's kernel pool started with %d; using %d",
+                        asked, kernels.threads, kernels.threads)
+        self.threads = kernels.threads
+        self.executor = Executor(kernels, m, weights)
 
     def check_ids(self, feeds: dict[str, np.ndarray]) -> None:
         """Token ids index tables: one out of range would make the gather read outside them."""
@@ -290,7 +293,7 @@ def _cuda_executor(art, manifest: dict, weights: dict, interpret: bool):
         from . import interpret as interpreter
 
         sources = art.file(kernels["sources"][0]).parent
-        return Executor(interpreter.functions(sources, kernels["functions"]), manifest, weights)
+        return Executor(Functions(interpreter.functions(sources, kernels["functions"])), manifest, weights)
     from .cuda import CudaExecutor
 
     return CudaExecutor(art, manifest, weights)

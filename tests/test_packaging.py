@@ -44,6 +44,8 @@ def test_wheel_holds_every_package(wheel):
     assert "llmc = llmc.cli:main" in meta and "llmc = llmc.torch_compile.backend:llmc_backend" in meta
     requires = _requires(wheel)
     assert any(r.startswith("apache-tvm==") for r in requires[None]), "pip install llmc must compile"
+    assert not any("tvm" in r for r in requires["runtime"]), "running an artifact needs no TVM"
+    assert any(n.startswith("llmc/runtime/libllmc") and n.endswith(".so") for n in names), "libllmc is built"
 
 
 def _requires(wheel) -> dict:
@@ -115,13 +117,14 @@ print(float((got - want).abs().max()))
 @pytest.mark.slow
 def test_runtime_extra_alone_runs_an_artifact(wheel, artifacts, tmp_path):
     """`pip install --no-deps llmc` plus the `runtime` extra's packages, nothing else: an
-    artifact runs, and neither torch nor onnx is there to import."""
+    artifact runs, and neither torch, onnx nor TVM is there to import."""
     python = _venv(tmp_path / "venv", borrow=False)
     _run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *_requires(wheel)["runtime"])
     _run(python, "-m", "pip", "install", "--quiet", "--no-deps", str(wheel))
     out = _run(python, "-c", f"""
 import importlib.util, llmc.runtime
-assert not any(importlib.util.find_spec(m) for m in ("torch", "onnx", "onnxruntime", "networkx")), "not alone"
+assert not any(importlib.util.find_spec(m) for m in ("torch", "onnx", "onnxruntime", "networkx", "tvm", "tvm_ffi")), \
+    "not alone"
 print(llmc.runtime.load({str(artifacts("llama-tiny"))!r}).generate([1, 2, 3], 5))
 """, cwd=tmp_path)
     assert len(eval(out)) == 5

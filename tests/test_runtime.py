@@ -11,6 +11,7 @@ import sys
 import pytest
 from zoo_cases import export
 
+import llmc.runtime
 from llmc.cli import main
 from llmc.runtime import memory
 
@@ -33,6 +34,82 @@ def _fresh(code: str, **env) -> str:
 def test_kernel_threads(artifacts, how, env, want):
     code = f"import llmc.runtime as r; m = r.load({str(artifacts('llama-tiny'))!r}, {how}); print(m.threads)"
     assert int(_fresh(code, **env)) == want
+
+
+_KERNEL_RUNTIME = """
+import os, sys, llmc.runtime as r
+m = r.load(sys.argv[1], threads={threads})
+tokens = m.generate([3, 1, 4, 1, 5], 8)
+maps = open("/proc/self/maps").read()
+print(tokens, "tvm" in sys.modules or "tvm_ffi" in sys.modules, "libtvm" in maps, "libllmc" in maps)
+"""
+
+
+def test_cpu_artifacts_run_on_libllmc_without_tvm(artifacts):
+    """The Python runtime runs a CPU artifact on the native runtime's loader and thread pool:
+    neither TVM nor tvm-ffi is imported or mapped, and two threads give one thread's tokens."""
+    runs = []
+    for threads in (1, 2):
+        done = subprocess.run([sys.executable, "-c", _KERNEL_RUNTIME.format(threads=threads),
+                               str(artifacts("llama-tiny"))], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        *tokens, tvm, libtvm, libllmc = done.stdout.split()
+        assert (tvm, libtvm, libllmc) == ("False", "False", "True")
+        runs.append(tokens)
+    assert runs[0] == runs[1]
+
+
+def test_a_later_model_may_use_fewer_threads_and_a_forked_child_runs(artifacts):
+    """The pool starts once per process with the first model's threads; a later model with fewer
+    gets them (and the same tokens); a forked child (no worker threads of its own) runs serially."""
+    code = f"""
+import os, llmc.runtime as r
+art = {str(artifacts("llama-tiny"))!r}
+a = r.load(art, threads=2)
+want = a.generate([3, 1, 4], 6)
+b = r.load(art, threads=1)
+print(a.threads, b.threads, b.generate([3, 1, 4], 6) == want)
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if a.generate([3, 1, 4], 6) == want else 1)
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+    assert _fresh(code).split() == [str(min(2, CORES)), "1", "True", "0"]
+
+
+def test_weights_are_read_into_memory_not_used_from_the_file(artifacts, tmp_path):
+    """A CPU model reads its weights into memory: the artifact rewritten or truncated under it
+    (a recompile to the same path) changes nothing about the running model."""
+    import shutil
+
+    art = tmp_path / "m.llmc"
+    shutil.copytree(artifacts("llama-tiny"), art)
+    model = llmc.runtime.load(art, threads=1)
+    want = model.generate([3, 1, 4], 6)
+    weights = art / "weights.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+        f.truncate(size)  # the second half now reads as zeros
+    assert model.generate([3, 1, 4], 6) == want
+
+
+def test_a_missing_or_broken_libllmc_is_named(artifacts, tmp_path, monkeypatch):
+    from llmc.runtime import kernels
+    from llmc.runtime.errors import LlmcError
+
+    art = artifacts("llama-tiny")
+    for path, why in [(tmp_path / "libllmc.so", "is not built"), (tmp_path / "broken.so", "cannot load libllmc")]:
+        if path.name == "broken.so":
+            path.write_bytes(b"not a library")
+        monkeypatch.setattr(kernels, "library_path", lambda path=path: path)
+        kernels.library.cache_clear()
+        try:
+            with pytest.raises(LlmcError, match=why) as e:
+                llmc.runtime.load(art)
+            assert str(path) in str(e.value)
+        finally:
+            kernels.library.cache_clear()
 
 
 def test_arena_planner_never_overlaps_live_values(rng):

@@ -15,8 +15,8 @@ import sys
 _CHILD = """
 import json, sys
 import llmc.runtime
-from llmc.runtime import threads
-threads.start()
+from llmc.runtime import kernels
+kernels.library()
 def status(key):  # bytes
     return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
 before = status("VmRSS:")

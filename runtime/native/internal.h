@@ -35,7 +35,8 @@ enum { FFI_NONE = 0, FFI_INT = 1, FFI_DLTENSOR = 7 };
 typedef int (*kernel_fn)(void *self, const TVMFFIAny *args, int32_t num_args, TVMFFIAny *result);
 
 /* ---- the kernels' thread pool and the hooks a TVM kernel library calls (pool.c) ---- */
-int pool_start(int threads);  /* returns the threads used */
+int pool_start(int threads);  /* once per process; returns the threads used (later: at most the first's) */
+void pool_use(int threads);   /* the threads that take tasks from now on: a model's count */
 /* Fill a kernel library's hook slots (parallel launch, workspace); -1 naming a missing slot. */
 int pool_install_hooks(void *library, const char *path);
 

@@ -61,6 +61,32 @@ LLMC_API void llmc_get_stats(const llmc_model *m, llmc_stats *out);
 LLMC_API void llmc_free(llmc_model *m);
 LLMC_API const char *llmc_last_error(void);
 
+/* Kernel calls: an artifact's kernel library run on this runtime's thread pool, for a caller
+ * with an executor of its own (the Python runtime's, through ctypes). The caller lays out each
+ * call's arguments as tvm-ffi's packed arguments (16 bytes each: DLPack tensor pointers, then
+ * integers); a run writes each call's trailing dims from `dims` and calls the kernels in order.
+ * The pool is one per process, started by the first load with its thread count; a later load
+ * may use fewer threads, not more (llmc_kernels_threads says how many). */
+typedef struct llmc_kernels llmc_kernels;
+
+typedef struct {
+    int32_t kernel;            /* index into the names given at load */
+    int32_t n_args;            /* packed arguments, the dims included */
+    int32_t n_dims;            /* the last n_dims arguments are integers: dims[dim_slots[i]] */
+    int32_t reserved;
+    void *args;                /* n_args packed arguments (tvm-ffi's TVMFFIAny) */
+    const int32_t *dim_slots;
+} llmc_call;
+
+/* Load a kernel library (a path) and find `names` in it; `threads` >= 1. */
+LLMC_API llmc_kernels *llmc_kernels_load(const char *library, const char *const *names, int n_names, int threads);
+LLMC_API int llmc_kernels_threads(const llmc_kernels *k);
+/* Run calls[0..n_calls) in order; with `seconds`, add each call's time to seconds[i]. Returns 0,
+ * or -(i + 1) when call i failed (a kernel refusing its arguments), with the message set. */
+LLMC_API int llmc_kernels_run(llmc_kernels *k, const llmc_call *calls, int n_calls, const int64_t *dims,
+                              double *seconds);
+LLMC_API void llmc_kernels_free(llmc_kernels *k);
+
 #ifdef __cplusplus
 }
 #endif

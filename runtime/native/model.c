@@ -1,14 +1,13 @@
 /* Loading an artifact's plan and running it: the Python runtime's executor (runtime/executor.py,
  * memory.py, model.py), for one sequence.
  *
- * Values live in three places: the weights, in place in the memory-mapped weights file; the KV
+ * Values live in three places: the weights, read from the weights file into memory (huge pages); the KV
  * caches, one buffer per layer's keys or values at the artifact's longest context (`present`
  * names the same buffer as its `past`; a paged cache's pool holds the blocks of the one sequence,
  * in order, with the block table 0, 1, 2, ...); and one arena for the activations, planned by lifetime
  * (greedy by size, as memory.py: values never alive together share bytes). A step's tensors
  * are the values viewed at the step's shape from the front of their place; a decode step
  * allocates nothing. */
-#include <dlfcn.h>
 #include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
@@ -38,21 +37,21 @@ typedef struct {
 } value;
 
 typedef struct {
-    kernel_fn fn;
+    llmc_call call;     /* kernel i of the library is step i's */
     const char *kernel;
     int kind, nargs, ndims, writes_logits;
     int *args;          /* value indices; -1: a slot the kernel leaves unread */
     int *dims;          /* atom indices */
     DLTensor *tensors;
     int64_t (*shapes)[MAX_DIMS];
-    TVMFFIAny *call;
+    TVMFFIAny *packed;  /* the arguments, then the dims */
 } step;
 
 struct llmc_model {
     artifact art;
     void *weights_map;
     size_t weights_size;
-    void *library;
+    llmc_kernels *kernels;
     dim_atoms atoms;
     int64_t *atom_env, *atom_last, *atom_cache;  /* the atoms' values: this step, its last position, the caches */
     value *values;
@@ -257,11 +256,28 @@ static int map_weights(llmc_model *m) {
         return -1;
     }
     m->weights_size = (size_t)st.st_size;
-    m->weights_map = mmap(NULL, m->weights_size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
+    /* read into anonymous memory in huge pages where the kernel offers them: a decode step
+     * streams every weight, and a file map's 4 KiB pages cost a TLB miss each (runtime/safetensors.py) */
+    m->weights_map = mmap(NULL, m->weights_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (m->weights_map == MAP_FAILED) {
         m->weights_map = NULL;
-        set_error("%s: cannot map it", path);
+        close(fd);
+        set_error("%s: cannot allocate %zu bytes for the weights", path, m->weights_size);
+        free(path);
+        return -1;
+    }
+#ifdef MADV_HUGEPAGE
+    madvise(m->weights_map, m->weights_size, MADV_HUGEPAGE);
+#endif
+    size_t done = 0;
+    while (done < m->weights_size) {
+        ssize_t n = pread(fd, (uint8_t *)m->weights_map + done, m->weights_size - done, (off_t)done);
+        if (n <= 0) break;
+        done += (size_t)n;
+    }
+    close(fd);
+    if (done < m->weights_size) {
+        set_error("%s: cannot read the weights (%zu of %zu bytes)", path, done, m->weights_size);
         free(path);
         return -1;
     }
@@ -567,8 +583,9 @@ static int read_plan(llmc_model *m, const json *plans, const json *functions) {
         s->dims = calloc(dims->count + 1, sizeof *s->dims);
         s->tensors = calloc(args->count + 1, sizeof *s->tensors);
         s->shapes = calloc(args->count + 1, sizeof *s->shapes);
-        s->call = calloc(args->count + dims->count + 1, sizeof *s->call);
-        if (!s->args || !s->dims || !s->tensors || !s->shapes || !s->call) { set_error("out of memory"); return -1; }
+        s->packed = calloc(args->count + dims->count + 1, sizeof *s->packed);
+        if (!s->args || !s->dims || !s->tensors || !s->shapes || !s->packed) { set_error("out of memory"); return -1; }
+        s->call = (llmc_call){i, s->nargs + s->ndims, s->ndims, 0, s->packed, s->dims};
         for (int a = 0; a < s->nargs; a++) {
             const json *name = &args->items[a];
             if (name->type != JSON_STRING) {
@@ -587,15 +604,15 @@ static int read_plan(llmc_model *m, const json *plans, const json *functions) {
             }
             s->tensors[a].shape = s->shapes[a];
             s->tensors[a].device.device_type = 1;  /* kDLCPU */
-            s->call[a].type_index = FFI_DLTENSOR;
-            s->call[a].v_ptr = &s->tensors[a];
+            s->packed[a].type_index = FFI_DLTENSOR;
+            s->packed[a].v_ptr = &s->tensors[a];
         }
         for (int d = 0; d < s->ndims; d++) {
             if (dims->items[d].type != JSON_STRING || (s->dims[d] = dims_atom(&m->atoms, dims->items[d].string)) < 0) {
                 set_error("%s: %s.dims[%d]: expected a run-time dim or an expression over them", where, at, d);
                 return -1;
             }
-            s->call[s->nargs + d].type_index = FFI_INT;
+            s->packed[s->nargs + d].type_index = FFI_INT;
         }
         s->writes_logits = s->nargs && s->args[s->nargs - 1] == m->logits;
         if (s->writes_logits && s->kind == KIND_LINEAR) m->last_only = 1;
@@ -617,7 +634,7 @@ static int read_plan(llmc_model *m, const json *plans, const json *functions) {
     return 0;
 }
 
-static int load_kernels(llmc_model *m) {
+static int load_kernels(llmc_model *m, int threads) {
     const json *kernels = field(m->art.manifest, "kernels", JSON_OBJECT, "manifest");
     const json *library = kernels ? field(kernels, "library", JSON_STRING, "kernels") : NULL;
     if (!library) return -1;
@@ -625,35 +642,27 @@ static int load_kernels(llmc_model *m) {
         set_error("%s: kernels.library: '%s' is not a listed file", m->art.where, library->string);
         return -1;
     }
-    /* The kernels call TVMFFIErrorSetRaisedFromCStrParts, defined here. In llmc-run it is
-     * exported (-rdynamic); where this code is a library an app loaded with RTLD_LOCAL (ctypes,
-     * JNI), its symbols are promoted to global first, so that the kernel library finds it. */
-    Dl_info self;
-    void *own = dladdr((void *)llmc_load, &self) && self.dli_fname
-                    ? dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL) : NULL;
-    if (own) dlclose(own);  /* the promotion stays */
+    const char **names = calloc((size_t)m->n_steps + 1, sizeof *names);
     char *path = artifact_file(&m->art, library->string);
-    m->library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!m->library) {
-        set_error("%s: cannot load the kernel library (%s)", path, dlerror());
-        free(path);
-        return -1;
+    if (!names || !path) {
+        set_error("out of memory");
+    } else {
+        for (int i = 0; i < m->n_steps; i++) names[i] = m->steps[i].kernel;
+        m->kernels = llmc_kernels_load(path, names, m->n_steps, threads);
     }
-    int rc = pool_install_hooks(m->library, path);
+    free(names);
     free(path);
-    for (int i = 0; !rc && i < m->n_steps; i++) {
-        char symbol[600];
-        snprintf(symbol, sizeof symbol, "__tvm_ffi_%s", m->steps[i].kernel);
-        m->steps[i].fn = (kernel_fn)dlsym(m->library, symbol);
-        if (!m->steps[i].fn) {
-            set_error("%s: kernels.functions: '%s' is not in the kernel library", m->art.where, m->steps[i].kernel);
-            rc = -1;
-        }
-    }
-    return rc;
+    return m->kernels ? 0 : fail_at(m->art.where);
 }
 
 /* ---- one forward step ---- */
+
+static int fail_at_step(int i) {
+    char why[1024];
+    snprintf(why, sizeof why, "%s", get_error());
+    set_error("plans.forward[%d]: %s", i, why);
+    return -1;
+}
 
 /* [..., k] as the GEMM kernels take rows: [rows, k] (the same bytes) */
 static void flatten_rows(DLTensor *t) {
@@ -741,17 +750,7 @@ static int run(llmc_model *m, const int32_t *ids, int seq, int past, int last_lo
                 t->ndim = 3;
             }
         }
-        for (int d = 0; d < s->ndims; d++) s->call[s->nargs + d].v_int64 = atoms[s->dims[d]];
-        TVMFFIAny result = {0};
-        double start = now_seconds();
-        int rc = s->fn(NULL, s->call, s->nargs + s->ndims, &result);
-        in_kernels += now_seconds() - start;
-        if (rc) {
-            char why[1024];
-            snprintf(why, sizeof why, "%s", get_error());
-            set_error("plans.forward[%d]: kernel '%s' refused its values: %s", i, s->kernel, why);
-            return -1;
-        }
+        if (llmc_kernels_run(m->kernels, &s->call, 1, atoms, &in_kernels)) return fail_at_step(i);
     }
     *kernel_seconds = in_kernels;
     /* the last position's logits */
@@ -813,13 +812,13 @@ llmc_model *llmc_load(const char *path, int threads) {
         set_error("out of memory");
         goto fail;
     }
-    if (map_weights(m) || plan_memory(m) || load_kernels(m)) goto fail;
+    if (map_weights(m) || plan_memory(m) || load_kernels(m, threads)) goto fail;
     m->stats.weights_bytes = m->weights_size;
     m->stats.kv_cache_bytes = m->cache_bytes;
     m->stats.activation_bytes = m->arena_bytes;
     m->stats.max_seq_len = m->max_seq;
     m->stats.vocab_size = m->vocab;
-    m->stats.threads = pool_start(threads);
+    m->stats.threads = llmc_kernels_threads(m->kernels);
     m->stats.load_seconds = now_seconds() - start;
     return m;
 fail:
@@ -893,7 +892,7 @@ void llmc_free(llmc_model *m) {
     if (!m) return;
     for (int i = 0; i < m->n_steps; i++) {
         step *s = &m->steps[i];
-        free(s->args); free(s->dims); free(s->tensors); free(s->shapes); free(s->call);
+        free(s->args); free(s->dims); free(s->tensors); free(s->shapes); free(s->packed);
     }
     for (int i = 0; i < m->n_values; i++)
         for (int d = 0; d < m->values[i].ndim; d++) free(m->values[i].shape[d].terms);
@@ -901,7 +900,7 @@ void llmc_free(llmc_model *m) {
     free(m->arena); free(m->caches); free(m->no_tables); free(m->scratch); free(m->order);
     free(m->atom_env); free(m->atom_last); free(m->atom_cache);
     if (m->weights_map) munmap(m->weights_map, m->weights_size);
-    if (m->library) dlclose(m->library);
+    llmc_kernels_free(m->kernels);
     dims_free(&m->atoms);
     artifact_close(&m->art);
     free(m);

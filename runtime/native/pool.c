@@ -25,7 +25,8 @@ typedef struct { void *sync_handle; int32_t num_task; } parallel_env;
 typedef int (*parallel_lambda)(int task_id, parallel_env *penv, void *cdata);
 
 static struct {
-    int threads;
+    int threads;        /* workers started, the caller's thread included */
+    int active;         /* of them, those that take tasks: the running model's thread count */
     pthread_t *workers;
     _Atomic uint64_t generation;  /* one per launch */
     parallel_lambda fn;
@@ -35,7 +36,7 @@ static struct {
     atomic_int sleepers;
     pthread_mutex_t lock;
     pthread_cond_t wake;
-} P = {.threads = 1, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+} P = {.threads = 1, .active = 1, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 
 static _Thread_local char error_text[1024];
 
@@ -66,10 +67,10 @@ static inline void relax(void) {
 #endif
 }
 
-/* Thread i runs tasks i, i + threads, ...: each thread's share is fixed, as in TVM's pool. */
+/* Thread i runs tasks i, i + active, ...: each thread's share is fixed, as in TVM's pool. */
 static void run_tasks(int self) {
     parallel_env env = {NULL, P.num_task};
-    for (int t = self; t < P.num_task; t += P.threads)
+    for (int t = self; t < P.num_task && self < P.active; t += P.active)
         if (P.fn(t, &env, P.cdata)) atomic_store(&P.failed, 1);
 }
 
@@ -95,8 +96,8 @@ static void *worker(void *arg) {
 /* Every worker has left the launch before the next one starts: none can take a task of the
  * next launch while still counting the last one's. */
 static int parallel_launch(parallel_lambda fn, void *cdata, int num_task) {
-    if (num_task <= 0) num_task = P.threads;
-    if (P.threads == 1 || num_task == 1) {
+    if (num_task <= 0) num_task = P.active;
+    if (P.active == 1 || num_task == 1) {
         parallel_env env = {NULL, num_task};
         for (int t = 0; t < num_task; t++)
             if (fn(t, &env, cdata)) return -1;
@@ -161,11 +162,19 @@ static int free_workspace(int device_type, int device_id, void *ptr) {
     return 0;
 }
 
+/* A forked child has the caller's thread only: its launches run serially. */
+static void forked(void) {
+    P.workers = NULL;
+    P.threads = P.active = 1;
+}
+
 int pool_start(int threads) {
-    if (P.workers) return P.threads;  /* once per process, as TVM's pool */
     if (threads < 1) threads = 1;
+    if (P.workers)  /* started once per process, as TVM's pool; later models may use fewer */
+        return threads < P.threads ? threads : P.threads;
     P.workers = calloc((size_t)threads, sizeof *P.workers);
     if (!P.workers) return 1;
+    pthread_atfork(NULL, NULL, forked);
     P.threads = 1;
     for (int i = 1; i < threads; i++) {
         if (pthread_create(&P.workers[i], NULL, worker, (void *)(intptr_t)i)) break;
@@ -173,6 +182,8 @@ int pool_start(int threads) {
     }
     return P.threads;
 }
+
+void pool_use(int threads) { P.active = threads < 1 ? 1 : threads < P.threads ? threads : P.threads; }
 
 int pool_install_hooks(void *library, const char *path) {
     static const char *slots[3] = {"__TVMBackendParallelLaunch", "__TVMBackendAllocWorkspace",
