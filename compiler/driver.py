@@ -136,7 +136,7 @@ def compile(onnx_path, target: str = "cpu", output=None, max_seq_len: int = 1024
     # a decoder exported without a cache gets one (passes/synthesize_kv_cache.py)
     options["synthesize_kv_cache"] = not graph.metadata["kv_pairs"]
     try:
-        graph = run_passes(graph, default_pipeline(target), PassContext(options=options))
+        graph = run_passes(graph, default_pipeline(), PassContext(options=options))
     except LlmcError as e:
         raise LlmcError(f"{onnx_path}: {e}") from None
     stages.append(("passes", time.perf_counter() - start - sum(t for _, t in stages)))

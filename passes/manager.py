@@ -40,9 +40,9 @@ class PassReport:
 
 @dataclass
 class PassContext:
-    """What passes may consult (target, options) and where they report."""
+    """What passes may consult (options: a target reaches the passes through them, e.g. int8
+    activations on a CPU, fp16 weights on a GPU) and where they report."""
 
-    target: str = "reference"
     options: dict = field(default_factory=dict)
     debug: bool = False
     dump_dir: Path | None = None

@@ -53,5 +53,7 @@ FUSION: list[Pass] = [fuse_qkv, fuse_attention_io, fuse_linear, fuse_add_norm, d
 LOWERING: list[Pass] = [awq, quantize_weights, quantize_activations, half_weights, dce]
 
 
-def default_pipeline(target: str = "reference") -> list[Pass]:
+def default_pipeline() -> list[Pass]:
+    """Every target's passes: what differs between targets comes in as options (`activations`,
+    `dtype`), chosen by the driver for its target."""
     return CLEANUP + RECOGNITION + KV_CACHE + FUSION + LOWERING

@@ -226,7 +226,7 @@ class _Subgraph:
         self.nodes = sum(1 for n in sub.graph.nodes if n.op == "call_function")
         options = {k: opts[k] for k in ("quant", "group_size", "zero_point", "activations") if opts[k]}
         dump = f"{opts['dump_dir']}/{call.target}" if opts["dump_dir"] else None
-        self.graph = run_passes(self.graph, default_pipeline("cpu"), PassContext(options=options, dump_dir=dump))
+        self.graph = run_passes(self.graph, default_pipeline(), PassContext(options=options, dump_dir=dump))
         try:
             # kernels tuned on this machine (`llmc tune`, `llmc compile --tune`) are built as tuned
             tuner = Tuner(HOST.machine({"cpu": "native"}))
