@@ -1,7 +1,7 @@
 """Speed on a real model against llama.cpp on the same weights, each system alone.
 
     python benchmarks/real_model.py [--model smollm2-135m-instruct] [--threads 2] [--runs 3]
-                                    [--prompt-len 128] [--new-tokens 128] [--background N]
+                                    [--prompt-len 128] [--new-tokens 128] [--background N] [--nice 19]
 
 For fp32, w8 and w4 g32: llmc's artifact (the runtime alone, in a process of its own:
 `llmc.tools.runtime_worker`) against llama.cpp's F32, Q8_0 and Q4_0 of the same Hugging Face
@@ -10,7 +10,7 @@ llama-cpp-python, in a process of its own: `llmc.tools.llama_cpp`). Each system 
 one after the other, `--runs` times (a fresh process each run); the table gives medians:
 decode tokens/s over `--new-tokens` steps after a `--prompt-len` prompt (llama-bench's tg), and
 the prompt's prefill in ms (its pp; llmc computes the last position's logits, as generation does,
-llama.cpp every position's). `--background N` runs N `nice -n 19` busy loops during the
+llama.cpp every position's). `--background N` runs N busy loops (at `--nice`, default 19: the lowest priority) during the
 measurements, as a loaded machine would.
 """
 
@@ -35,9 +35,9 @@ SCHEMES = {"fp32": ({}, None), "w8": ({"quant": "w8"}, "q8_0"), "w4 g32": ({"qua
 
 
 @contextlib.contextmanager
-def background(n: int):
-    """n busy loops at the lowest priority, for the block's duration."""
-    loops = [subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+def background(n: int, nice: int = 19):
+    """n busy loops at priority `nice`, for the block's duration."""
+    loops = [subprocess.Popen(["nice", "-n", str(nice), sys.executable, "-c", "while True: pass"]) for _ in range(n)]
     try:
         time.sleep(0.5 if n else 0)
         yield
@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--background", type=int, default=0)
+    p.add_argument("--nice", type=int, default=19, help="the busy loops' niceness (0: a normal process)")
     args = p.parse_args()
     import llmc
 
@@ -79,7 +80,7 @@ def main() -> None:
         systems = {"llmc": lambda: _Llmc(artifact, args.threads),
                    "llama.cpp": lambda: llama_cpp.LlamaCpp(gguf, args.threads, "llama.cpp", ctx)}
         results = {name: [] for name in systems}
-        with background(args.background):
+        with background(args.background, args.nice):
             for _ in range(args.runs):
                 for name, start in systems.items():
                     system = start()
@@ -89,7 +90,7 @@ def main() -> None:
                         system.close()
         rows.append((scheme, {name: (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
                               for name, runs in results.items()}))
-    print(f"{args.model}, {args.threads} threads, {args.background} nice-19 busy loops, {platform.processor() or platform.machine()}, "
+    print(f"{args.model}, {args.threads} threads, {args.background} nice-{args.nice} busy loops, {platform.processor() or platform.machine()}, "
           f"{time.strftime('%Y-%m-%d')}; medians of {args.runs} runs, each system alone in a fresh process")
     print(f"| weights (llmc / llama.cpp) | llmc decode tok/s | llama.cpp decode tok/s | ratio | "
           f"llmc prefill {args.prompt_len} ms | llama.cpp prefill {args.prompt_len} ms |")
