@@ -3,7 +3,7 @@
 The plan (from the artifact) lists kernel calls by value name; `values` gives each value's dtype
 and shape, whose dims are integers or polynomials over the named dims (batch, seq, past,
 total), encoded as [[coefficient, [dim, ...]], ...]. The weights are used in place, as views on
-the artifact's memory map (64-byte aligned by the writer). `reset` allocates the KV caches and
+the artifact's weights file read into memory (64-byte aligned by the writer). `reset` allocates the KV caches and
 one arena for the activations, planned by lifetime (`memory.py`): values never alive together
 share its bytes. Each value is viewed at a step's shape from the front of its place in the
 arena, so a step allocates no tensor memory. The kernel calls are bound once per (batch, seq):
@@ -50,8 +50,8 @@ def _aligned(a: np.ndarray) -> np.ndarray:
 
 
 class Call(NamedTuple):
-    """One plan step, bound for a (batch, seq): the kernel's name, its argument arrays (None
-    where growing), [(position, maker)] of the arguments re-viewed at each run, copies
+    """One plan step, bound for a (batch, seq): the kernel's name, its argument arrays (the
+    growing ones as at the bind), {position: maker} of the arguments re-viewed at each run, copies
     (destination, source) before the call, its named dims, whether they are the last
     position's."""
     kernel: str
@@ -231,7 +231,7 @@ class Executor:
         if last_logits and names[-1] == self.logits:
             return self._bind_last_logits(step, env)
         makers = [self._maker(kind, i, name) for i, name in enumerate(names)]
-        args = [None if name in self.growing else make(env) for name, make in zip(names, makers)]
+        args = [make(env) for make in makers]
         growing = {i: make for i, (name, make) in enumerate(zip(names, makers)) if name in self.growing}
         return Call(step["kernel"], args, growing, [], step["dims"], False)
 

@@ -110,7 +110,6 @@ class Calls:
         self.table = (Call * len(calls))()
         self.arrays = []  # the argument arrays, kept alive while the calls point at them
         self.growing = {}  # maker -> the tensor rows it makes
-        self.grown = {}  # maker -> its array of this run
         self.segments = []  # (first call, end, copies before it)
         t = p = s = 0
         for i, c in enumerate(calls):
@@ -123,10 +122,10 @@ class Calls:
                 self.packed[p] = (_TENSOR, self.tensors[t:].ctypes.data)
                 self.tensors[t, 3] = self.shapes[t:].ctypes.data
                 self.tensors[t, 1] = 1  # kDLCPU, device 0
-                if a is None:
+                self._point(t, a)
+                if j in c.growing:
                     self.growing.setdefault(c.growing[j], []).append(t)
                 else:
-                    self._point(t, a)
                     self.arrays.append(a)
                 t, p = t + 1, p + 1
             for d in c.dims:
@@ -148,14 +147,10 @@ class Calls:
         for i, text in enumerate(self.atoms):
             self.dims[2 * i] = atom(text, env)
             self.dims[2 * i + 1] = atom(text, last_env)
-        for make, rows in self.growing.items():
+        for make, rows in self.growing.items():  # views of memory the executor keeps
             a = make(env)
-            if make not in self.grown:
-                for row in rows:
-                    self._point(row, a)
             self.tensors[rows, 0] = a.ctypes.data
             self.shapes[rows, :a.ndim] = a.shape
-            self.grown[make] = a
         dims = self.dims.ctypes.data
         table = ctypes.addressof(self.table)
         times = seconds.ctypes.data if seconds is not None else None

@@ -14,6 +14,7 @@
 /* ---- errors: one message per thread, set where a call fails (llmc_last_error) ---- */
 void set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 const char *get_error(void);
+void clear_error(void);
 
 /* ---- the tensor ABI of TVM's kernel libraries (DLPack tensors in tvm-ffi's packed calls) ---- */
 typedef struct { int32_t device_type, device_id; } DLDevice;

@@ -94,7 +94,7 @@ int llmc_kernels_run(llmc_kernels *k, const llmc_call *calls, int n_calls, const
         for (int d = 0; d < c->n_dims; d++) args[c->n_args - c->n_dims + d].v_int64 = dims[c->dim_slots[d]];
         TVMFFIAny result = {0};
         double start = seconds ? now_seconds() : 0;
-        set_error("%s", "");
+        clear_error();  /* a refusal without a message must not show an older one */
         if (k->fns[c->kernel](NULL, args, c->n_args, &result)) {
             char why[1024];
             snprintf(why, sizeof why, "%s", get_error());

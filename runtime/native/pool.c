@@ -51,6 +51,8 @@ void set_error(const char *fmt, ...) {
 
 const char *get_error(void) { return error_text; }
 
+void clear_error(void) { error_text[0] = 0; }
+
 /* Called by a kernel that refuses its arguments (tvm-ffi's C API). */
 __attribute__((visibility("default"))) void TVMFFIErrorSetRaisedFromCStrParts(const char *kind, const char **parts,
                                                                               int32_t n) {
