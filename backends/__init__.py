@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
+
+if TYPE_CHECKING:
+    from llmc.options import CompileOptions
 
 # target -> "module:object" of the Backend that builds for it (imported only when asked for)
 BACKENDS = {"cpu": "llmc.backends.tvm.backend:HOST", "arm64": "llmc.backends.tvm.backend:ARM64",
@@ -31,28 +34,31 @@ class Build:
     values: dict
     weights: dict
     files: dict[str, Callable] = field(default_factory=dict)
+    loaded: object = None  # the kernels loaded in this process, by name (targets that run here)
 
 
 class Backend(Protocol):
+    """The only place that knows a target: its defaults, the option values it honors, its
+    kernels. Every method but `resolve` takes options `resolve` returned."""
+
     name: str  # the code generator, as progress shows it ("TVM", "Triton")
+    in_process: bool  # its builds' kernels run in this process (`Build.loaded`; torch.compile needs it)
 
-    def check(self, options: dict) -> None:
-        """Refuse options this backend cannot honor (LlmcError), before anything is imported."""
+    def resolve(self, options: CompileOptions) -> CompileOptions:
+        """`options` with this target's defaults filled in (`dtype`, `kv_cache`, `activations`:
+        what quantized GEMMs multiply, `cpu` or `arch`); refuses (LlmcError) what it cannot
+        honor, before any kernel is built."""
 
-    def default_activations(self, options: dict) -> str:
-        """What quantized GEMMs multiply unless told: "int8" where the target has integer dot
-        products, else "f32" (`llmc.passes.quantize_activations`)."""
-
-    def machine(self, options: dict) -> dict:
+    def machine(self, options: CompileOptions) -> dict:
         """What tuning results are kept for: the machine the kernels are built for, as the
         tuning table keys it (`llmc.tuning`)."""
 
-    def can_measure(self, options: dict) -> str:
+    def can_measure(self, options: CompileOptions) -> str:
         """Why this machine cannot time the kernels for `options` ("" when it can)."""
 
-    def build(self, graph, options: dict) -> Build:
-        """Kernels and plan for a graph the pass pipeline has run over; `options["tuner"]` gives
-        each kernel with knobs its configuration (`llmc.tuning.Tuner`)."""
+    def build(self, graph, options: CompileOptions, tuner=None) -> Build:
+        """Kernels and plan for a graph the pass pipeline has run over; `tuner` gives each
+        kernel with knobs its configuration (`llmc.tuning.Tuner`; None: the knobs' defaults)."""
 
 
 def for_target(target: str) -> Backend:

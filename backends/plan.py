@@ -36,11 +36,12 @@ class Step:
 
 
 class UnsupportedGraph(ValueError):
-    """A node no kernel runs; `node` is its name."""
+    """Nodes no kernel runs: `reasons` {node name: why}, `node` the first's name."""
 
-    def __init__(self, message: str, node: str = ""):
+    def __init__(self, message: str, node: str = "", reasons: dict[str, str] | None = None):
         super().__init__(message)
         self.node = node
+        self.reasons = reasons or ({node: message} if node else {})
 
 
 def encode_dim(d, where: str = "a dim"):
@@ -81,10 +82,9 @@ def kv_int8(graph: Graph) -> bool:
     return graph.metadata.get("kv_cache", {}).get("dtype") == "int8"
 
 
-def check_kv_layout(options: dict) -> None:
+def check_kv_layout(layout: str) -> None:
     from llmc.errors import LlmcError
 
-    layout = options.get("kv_layout", "auto")
     if layout in ("auto", *KV_ORDERS):
         return
     pages = layout.removeprefix("paged:") if isinstance(layout, str) and layout.startswith("paged:") else None
@@ -96,7 +96,7 @@ def check_kv_layout(options: dict) -> None:
                         f"{MAX_PAGE_TOKENS}")
 
 
-def kv_layout(options: dict) -> tuple[str, int]:
+def kv_layout(layout: str) -> tuple[str, int]:
     """The KV cache's (axis order, tokens per block; 0: one contiguous buffer per layer and
     sequence): as asked (`--kv-layout`), or by the cost model: contiguous "bhsd" on every target.
     Attention's parallel work is per (batch, head) (a TVM task, a Triton program's key blocks),
@@ -105,7 +105,6 @@ def kv_layout(options: dict) -> tuple[str, int]:
     is a few hundred bytes per layer and step. Paging is a memory choice, not a speed one (an
     indirection per key position): a runtime serving sequences of different lengths asks for it;
     its blocks are bhsd ([block, kv_heads, N, head_dim])."""
-    layout = options.get("kv_layout", "auto")
     if layout.startswith("paged:"):
         return "bhsd", int(layout.removeprefix("paged:"))
     return "bhsd" if layout == "auto" else layout, 0
@@ -152,7 +151,9 @@ def lay_out_caches(graph: Graph, dtype: str, order: str = "bhsd", page_tokens: i
     grow; two more values are the runtime's to give at every step: KV_BLOCKS, int32 [batch,
     max_blocks], each sequence's blocks in position order, and KV_LENGTHS, int32 [batch], the
     positions each sequence already holds (its own `past`: sequences of a batch may differ)."""
-    cache = graph.metadata["kv_cache"]
+    cache = graph.metadata.get("kv_cache")
+    if cache is None:  # a graph from torch.compile: its caller owns the caches, if any
+        return {}
     cache["dtype"] = dtype
     cache["layout"] = {"order": order, "page_tokens": page_tokens, "alignment": KV_ALIGNMENT}
     axes = KV_ORDERS[order]
@@ -243,20 +244,30 @@ PlanNode = Callable[[Node], "tuple[str, Callable[[str], object], list[Step]]"]
 
 
 def plan_nodes(graph: Graph, plan_node: PlanNode):
-    """(kernels by name, plan); UnsupportedGraph names a node no kernel runs."""
+    """(kernels by name, plan); UnsupportedGraph names every node no kernel runs (the first's
+    reason in its message)."""
     readers = graph.consumers()
-    kernels, plan, table = {}, [], {}
+    kernels, plan, table, missing = {}, [], {}, []
     for node in graph.nodes:
         if feeds_rope_cache(node, readers):
             continue
-        key, make, steps = plan_node(node)
-        name = table.get(key)
-        if name is None:
-            name = table[key] = f"k{len(table)}_{node.op}_{hashlib.sha1(key.encode()).hexdigest()[:6]}"
-            try:
-                kernels.update(make(name))
-            except NotImplementedError as e:
-                raise UnsupportedGraph(f"{node.name}: {e}", node.name) from None
+        try:
+            key, make, steps = plan_node(node)
+            name = table.get(key)
+            if name is None:
+                name = f"k{len(table)}_{node.op}_{hashlib.sha1(key.encode()).hexdigest()[:6]}"
+                try:
+                    kernels.update(make(name))
+                except NotImplementedError as e:
+                    raise UnsupportedGraph(f"{node.name}: {e}", node.name) from None
+                table[key] = name
+        except UnsupportedGraph as e:
+            missing.append(e)
+            continue
         plan += [Step(name + s.kernel, s.kind, s.args, s.dims) for s in steps]
+    if missing:
+        more = f" (and {len(missing) - 1} more nodes)" if len(missing) > 1 else ""
+        raise UnsupportedGraph(f"{missing[0]}{more}", missing[0].node,
+                               {name: why for e in missing for name, why in e.reasons.items()})
     log.info("%d nodes -> %d kernel calls, %d distinct kernels", len(graph.nodes), len(plan), len(kernels))
     return kernels, plan

@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                            "as Metal Shading Language (Apple GPUs; no runtime for them yet)")
     comp.add_argument("--dtype", choices=("fp32", "fp16"),
                       help="the GEMM weights' precision (default: fp16 on cuda, fp32 elsewhere); sums are f32")
-    comp.add_argument("--arch", default="sm_80,sm_90",
+    comp.add_argument("--arch",
                       help="with --target cuda: the GPU architectures to compile for (default sm_80,sm_90)")
     comp.add_argument("--cpu", help="the CPU the kernels may assume. cpu: this machine's (native, the default and "
                                     "the fastest), or a portable level for artifacts shipped to other machines "
@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--target", choices=TARGETS, default="cpu")
     tune.add_argument("--cpu", help="as for compile")
     tune.add_argument("--dtype", choices=("fp32", "fp16"))
-    tune.add_argument("--arch", default="sm_80,sm_90")
+    tune.add_argument("--arch")
     tune.add_argument("--max-seq-len", type=int, default=1024)
     tune.add_argument("--tune-budget", type=float, metavar="SECONDS",
                       help="stop measuring after this long; unmeasured kernels keep their defaults")
@@ -347,7 +347,7 @@ def _inspect_artifact(path) -> int:
         f"target:   {m['target']['kind']} {m['target'].get('mtriple', '')}, CPU {m['cpu']['name']} "
         f"(needs {', '.join(m['cpu']['features']) or 'nothing beyond the architecture'})" if m["cpu"] else
         f"target:   cuda, cubins for {', '.join(m['kernels']['archs'])} (Triton {m['kernels']['triton_version']}), "
-        f"--dtype {m['target']['dtype']}" if m["target"]["kind"] == "cuda" else
+        f"--dtype {m['target']['dtype']}" if "archs" in m["kernels"] else
         f"target:   {m['target']['kind']}, {sum(len(g['kernels']) for g in m['kernels']['functions'].values())} GPU "
         f"kernels in {m['kernels']['source']}",
         f"model:    {model['name']}, context {model['max_seq_len']} tokens, KV cache {model['kv_cache']['dtype']} "
@@ -370,8 +370,10 @@ def _run_passes(graph, dump_ir, max_seq_len):
     from llmc.passes.partition import kernels_per_layer
     from llmc.passes.pipeline import default_pipeline
 
-    options = {"max_seq_len": max_seq_len} if max_seq_len else {}
-    ctx = PassContext(debug=True, options=options, dump_dir=Path(dump_ir) if dump_ir else None)
+    from .options import CompileOptions
+
+    ctx = PassContext(debug=True, options=CompileOptions(max_seq_len=max_seq_len),
+                      dump_dir=Path(dump_ir) if dump_ir else None)
     passed = run_passes(graph, default_pipeline(), ctx)
     print("\npasses:")
     for r in ctx.reports:
@@ -473,22 +475,25 @@ def _tuning_arguments(p) -> None:
                    help="a tuning table from `llmc tune --export` (entries for other machines are not used)")
 
 
-def _quant_options(args) -> dict:
-    return {"quant": args.quant, "group_size": args.group_size, "zero_point": args.zero_point,
-            "lm_head": args.lm_head, "embedding": args.embedding, "awq": args.awq, "kv_cache": args.kv_cache,
-            "kv_layout": args.kv_layout,
-            "activations": args.activations, "calibration_text": args.calibration_text,
-            "calibration": _token_ids(args.calibration_ids, "--calibration-ids") if args.calibration_ids else None}
+# the flags of compile, tune and package that are `CompileOptions.of` keywords of the same name
+OPTION_FLAGS = ("target", "max_seq_len", "eos_token_id", "tokenizer", "dtype", "activations", "kv_cache", "kv_layout",
+                "cpu", "arch", "tune", "tune_budget", "tuning", "quant", "group_size", "zero_point", "lm_head",
+                "embedding", "awq", "calibration_text")
+
+
+def _compile_options(args, **changes):
+    from .options import CompileOptions
+
+    keywords = {k: getattr(args, k) for k in OPTION_FLAGS if getattr(args, k, None) is not None}
+    if args.calibration_ids:
+        keywords["calibration"] = _token_ids(args.calibration_ids, "--calibration-ids")
+    return CompileOptions.of(**{**keywords, **changes})
 
 
 def _compile(args) -> int:
-    from . import compile as compile_model
+    from .driver import compile as compile_model
 
-    path = compile_model(args.model, target=args.target, output=args.output, max_seq_len=args.max_seq_len,
-                         eos_token_id=args.eos_token_id, cpu=args.cpu, tokenizer=args.tokenizer, dtype=args.dtype,
-                         arch=args.arch, tune=args.tune, tune_budget=args.tune_budget, tuning=args.tuning,
-                         **_quant_options(args))
-    print(path)
+    print(compile_model(args.model, _compile_options(args), args.output))
     return 0
 
 
@@ -496,21 +501,20 @@ def _tune(args) -> int:
     """Tune MODEL's kernels into the cache (its artifact is not kept); export this machine's entries."""
     import tempfile
 
-    from . import backends, compile as compile_model, tuning
+    from . import tuning
+    from .driver import compile as compile_model
 
     if not args.model and not args.export:
         raise LlmcError("llmc tune: give a model to tune, --export FILE, or both")
+    options = _compile_options(args, tune=True).resolved()
     if args.model:
         scratch = Path(tempfile.mkdtemp(prefix="llmc-tune-"))
         try:
-            compile_model(args.model, target=args.target, output=scratch / "model.llmc", cpu=args.cpu,
-                          dtype=args.dtype, arch=args.arch, max_seq_len=args.max_seq_len, tune=True,
-                          tune_budget=args.tune_budget, **_quant_options(args))
+            compile_model(args.model, options, scratch / "model.llmc")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     if args.export:
-        backend = backends.for_target(args.target)
-        machine = backend.machine({"cpu": args.cpu or getattr(backend, "default_cpu", None), "arch": args.arch})
+        machine = options.backend().machine(options)
         path = tuning.cache_file()
         table = tuning.Table.load(path) if path.exists() else tuning.Table()
         entries = table.for_machine(machine)
@@ -755,7 +759,7 @@ def _runtime_build(args) -> int:
 
 def _package(args) -> int:
     """Compile for the target, build llmc-run for it, and say in a README how to run them."""
-    from . import compile as compile_model
+    from .driver import compile as compile_model
     from . import toolchain
 
     from llmc.runtime.cpu import arch as host_arch
@@ -768,12 +772,9 @@ def _package(args) -> int:
             raise LlmcError(f"{out}: exists and is not a package llmc wrote; give a new folder")
         shutil.rmtree(out)
     out.mkdir(exist_ok=True)
-    options = _quant_options(args)
-    if args.fp32:
-        options.update(quant=None, group_size=128)
+    options = _compile_options(args, **({"quant": None, "group_size": 128} if args.fp32 else {}))
     program = toolchain.build_runtime("aarch64" if args.target == "arm64" else host_arch(), out / "llmc-run")
-    artifact = compile_model(args.model, target=args.target, output=out / "model.llmc", max_seq_len=args.max_seq_len,
-                             eos_token_id=args.eos_token_id, cpu=args.cpu, tokenizer=args.tokenizer, **options)
+    artifact = compile_model(args.model, options, out / "model.llmc")
     (out / "README.txt").write_text(
         "Run on the device (token ids in, new token ids out): ./llmc-run model.llmc --prompt-ids 1,2,3 "
         "--max-new-tokens 32   (./llmc-run --help for sampling and threads)\n")

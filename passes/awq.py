@@ -143,19 +143,17 @@ def _fold_target(graph, node, consumers):
 
 
 def _run(graph: Graph, ctx: PassContext) -> Graph:
-    options = ctx.options
-    if not options.get("awq"):
+    spec = ctx.options.quant
+    if not (spec and spec.awq):  # (QuantSpec admits awq with w4 only)
         return graph
-    if options.get("quant") != "w4":
-        raise ValueError("activation-aware scaling (awq) applies to w4 quantization")
     from llmc.ir.evaluate import run_reference
 
-    tokens = options.get("calibration")
+    tokens = spec.calibration
     if not tokens:
         vocab = graph.outputs[0].shape[-1]  # the logits' last dim
         tokens = np.random.default_rng(0).integers(0, vocab, CALIBRATION_TOKENS).tolist()
-    group = options.get("group_size", DEFAULT_GROUP_SIZE)
-    head_quantized = options.get("lm_head") == "w4"
+    group = spec.group_size
+    head_quantized = spec.lm_head == "w4"
     consumers = graph.consumers()
     gemms = [n for n in graph.nodes if n.op == "fused_linear" and not n.attrs["quant"]
              and graph.const_value(n.inputs[1]) is not None and (head_quantized or n.outputs[0] not in graph.outputs)]
@@ -168,7 +166,7 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
     for i, node in enumerate(bar(gemms, desc="AWQ search, GEMMs")):
         log.info("awq: %s (%d/%d)", node.name, i + 1, len(gemms))
         w = graph.const_value(node.inputs[1]).astype(np.float32)
-        group_size, zero_point = math.gcd(w.shape[1], group), options.get("zero_point", False)
+        group_size, zero_point = math.gcd(w.shape[1], group), spec.zero_point
         x = seen.pop(node.inputs[0].name) if last[node.inputs[0].name] == i else seen[node.inputs[0].name]
         h = x.reshape(-1, w.shape[1]).astype(np.float32)
         fold = _fold_target(graph, node, consumers)

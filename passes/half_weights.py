@@ -34,10 +34,7 @@ def _rule() -> Rule:
 
 
 def _run(graph: Graph, ctx: PassContext) -> Graph:
-    dtype = ctx.options.get("dtype") or "fp32"
-    if dtype not in ("fp32", "fp16"):
-        raise ValueError(f"unknown weight precision {dtype!r}; supported: fp32, fp16")
-    if dtype == "fp16":
+    if ctx.options.dtype == "fp16":
         apply_rules(graph, [_rule()], ctx.current.rewrites, ctx.current.near_misses)
     return graph
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 from llmc.ir.graph import Graph
 from llmc.ir.verify import verify
+from llmc.options import CompileOptions
 
 from .pattern import NearMiss, Rule, apply_rules
 
@@ -40,10 +41,12 @@ class PassReport:
 
 @dataclass
 class PassContext:
-    """What passes may consult (options: a target reaches the passes through them, e.g. int8
-    activations on a CPU, fp16 weights on a GPU) and where they report."""
+    """What passes may consult and where they report. `options`: the compile's, resolved (a
+    target reaches the passes through them, e.g. int8 activations on a CPU, fp16 weights on a
+    GPU); `synthesize_kv_cache`: the graph is a decoder exported without a cache, to be given one."""
 
-    options: dict = field(default_factory=dict)
+    options: CompileOptions = field(default_factory=lambda: CompileOptions(max_seq_len=None))
+    synthesize_kv_cache: bool = False
     debug: bool = False
     dump_dir: Path | None = None
     reports: list[PassReport] = field(default_factory=list)

@@ -19,7 +19,6 @@ from .manager import Pass, PassContext
 from .pattern import Op, Rule, Var, apply_rules
 
 BLOCK = 32
-MODES = ("int8", "f32")
 
 
 def _rule(logits: set) -> Rule:
@@ -45,13 +44,10 @@ def _rule(logits: set) -> Rule:
 
 
 def _run(graph: Graph, ctx: PassContext) -> Graph:
-    mode = ctx.options.get("activations") or "f32"
-    if mode not in MODES:
-        raise ValueError(f"unknown activation precision {mode!r}; supported: {', '.join(MODES)}")
-    if mode == "int8":
+    if ctx.options.activations == "int8":
         apply_rules(graph, [_rule(set(graph.outputs))], ctx.current.rewrites, ctx.current.near_misses)
     if graph.metadata.get("quant"):
-        graph.metadata["quant"]["activations"] = mode
+        graph.metadata["quant"]["activations"] = ctx.options.activations or "f32"
     return graph
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from llmc.ir.dtypes import DType
 from llmc.ir.graph import Graph
-from llmc.ops.transformer import QUANT_SCHEMES
+from llmc.options import QuantSpec
 
 from .manager import Pass, PassContext
 from .pattern import Const, Op, Rule, Var, apply_rules
@@ -70,17 +70,9 @@ def quantize(w: np.ndarray, quant: str, group_size: int = DEFAULT_GROUP_SIZE, ze
     return q.astype(np.uint8).reshape(n, k), scale.astype(np.float32), zero.astype(np.float32)
 
 
-def lm_head_scheme(options: dict) -> str:
-    return options.get("lm_head") or "w8"
-
-
-def _rule(options: dict, logits: set) -> Rule:
-    group = options.get("group_size", DEFAULT_GROUP_SIZE)
-    zero_point = options.get("zero_point", False)
-    head = lm_head_scheme(options)
-
+def _rule(spec: QuantSpec, logits: set) -> Rule:
     def scheme(node) -> str:
-        return head if node.outputs[0] in logits else options["quant"]
+        return spec.lm_head if node.outputs[0] in logits else spec.scheme
 
     def check(m):
         node = m.nodes["gemm"]
@@ -96,8 +88,8 @@ def _rule(options: dict, logits: set) -> Rule:
         node = m.nodes["gemm"]
         quant = scheme(node)
         w = m.data("w")
-        g = math.gcd(w.shape[1], group) if quant == "w4" else 0
-        q, scale, zero = quantize(w, quant, g, zero_point)
+        g = math.gcd(w.shape[1], spec.group_size) if quant == "w4" else 0
+        q, scale, zero = quantize(w, quant, g, spec.zero_point)
         inputs = (list(node.inputs) + [None] * 6)[:6]
         inputs[1] = b.param(q, f"{node.name}.q{quant[1:]}")
         inputs += [b.param(scale, f"{node.name}.scale"), b.param(zero, f"{node.name}.zero") if zero is not None else None]
@@ -128,24 +120,16 @@ def _embedding_rule(vocab: int) -> Rule:
 
 
 def _run(graph: Graph, ctx: PassContext) -> Graph:
-    options = ctx.options
-    quant = options.get("quant")
-    if not quant:
+    spec = ctx.options.quant
+    if not spec:
         _record_imported(graph)
         return graph
-    for q in (quant, lm_head_scheme(options)):
-        if q not in QUANT_SCHEMES + ("f32",):
-            raise ValueError(f"unknown quantization {q!r}; supported: {', '.join(QUANT_SCHEMES)}")
-    embedding = options.get("embedding") or "w8"
-    if embedding not in ("f32", "w8"):
-        raise ValueError(f"unknown embedding encoding {embedding!r}; supported: f32, w8")
-    rules = [_rule(options, set(graph.outputs))]
-    if embedding == "w8":
+    rules = [_rule(spec, set(graph.outputs))]
+    if spec.embedding == "w8":
         rules.append(_embedding_rule(graph.outputs[0].shape[-1]))
     apply_rules(graph, rules, ctx.current.rewrites, ctx.current.near_misses)
-    graph.metadata["quant"] = {"scheme": quant, "group_size": options.get("group_size", DEFAULT_GROUP_SIZE)
-                               if quant == "w4" else 0, "zero_point": bool(options.get("zero_point", False)),
-                               "lm_head": lm_head_scheme(options), "embedding": embedding}
+    graph.metadata["quant"] = {"scheme": spec.scheme, "group_size": spec.group_size if spec.scheme == "w4" else 0,
+                               "zero_point": spec.zero_point, "lm_head": spec.lm_head, "embedding": spec.embedding}
     return graph
 
 

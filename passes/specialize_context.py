@@ -29,7 +29,7 @@ def _identity_slice(graph: Graph, node) -> bool:
 
 
 def _run(graph: Graph, ctx: PassContext) -> Graph:
-    limit = ctx.options.get("max_seq_len")
+    limit = ctx.options.max_seq_len
     if not limit:
         return graph
     graph.metadata["max_seq_len"] = int(limit)

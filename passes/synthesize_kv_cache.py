@@ -50,7 +50,7 @@ def _check_causal(graph: Graph, attentions, n: int) -> None:
 
 
 def _run(graph: Graph, ctx: PassContext) -> Graph:
-    if not ctx.options.get("synthesize_kv_cache"):
+    if not ctx.synthesize_kv_cache:
         return graph
     roles = graph.metadata.get("roles")
     attentions = [n for n in graph.nodes if n.op == "attention"]
@@ -59,7 +59,7 @@ def _run(graph: Graph, ctx: PassContext) -> Graph:
     if roles["positions"] is None:
         raise LlmcError("the decoder takes no positions input: it computes them from its own sequence, and with "
                         "a cache they must count from the past length")
-    _check_causal(graph, attentions, int(ctx.options.get("max_seq_len") or 64))
+    _check_causal(graph, attentions, ctx.options.max_seq_len or 64)
     pairs = []
     for i, node in enumerate(attentions):
         q, k, v = node.inputs[:3]

@@ -9,6 +9,7 @@ from zoo_cases import export
 import llmc
 from llmc import zoo
 from llmc.passes.manager import PassContext, run_passes
+from llmc.options import CompileOptions
 from llmc.passes.pipeline import default_pipeline
 
 ENV = {"batch": 2, "seq": 3, "past": 4, "total": 7}
@@ -23,7 +24,7 @@ def shape(v) -> list[int]:
 
 def compiled(name, exporter):
     graph = llmc.from_onnx(export(name, exporter=exporter, kv_cache=True))
-    return run_passes(graph, default_pipeline(), PassContext(options={"max_seq_len": 128}))
+    return run_passes(graph, default_pipeline(), PassContext(options=CompileOptions(max_seq_len=128)))
 
 
 def check_nodes(name, exporter, rng, kernel_of, run) -> int:

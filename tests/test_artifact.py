@@ -13,6 +13,7 @@ from zoo_cases import export
 
 import llmc
 from llmc.passes.manager import PassContext, run_passes
+from llmc.options import CompileOptions
 from llmc.passes.pipeline import default_pipeline
 from llmc.runtime import safetensors
 from llmc.runtime.artifact import FORMAT_VERSION, MANIFEST, WEIGHTS, digest, open_artifact
@@ -22,7 +23,7 @@ from llmc.runtime.errors import ArtifactError
 @pytest.fixture(scope="module")
 def compiled(artifacts):
     graph = llmc.from_onnx(export("llama-tiny", exporter="dynamo", kv_cache=True))
-    graph = run_passes(graph, default_pipeline(), PassContext(options={"max_seq_len": 128}))
+    graph = run_passes(graph, default_pipeline(), PassContext(options=CompileOptions(max_seq_len=128)))
     return graph, artifacts("llama-tiny")
 
 

@@ -13,11 +13,12 @@ import llmc
 from llmc import zoo
 from llmc.ir import verify
 from llmc.passes.manager import PassContext, run_passes
+from llmc.options import CompileOptions
 from llmc.passes.partition import kernels_per_layer
 from llmc.passes.pipeline import CLEANUP, RECOGNITION, default_pipeline
 
 CASES = decoder_cases() + [(name, exporter, False) for name, exporter in encoder_cases()]
-CONTEXT = {"max_seq_len": 128}  # the tiny models' context; the feeds stay inside it
+CONTEXT = CompileOptions(max_seq_len=128)  # the tiny models' context; the feeds stay inside it
 
 
 def _feeds(name, kv_cache, rng):

@@ -15,6 +15,7 @@ import llmc
 from llmc import runtime, zoo
 from llmc.ops.transformer import dequantize
 from llmc.passes.manager import PassContext, run_passes
+from llmc.options import CompileOptions
 from llmc.passes.pipeline import default_pipeline
 from llmc.passes.quantize_weights import quantize
 
@@ -45,7 +46,7 @@ def test_quantize_rounds_to_the_nearest_step(quant, group, zero_point, rng):
 
 def _passed(name, **options):
     graph = llmc.from_onnx(export(name, exporter="dynamo", kv_cache=True))
-    return run_passes(graph, default_pipeline(), PassContext(options={"max_seq_len": 128, **options}))
+    return run_passes(graph, default_pipeline(), PassContext(options=CompileOptions.of(max_seq_len=128, **options)))
 
 
 @pytest.mark.parametrize("quant", ["w8", "w4"])
@@ -232,7 +233,7 @@ def test_awq_folds_its_scales_without_changing_the_fp32_model(rng, monkeypatch):
     monkeypatch.setattr(awq_module, "CLIP_RATIOS", np.array([1.0]))  # scales only: exact in fp32
     before = CLEANUP + RECOGNITION + KV_CACHE + FUSION
     path = export("llama-tiny", exporter="dynamo", kv_cache=True)
-    options = {"max_seq_len": 128, "quant": "w4", "group_size": 32, "awq": True}
+    options = CompileOptions.of(max_seq_len=128, quant="w4", group_size=32, awq=True)
     ctx = PassContext(options=options)
     scaled = run_passes(llmc.from_onnx(path), before + [awq_module.awq], ctx)
     # every GEMM is clipped; scaled where a scaling beats plain rounding on the calibration tokens

@@ -23,11 +23,13 @@ def test_realistic_size(name, params, rng):
     _compare(path, feeds)
 
     from llmc.passes.manager import PassContext, run_passes
+
+    from llmc.options import CompileOptions
     from llmc.passes.partition import kernels_per_layer
     from llmc.passes.pipeline import default_pipeline
 
     want = llmc.run_reference(graph, feeds)
-    graph = run_passes(llmc.from_onnx(path), default_pipeline(), PassContext(options={"max_seq_len": 1024}))
+    graph = run_passes(llmc.from_onnx(path), default_pipeline(), PassContext(options=CompileOptions(max_seq_len=1024)))
     got = llmc.run_reference(graph, feeds)
     for k in want:
         assert rel_err(got[k], want[k]) < 1e-5, k

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -228,6 +230,38 @@ def test_unsupported_op_falls_back_to_eager_and_is_reported(rng, caplog):
     assert "cumprod" in caplog.text
 
 
+class _Truncations(torch.nn.Module):
+    """Eight nodes that have a converter but do not convert (div with a rounding mode), between
+    GEMMs that do."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(8))
+
+    def forward(self, x):
+        for proj in self.proj:
+            x = torch.div(proj(x) * 4.0, 3.0, rounding_mode="trunc") + x
+        return x
+
+
+def test_every_node_that_does_not_convert_is_found_in_one_round(rng, monkeypatch):
+    """One conversion records every failing node: the nodes go to eager together, so the
+    subgraphs are built once or twice each, not once per failing node (a quadratic number)."""
+    builds = []
+    build = torch_backend._Subgraph.build
+    monkeypatch.setattr(torch_backend._Subgraph, "build", staticmethod(lambda *a: builds.append(1) or build(*a)))
+    module = _Truncations().eval()
+    x = torch.from_numpy(rng.standard_normal((3, 16)).astype(np.float32))
+    compiled = torch.compile(module, backend="llmc")
+    with torch.no_grad():
+        got, want = compiled(x), module(x)
+    assert rel_err(got, want) < 1e-5
+    report = torch_backend.REPORTS[-1]
+    truncated = [name for reason, names in report.fallbacks.items() if "rounding_mode" in reason for name in names]
+    assert len(truncated) == 8, str(report)
+    assert report.subgraphs == 9 and len(builds) <= report.subgraphs + 1, (len(builds), str(report))
+
+
 def test_graph_needing_gradients_runs_in_eager(rng, caplog):
     module = _Cumprod().train()
     x = torch.from_numpy(rng.standard_normal((3, 16)).astype(np.float32))
@@ -264,6 +298,19 @@ def test_changed_scalar_input_recompiles(rng):
 def test_unknown_option_is_an_error():
     with pytest.raises(LlmcError, match="unknown llmc option"):
         torch_backend.llmc_backend(None, [], options={"quantise": "w8"})
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"target": "cuda"}, "target 'cuda' builds kernels that do not run in this process; supported: cpu"),
+    ({"target": "tpu"}, "target 'tpu' is not supported yet"),
+    ({"activations": "int4"}, "activations 'int4' are not supported"),
+    ({"quant": "w3"}, "quantization 'w3' is not supported"),
+    ({"cpu": "pentium"}, "CPU 'pentium' is not supported for this target"),
+])
+def test_options_mean_what_they_mean_to_llmc_compile(options, message):
+    """The options are a CompileOptions, resolved by the target's backend as on the command line."""
+    with pytest.raises(LlmcError, match=re.escape(message)):
+        torch_backend.llmc_backend(None, [], options=options)
 
 
 @pytest.mark.parametrize("name", ["qwen2-tiny", "gpt2-tiny"])

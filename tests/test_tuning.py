@@ -16,6 +16,7 @@ from zoo_cases import export
 import llmc
 from llmc import runtime, tuning
 from llmc.cli import main
+from llmc.options import CompileOptions
 from llmc.backends.tvm import linear, measure
 from llmc.backends.tvm.backend import HOST
 
@@ -62,7 +63,7 @@ def test_second_compile_measures_nothing(tmp_path, monkeypatch, artifacts):
     assert all(t["source"] == "default" for t in _tuning_of(default).values())
     # the cache holds what was measured, keyed by this machine and version
     table = tuning.Table.load(cache)
-    machine = HOST.machine({"cpu": "native"})
+    machine = HOST.machine(CompileOptions(cpu="native"))
     assert len(table.for_machine(machine)) == len({t["config"]["tile"] + n for n, t in tuned.items()}) >= 1
     want = runtime.load(default).generate(PROMPT, 8)
     assert runtime.load(first).generate(PROMPT, 8) == want
@@ -91,7 +92,7 @@ def test_export_and_import(tmp_path, monkeypatch, caplog):
     assert len(entries) == len(tuning.Table.load(cache).entries) > 0
     assert run_cli("tune", "--export", str(tmp_path / "again.json")).returncode == 0  # the cache alone
     assert json.loads((tmp_path / "again.json").read_text())["entries"] == entries
-    assert entries and all(e["machine"] == HOST.machine({"cpu": "native"}) for e in entries)
+    assert entries and all(e["machine"] == HOST.machine(CompileOptions(cpu="native")) for e in entries)
     # another machine: its table is used, nothing measured, the artifact records the source
     art = _compile(tmp_path, "b.llmc", monkeypatch, tmp_path / "fresh.json", tuning=[exported])
     assert {t["source"] for t in _tuning_of(art).values()} == {"file"}

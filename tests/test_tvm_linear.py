@@ -126,10 +126,11 @@ def test_default_tile_fits_the_registers():
 
 def test_every_linear_of_a_compiled_llama(rng):
     from llmc.passes.manager import PassContext, run_passes
+    from llmc.options import CompileOptions
     from llmc.passes.pipeline import default_pipeline
 
     graph = llmc.from_onnx(export("llama-tiny", exporter="dynamo", kv_cache=True))
-    graph = run_passes(graph, default_pipeline(), PassContext(options={"max_seq_len": 128}))
+    graph = run_passes(graph, default_pipeline(), PassContext(options=CompileOptions(max_seq_len=128)))
     nodes = [n for n in graph.nodes if n.op == "fused_linear"]
     assert len(nodes) == 9
     for node in nodes:

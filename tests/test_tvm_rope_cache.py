@@ -52,12 +52,13 @@ def test_kernel_matches_reference(spec, batch, seq, past, rng):
 
 def test_specs_of_compiled_models():
     from llmc.passes.manager import PassContext, run_passes
+    from llmc.options import CompileOptions
     from llmc.passes.pipeline import default_pipeline
 
     specs = {}
     for name in ("llama-tiny", "gpt2-tiny", "phi-tiny"):
         graph = llmc.from_onnx(export(name, exporter="dynamo", kv_cache=True))
-        graph = run_passes(graph, default_pipeline(), PassContext(options={"max_seq_len": 128}))
+        graph = run_passes(graph, default_pipeline(), PassContext(options=CompileOptions(max_seq_len=128)))
         specs[name] = {RopeCacheSpec.of(n) for n in graph.nodes if n.op == "rope_cache"}
     assert specs == {"llama-tiny": {RopeCacheSpec(4, 2, 16, 16)}, "gpt2-tiny": {RopeCacheSpec(4, 4, 16, 0)},
                      "phi-tiny": {RopeCacheSpec(4, 4, 16, 8)}}

@@ -14,12 +14,13 @@ import functools
 import logging
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from llmc.errors import LlmcError
 
 from .. import Build
-from ..plan import check_kv_layout, kv_layout, lay_out_caches, plan_nodes
+from ..plan import kv_layout, lay_out_caches, plan_nodes
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ FAMILIES = ("__init__", "linear", "attention", "rope_cache", "norm", "sample")
 ARGMAX = "argmax"  # greedy decoding on the device: not a plan step, the CUDA executor's own
 GENERATED = "generated"
 DTYPES = ("fp32", "fp16")
+DEFAULT_ARCHS = "sm_80,sm_90"  # Ampere and Hopper: A100, H100
 
 
 def archs(text: str) -> list[str]:
@@ -43,31 +45,36 @@ def archs(text: str) -> list[str]:
 
 class TritonBackend:
     name = "Triton"
+    in_process = False
 
-    def check(self, options: dict) -> None:
-        if options["dtype"] not in DTYPES:
-            raise LlmcError(f"--dtype {options['dtype']!r} is not supported on cuda; supported: {', '.join(DTYPES)}")
-        if options["kv_cache"] not in ("f32", "f16", "int8"):
-            raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on cuda; supported: f32, f16, int8")
-        check_kv_layout(options)
-        if options["activations"] not in (None, "f32"):
-            raise LlmcError(f"--activations {options['activations']}: the cuda target's kernels take f32 activations "
+    def resolve(self, options):
+        """Defaults: fp16 weights, an f16 cache with them (else f32), f32 activations (the only
+        kind), cubins for DEFAULT_ARCHS."""
+        if options.cpu:
+            raise LlmcError(f"--cpu {options.cpu}: the cuda target takes GPU architectures (--arch), not a CPU")
+        dtype = options.dtype or "fp16"
+        if dtype not in DTYPES:
+            raise LlmcError(f"--dtype {dtype!r} is not supported on cuda; supported: {', '.join(DTYPES)}")
+        if options.kv_cache not in (None, "f32", "f16", "int8"):
+            raise LlmcError(f"KV cache {options.kv_cache!r} is not supported on cuda; supported: f32, f16, int8")
+        if options.activations not in (None, "f32"):
+            raise LlmcError(f"--activations {options.activations}: the cuda target's kernels take f32 activations "
                             "(int8 activations are the cpu target's)")
-        archs(options["arch"])
+        arch = options.arch or DEFAULT_ARCHS
+        archs(arch)
+        return replace(options, dtype=dtype, kv_cache=options.kv_cache or ("f16" if dtype == "fp16" else "f32"),
+                       activations="f32", arch=arch)
 
-    def default_activations(self, options: dict) -> str:
-        return "f32"
-
-    def machine(self, options: dict) -> dict:
+    def machine(self, options) -> dict:
         """Tuned configurations are kept per GPU architecture; with several, the first one's
         are used for all (one launch table serves every architecture's cubins)."""
-        return {"gpu": archs(options["arch"])[0]}
+        return {"gpu": archs(options.arch)[0]}
 
-    def can_measure(self, options: dict) -> str:
+    def can_measure(self, options) -> str:
         return ("timing Triton kernels needs an NVIDIA GPU, and llmc does not time them yet; a table of "
                 "configurations tuned on a GPU is used with --tuning FILE")
 
-    def build(self, graph, options: dict) -> Build:
+    def build(self, graph, options, tuner=None) -> Build:
         from importlib.metadata import version
 
         from . import aot
@@ -76,9 +83,9 @@ class TritonBackend:
 
         from ..knobs import Chooser
 
-        caches = lay_out_caches(graph, options["kv_cache"], *kv_layout(options))
-        choose = Chooser(options.get("tuner"))
-        planner = Planner(graph, value_dtypes(graph, caches), dot_f16=options["dtype"] != "fp32", choose=choose)
+        caches = lay_out_caches(graph, options.kv_cache, *kv_layout(options.kv_layout))
+        choose = Chooser(tuner)
+        planner = Planner(graph, value_dtypes(graph, caches), dot_f16=options.dtype != "fp32", choose=choose)
         kernels, plan = plan_nodes(graph, planner)
         kernels[ARGMAX] = planner.argmax()
         weights = {}  # each made when the artifact is written (`Build.weights`)
@@ -103,13 +110,13 @@ class TritonBackend:
                     k.module = GENERATED
             jobs = [dict(name=name, module=k.module, function=k.function, constexprs=k.constexprs,
                          signature=k.signature, num_warps=k.num_warps, num_stages=k.num_stages, arch=arch)
-                    for name, k in kernels.items() for arch in archs(options["arch"])]
+                    for name, k in kernels.items() for arch in archs(options.arch)]
             from llmc.progress import bar
 
             shown = bar(total=len(jobs), desc="compiling Triton kernels")
             results = aot.compile_all(jobs, sources, staging / "cuda", progress=shown.update)
             shown.close()
-            log.info("%d Triton kernels compiled for %s", len(kernels), options["arch"])
+            log.info("%d Triton kernels compiled for %s", len(kernels), options.arch)
             table = {name: dict(k.to_json(), binaries={}) for name, k in kernels.items()}
             for r in results:
                 table[r["name"]]["binaries"][r["arch"]] = {
@@ -122,10 +129,10 @@ class TritonBackend:
                          for p in sorted((staging / "cuda").glob("*/*.cubin"))})
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        kernels_manifest = {"triton_version": version("triton"), "archs": archs(options["arch"]),
+        kernels_manifest = {"triton_version": version("triton"), "archs": archs(options.arch),
                             "sources": sorted(p for p in data if p.startswith(SOURCES)), "functions": table,
                             "argmax": ARGMAX, "tuning": choose.configs}
-        return Build(target={"kind": "cuda", "dtype": options["dtype"]}, cpu=None, kernels=kernels_manifest,
+        return Build(target={"kind": "cuda", "dtype": options.dtype}, cpu=None, kernels=kernels_manifest,
                      plan=plan, values={**caches, **planner.scratch}, weights=weights,
                      files={path: _writer(blob) for path, blob in data.items()})
 

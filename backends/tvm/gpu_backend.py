@@ -27,7 +27,7 @@ from llmc.ir.graph import Graph, Node
 
 from .. import Build
 from ..knobs import Chooser
-from ..plan import (Step, UnsupportedGraph, attention_args, check_kv_layout, kv_int8, kv_layout, kv_order, kv_pages,
+from ..plan import (Step, UnsupportedGraph, attention_args, kv_int8, kv_layout, kv_order, kv_pages,
                     lay_out_caches, node_key, plan_nodes, rope_cache_args)
 
 log = logging.getLogger(__name__)
@@ -104,35 +104,39 @@ def plan_node(node: Node, graph: Graph, max_seq: int, kind: str, choose):
 
 class GpuBackend:
     name = "TVM"
+    in_process = False
 
     def __init__(self, kind: str):
         self.kind = kind  # "opencl" or "metal"
 
-    def check(self, options: dict) -> None:
-        if options["activations"] not in (None, "f32"):
-            raise LlmcError(f"--activations {options['activations']}: the {self.kind} target's GEMMs take f32 "
+    def resolve(self, options):
+        """Defaults: fp32 weights (fp16 halves them), an f32 cache, f32 activations (the only kind)."""
+        if options.cpu or options.arch:
+            raise LlmcError(f"--{'cpu' if options.cpu else 'arch'}: the {self.kind} target runs on whichever "
+                            "GPU the runtime finds; it takes neither --cpu nor --arch")
+        if options.dtype not in (None, "fp32", "fp16"):
+            raise LlmcError(f"--dtype {options.dtype!r} is not supported on {self.kind}; supported: fp32, fp16")
+        if options.activations not in (None, "f32"):
+            raise LlmcError(f"--activations {options.activations}: the {self.kind} target's GEMMs take f32 "
                             "activations")
-        if options["kv_cache"] not in ("f32", "int8"):
-            raise LlmcError(f"KV cache {options['kv_cache']!r} is not supported on {self.kind}; supported: f32, int8")
-        check_kv_layout(options)
+        if options.kv_cache not in (None, "f32", "int8"):
+            raise LlmcError(f"KV cache {options.kv_cache!r} is not supported on {self.kind}; supported: f32, int8")
+        return replace(options, dtype=options.dtype or "fp32", kv_cache=options.kv_cache or "f32", activations="f32")
 
-    def default_activations(self, options: dict) -> str:
-        return "f32"
-
-    def machine(self, options: dict) -> dict:
+    def machine(self, options) -> dict:
         return {"gpu": self.kind}
 
-    def can_measure(self, options: dict) -> str:
+    def can_measure(self, options) -> str:
         return (f"the {self.kind} target's kernels are not timed here (pocl runs on the CPU): their knobs "
                 "(gpu_linear, gpu_attention, gpu_norm) keep their defaults, recorded in the manifest")
 
-    def build(self, graph, options: dict) -> Build:
+    def build(self, graph, options, tuner=None) -> Build:
         from llmc.progress import bar
 
         from . import gpu
         from .compile import weights
 
-        caches = lay_out_caches(graph, options["kv_cache"], *kv_layout(options))
+        caches = lay_out_caches(graph, options.kv_cache, *kv_layout(options.kv_layout))
         max_seq = graph.metadata.get("max_seq_len")
         if not max_seq or not graph.metadata.get("kv_cache", {}).get("entries"):
             raise UnsupportedGraph("the GPU kernels read a runtime-owned KV cache of a known length: compile a "

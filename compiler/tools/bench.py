@@ -265,6 +265,7 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
     import llmc
     from llmc import zoo
     from llmc.passes.manager import PassContext, run_passes
+    from llmc.options import CompileOptions
     from llmc.passes.pipeline import default_pipeline
 
     from .bandwidth import read_bandwidth
@@ -292,7 +293,7 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
                 out.append(_Llmc(art, threads, f"llmc{suffix} tuned"))
             return out
 
-        graph = run_passes(llmc.from_onnx(path), default_pipeline(), PassContext(options={"max_seq_len": max_seq}))
+        graph = run_passes(llmc.from_onnx(path), default_pipeline(), PassContext(options=CompileOptions(max_seq_len=max_seq)))
         weight_bytes = {"": decode_weight_bytes(graph)}
         systems = artifacts("", {})
         if cfg is not None:
@@ -305,7 +306,7 @@ def bench(model: str, prompt_len: int = 128, new_tokens: int = 128, repeats: int
         for q in quant:
             options = QUANT_MODES[q]
             passed = run_passes(llmc.from_onnx(path), default_pipeline(),
-                                PassContext(options={"max_seq_len": max_seq, **options}))
+                                PassContext(options=CompileOptions.of(max_seq_len=max_seq, **options)))
             weight_bytes[q] = decode_weight_bytes(passed)
             systems += artifacts(q, options)
             if peer_cpp:

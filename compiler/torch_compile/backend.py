@@ -8,16 +8,17 @@ first call (with real tensors) compiles it:
    constants: llmc packs, fuses and quantizes weights at compile time, as inductor's freezing
    does. The scalars are checked at every call and a change recompiles;
 2. the graph is partitioned: the nodes the FX frontend converts form subgraphs that llmc
-   compiles (frontend, pass pipeline, TVM kernels); the rest runs in PyTorch eager. What fell
-   back and why is logged, and printed with `options={"report": True}`;
+   compiles (frontend, pass pipeline, the target's backend, as `llmc compile` does); the rest
+   runs in PyTorch eager. What fell back and why is logged, and printed with
+   `options={"report": True}`;
 3. each compiled subgraph runs its kernel plan on torch tensors (`TorchPlan`).
 
 Inference only: a graph that needs gradients runs in eager, with a log line saying so.
 
-Options (`torch.compile(..., options={...})`): `target` ("cpu"), `quant` ("w8", "w4"),
-`group_size`, `zero_point`, `activations` ("int8", the default, or "f32": what the quantized
-GEMMs multiply, as `llmc.compile`'s), `report` (print what fell back), `dump_dir` (the IR after
-every pass, per subgraph).
+Options (`torch.compile(..., options={...})`): `target`, `cpu`, `quant`, `group_size`,
+`zero_point`, `activations`, as `llmc.compile` takes them (a `CompileOptions`; the target must
+be one whose kernels run in this process: "cpu"), `report` (print what fell back), `dump_dir`
+(the IR after every pass, per subgraph).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from llmc.errors import LlmcError
 
 log = logging.getLogger(__name__)
 
-OPTIONS = {"target": "cpu", "quant": None, "group_size": 128, "zero_point": False, "activations": "int8",
-           "report": False, "dump_dir": None}
+COMPILE_OPTIONS = ("target", "cpu", "quant", "group_size", "zero_point", "activations")
+OWN_OPTIONS = {"report": False, "dump_dir": None}
+MAX_ROUNDS = 4  # partitions tried; a subgraph that still fails after them runs in eager
 
 
 @dataclass
@@ -87,18 +89,22 @@ def _written_inputs(gm) -> set[int]:
 
 
 def _options(options: dict | None) -> dict:
+    """{"compile": the resolved CompileOptions, and this backend's own options}."""
+    from llmc import backends
+    from llmc.options import CompileOptions
+
     options = dict(options or {})
-    unknown = set(options) - set(OPTIONS)
+    unknown = set(options) - set(COMPILE_OPTIONS) - set(OWN_OPTIONS)
     if unknown:
-        raise LlmcError(f"unknown llmc option(s) {sorted(unknown)}; known: {', '.join(OPTIONS)}")
-    opts = {**OPTIONS, **options}
-    if opts["target"] != "cpu":
-        raise LlmcError(f"torch.compile backend: target {opts['target']!r} is not supported yet; supported: cpu")
-    if opts["quant"] not in (None, "w8", "w4"):
-        raise LlmcError(f"quantization {opts['quant']!r} is not supported; supported: w8, w4")
-    if opts["activations"] not in ("int8", "f32"):
-        raise LlmcError(f"activations {opts['activations']!r} are not supported; supported: int8, f32")
-    return opts
+        raise LlmcError(f"unknown llmc option(s) {sorted(unknown)}; known: {', '.join(COMPILE_OPTIONS)}, "
+                        f"{', '.join(OWN_OPTIONS)}")
+    compile_options = CompileOptions.of(max_seq_len=None, **{k: v for k, v in options.items() if k in COMPILE_OPTIONS})
+    if not compile_options.backend().in_process:
+        here = [t for t in backends.BACKENDS if backends.for_target(t).in_process]
+        raise LlmcError(f"torch.compile backend: target {compile_options.target!r} builds kernels that do not run in "
+                        f"this process; supported: {', '.join(here)}")
+    return {**OWN_OPTIONS, **{k: v for k, v in options.items() if k in OWN_OPTIONS},
+            "compile": compile_options.resolved()}
 
 
 class _LazyForward:
@@ -144,14 +150,14 @@ def _advise_omp_wait_policy() -> None:
 
 def partition_and_compile(gm, constants: dict, opts: dict, report: Report):
     """A GraphModule that runs the supported parts of `gm` as llmc subgraphs, the rest in eager.
-    A node the frontend turns out not to convert, or that leaves an IR op no kernel runs, is
-    moved to eager and the graph partitioned again; the kernels are built once all subgraphs
-    plan."""
+    Each round partitions the nodes not yet rejected and builds every subgraph not built
+    before, recording every node that does not convert or leaves an IR op no kernel runs; they
+    go to eager together and the next round partitions again. After MAX_ROUNDS, a subgraph that
+    still fails runs in eager as it is."""
     from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
     from torch.fx.passes.operator_support import OperatorSupportBase
 
     from llmc.frontends.fx.converters import CONVERTERS, SYM_OPS, op_key
-    from llmc.frontends.fx.importer import FxConversionError
 
     rejected: dict[str, str] = {}  # FX node name -> why it runs in eager
 
@@ -165,48 +171,54 @@ def partition_and_compile(gm, constants: dict, opts: dict, report: Report):
     for node in gm.graph.nodes:
         if node.op == "call_function" and not Support().is_node_supported(None, node):
             rejected[node.name] = f"no converter for {node.target}"
-    while True:
+    built: dict[frozenset, object] = {}  # a subgraph's FX nodes -> its build, kept across rounds
+    for _ in range(MAX_ROUNDS):
         module = copy.deepcopy(gm)
         partitioner = CapabilityBasedPartitioner(module, Support(), allows_single_node_partition=True)
         partitions = [p for p in partitioner.propose_partitions()
                       if any(n.op == "call_function" and n.target is not operator.getitem and
                              op_key(n.target) not in SYM_OPS for n in p.nodes)]
         fused = partitioner.fuse_partitions(partitions)
-        try:
-            planned = [(node.target, _Subgraph.plan(getattr(fused, node.target), node, constants, opts))
-                       for node in fused.graph.nodes if node.op == "call_module"]
+        subgraphs, failed = [], {}
+        for node in fused.graph.nodes:
+            if node.op != "call_module":
+                continue
+            sub = getattr(fused, node.target)
+            key = frozenset(n.name for n in sub.graph.nodes if n.op == "call_function")
+            if key not in built:
+                try:
+                    built[key] = _Subgraph.build(sub, node, constants, opts)
+                except _Unsupported as e:
+                    failed.update(e.reasons)
+                    continue
+            subgraphs.append((node.target, built[key]))
+        if not failed:
             break
-        except FxConversionError as e:
-            rejected[e.node_name] = str(e).split(": ", 1)[1]
-        except _NoKernel as e:
-            rejected.update({name: e.reason for name in e.nodes})
-    for name, sub in planned:
-        setattr(fused, name, sub.build())
-    report.compiled_nodes = sum(sub.nodes for _, sub in planned)
-    report.subgraphs = len(planned)
+        rejected.update(failed)
+    for name, sub in subgraphs:
+        setattr(fused, name, sub.module())
+    report.compiled_nodes = sum(sub.nodes for _, sub in subgraphs)
+    report.subgraphs = len(subgraphs)
     for name, reason in rejected.items():
         report.fallbacks.setdefault(reason, []).append(name)
     fused.recompile()
     return fused
 
 
-class _NoKernel(Exception):
-    """FX nodes whose IR has no kernel: `nodes` go to eager."""
+class _Unsupported(Exception):
+    """FX nodes of a subgraph that do not convert or have no kernel: {node name: why}."""
 
-    def __init__(self, nodes: list[str], reason: str):
-        self.nodes, self.reason = nodes, reason
+    def __init__(self, reasons: dict[str, str]):
+        self.reasons = reasons
 
 
 class _Subgraph:
-    """One supported subgraph through the FX frontend, the pass pipeline and kernel planning;
-    `build` compiles its kernels and returns the module that stands in for it."""
+    """One supported subgraph through the FX frontend, the pass pipeline and the target's
+    backend; `module` is what stands in for it in the parent graph."""
 
     @staticmethod
-    def plan(sub, call, constants: dict, opts: dict) -> "_Subgraph":
-        from llmc.backends.tvm import target as targets
-        from llmc.backends.tvm.backend import HOST
-        from llmc.backends.knobs import Chooser
-        from llmc.backends.tvm.compile import UnsupportedGraph, plan_graph
+    def build(sub, call, constants: dict, opts: dict) -> "_Subgraph":
+        from llmc.backends.plan import UnsupportedGraph
         from llmc.frontends.fx import from_fx
         from llmc.passes.manager import PassContext, run_passes
         from llmc.passes.pipeline import default_pipeline
@@ -216,7 +228,10 @@ class _Subgraph:
         placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
         mine = {ph.name: constants[arg.name] for ph, arg in zip(placeholders, call.args)
                 if getattr(arg, "name", None) in constants}
-        self.graph = from_fx(sub, mine, name=call.target)
+        failures: dict[str, str] = {}
+        self.graph = from_fx(sub, mine, name=call.target, failures=failures)
+        if failures:
+            raise _Unsupported(failures)
         self.tensors = [i for i, n in enumerate(placeholders) if n.name not in mine and hasattr(n.meta["val"], "shape")]
         # SymInt arguments that are a plain size symbol are bound from the call's arguments
         self.sizes = [(i, str(n.meta["val"].node.expr)) for i, n in enumerate(placeholders)
@@ -224,30 +239,28 @@ class _Subgraph:
                       and n.meta["val"].node.expr.is_Symbol]
         self.returns_tuple = isinstance(next(n for n in sub.graph.nodes if n.op == "output").args[0], (tuple, list))
         self.nodes = sum(1 for n in sub.graph.nodes if n.op == "call_function")
-        options = {k: opts[k] for k in ("quant", "group_size", "zero_point", "activations") if opts[k]}
+        options = opts["compile"]
         dump = f"{opts['dump_dir']}/{call.target}" if opts["dump_dir"] else None
         self.graph = run_passes(self.graph, default_pipeline(), PassContext(options=options, dump_dir=dump))
+        backend = options.backend()
         try:
             # kernels tuned on this machine (`llmc tune`, `llmc compile --tune`) are built as tuned
-            tuner = Tuner(HOST.machine({"cpu": "native"}))
-            self.funcs, self.plan = plan_graph(self.graph, targets.host(), Chooser(tuner))
+            self.kernels = backend.build(self.graph, options, Tuner(backend.machine(options)))
         except UnsupportedGraph as e:
             # IR nodes are named after the FX node they came from (passes add suffixes)
-            origin = e.node.split(".")[0]
             names = {n.name for n in sub.graph.nodes if n.op == "call_function"}
-            raise _NoKernel([origin] if origin in names else sorted(names), f"no llmc kernel ({e})") from None
+            reasons = {node.split(".")[0]: f"no llmc kernel ({why.removeprefix(node + ': ')})"
+                       for node, why in e.reasons.items()}
+            raise _Unsupported({name: why for name, why in reasons.items() if name in names}
+                               or dict.fromkeys(names, f"no llmc kernel ({e})")) from None
         return self
 
-    def build(self):
+    def module(self):
         import torch
-        import tvm
-
-        from llmc.backends.tvm import target as targets
 
         from .runner import TorchPlan
 
-        executable = tvm.compile(tvm.IRModule(self.funcs), target=tvm.target.Target(targets.host()))
-        run = TorchPlan(self.graph, executable, self.plan, dim_inputs=[sym for _, sym in self.sizes])
+        run = TorchPlan(self.graph, self.kernels.loaded, self.kernels.plan, dim_inputs=[sym for _, sym in self.sizes])
         tensors, sizes, returns_tuple = self.tensors, self.sizes, self.returns_tuple
 
         class Subgraph(torch.nn.Module):

@@ -34,10 +34,13 @@ def _target_name(node) -> str:
     return str(node.target) if node.op == "call_function" else node.op
 
 
-def from_fx(gm, constants: dict[str, "object"] | None = None, name: str = "fx") -> Graph:
+def from_fx(gm, constants: dict[str, "object"] | None = None, name: str = "fx",
+            failures: dict[str, str] | None = None) -> Graph:
     """`constants`: placeholder name -> tensor, for inputs that are weights (the parameters
-    AOTAutograd lifts to inputs); they become parameters of the IR graph."""
-    return _Importer(gm, constants or {}, name).run()
+    AOTAutograd lifts to inputs); they become parameters of the IR graph. A node that does not
+    convert raises FxConversionError, or with `failures` given is recorded there (FX node name
+    -> why) and stands in as an input, so that one conversion finds every such node."""
+    return _Importer(gm, constants or {}, name, failures).run()
 
 
 def from_exported_program(ep, name: str = "exported") -> Graph:
@@ -96,8 +99,8 @@ def tensor_type(val) -> TensorType:
 
 
 class _Importer:
-    def __init__(self, gm, constants: dict, name: str):
-        self.gm, self.constants = gm, constants
+    def __init__(self, gm, constants: dict, name: str, failures: dict | None = None):
+        self.gm, self.constants, self.failures = gm, constants, failures
         self.graph = Graph(name)
         self.graph.metadata.update(source="torch.fx")
         self.env: dict = {}  # fx node -> Value | dim | tuple of those
@@ -107,12 +110,28 @@ class _Importer:
         for node in self.gm.graph.nodes:
             self.node = node
             try:
-                self.env[node] = self._convert(node)
-            except LlmcError:
-                raise
-            except (TypeError, ValueError, KeyError, IndexError) as e:
-                self.fail(str(e))
+                try:
+                    self.env[node] = self._convert(node)
+                except LlmcError:
+                    raise
+                except (TypeError, ValueError, KeyError, IndexError) as e:
+                    self.fail(str(e))
+            except FxConversionError as e:
+                if self.failures is None or node.op != "call_function":
+                    raise
+                self.failures[node.name] = str(e).split(": ", 1)[1]
+                self.env[node] = self._stand_in(node)
         return self.graph
+
+    def _stand_in(self, node):
+        """A node that did not convert, as a graph input of torch's type: where it runs in eager
+        and what follows is compiled, its result is an input there."""
+        def one(val, name):
+            return self.graph.add_input(name, tensor_type(val)) if hasattr(val, "shape") else None
+        val = node.meta.get("val")
+        if isinstance(val, (tuple, list)):
+            return tuple(one(v, f"{node.name}.{i}") for i, v in enumerate(val))
+        return one(val, node.name)
 
     def _convert(self, node):
         g = self.graph
