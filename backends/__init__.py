@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 
 # target -> "module:object" of the Backend that builds for it (imported only when asked for)
 BACKENDS = {"cpu": "llmc.backends.tvm.backend:HOST", "arm64": "llmc.backends.tvm.backend:ARM64",
-            "cuda": "llmc.backends.triton.backend:BACKEND", "opencl": "llmc.backends.tvm.gpu_backend:OPENCL",
-            "metal": "llmc.backends.tvm.gpu_backend:METAL"}
+            "cuda": "llmc.backends.triton.backend:BACKEND", "opencl": "llmc.backends.tvm.gpu.backend:OPENCL",
+            "metal": "llmc.backends.tvm.gpu.backend:METAL"}
 
 
 @dataclass

@@ -19,7 +19,7 @@ import llmc
 from llmc import zoo
 from llmc.passes.manager import PassContext, run_passes
 from llmc.options import CompileOptions
-from llmc.passes.partition import kernels_per_layer
+from llmc.ir.kernels import kernels_per_layer
 from llmc.passes.pipeline import default_pipeline
 
 # onnxruntime's optimizer model type per family ('gpt2' is its generic decoder fusion path).
@@ -30,7 +30,7 @@ ORT_VIEWS = {"Reshape", "Squeeze", "Unsqueeze", "Constant", "Identity", "Shape",
 
 
 def llmc_kernels(path) -> tuple[list[str], int]:
-    from llmc.passes.partition import kernel_nodes
+    from llmc.ir.kernels import kernel_nodes
 
     graph = run_passes(llmc.from_onnx(path), default_pipeline(), PassContext(options=CompileOptions(max_seq_len=128)))
     return [n.op for n in kernels_per_layer(graph)], len(kernel_nodes(graph.nodes))

@@ -54,7 +54,7 @@ def compile(onnx_path, target="cpu", output=None, **options):  # noqa: A001
     `kv_cache`: "f32", "f16" (cuda), or "int8" (one scale per head and token, dequantized inside
     attention); default f16 on cuda with --dtype fp16, else f32. `kv_layout`: the caches' axis
     order, "bhsd" ([batch, kv_heads, seq, head_dim]) or "bshd", or "auto": the backend's cost
-    model (`llmc.backends.plan.kv_layout`).
+    model (`llmc.backends.kv_cache.kv_layout`).
 
     `max_seq_len`: the longest context (prompt and new tokens) the artifact runs.
 
@@ -75,9 +75,6 @@ def compile(onnx_path, target="cpu", output=None, **options):  # noqa: A001
     shipped to other machines; with "arm64", "generic" (NEON only; the default) or a CPU whose
     instructions the kernels may use ("cortex-a55", "cortex-a76", "neoverse-v1", "apple-m1", ...:
     `llmc.backends.tvm.target.ARM64_CPUS`)."""
-    from llmc import backends
-    from llmc.backends.plan import UnsupportedGraph, encode_dim
-    from llmc.passes.manager import PassContext, run_passes
     from .driver import compile as _compile
     from .options import CompileOptions
 

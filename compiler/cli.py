@@ -367,7 +367,7 @@ def _inspect_artifact(path) -> int:
 
 def _run_passes(graph, dump_ir, max_seq_len):
     from llmc.passes.manager import PassContext, run_passes
-    from llmc.passes.partition import kernels_per_layer
+    from llmc.ir.kernels import kernels_per_layer
     from llmc.passes.pipeline import default_pipeline
 
     from .options import CompileOptions

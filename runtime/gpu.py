@@ -3,7 +3,7 @@ artifact's launch table. The device is a thin layer (`opencl.OpenCLDevice`, `met
 build the source, allocate, copy, launch.
 
 A kernel group is the device code one TVM function became and its launch table
-(`llmc.backends.tvm.gpu`): the kernels in launch order, each with its arguments (the function's
+(`llmc.backends.tvm.gpu.lowering`): the kernels in launch order, each with its arguments (the function's
 buffers by position, intermediates in global memory, scalars as expressions over the run-time
 dims) and its launch extents, evaluated at the step's dims (`dims.atom`): a grid of blockIdx
 work-groups of threadIdx threads on each axis.

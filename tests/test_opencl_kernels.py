@@ -1,6 +1,6 @@
 """GPU schedules, proven through OpenCL on pocl (Debian's pocl-opencl-icd: an OpenCL driver for
-this CPU): each kernel scheduled (`gpu_linear`, `gpu_attention`, `gpu_norm`, else
-`gpu.default_schedule`) and built for the opencl target (`backends/tvm/gpu.py`), its source
+this CPU): each kernel scheduled (`gpu.linear`, `gpu.attention`, `gpu.norm`, else
+`gpu.lowering.default_schedule`) and built for the opencl target (`backends/tvm/gpu/lowering.py`), its source
 built by the driver and launched from its launch table by the runtime's `gpu.KernelGroup`,
 against the op's reference, on odd sizes. pocl's speed says nothing about a GPU's; these tests are about results."""
 
@@ -12,7 +12,8 @@ from small_ops import ENV, check_nodes, shape
 
 from conftest import rel_err
 
-from llmc.backends.tvm import attention, gpu, gpu_attention, gpu_linear, linear, measure, rope_cache
+from llmc.backends.tvm import attention, linear, measure, rope_cache
+from llmc.backends.tvm.gpu import attention as gpu_attention, linear as gpu_linear, lowering as gpu
 from llmc.backends.tvm.injective import LOWERINGS, prim_func
 from llmc.ops import get_op
 from llmc.runtime import opencl
@@ -73,7 +74,7 @@ SMALL_CHUNKS = {"chunk": 8, "threads": 4}  # several chunks, the last one partia
     (attention.AttentionSpec(4, 2, 16, 0.25, kv_int8=True), 3, 14, SMALL_CHUNKS),  # masked chunk, int8 cache
 ], ids=["masked-chunk", "causal-prefill", "causal-decode-heads", "int8"])
 def test_attention_matches_reference(spec, seq, past, config, device, rng):
-    """Split-K attention (`gpu_attention`): a work-group per chunk of keys, then the chunks
+    """Split-K attention (`gpu.attention`): a work-group per chunk of keys, then the chunks
     combined; a chunk past the keys and a query that sees no key (zeros) included."""
     batch, d, total = 2, spec.head_dim, past + seq
     q = rng.standard_normal((batch, spec.heads, seq, d)).astype(np.float32)
@@ -173,10 +174,10 @@ def test_linear_matches_reference(case, rows, device, rng):
     ("rms_norm", {"epsilon": 1e-6}, 1), ("layer_norm", {"epsilon": 1e-5}, 2),
     ("add_norm", {"norm": "rms", "epsilon": 1e-6}, 1), ("add_norm", {"norm": "layer", "epsilon": 1e-5}, 2)])
 def test_norm_matches_reference(op, attrs, params, device, rng):
-    """Norms that stand alone (`gpu_norm`): a work-group per row, the statistics in cross-thread
+    """Norms that stand alone (`gpu.norm`): a work-group per row, the statistics in cross-thread
     reductions; add_norm's sum beside them. Rows over two symbolic dims, 200 features (not a
     multiple of the threads)."""
-    from llmc.backends.tvm import gpu_norm
+    from llmc.backends.tvm.gpu import norm as gpu_norm
     from llmc.ir.dtypes import DType
     from llmc.ir.graph import Graph, TensorType
     from llmc.ir.symbolic import Sym

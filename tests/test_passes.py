@@ -14,7 +14,7 @@ from llmc import zoo
 from llmc.ir import verify
 from llmc.passes.manager import PassContext, run_passes
 from llmc.options import CompileOptions
-from llmc.passes.partition import kernels_per_layer
+from llmc.ir.kernels import kernels_per_layer
 from llmc.passes.pipeline import CLEANUP, RECOGNITION, default_pipeline
 
 CASES = decoder_cases() + [(name, exporter, False) for name, exporter in encoder_cases()]

@@ -25,7 +25,7 @@ def test_realistic_size(name, params, rng):
     from llmc.passes.manager import PassContext, run_passes
 
     from llmc.options import CompileOptions
-    from llmc.passes.partition import kernels_per_layer
+    from llmc.ir.kernels import kernels_per_layer
     from llmc.passes.pipeline import default_pipeline
 
     want = llmc.run_reference(graph, feeds)

@@ -20,7 +20,8 @@ from pathlib import Path
 from llmc.errors import LlmcError
 
 from .. import Build
-from ..plan import kv_layout, lay_out_caches, plan_nodes
+from ..plan import plan_nodes
+from ..kv_cache import kv_layout, lay_out_caches
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ class TritonBackend:
         from importlib.metadata import version
 
         from . import aot
-        from ..plan import NIBBLES, pair_nibbles
-        from .plan import Planner, value_dtypes
+        from ..packing import NIBBLES, pair_nibbles
+        from .planner import Planner, value_dtypes
 
         from ..knobs import Chooser
 

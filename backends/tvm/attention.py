@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..plan import kv_index, kv_shape, kv_slot
+from ..kv_cache import kv_index, kv_shape, kv_slot
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class AttentionSpec:
     dtype: str = "float32"
     kv_int8: bool = False  # int8 caches with per-(head, token) scales (rope_cache.quantize_rows)
     order: str = "bhsd"  # the caches' axis order (`plan.KV_ORDERS`)
-    page_tokens: int = 0  # a paged cache's block size (`plan.lay_out_caches`); 0: contiguous
+    page_tokens: int = 0  # a paged cache's block size (`kv_cache.lay_out_caches`); 0: contiguous
 
     @staticmethod
     def of(node) -> "AttentionSpec":
@@ -54,7 +54,7 @@ class AttentionSpec:
 
 class Operands:
     """The function's arguments and its per-element definitions, shared by the CPU's function
-    (`prim_func`) and the GPU's (`gpu_attention`): the caches read through their layout, the
+    (`prim_func`) and the GPU's (`gpu.attention`): the caches read through their layout, the
     scaled and masked score of one (query, key), and one value element times its scale."""
 
     def __init__(self, spec: AttentionSpec):

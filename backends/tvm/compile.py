@@ -15,8 +15,8 @@ from dataclasses import replace
 from llmc.ir.graph import Graph, Node
 
 from ..knobs import Chooser
-from ..plan import (Step, UnsupportedGraph, attention_args, kv_int8, kv_order, kv_pages, lay_out_caches, node_key,
-                    plan_nodes, rope_cache_args)
+from ..plan import Step, UnsupportedGraph, node_key, plan_nodes
+from ..kv_cache import attention_args, kv_int8, kv_order, kv_pages, lay_out_caches, rope_cache_args
 from . import attention, injective, int_dot, linear, measure, rope_cache
 
 __all__ = ["Step", "UnsupportedGraph", "lay_out_caches", "compile_graph", "plan_graph", "weights"]

@@ -48,7 +48,7 @@ import math
 from dataclasses import dataclass
 
 from . import int_dot
-from ..plan import NIBBLES, pair_nibbles
+from ..packing import NIBBLES, pair_nibbles
 from ..knobs import Knob
 
 LANES, TILE = 16, 4  # vector lanes (output features), vectors per parallel task (its 64 features)
@@ -220,7 +220,7 @@ class LinearSpec:
     group_size: int = 0
     act_block: int = 0  # int8 activations in blocks of this many features: integer dot products
     isa: str = ""  # with act_block: the instruction set of the dot products (int_dot.ISAS)
-    plain: bool = False  # the weight as the graph holds it, [n, k] (the GPU schedules': `gpu_linear`)
+    plain: bool = False  # the weight as the graph holds it, [n, k] (the GPU schedules': `gpu.linear`)
     half: bool = False  # an f16 weight (`--dtype fp16`, passes/half_weights.py; the GPU schedules')
 
     @property

@@ -9,7 +9,7 @@ their flag is off), the output, the run-time dims D (past, total: unused here), 
 which give the rows (`rows_of`). Activations are f32; weights f32, f16 or bf16 (or int8 / 4-bit nibbles with f32
 scales); sums are f32. With DOT_F16 the GEMM's tiles go to the tensor cores as f16.
 
-Weight layouts (packed at compile time, `llmc.backends.triton.plan`): dense and int8 [n, k] as
+Weight layouts (packed at compile time, `llmc.backends.triton.planner`): dense and int8 [n, k] as
 the graph holds them (a program reads BLOCK_N rows of contiguous K); 4-bit [n, k / 2] bytes with
 input features 2i and 2i + 1 in the low and high nibble; scales and zeros [n, k / GROUP].
 """

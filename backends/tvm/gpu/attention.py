@@ -21,9 +21,9 @@ Knobs: `chunk` (keys per group) and `threads` (per group).
 
 from __future__ import annotations
 
-from .attention import AttentionSpec, Operands
-from .gpu import bind_reduction, rfactor
-from ..knobs import Knob
+from ..attention import AttentionSpec, Operands
+from .lowering import bind_reduction, rfactor
+from ...knobs import Knob
 
 CHUNKS = (64, 128, 32, 256)
 THREADS = (64, 32, 128)

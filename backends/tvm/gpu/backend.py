@@ -1,12 +1,12 @@
 """The TVM backend for GPUs behind `llmc.compile(..., target="opencl")` (Android's Adreno and
 Mali; here pocl) and, from the same schedules, Metal (Apple).
 
-Every node becomes a kernel group (`gpu.group_table`): its TensorIR function(s) with a GPU
-schedule, lowered to device source and a launch table. The GEMMs (`gpu_linear`: a GEMV for
-decode, a tiled GEMM for prefill, in one group), attention (`gpu_attention`, split-K) and the
-norms that stand alone (`gpu_norm`) have schedules of their own, with knobs whose values the
+Every node becomes a kernel group (`lowering.group_table`): its TensorIR function(s) with a GPU
+schedule, lowered to device source and a launch table. The GEMMs (`gpu.linear`: a GEMV for
+decode, a tiled GEMM for prefill, in one group), attention (`gpu.attention`, split-K) and the
+norms that stand alone (`gpu.norm`) have schedules of their own, with knobs whose values the
 manifest records (`kernels.tuning`); rope_cache and the small ops, which compute each output
-once, take `gpu.default_schedule`. The artifact holds one source file with every kernel
+once, take `lowering.default_schedule`. The artifact holds one source file with every kernel
 (`kernels/<kind>/model.<ext>`, each kernel named after its group) and the tables, which the
 runtime follows without TVM (`llmc.runtime.gpu`).
 
@@ -25,10 +25,10 @@ from pathlib import Path
 from llmc.errors import LlmcError
 from llmc.ir.graph import Graph, Node
 
-from .. import Build
-from ..knobs import Chooser
-from ..plan import (Step, UnsupportedGraph, attention_args, kv_int8, kv_layout, kv_order, kv_pages,
-                    lay_out_caches, node_key, plan_nodes, rope_cache_args)
+from ... import Build
+from ...knobs import Chooser
+from ...plan import Step, UnsupportedGraph, node_key, plan_nodes
+from ...kv_cache import attention_args, kv_int8, kv_layout, kv_order, kv_pages, lay_out_caches, rope_cache_args
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,13 @@ def _rows(x) -> str:
 
 def plan_node(node: Node, graph: Graph, max_seq: int, kind: str, choose):
     """(kernel key, builder of {name: [(scheduled module, bindings, condition)]}, [step]) for one
-    node: the variants of its kernel group (`gpu.group_table`), with the knob values `choose`
+    node: the variants of its kernel group (`lowering.group_table`), with the knob values `choose`
     (a `knobs.Chooser`) gives the schedules that have knobs."""
-    from . import attention, gpu, gpu_attention, gpu_linear, gpu_norm, injective, rope_cache
+    from .. import attention, injective, rope_cache
+    from . import attention as gpu_attention, linear as gpu_linear, lowering, norm as gpu_norm
 
     def one(make, bindings):  # one variant, always run, with the default schedule
-        return lambda name: {name: [(gpu.default_schedule(make().with_attr("global_symbol", name), kind),
+        return lambda name: {name: [(lowering.default_schedule(make().with_attr("global_symbol", name), kind),
                                      bindings, None)]}
     if node.op == "fused_linear":
         spec = gpu_linear.spec_of(node, graph)
@@ -78,7 +79,7 @@ def plan_node(node: Node, graph: Graph, max_seq: int, kind: str, choose):
                        page_tokens=pages)
         key = repr(spec)
         bindings = {"kv_len": "total", "max_seq": str(max_seq), "max_blocks": blocks}
-        return key, lambda name: {name: [(gpu.named(gpu_attention.schedule(
+        return key, lambda name: {name: [(lowering.named(gpu_attention.schedule(
             spec, choose(name, key, gpu_attention.knobs(spec))), name), bindings, None)]}, \
             [Step("", "attention", attention_args(node, graph))]
     if node.op == "rope_cache":
@@ -94,7 +95,7 @@ def plan_node(node: Node, graph: Graph, max_seq: int, kind: str, choose):
         dims = injective.Dims()
         bindings = {dims.var(d).name: d for d in injective.dim_names(node)}
         if node.op in gpu_norm.OPS:
-            make = lambda name: {name: [(gpu.named(gpu_norm.schedule(  # noqa: E731
+            make = lambda name: {name: [(lowering.named(gpu_norm.schedule(  # noqa: E731
                 injective.prim_func(node), choose(name, node_key(node), gpu_norm.knobs())), name), bindings, None)]}
         else:
             make = one(lambda: injective.prim_func(node), bindings)
@@ -128,13 +129,13 @@ class GpuBackend:
 
     def can_measure(self, options) -> str:
         return (f"the {self.kind} target's kernels are not timed here (pocl runs on the CPU): their knobs "
-                "(gpu_linear, gpu_attention, gpu_norm) keep their defaults, recorded in the manifest")
+                "(gpu.linear, gpu.attention, gpu.norm) keep their defaults, recorded in the manifest")
 
     def build(self, graph, options, tuner=None) -> Build:
         from llmc.progress import bar
 
-        from . import gpu
-        from .compile import weights
+        from . import lowering
+        from ..compile import weights
 
         caches = lay_out_caches(graph, options.kv_cache, *kv_layout(options.kv_layout))
         max_seq = graph.metadata.get("max_seq_len")
@@ -147,13 +148,13 @@ class GpuBackend:
         lowered, tables = [], {}
         for name, variants in functions.items():
             try:
-                group = [(gpu.Lowered(mod, self.kind, bindings), condition) for mod, bindings, condition in variants]
+                group = [(lowering.Lowered(mod, self.kind, bindings), condition) for mod, bindings, condition in variants]
             except NotImplementedError as e:
                 raise UnsupportedGraph(f"kernel {name}: {e}") from None
             lowered += [low for low, _ in group]
-            tables[name] = gpu.group_table(group)
+            tables[name] = lowering.group_table(group)
             shown.update()
-        source = gpu.source(lowered).encode()
+        source = lowering.source(lowered).encode()
         shown.update()
         shown.close()
         source_path = f"kernels/{self.kind}/model.{EXTENSIONS[self.kind]}"

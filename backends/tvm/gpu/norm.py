@@ -1,5 +1,5 @@
 """Norms that stand alone on GPUs (opencl, metal): `rms_norm`, `layer_norm` and `add_norm`
-(`injective._normalized`; most norms are GEMM prologues, `gpu_linear`).
+(`injective._normalized`; most norms are GEMM prologues, `gpu.linear`).
 
 A work-group per row, its `threads` threads over the features: each sums a strided share of
 the row, the row's statistics (layer norm: the mean, then the squared deviations) meet in
@@ -13,8 +13,8 @@ threadIdx.x = `threads`. Knob: `threads`.
 
 from __future__ import annotations
 
-from .gpu import bind_reduction, rfactor, split_exactly
-from ..knobs import Knob
+from .lowering import bind_reduction, rfactor, split_exactly
+from ...knobs import Knob
 
 OPS = ("rms_norm", "layer_norm", "add_norm")
 THREADS = (128, 64, 256)

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from . import gpu, linear
-from ..knobs import Knob
+from .. import linear
+from . import lowering
+from ...knobs import Knob
 
 DECODE_ROWS = 4  # rows from which the tiled GEMM runs: below, each row re-reads the weights
 GEMV = ("4x64", "2x128", "8x32", "1x256", "16x16")  # outputs per group x threads per output
@@ -50,12 +51,12 @@ PREFILL_ROWS = 128  # the row count the prefill knobs are measured at
 
 
 def variants(spec: linear.LinearSpec, name: str, rows: str, config: dict | None = None) -> list[tuple]:
-    """The kernel group's variants as `gpu.group_table` takes them, built: (the GEMV, named
+    """The kernel group's variants as `lowering.group_table` takes them, built: (the GEMV, named
     `name`_gemv, run below DECODE_ROWS rows; the GEMM, `name`_gemm, from there on); `rows`: the
     rows as an expression over the run-time dims; `config`: knob values (`knobs`)."""
     many = f"min(({rows}) // {DECODE_ROWS}, 1)"  # 1 from DECODE_ROWS rows on, else 0
-    return [(gpu.named(schedule_decode(spec, config), f"{name}_gemv"), {"m": rows}, f"(1 - {many})"),
-            (gpu.named(schedule_prefill(spec, config), f"{name}_gemm"), {"m": rows}, many)]
+    return [(lowering.named(schedule_decode(spec, config), f"{name}_gemv"), {"m": rows}, f"(1 - {many})"),
+            (lowering.named(schedule_prefill(spec, config), f"{name}_gemm"), {"m": rows}, many)]
 
 
 def spec_of(node, graph) -> linear.LinearSpec:
@@ -76,7 +77,7 @@ def _from_half(bits):
 
 def knobs(spec: linear.LinearSpec) -> list[Knob]:
     """The schedules' knobs, defaults first: the GEMV's group shape and vector width, the GEMM's
-    tile and depth (`gpu.split_exactly` may take less where k needs it)."""
+    tile and depth (`lowering.split_exactly` may take less where k needs it)."""
     return [Knob("gemv", GEMV, 1), Knob("vector", VECTORS, 1), Knob("tile", TILES, PREFILL_ROWS),
             Knob("depth", DEPTHS, PREFILL_ROWS)]
 
@@ -162,11 +163,11 @@ def schedule_decode(spec: linear.LinearSpec, config: dict | None = None):
 
     config = {**default_config(spec), **(config or {})}
     outputs, threads = (int(v) for v in config["gemv"].split("x"))
-    threads, vector = gpu.split_exactly(spec.k, threads, config["vector"])
+    threads, vector = lowering.split_exactly(spec.k, threads, config["vector"])
     sch = tvm.s_tir.Schedule(prim_func(spec))
     _inline(sch)
     reductions = [sch.get_sblock(name) for name in _stats(spec)] + [sch.get_sblock("sums")]
-    partials = [gpu.rfactor(sch, block, threads, vector if block == reductions[-1] else 1) for block in reductions]
+    partials = [lowering.rfactor(sch, block, threads, vector if block == reductions[-1] else 1) for block in reductions]
     i, j = sch.get_loops(sch.get_sblock("y"))
     jo, ji = sch.split(j, [None, outputs])
     sch.bind(i, "blockIdx.y")
@@ -177,7 +178,7 @@ def schedule_decode(spec: linear.LinearSpec, config: dict | None = None):
         sch.compute_at(block, ji)
         sch.compute_at(partial, ji)
     for block, partial in zip(reductions, partials):
-        gpu.bind_reduction(sch, block, partial, 3)
+        lowering.bind_reduction(sch, block, partial, 3)
     return sch.mod
 
 
@@ -189,7 +190,7 @@ def schedule_prefill(spec: linear.LinearSpec, config: dict | None = None):
 
     config = {**default_config(spec), **(config or {})}
     rows, cols = (int(v) for v in config["tile"].split("x"))
-    depth = gpu.split_exactly(spec.k, config["depth"], 1)[0]
+    depth = lowering.split_exactly(spec.k, config["depth"], 1)[0]
     sch = tvm.s_tir.Schedule(prim_func(spec, rows))
     _inline(sch, keep=("rows", "wdq"))
     ty, tx = THREADS
@@ -217,8 +218,8 @@ def schedule_prefill(spec: linear.LinearSpec, config: dict | None = None):
     sch.unroll(ki)
     for name in _stats(spec):
         block = sch.get_sblock(name)
-        partial = gpu.rfactor(sch, block, gpu.split_exactly(spec.k, STATS, 1)[0])
+        partial = lowering.rfactor(sch, block, lowering.split_exactly(spec.k, STATS, 1)[0])
         sch.bind(sch.get_loops(block)[0], "blockIdx.x")
         sch.compute_at(partial, sch.get_loops(block)[0])
-        gpu.bind_reduction(sch, block, partial, 1, "global")  # read by the GEMM kernel
+        lowering.bind_reduction(sch, block, partial, 1, "global")  # read by the GEMM kernel
     return sch.mod

@@ -1,6 +1,6 @@
-"""Which nodes become kernels. Views (reshapes, splits along the last axis, squeezes, folded
-shape values) cost no kernel: a backend reads them as strides into their input. Everything else
-is one kernel. (Later issues turn this into the partition the backends compile.)"""
+"""Which nodes of a passed graph become kernels, as `llmc inspect --passes` and the tests count
+them. Views (reshapes, splits along the last axis, squeezes, folded shape values) cost no
+kernel: a backend reads them as strides into their input. Everything else is one kernel."""
 
 from __future__ import annotations
 
@@ -14,6 +14,6 @@ def kernel_nodes(nodes) -> list:
 def kernels_per_layer(graph, layer: int = 1) -> list:
     """The kernels of one transformer layer (layer 1: layer 0 may hold work hoisted out of the
     loop, such as the shared mask)."""
-    from llmc.ir.draw import layer_nodes
+    from .draw import layer_nodes
 
     return kernel_nodes(layer_nodes(graph, layer))

@@ -10,8 +10,8 @@ and its launch extents, in the order of its launch tags (blockIdx.*, threadIdx.*
 size as an expression over the run-time dims (`llmc.runtime.dims`). The runtime launches a grid
 of blockIdx work-groups of threadIdx threads.
 
-The GEMMs, attention and the norms have schedules of their own (`gpu_linear`, `gpu_attention`,
-`gpu_norm`); the rest take `default_schedule`: TVM's dlight rules where they apply, else one
+The GEMMs, attention and the norms have schedules of their own (`gpu.linear`, `gpu.attention`,
+`gpu.norm`); the rest take `default_schedule`: TVM's dlight rules where they apply, else one
 thread per output element (`thread_per_output`). A kernel group may hold variants of its
 function, each run at the dims its condition holds (`group_table`).
 """
