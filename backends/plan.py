@@ -1,7 +1,7 @@
 """What every backend's plan is made of: steps (kernel calls over named values) and the walk that
 turns a passed graph's nodes into steps, building each distinct kernel once (the layers of a
 model share theirs). The KV cache's layout, and the arguments of the steps that read or write
-it, are `kv_cache.py`'s.
+it, are `cache_layout.py`'s.
 
 The plan names values, not tensors: a runtime binds them to its buffers. The KV cache is the
 runtime's: `rope_cache` takes the merged QKV projection (the input of the split that feeds it)
@@ -40,8 +40,11 @@ class UnsupportedGraph(ValueError):
 
     def __init__(self, message: str, node: str = "", reasons: dict[str, str] | None = None):
         super().__init__(message)
-        self.node = node
         self.reasons = reasons or ({node: message} if node else {})
+
+    @property
+    def node(self) -> str:
+        return next(iter(self.reasons), "")
 
 
 def encode_dim(d, where: str = "a dim"):
@@ -99,7 +102,7 @@ def plan_nodes(graph: Graph, plan_node: PlanNode):
         plan += [Step(name + s.kernel, s.kind, s.args, s.dims) for s in steps]
     if missing:
         more = f" (and {len(missing) - 1} more nodes)" if len(missing) > 1 else ""
-        raise UnsupportedGraph(f"{missing[0]}{more}", missing[0].node,
-                               {name: why for e in missing for name, why in e.reasons.items()})
+        raise UnsupportedGraph(f"{missing[0]}{more}",
+                               reasons={name: why for e in missing for name, why in e.reasons.items()})
     log.info("%d nodes -> %d kernel calls, %d distinct kernels", len(graph.nodes), len(plan), len(kernels))
     return kernels, plan

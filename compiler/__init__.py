@@ -54,7 +54,7 @@ def compile(onnx_path, target="cpu", output=None, **options):  # noqa: A001
     `kv_cache`: "f32", "f16" (cuda), or "int8" (one scale per head and token, dequantized inside
     attention); default f16 on cuda with --dtype fp16, else f32. `kv_layout`: the caches' axis
     order, "bhsd" ([batch, kv_heads, seq, head_dim]) or "bshd", or "auto": the backend's cost
-    model (`llmc.backends.kv_cache.kv_layout`).
+    model (`llmc.backends.cache_layout.kv_layout`).
 
     `max_seq_len`: the longest context (prompt and new tokens) the artifact runs.
 

@@ -506,7 +506,7 @@ def _tune(args) -> int:
 
     if not args.model and not args.export:
         raise LlmcError("llmc tune: give a model to tune, --export FILE, or both")
-    options = _compile_options(args, tune=True).resolved()
+    options = _compile_options(args, tune=True)
     if args.model:
         scratch = Path(tempfile.mkdtemp(prefix="llmc-tune-"))
         try:
@@ -514,7 +514,7 @@ def _tune(args) -> int:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     if args.export:
-        machine = options.backend().machine(options)
+        machine = options.backend().machine(options.resolved())
         path = tuning.cache_file()
         table = tuning.Table.load(path) if path.exists() else tuning.Table()
         entries = table.for_machine(machine)

@@ -76,7 +76,7 @@ class CompileOptions:
 
     def __post_init__(self):
         from . import backends
-        from .backends.kv_cache import check_kv_layout
+        from .backends.cache_layout import check_kv_layout
 
         if self.target not in backends.BACKENDS:
             raise LlmcError(f"target {self.target!r} is not supported yet; supported: {', '.join(backends.BACKENDS)}")

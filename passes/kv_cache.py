@@ -1,7 +1,7 @@
 """KV cache: the export's functional `present = concat(past, new)` becomes `kv_append`, a write
 into a cache the runtime owns, and attention reads the cache. The graph records which
 input/output pair each cache replaces in `graph.metadata["kv_cache"]`; the cache's physical
-layout (axis order, paging, encoding) is the backend's choice (`llmc.backends.kv_cache.lay_out_caches`),
+layout (axis order, paging, encoding) is the backend's choice (`llmc.backends.cache_layout.lay_out_caches`),
 since its kernels read it."""
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ GPU_KINDS = ("cuda", "opencl", "metal")  # artifacts with no CPU requirements
 CPU = {"name": NAME, "arch": ("x86_64", "aarch64"), "features": [NAME]}
 FILE = {"bytes": _int(0), "sha256": Check("a sha256 hex digest", lambda v: isinstance(v, str) and _SHA256.match(v))}
 
-# the KV cache's descriptor (`llmc.backends.kv_cache.lay_out_caches`); the runtimes allocate the caches
+# the KV cache's descriptor (`llmc.backends.cache_layout.lay_out_caches`); the runtimes allocate the caches
 # from plans.values, 64-byte aligned. A paged cache's kernels also take these two run-time values:
 # each sequence's blocks, int32 [batch, max_blocks], and the positions it holds, int32 [batch]
 KV_BLOCKS, KV_LENGTHS = "kv_cache.blocks", "kv_cache.lengths"

@@ -21,7 +21,7 @@ from llmc.errors import LlmcError
 
 from .. import Build
 from ..plan import plan_nodes
-from ..kv_cache import kv_layout, lay_out_caches
+from ..cache_layout import kv_layout, lay_out_caches
 
 log = logging.getLogger(__name__)
 

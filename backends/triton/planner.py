@@ -18,7 +18,7 @@ from llmc.ir.symbolic import Sym
 
 from ..knobs import Chooser, Knob
 from ..plan import Step, UnsupportedGraph, encode_dim, node_key
-from ..kv_cache import attention_args, kv_int8, kv_order, kv_pages, rope_cache_args
+from ..cache_layout import attention_args, kv_int8, kv_order, kv_pages, rope_cache_args
 from ..packing import NIBBLES
 from . import injective
 
@@ -101,7 +101,7 @@ class Planner:
     def __init__(self, graph: Graph, dtypes: dict[str, str], dot_f16: bool, choose=None):
         self.graph, self.dtypes, self.dot_f16 = graph, dtypes, dot_f16
         self.choose = choose or Chooser()  # each GEMM's configuration (`linear_knobs`)
-        self.seq_major = int(kv_order(graph) == "bshd")  # the caches' axis order (`kv_cache.lay_out_caches`)
+        self.seq_major = int(kv_order(graph) == "bshd")  # the caches' axis order (`cache_layout.lay_out_caches`)
         self.page = kv_pages(graph)  # tokens per block of a paged cache; 0: contiguous
         self.scratch: dict[str, tuple[str, list]] = {}  # values the plan adds: {name: (dtype, IR shape)}
 

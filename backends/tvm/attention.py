@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..kv_cache import kv_index, kv_shape, kv_slot
+from ..cache_layout import kv_index, kv_shape, kv_slot
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class AttentionSpec:
     dtype: str = "float32"
     kv_int8: bool = False  # int8 caches with per-(head, token) scales (rope_cache.quantize_rows)
     order: str = "bhsd"  # the caches' axis order (`plan.KV_ORDERS`)
-    page_tokens: int = 0  # a paged cache's block size (`kv_cache.lay_out_caches`); 0: contiguous
+    page_tokens: int = 0  # a paged cache's block size (`cache_layout.lay_out_caches`); 0: contiguous
 
     @staticmethod
     def of(node) -> "AttentionSpec":

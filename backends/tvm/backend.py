@@ -11,7 +11,7 @@ from llmc.errors import LlmcError
 from llmc.runtime import cpu as cpus
 
 from .. import Build
-from ..kv_cache import kv_layout
+from ..cache_layout import kv_layout
 
 LIBRARY = "kernels/model.so"
 

@@ -16,7 +16,7 @@ from llmc.ir.graph import Graph, Node
 
 from ..knobs import Chooser
 from ..plan import Step, UnsupportedGraph, node_key, plan_nodes
-from ..kv_cache import attention_args, kv_int8, kv_order, kv_pages, lay_out_caches, rope_cache_args
+from ..cache_layout import attention_args, kv_int8, kv_order, kv_pages, lay_out_caches, rope_cache_args
 from . import attention, injective, int_dot, linear, measure, rope_cache
 
 __all__ = ["Step", "UnsupportedGraph", "lay_out_caches", "compile_graph", "plan_graph", "weights"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..kv_cache import kv_index, kv_shape, kv_slot
+from ..cache_layout import kv_index, kv_shape, kv_slot
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class RopeCacheSpec:
     offset: int = 0
     kv_int8: bool = False
     order: str = "bhsd"  # the caches' axis order (`plan.KV_ORDERS`)
-    page_tokens: int = 0  # a paged cache's block size (`kv_cache.lay_out_caches`); 0: contiguous
+    page_tokens: int = 0  # a paged cache's block size (`cache_layout.lay_out_caches`); 0: contiguous
 
     @staticmethod
     def of(node) -> "RopeCacheSpec":
@@ -79,7 +79,7 @@ def _rotation(spec: RopeCacheSpec):
 def _slots(spec: RopeCacheSpec):
     """(contiguous, paged): where a step's token vs of sequence vb is written, as [cache row,
     position in it]; a contiguous cache's from the step's `past`, a paged one's from the
-    sequence's own length and block table (`kv_cache.kv_slot`)."""
+    sequence's own length and block table (`cache_layout.kv_slot`)."""
     def contiguous(past):
         return lambda vb, vs: kv_slot(0, None, vb, past + vs)
 

@@ -28,7 +28,7 @@ from llmc.ir.graph import Graph, Node
 from ... import Build
 from ...knobs import Chooser
 from ...plan import Step, UnsupportedGraph, node_key, plan_nodes
-from ...kv_cache import attention_args, kv_int8, kv_layout, kv_order, kv_pages, lay_out_caches, rope_cache_args
+from ...cache_layout import attention_args, kv_int8, kv_layout, kv_order, kv_pages, lay_out_caches, rope_cache_args
 
 log = logging.getLogger(__name__)
 
