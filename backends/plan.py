@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from llmc.ir.graph import Graph, Node
@@ -23,16 +23,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Step:
-    """One kernel call. `args` are value names (inputs, then outputs); `dims` the named dims
-    passed as trailing scalars; `kind` tells the runtime how to lay the arguments out."""
+    """One kernel call. `args` are value names (inputs, then outputs, "" for a slot the kernel
+    leaves unread); `dims` the named dims passed as trailing scalars; `views` the shape (IR dims)
+    at which the kernel takes each argument's bytes where that differs from the value's own (a
+    GEMM takes [batch, seq, k] as [rows, k]), else None; () for none. A runtime views its buffers
+    as the plan says and knows no op kind."""
 
     kernel: str
-    kind: str  # the op family: "linear", "attention", "rope_cache", "norm", "injective"
+    kind: str  # the op family, for reports: "linear", "attention", "rope_cache", "norm", "injective"
     args: tuple[str, ...]
     dims: tuple[str, ...] = ()
+    views: tuple = ()
 
     def to_json(self) -> dict:
-        return asdict(self)
+        views = [None if v is None else [encode_dim(d, f"a view of {a}") for d in v]
+                 for a, v in zip(self.args, self.views or [None] * len(self.args))]
+        return {"kernel": self.kernel, "kind": self.kind, "args": list(self.args), "dims": list(self.dims),
+                "views": views}
 
 
 class UnsupportedGraph(ValueError):
@@ -99,7 +106,7 @@ def plan_nodes(graph: Graph, plan_node: PlanNode):
         except UnsupportedGraph as e:
             missing.append(e)
             continue
-        plan += [Step(name + s.kernel, s.kind, s.args, s.dims) for s in steps]
+        plan += [replace(s, kernel=name + s.kernel) for s in steps]
     if missing:
         more = f" (and {len(missing) - 1} more nodes)" if len(missing) > 1 else ""
         raise UnsupportedGraph(f"{missing[0]}{more}",

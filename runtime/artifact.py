@@ -31,7 +31,7 @@ FORMAT = "llmc-artifact"
 # 2: the cpu and index_bounds fields, aligned weights used in place; 3: model.roles, and dims
 # whose atoms may be expressions (min, max, //) over the run-time dims; 4: cuda artifacts (Triton
 # kernels: sources, cubins and launches), cpu null for them, f16 KV caches
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 _MAX_MANIFEST_BYTES = 64 << 20

@@ -2,9 +2,9 @@
 torch, no Triton at run time).
 
 Loading picks the cubins for the GPU found (the same architecture, else an older one of the
-same major version, which NVIDIA GPUs run), uploads the weights once into one device buffer,
-and allocates the KV caches and one activation arena planned by lifetime, as the CPU executor
-does (`memory.py`). Every kernel reads past and total from device memory (D), so a decode step
+same major version, which NVIDIA GPUs run); memory is the executor core's (`executor.py`: the
+weights uploaded once, the KV caches, one activation arena planned by lifetime) on device
+allocations (`CudaDevice`). Every kernel reads past and total from device memory (D), so a decode step
 is captured once per batch size as a CUDA graph, with the copies of D and of the feeds (from
 pinned host buffers) at its start, and replayed for every token; its grids are sized for the
 longest context, and programs past the current one do nothing. Prefill launches its kernels
@@ -24,7 +24,7 @@ import numpy as np
 
 from . import launch, memory
 from .errors import ArtifactError, LlmcError
-from .paging import BlockPool, check_step
+from .executor import Executor
 
 _MAX_DYNAMIC_SHARED = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 _CC_MAJOR, _CC_MINOR = 75, 76  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR
@@ -52,11 +52,6 @@ class Driver:
             self.lib.cuGetErrorString(result, ctypes.byref(text))
             raise LlmcError(f"CUDA {name} failed: {(text.value or b'error %d' % result).decode()}")
 
-    def alloc(self, nbytes: int) -> int:
-        ptr = ctypes.c_uint64()
-        self("cuMemAlloc_v2", ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, ALIGN)))
-        return ptr.value
-
     def host(self, nbytes: int) -> np.ndarray:
         """Pinned host memory (a copy from it can be captured in a graph), as bytes."""
         ptr = ctypes.c_void_p()
@@ -64,48 +59,81 @@ class Driver:
         return np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, ALIGN)).from_address(ptr.value))
 
 
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+class Allocation(int):
+    """A device allocation's address, freed when no longer referenced, after the work enqueued
+    before (which may still read it: a pool that grew copies its old blocks)."""
+
+    def __new__(cls, device: "CudaDevice", nbytes: int):
+        ptr = ctypes.c_uint64()
+        device.cu("cuMemAlloc_v2", ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, ALIGN)))
+        self = super().__new__(cls, ptr.value)
+        self.device = device
+        return self
+
+    def __del__(self):
+        cu = self.device.cu
+        cu("cuStreamSynchronize", self.device.stream)
+        cu("cuMemFree_v2", ctypes.c_uint64(self))
 
 
-class CudaExecutor:
-    def __init__(self, art, manifest: dict, weights: dict[str, np.ndarray]):
+class CudaDevice:
+    """The executor core's device (`executor.Device`) for the first GPU: buffers are device
+    addresses, work goes on one stream (non-blocking: no implicit sync with the legacy stream)."""
+
+    align = ALIGN
+
+    def __init__(self):
         self.cu = cu = Driver()
-        self.manifest, self.plan = manifest, manifest["plans"]["forward"]
-        self.values, self.kernels = manifest["plans"]["values"], manifest["kernels"]["functions"]
-        self.max_seq = manifest["model"]["max_seq_len"]
-        self.logits = manifest["model"]["roles"]["logits"]
-        self.kv_entries = manifest["model"]["kv_cache"]["entries"]
-        device = ctypes.c_int()
-        cu("cuDeviceGet", ctypes.byref(device), 0)
-        major, minor = ctypes.c_int(), ctypes.c_int()
-        cu("cuDeviceGetAttribute", ctypes.byref(major), _CC_MAJOR, device)
-        cu("cuDeviceGetAttribute", ctypes.byref(minor), _CC_MINOR, device)
-        arch = self._arch(manifest, major.value, minor.value, str(art.file("manifest.json")))
+        self.device = ctypes.c_int()
+        cu("cuDeviceGet", ctypes.byref(self.device), 0)
         self.context = ctypes.c_void_p()
-        cu("cuDevicePrimaryCtxRetain", ctypes.byref(self.context), device)
+        cu("cuDevicePrimaryCtxRetain", ctypes.byref(self.context), self.device)
         cu("cuCtxSetCurrent", self.context)
         self.stream = ctypes.c_void_p()
-        cu("cuStreamCreate", ctypes.byref(self.stream), _NON_BLOCKING)  # no implicit sync with the legacy stream
+        cu("cuStreamCreate", ctypes.byref(self.stream), _NON_BLOCKING)
+
+    def capability(self) -> tuple[int, int]:
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self.cu("cuDeviceGetAttribute", ctypes.byref(major), _CC_MAJOR, self.device)
+        self.cu("cuDeviceGetAttribute", ctypes.byref(minor), _CC_MINOR, self.device)
+        return major.value, minor.value
+
+    def alloc(self, nbytes: int, zero: bool = False) -> Allocation:
+        buffer = Allocation(self, nbytes)
+        if zero:
+            self.cu("cuMemsetD8Async", ctypes.c_uint64(buffer), ctypes.c_ubyte(0), ctypes.c_size_t(nbytes),
+                    self.stream)
+        return buffer
+
+    def upload(self, array: np.ndarray) -> Allocation:
+        buffer = Allocation(self, array.nbytes)
+        array = np.ascontiguousarray(array)
+        self.cu("cuMemcpyHtoD_v2", ctypes.c_uint64(buffer), array.ctypes.data_as(ctypes.c_void_p),
+                ctypes.c_size_t(array.nbytes))
+        return buffer
+
+    def view(self, buffer: int, offset: int, nbytes: int) -> int:
+        return int(buffer) + offset
+
+    def copy(self, source: int, target: int, nbytes: int) -> None:
+        self.cu("cuMemcpyDtoDAsync_v2", ctypes.c_uint64(target), ctypes.c_uint64(source), ctypes.c_size_t(nbytes),
+                self.stream)
+
+    def available(self) -> None:
+        return None  # an allocation the GPU cannot give fails, naming the call
+
+
+class CudaExecutor(Executor):
+    def __init__(self, art, manifest: dict, weights: dict[str, np.ndarray]):
+        device = CudaDevice()
+        self.cu, self.stream = device.cu, device.stream
+        self.kernels = manifest["kernels"]["functions"]
+        arch = self._arch(manifest, *device.capability(), str(art.file("manifest.json")))
         self.functions = {name: self._load(art, name, k["binaries"][arch]) for name, k in self.kernels.items()}
-        # the weights, once, in one buffer; a dummy for the slots a kernel leaves unread
-        offsets, total = {}, 0
-        for name, w in weights.items():
-            if name in self.values:
-                offsets[name], total = total, _align(total + w.nbytes)
-        self.weight_buffer = cu.alloc(total + ALIGN)
-        for name, offset in offsets.items():
-            w = np.ascontiguousarray(weights[name])
-            cu("cuMemcpyHtoD_v2", ctypes.c_uint64(self.weight_buffer + offset), w.ctypes.data_as(ctypes.c_void_p),
-               ctypes.c_size_t(w.nbytes))
-        self.addresses = {name: self.weight_buffer + offset for name, offset in offsets.items()}
-        self.addresses[""] = self.weight_buffer + total
-        self.weight_names = set(offsets)
+        super().__init__(device, manifest, weights)
         self.argmax = manifest["kernels"].get("argmax")  # greedy decoding on the device
-        self.batch = None
-        self.pages: BlockPool | None = None
-        self.caches: dict[str, tuple[int, int]] = {}  # {past: (address, bytes)}
         self.use_graphs = True  # False: decode steps too are launched kernel by kernel (tests)
+        self.graphs: dict = {}
 
     @staticmethod
     def _arch(manifest: dict, major: int, minor: int, where: str) -> str:
@@ -132,69 +160,31 @@ class CudaExecutor:
         return function, binary
 
     def reset(self, batch: int) -> None:
-        """Caches, arena and pinned staging for a batch; graphs are captured anew. A paged
-        cache's pool keeps its blocks, all free again, as the CPU executor's does."""
-        if batch == self.batch:
-            if self.pages:
-                self.pages.clear()
-            return
-        cu = self.cu
-        page = self.manifest["model"]["kv_cache"]["layout"]["page_tokens"]
-        self.pages = BlockPool(page, -(-self.max_seq // page), batch, self._grow) if page else None
-        self._allocate_caches({"batch": batch, "past": self.max_seq, "blocks": batch})
-        offsets, _, size = memory.arena_plan(self.manifest, self.weight_names, batch)
-        arena = cu.alloc(size + ALIGN)
-        self.addresses.update({name: arena + offset for name, offset in offsets.items()})
-        self.dims_host = cu.host(8).view(np.int32)[:2]
-        self.dims_device = cu.alloc(8)
-        self.staging: dict[str, np.ndarray] = {}
-        vocab = self.values[self.logits]["shape"][-1]
-        self.logits_host = cu.host(batch * vocab * 4).view(np.float32)[:batch * vocab].reshape(batch, 1, vocab)
-        self.tokens_host = cu.host(batch * 4).view(np.int32)[:batch]
-        self.tokens_device = cu.alloc(batch * 4)
-        self.graphs = {}
-        self.batch = batch
+        """The core's caches and arena, and pinned staging for the batch's feeds and results."""
+        fresh = batch != self.batch
+        super().reset(batch)
+        if fresh:
+            cu = self.cu
+            self.dims_host = cu.host(8).view(np.int32)[:2]
+            self.dims_device = self.device.alloc(8)
+            self.staging: dict[str, np.ndarray] = {}
+            vocab = self.values[self.logits]["shape"][-1]
+            self.logits_host = cu.host(batch * vocab * 4).view(np.float32)[:batch * vocab].reshape(batch, 1, vocab)
+            self.tokens_host = cu.host(batch * 4).view(np.int32)[:batch]
+            self.tokens_device = self.device.alloc(batch * 4)
 
-    def _allocate_caches(self, env: dict, keep: bool = False) -> None:
-        """The KV caches at `env`'s sizes, replacing (and freeing) the ones before. A paged pool
-        starts zeroed, as the CPU executor's; with `keep` (a pool that grows) the old blocks are
-        copied to its front. Graphs captured on the old caches are captured anew."""
-        cu = self.cu
-        cu("cuStreamSynchronize", self.stream)  # nothing in flight reads the old caches
-        olds = []
-        for entry in self.kv_entries:
-            nbytes = memory.nbytes(self.values[entry["past"]], env)
-            address = cu.alloc(nbytes)
-            old, old_bytes = self.caches.get(entry["past"], (0, 0))
-            olds += [old] * bool(old)
-            if self.pages:
-                cu("cuMemsetD8Async", ctypes.c_uint64(address), ctypes.c_ubyte(0), ctypes.c_size_t(nbytes),
-                   self.stream)
-            if keep and old:
-                cu("cuMemcpyDtoDAsync_v2", ctypes.c_uint64(address), ctypes.c_uint64(old),
-                   ctypes.c_size_t(min(old_bytes, nbytes)), self.stream)
-            self.caches[entry["past"]] = (address, nbytes)
-            self.addresses[entry["past"]] = self.addresses[entry["present"]] = address
-        cu("cuStreamSynchronize", self.stream)
-        for old in olds:
-            cu("cuMemFree_v2", ctypes.c_uint64(old))
-        self.graphs = {}
+    def _unbind(self) -> None:
+        self.graphs = {}  # captured over the old caches
 
-    def _grow(self, blocks: int) -> None:
-        """A paged cache's pool grows to `blocks` blocks (`paging.BlockPool`)."""
-        self._allocate_caches({"batch": self.batch, "past": self.max_seq, "blocks": blocks}, keep=True)
-
-    def run(self, feeds: dict[str, np.ndarray], batch: int, seq: int, past: int,
-            last_logits: bool = False, greedy: bool = False) -> np.ndarray:
-        """As the CPU executor's `run`; returns the last position's logits [batch, 1, vocab]
-        (whatever `last_logits` asks: only those come back from the GPU), or with `greedy` each
+    def _step(self, feeds, env, last_logits: bool = False, greedy: bool = False) -> np.ndarray:
+        """The last position's logits [batch, 1, vocab] (whatever `last_logits` asks: only those
+        come back from the GPU), in a pinned buffer reused by the next step, or with `greedy` each
         sequence's next token [batch] (the argmax kernel's: 4 bytes a sequence come back)."""
         if greedy and not self.argmax:
             raise LlmcError("this artifact has no argmax kernel for greedy decoding on the device")
-        check_step(self.max_seq, self.batch, self.pages, batch, seq, past)
         cu = self.cu
-        env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
-        self.dims_host[:] = past, past + seq
+        batch, seq = env["batch"], env["seq"]
+        self.dims_host[:] = env["past"], env["total"]
         for name, a in feeds.items():
             if name in self.values:
                 self._stage(name, a, env)
@@ -212,7 +202,7 @@ class CudaExecutor:
             return self.tokens_host
         vocab = self.logits_host.shape[-1]
         for b in range(batch):  # the last position of each sequence
-            row = self.addresses[self.logits] + ((b * seq + seq - 1) * vocab) * 4
+            row = self.buffers[self.logits] + ((b * seq + seq - 1) * vocab) * 4
             cu("cuMemcpyDtoHAsync_v2", self.logits_host[b].ctypes.data_as(ctypes.c_void_p), ctypes.c_uint64(row),
                ctypes.c_size_t(vocab * 4), self.stream)
         cu("cuStreamSynchronize", self.stream)
@@ -238,13 +228,13 @@ class CudaExecutor:
         for name in feeds:
             if name in self.values:
                 nbytes = memory.nbytes(self.values[name], grid_env)
-                cu("cuMemcpyHtoDAsync_v2", ctypes.c_uint64(self.addresses[name]),
+                cu("cuMemcpyHtoDAsync_v2", ctypes.c_uint64(self.buffers[name]),
                    self.staging[name].ctypes.data_as(ctypes.c_void_p), ctypes.c_size_t(nbytes), self.stream)
         for step in self.plan:
             self._launch(launch.pick(self.kernels, step["kernel"], env),
-                         [self.addresses[a] for a in step["args"]], env, grid_env)
+                         [self.buffers[a] for a in step["args"]], env, grid_env)
         if greedy:
-            self._launch(self.argmax, [self.addresses[self.logits], self.tokens_device], env, grid_env)
+            self._launch(self.argmax, [self.buffers[self.logits], self.tokens_device], env, grid_env)
 
     def _launch(self, name: str, pointers: list[int], env, grid_env) -> None:
         """One kernel: its buffers, D, batch, seq, and Triton's scratch pointers (NULL)."""

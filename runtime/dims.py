@@ -115,6 +115,21 @@ def evaluate(dim, env: dict[str, int]) -> int:
     return total
 
 
+def elements(shape: list) -> dict:
+    """A shape's element count as a polynomial, canonical ({sorted atoms: coefficient}, no zero
+    terms): two shapes hold as many elements at every run-time dim iff theirs are equal."""
+    total = {(): 1}
+    for dim in shape:
+        terms = [(dim, [])] if isinstance(dim, int) else dim
+        product = {}
+        for m1, c1 in total.items():
+            for c2, m2 in terms:
+                m = tuple(sorted(m1 + tuple(m2)))
+                product[m] = product.get(m, 0) + c1 * c2
+        total = {m: c for m, c in product.items() if c}
+    return total
+
+
 def names(name: str) -> set[str]:
     """The named dims an atom depends on."""
     def walk(tree):

@@ -8,10 +8,10 @@ buffers by position, intermediates in global memory, scalars as expressions over
 dims) and its launch extents, evaluated at the step's dims (`dims.atom`): a grid of blockIdx
 work-groups of threadIdx threads on each axis.
 
-The executor runs the plan as the CPU executor does: the weights uploaded once, the KV caches
-allocated for a batch (zeroed) and written in place, the activations in one device buffer
-planned by lifetime (`memory.py`), each value at an offset the device can address. Feeds go up
-before a step; the logits come back after it (for generation, the last position's).
+Memory is the executor core's (`executor.Executor`): the weights uploaded once, the KV caches
+allocated for a batch and written in place, the activations in one device buffer planned by
+lifetime, each value at an offset the device can address. Feeds go up before a step; the logits
+come back after it (for generation, the last position's).
 """
 
 from __future__ import annotations
@@ -20,37 +20,25 @@ from typing import Protocol
 
 import numpy as np
 
-from . import memory
 from .dims import atom, evaluate
 from .errors import ArtifactError
-from .paging import BlockPool, check_step
+from .executor import Device, Executor
 
 AXES = ("x", "y", "z")
 
 
-class Device(Protocol):
-    align: int  # the byte alignment of a buffer offset the device can address
-
-    def build(self, source: str, names: list[str]) -> dict:
-        """The kernels `names` of `source`, built: {name: handle}."""
-
-    def alloc(self, nbytes: int, zero: bool = False):
-        """A device buffer of `nbytes` (at least 4)."""
-
-    def upload(self, array: np.ndarray):
-        """A device buffer holding `array`."""
-
-    def view(self, buffer, offset: int, nbytes: int):
-        """`nbytes` of `buffer` from `offset` (a multiple of `align`), as kernels take buffers."""
+class GpuDevice(Device, Protocol):
+    """A device that also moves bytes to and from the host and builds and launches OpenCL or
+    Metal kernels."""
 
     def write(self, ref, array: np.ndarray) -> None:
-        """`array` into `ref` (a buffer or a view)."""
+        """`array`'s bytes into `ref` (a buffer or a view)."""
 
     def read(self, ref, out: np.ndarray) -> None:
         """`ref`'s first bytes into `out`, after everything enqueued before."""
 
-    def copy(self, source, target, nbytes: int) -> None:
-        """`source`'s first `nbytes` into `target`, after everything enqueued before."""
+    def build(self, source: str, names: list[str]) -> dict:
+        """The kernels `names` of `source`, built: {name: handle}."""
 
     def launch(self, kernel, args: list, groups: tuple, threads: tuple) -> None:
         """Enqueue `kernel` over `groups` work-groups of `threads`; `args`: buffers (views) and
@@ -89,13 +77,9 @@ def kernel_names(kernels: dict) -> list[str]:
     return [k["name"] for group in kernels["functions"].values() for k in group["kernels"]]
 
 
-class GpuExecutor:
-    def __init__(self, device: Device, art, manifest: dict, weights: dict[str, np.ndarray]):
-        self.device = device
-        self.manifest, self.plan = manifest, manifest["plans"]["forward"]
-        self.values = manifest["plans"]["values"]
-        self.max_seq = manifest["model"]["max_seq_len"]
-        self.logits = manifest["model"]["roles"]["logits"]
+class GpuExecutor(Executor):
+    def __init__(self, device: GpuDevice, art, manifest: dict, weights: dict[str, np.ndarray]):
+        super().__init__(device, manifest, weights)
         kernels = manifest["kernels"]
         source = art.file(kernels["source"])
         built = device.build(source.read_text(), kernel_names(kernels))
@@ -103,57 +87,11 @@ class GpuExecutor:
         if missing:
             raise ArtifactError(f"{source}: no kernel {missing[0]} in the source")
         self.groups = {name: KernelGroup(device, built, group) for name, group in kernels["functions"].items()}
-        self.dummy = device.alloc(4)  # for arguments a kernel leaves unread
-        self.weight_names = {name for name in weights if name in self.values}
-        self.buffers = {name: device.upload(np.ascontiguousarray(weights[name])) if weights[name].size else self.dummy
-                        for name in self.weight_names}
         self.scratch: list = []
-        self.batch = None
-        self.pages: BlockPool | None = None
-        self.caches: dict[str, tuple] = {}  # {past: (buffer, bytes)}
 
-    def reset(self, batch: int) -> None:
-        """Caches and activations for a batch (kept while the batch size is). A paged cache's
-        pool keeps its blocks, all free again, as the CPU executor's does."""
-        if batch == self.batch:
-            if self.pages:
-                self.pages.clear()
-            return
-        page = self.manifest["model"]["kv_cache"]["layout"]["page_tokens"]
-        self.pages = BlockPool(page, -(-self.max_seq // page), batch, self._grow) if page else None
-        self.caches = {}
-        self._allocate_caches({"batch": batch, "past": self.max_seq, "blocks": batch})
-        align = max(memory.ALIGN, self.device.align)
-        offsets, sizes, size = memory.arena_plan(self.manifest, self.weight_names, batch, align)
-        arena = self.device.alloc(size)
-        for name, offset in offsets.items():
-            self.buffers[name] = self.device.view(arena, offset, sizes[name]) if sizes[name] else self.dummy
-        self.buffers[""] = self.dummy
-        self.batch = batch
-
-    def _allocate_caches(self, env: dict, keep: bool = False) -> None:
-        """The KV caches at `env`'s sizes, zeroed (a paged pool's unwritten slots are read and
-        masked out: a zero weight times garbage could be NaN); with `keep` (a pool that grows)
-        the old ones copied to their front."""
-        for entry in self.manifest["model"]["kv_cache"]["entries"]:
-            nbytes = memory.nbytes(self.values[entry["past"]], env)
-            cache = self.device.alloc(nbytes, zero=True)
-            if keep and entry["past"] in self.caches:
-                old, old_bytes = self.caches[entry["past"]]
-                self.device.copy(old, cache, min(old_bytes, nbytes))
-            self.caches[entry["past"]] = (cache, nbytes)
-            self.buffers[entry["past"]] = self.buffers[entry["present"]] = cache
-
-    def _grow(self, blocks: int) -> None:
-        """A paged cache's pool grows to `blocks` blocks (`paging.BlockPool`)."""
-        self._allocate_caches({"batch": self.batch, "past": self.max_seq, "blocks": blocks}, keep=True)
-
-    def run(self, feeds: dict[str, np.ndarray], batch: int, seq: int, past: int,
-            last_logits: bool = False) -> np.ndarray:
-        """As the CPU executor's `run`: the logits [batch, seq, vocab], or with `last_logits`
-        the last position's, [batch, 1, vocab]."""
-        check_step(self.max_seq, self.batch, self.pages, batch, seq, past)
-        env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
+    def _step(self, feeds, env, last_logits: bool = False) -> np.ndarray:
+        """The logits [batch, seq, vocab], or with `last_logits` the last position's,
+        [batch, 1, vocab]."""
         for name, a in feeds.items():
             if name in self.values and a.size:
                 self.device.write(self.buffers[name], np.ascontiguousarray(a, dtype=self.values[name]["dtype"]))
@@ -161,7 +99,7 @@ class GpuExecutor:
             group = self.groups[step["kernel"]]
             group([self.buffers[a] for a in step["args"]], env, self._scratch(group.scratch_bytes(env)))
         shape = [evaluate(d, env) for d in self.values[self.logits]["shape"]]
-        logits = np.empty((batch, shape[1] if len(shape) == 3 else seq, shape[-1]), np.float32)
+        logits = np.empty((env["batch"], shape[1] if len(shape) == 3 else env["seq"], shape[-1]), np.float32)
         self.device.read(self.buffers[self.logits], logits)
         return logits[:, -1:] if last_logits else logits
 

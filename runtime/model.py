@@ -18,7 +18,7 @@ import numpy as np
 from . import chat, cpu, memory, safetensors, threads as kernel_threads
 from .artifact import WEIGHTS, open_artifact
 from .errors import ArtifactError, LlmcError
-from .executor import Executor, Functions
+from .host import CpuExecutor, Functions
 from .kernels import KernelLibrary
 from .sampling import Rng, check_options, sample
 from .schema import KV_BLOCKS, KV_LENGTHS
@@ -72,7 +72,7 @@ class Model:
             log.warning("%d threads asked for, but this process's kernel pool started with %d; using %d",
                         asked, kernels.threads, kernels.threads)
         self.threads = kernels.threads
-        self.executor = Executor(kernels, m, weights)
+        self.executor = CpuExecutor(kernels, m, weights)
 
     def check_ids(self, feeds: dict[str, np.ndarray]) -> None:
         """Token ids index tables: one out of range would make the gather read outside them."""
@@ -293,7 +293,7 @@ def _cuda_executor(art, manifest: dict, weights: dict, interpret: bool):
         from . import interpret as interpreter
 
         sources = art.file(kernels["sources"][0]).parent
-        return Executor(Functions(interpreter.functions(sources, kernels["functions"])), manifest, weights)
+        return CpuExecutor(Functions(interpreter.functions(sources, kernels["functions"])), manifest, weights)
     from .cuda import CudaExecutor
 
     return CudaExecutor(art, manifest, weights)

@@ -63,7 +63,7 @@ class OpenCLDevice:
 
     def upload(self, array: np.ndarray):
         return self.cl.Buffer(self.context, self.cl.mem_flags.READ_ONLY | self.cl.mem_flags.COPY_HOST_PTR,
-                              hostbuf=array)
+                              hostbuf=np.ascontiguousarray(array))
 
     def view(self, buffer, offset: int, nbytes: int):
         return buffer.get_sub_region(offset, nbytes)
@@ -77,6 +77,9 @@ class OpenCLDevice:
 
     def copy(self, source, target, nbytes: int) -> None:
         self.cl.enqueue_copy(self.queue, target, source, byte_count=nbytes)
+
+    def available(self) -> None:
+        return None  # the device's memory is not counted here; an allocation that fails says so
 
     def launch(self, kernel, args: list, groups: tuple, threads: tuple) -> None:
         rank = 3 if groups[2] * threads[2] > 1 else 2 if groups[1] * threads[1] > 1 else 1

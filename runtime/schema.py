@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .dims import BadDim, is_atom, parse
+from .dims import BadDim, elements, is_atom, parse
 from .errors import ArtifactError
 DTYPES = ("float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
 KINDS = ("linear", "attention", "rope_cache", "injective", "norm")
@@ -59,7 +59,8 @@ POLY = Check("a dim: an integer, or [[coefficient, [atoms]], ...] whose atoms ar
 OPTIONAL_NAME = Check("a name or null", lambda v: v is None or NAME(v))
 TENSOR = {"name": NAME, "dtype": str, "shape": [str]}
 VALUE = {"dtype": DTYPES, "shape": [POLY]}
-STEP = {"kernel": NAME, "kind": KINDS, "args": [str], "dims": [ATOM]}
+VIEW = Check("null, or a shape: [dim, ...]", lambda v: v is None or (isinstance(v, list) and all(POLY(d) for d in v)))
+STEP = {"kernel": NAME, "kind": KINDS, "args": [str], "dims": [ATOM], "views": [VIEW]}
 SCALAR = Check("a number", lambda v: type(v) in (int, float))
 GRID_FACTOR = Check("[dim, block]", lambda v: isinstance(v, list) and len(v) == 2 and POLY(v[0])
                     and type(v[1]) is int and v[1] >= 1)
@@ -221,9 +222,16 @@ def _references(m: dict) -> None:
     for i, step in enumerate(m["plans"]["forward"]):
         if step["kernel"] not in functions:
             raise Invalid(f"plans.forward[{i}].kernel: {step['kernel']!r} is not a kernel of kernels.functions")
-        for j, arg in enumerate(step["args"]):
+        if len(step["views"]) != len(step["args"]):
+            raise Invalid(f"plans.forward[{i}].views: {len(step['views'])} views for {len(step['args'])} arguments")
+        for j, (arg, view) in enumerate(zip(step["args"], step["views"])):
+            if not arg and m["target"]["kind"] == "llvm":  # CPU kernels declare every parameter they take
+                raise Invalid(f"plans.forward[{i}].args[{j}]: an unread slot (\"\"), which only a GPU plan has")
             if arg and arg not in values and arg not in presents:
                 raise Invalid(f"plans.forward[{i}].args[{j}]: value {arg!r} is not described in plans.values")
+            if view is not None and (arg not in values or elements(view) != elements(values[arg]["shape"])):
+                raise Invalid(f"plans.forward[{i}].views[{j}]: a view of {arg!r} must hold its elements, no more or "
+                              f"fewer: {view}")
     for i, name in enumerate(m["plans"]["weights"]):
         if name not in values:
             raise Invalid(f"plans.weights[{i}]: {name!r} is not described in plans.values")

@@ -30,7 +30,21 @@ def _linear_output(m):
 
 
 def _widen(m):
-    m["plans"]["values"][_linear_output(m)]["shape"][-1] += 1
+    """The first GEMM's output one feature wider, and every step's view of it too: only the
+    kernel can tell."""
+    name = _linear_output(m)
+    m["plans"]["values"][name]["shape"][-1] += 1
+    for step in m["plans"]["forward"]:
+        for arg, view in zip(step["args"], step["views"]):
+            if arg == name and view:
+                view[-1] += 1
+
+
+def _misview(m):
+    """A step's view of a value holding one row more than the value."""
+    step = next(s for s in m["plans"]["forward"] if any(s["views"]))
+    j = next(j for j, v in enumerate(step["views"]) if v)
+    step["views"][j][0] = step["views"][j][0] + [[1, []]]
 
 
 def _unweigh(m):
@@ -60,6 +74,7 @@ RUN_CASES = [
     ("unknown kernel", lambda p: edit(p, lambda m: m["plans"]["forward"][1].update(kernel="k_none")), [],
      r"plans.forward\[1\].kernel: 'k_none' is not a kernel"),
     ("shape disagrees with its kernel", lambda p: edit(p, _widen), [], "refused the values"),
+    ("view larger than its value", lambda p: edit(p, _misview), [], r"plans.forward\[\d+\].views\[\d+\]: a view of"),
     ("a weight missing from the file", lambda p: edit(p, _unweigh), [], r"plans.weights\[0\]: .* is not in weights"),
     ("a weight of another shape", lambda p: edit(p, _reshape_weight), [], r"plans.values\[.*\]: .* but the weights file holds"),
     ("context edited by hand", lambda p: edit(p, lambda m: m["model"].update(max_seq_len=100000), False), [],

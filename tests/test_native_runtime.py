@@ -195,12 +195,26 @@ _paged = _resealed(lambda m: m["model"]["kv_cache"]["layout"].update(page_tokens
 _pages = _resealed(lambda m: m["model"]["kv_cache"]["layout"].update(page_tokens=5000))
 
 
+def _misview(m):
+    """A step's view of a value holding one row more than the value."""
+    step = next(s for s in m["plans"]["forward"] if any(s["views"]))
+    view = next(v for v in step["views"] if v)
+    view[0] = view[0] + [[1, []]]
+
+
+def _unread_slot(m):
+    step = next(s for s in m["plans"]["forward"] if s["kind"] == "attention")
+    step["args"][0], step["views"][0] = "", None
+
+
 @pytest.mark.parametrize("make,args,message", [
     (_altered, ["--prompt-ids", "1,2"], "checksum mismatch (the file was altered after compilation)"),
     (_edited, ["--prompt-ids", "1,2"], "altered after compilation"),
     (_cuda, ["--prompt-ids", "1,2"], "a cuda artifact; the native runtime runs CPU artifacts"),
     (_paged, ["--prompt-ids", "1,2"], "plans.values['kv_cache.blocks']: a paged cache's kernels take it as int32"),
     (_pages, ["--prompt-ids", "1,2"], "page_tokens: expected an integer from 0 (contiguous) to 4096"),
+    (_resealed(_misview), ["--prompt-ids", "1,2"], ".views[0]: the view of"),
+    (_resealed(_unread_slot), ["--prompt-ids", "1,2"], "an unread slot (\"\"), which only a GPU plan has"),
     (None, ["--prompt-ids", "1,2", "--max-new-tokens", "127"], "exceeds the context of 128 tokens"),
     (None, ["--prompt-ids", "1,2", "--beam", "4"], "unknown option '--beam'"),
     (None, ["--prompt-ids", "1,256"], "token id 256 is outside the vocabulary (0..255)"),

@@ -19,17 +19,23 @@ from llmc.ops import get_op
 MAX_SEQ = 16
 
 
-def _check(spec, rng, batch, seq, past):
+def _tables(spec, rng, batch, seq):
+    """cos, sin [batch, seq, rotary_dim], and the kernel's arguments for them: none without rotation."""
+    cos, sin = (rng.standard_normal((batch, seq, max(spec.rotary_dim, 2))).astype(np.float32) for _ in range(2))
+    return cos, sin, [cos, sin] if spec.rotary_dim else []
+
+
+def _check(spec, rng, batch, seq, past, table_batch=None):
     kernel = build(spec, host())["main"]
     d = spec.head_dim
     qkv = rng.standard_normal((batch, seq, (spec.heads + 2 * spec.kv_heads) * d)).astype(np.float32)
-    rd = max(spec.rotary_dim, 2)
-    cos, sin = (rng.standard_normal((batch, seq, rd)).astype(np.float32) for _ in range(2))
+    cos, sin, tables = _tables(spec, rng, table_batch or batch, seq)
     caches = [rng.standard_normal((batch, spec.kv_heads, MAX_SEQ, d)).astype(np.float32) for _ in range(2)]
     dev = tvm.cpu(0)
-    args = [tvm.runtime.tensor(a, dev) for a in (qkv, cos, sin, *(in_kv_order(c, spec.order) for c in caches))]
+    args = [tvm.runtime.tensor(a, dev) for a in (qkv, *tables, *(in_kv_order(c, spec.order) for c in caches))]
     q = tvm.runtime.tensor(np.zeros((batch, spec.heads, seq, d), np.float32), dev)
     kernel(*args, q, past)
+    cos, sin = (np.broadcast_to(t, (batch, *t.shape[1:])) for t in (cos, sin))
 
     qp, kp, vp = np.split(qkv, [spec.heads * d, (spec.heads + spec.kv_heads) * d], axis=-1)
     rotary = spec.rotary_dim > 0
@@ -37,7 +43,7 @@ def _check(spec, rng, batch, seq, past):
                                     caches[0][:, :, :past], caches[1][:, :, :past], heads=spec.heads,
                                     kv_heads=spec.kv_heads, rotary_dim=spec.rotary_dim % d)
     assert rel_err(q.numpy(), want[0]) < 1e-6
-    for got, before, w in zip((in_kv_order(a.numpy(), spec.order) for a in args[3:5]), caches, want[1:]):
+    for got, before, w in zip((in_kv_order(a.numpy(), spec.order) for a in args[-2:]), caches, want[1:]):
         assert rel_err(got[:, :, :past + seq], w) < 1e-6
         np.testing.assert_array_equal(got[:, :, past + seq:], before[:, :, past + seq:])
 
@@ -48,6 +54,11 @@ def _check(spec, rng, batch, seq, past):
 @pytest.mark.parametrize("batch,seq,past", [(2, 5, 0), (1, 1, 7), (2, 3, 4)], ids=["prefill", "decode", "chunk"])
 def test_kernel_matches_reference(spec, batch, seq, past, rng):
     _check(spec, rng, batch, seq, past)
+
+
+def test_tables_of_one_sequence_serve_a_batch(rng):
+    """Tables computed once for positions [1, seq] (as transformers does) rotate every sequence."""
+    _check(RopeCacheSpec(4, 2, 16, 16), rng, batch=3, seq=4, past=2, table_batch=1)
 
 
 def test_specs_of_compiled_models():
@@ -83,12 +94,11 @@ def test_int8_cache_kernel_quantizes_rows(spec, rng):
     kernel = build(spec, host())["main"]
     batch, seq, past, d = 2, 3, 4, spec.head_dim
     qkv = rng.standard_normal((batch, seq, (spec.heads + 2 * spec.kv_heads) * d)).astype(np.float32)
-    rd = max(spec.rotary_dim, 2)
-    cos, sin = (rng.standard_normal((batch, seq, rd)).astype(np.float32) for _ in range(2))
+    cos, sin, tables = _tables(spec, rng, batch, seq)
     caches = [rng.integers(-127, 128, (batch, spec.kv_heads, MAX_SEQ, d)).astype(np.int8) for _ in range(2)]
     scales = [rng.random((batch, spec.kv_heads, MAX_SEQ)).astype(np.float32) for _ in range(2)]
     dev = tvm.cpu(0)
-    args = [tvm.runtime.tensor(a, dev) for a in (qkv, cos, sin, *caches, *scales)]
+    args = [tvm.runtime.tensor(a, dev) for a in (qkv, *tables, *caches, *scales)]
     q = tvm.runtime.tensor(np.zeros((batch, spec.heads, seq, d), np.float32), dev)
     kernel(*args, q, past)
 
@@ -96,7 +106,7 @@ def test_int8_cache_kernel_quantizes_rows(spec, rng):
     assert rel_err(q.numpy(), want[0]) < 1e-6
     for i in range(2):
         values, scale = quantize_rows(want[1 + i])
-        got_values, got_scales = args[3 + i].numpy(), args[5 + i].numpy()
+        got_values, got_scales = args[-4 + i].numpy(), args[-2 + i].numpy()
         assert np.abs(got_values[:, :, past:past + seq].astype(int) - values).max() <= 1  # rounding at ties
         np.testing.assert_allclose(got_scales[:, :, past:past + seq], scale, rtol=1e-6)
         np.testing.assert_array_equal(got_values[:, :, :past], caches[i][:, :, :past])  # nothing else written
@@ -115,8 +125,7 @@ def test_paged_kernel_writes_each_sequence_at_its_own_length(spec, seq, rng):
     batch, d, page, lengths = 2, spec.head_dim, spec.page_tokens, np.array([3, 9], np.int32)
     table, blocks = block_table(batch, MAX_SEQ, page, rng)
     qkv = rng.standard_normal((batch, seq, (spec.heads + 2 * spec.kv_heads) * d)).astype(np.float32)
-    rd = max(spec.rotary_dim, 2)
-    cos, sin = (rng.standard_normal((batch, seq, rd)).astype(np.float32) for _ in range(2))
+    cos, sin, tables = _tables(spec, rng, batch, seq)
     if spec.kv_int8:
         caches = [rng.integers(-127, 128, (batch, spec.kv_heads, MAX_SEQ, d)).astype(np.int8) for _ in range(2)]
         caches += [rng.random((batch, spec.kv_heads, MAX_SEQ)).astype(np.float32) for _ in range(2)]
@@ -124,13 +133,13 @@ def test_paged_kernel_writes_each_sequence_at_its_own_length(spec, seq, rng):
         caches = [rng.standard_normal((batch, spec.kv_heads, MAX_SEQ, d)).astype(np.float32) for _ in range(2)]
     pools = [to_pages(c, table, blocks, page) for c in caches]
     dev = tvm.cpu(0)
-    args = [tvm.runtime.tensor(a, dev) for a in (qkv, cos, sin, *pools, table, lengths)]
+    args = [tvm.runtime.tensor(a, dev) for a in (qkv, *tables, *pools, table, lengths)]
     q = tvm.runtime.tensor(np.zeros((batch, spec.heads, seq, d), np.float32), dev)
     kernel(*args, q)
 
     want = _written(spec, qkv, cos, sin)
     assert rel_err(q.numpy(), want[0]) < 1e-6
-    got = [from_pages(a.numpy(), table, MAX_SEQ) for a in args[3:3 + len(pools)]]
+    got = [from_pages(a.numpy(), table, MAX_SEQ) for a in args[1 + len(tables):1 + len(tables) + len(pools)]]
     written = [want[1], want[2]] if not spec.kv_int8 else [*(r[0] for r in map(quantize_rows, want[1:])),
                                                            *(r[1] for r in map(quantize_rows, want[1:]))]
     for i, (g, before, w) in enumerate(zip(got, caches, written)):
@@ -143,5 +152,5 @@ def test_paged_kernel_writes_each_sequence_at_its_own_length(spec, seq, rng):
             np.testing.assert_array_equal(np.delete(g[b], np.s_[n:n + seq], axis=1),
                                           np.delete(before[b], np.s_[n:n + seq], axis=1))
     spare = np.setdiff1d(np.arange(blocks), table)
-    for pool, a in zip(pools, args[3:]):
+    for pool, a in zip(pools, args[1 + len(tables):]):
         np.testing.assert_array_equal(a.numpy()[spare], pool[spare])

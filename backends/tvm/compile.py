@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import replace
 
 from llmc.ir.graph import Graph, Node
@@ -39,14 +40,16 @@ def _plan_node(node: Node, graph: Graph, target: dict, isa: str | None, register
         if spec.act_block:
             spec = replace(spec, isa=isa or "")
         slots = dict(zip(["x", "w", "bias", "residual", "norm_scale", "norm_bias", "w_scale", "w_zero"], node.inputs))
-        args = [slots[a].name + (spec.packing(a) or "")
-                for a in spec.arg_names()[:-1]] + [node.outputs[0].name]
+        values = [slots[a] for a in spec.arg_names()[:-1]] + [node.outputs[0]]
+        args = [v.name + (spec.packing(a) or "") for v, a in zip(values, spec.arg_names())]
+        # activations (x, residual, y) as rows [rows, features]; weights as they are packed
+        views = tuple(_rows(v) if v.name not in graph.params else None for v in values)
 
         def make(name):
             config = choose(name, repr(spec), linear.knobs(spec, registers),
                             functools.partial(measure.measure_linear, spec, target))
             return linear.schedule(spec, config).mod["main"]
-        return repr(spec), _func(make), [Step("", "linear", tuple(args))]
+        return repr(spec), _func(make), [Step("", "linear", tuple(args), views=views)]
     int8, pages = kv_int8(graph), kv_pages(graph)
     if node.op == "attention":
         spec = replace(attention.AttentionSpec.of(node), kv_int8=int8, order=kv_order(graph), page_tokens=pages)
@@ -56,9 +59,10 @@ def _plan_node(node: Node, graph: Graph, target: dict, isa: str | None, register
         qkv, offset, args = rope_cache_args(node, graph)
         spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset, kv_int8=int8,
                        order=kv_order(graph), page_tokens=pages)
+        args, views = rope_cache.args_and_views(node, args)
         # a paged cache's writer takes each sequence's length (an argument), not the step's past
         return repr(spec), _func(lambda name: rope_cache.prim_func(spec)), [Step(
-            "", "rope_cache", args, () if pages else ("past",))]
+            "", "rope_cache", args, () if pages else ("past",), views)]
     shared = _tied_table(node, graph)
     if shared:
         ids, rows = node.inputs[1].name, node.outputs[0].name
@@ -71,6 +75,14 @@ def _plan_node(node: Node, graph: Graph, target: dict, isa: str | None, register
         return key, _func(lambda name: injective.prim_func(node)), [Step(
             "", "injective", tuple(args + [v.name for v in node.outputs]), tuple(injective.dim_names(node)))]
     raise UnsupportedGraph(f"{node.name}: no TVM kernel for op {node.op!r}", node.name)
+
+
+def _rows(value):
+    """The view of an activation [..., k] as a GEMM kernel takes it, [rows, k] (None when it is
+    so already)."""
+    if len(value.shape) <= 2:
+        return None
+    return (math.prod(value.shape[:-1]), value.shape[-1])
 
 
 def _tied_table(node: Node, graph: Graph) -> str | None:

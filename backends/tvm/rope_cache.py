@@ -3,7 +3,8 @@
     qkv      [batch, seq, row_width]                  the merged projection, as the GEMM wrote it;
                                                        q, k, v are (heads + 2 kv_heads) * d columns
                                                        from `offset` (Phi's row also holds fc1)
-    cos, sin [batch, seq, rotary_dim]                  the rotary tables of this step's positions
+    cos, sin [batch or 1, seq, rotary_dim]             the rotary tables of this step's positions
+                                                       (with rotation only; one sequence's serve all)
     k_cache, v_cache [batch, kv_heads, max_seq, d]     owned by the runtime; rows past..past+seq are
                                                        written, nothing else is touched (in the
                                                        spec's `order`: [batch, max_seq, kv_heads, d]
@@ -21,6 +22,7 @@ round(x / s) with s = max|x| / 127 (`quantize_rows`), and attention multiplies b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..cache_layout import kv_index, kv_shape, kv_slot
@@ -71,7 +73,8 @@ def _rotation(spec: RopeCacheSpec):
         if spec.rotary_dim == 0:
             return x[vb, vs, base + vd]
         partner = T.if_then_else(vd < half, -x[vb, vs, base + vd + half], x[vb, vs, base + vd - half])
-        return T.if_then_else(vd < rd, x[vb, vs, base + vd] * cos[vb, vs, vd] + partner * sin[vb, vs, vd],
+        tb = T.min(vb, cos.shape[0] - 1)  # tables of one sequence's positions serve every sequence
+        return T.if_then_else(vd < rd, x[vb, vs, base + vd] * cos[tb, vs, vd] + partner * sin[tb, vs, vd],
                               x[vb, vs, base + vd])
     return spec.row_width or (spec.heads + 2 * spec.kv_heads) * spec.head_dim, rd, rotated
 
@@ -89,97 +92,58 @@ def _slots(spec: RopeCacheSpec):
 
 
 def prim_func(spec: RopeCacheSpec):
-    """The kernel: its signature (contiguous or paged, f32 or int8 caches) around the shared
-    bodies (`_bodies`). A paged cache's kernel takes the block tables and lengths in place of
-    `past`."""
+    """The kernel. Its parameters, in order: qkv, the rotary tables cos and sin (with rotation
+    only), the caches kc and vc, an int8 cache's scales ks and vs, a paged cache's block tables
+    and lengths, q out, then a contiguous cache's `past`. One TVMScript function declares every
+    parameter; those this spec does not read are dropped from the signature."""
+    from tvm import tirx
     from tvm.script import tirx as T
 
     hq, hkv, d, dt = spec.heads, spec.kv_heads, spec.head_dim, spec.dtype
     width, rd, _ = _rotation(spec)
     order, page = spec.order, spec.page_tokens
+    b, bt, s, n, m, mb = (tirx.Var(x, "int64") for x in ("b", "bt", "s", "n", "m", "mb"))
+    cache_dt = "int8" if spec.kv_int8 else dt
+    caches = kv_shape(order, n, hkv, page, d) if page else kv_shape(order, b, hkv, m, d)
+    scales = kv_shape(order, n, hkv, page) if page else kv_shape(order, b, hkv, m)
     contiguous, paged = _slots(spec)
     write_q, write_kv, write_int8 = _bodies(spec)
-    cache_dt = "int8" if spec.kv_int8 else dt
+    write_caches = write_int8 if spec.kv_int8 else write_kv
 
-    if not page and not spec.kv_int8:
-        @T.prim_func(s_tir=True)
-        def main(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
-                 q_h: T.handle, past: T.int64):
-            T.func_attr({"tirx.noalias": True})
-            b = T.int64()
-            s = T.int64()
-            m = T.int64()
-            qkv = T.match_buffer(qkv_h, (b, s, width), dt)
-            cos = T.match_buffer(cos_h, (b, s, rd), dt)
-            sin = T.match_buffer(sin_h, (b, s, rd), dt)
-            kc = T.match_buffer(kc_h, kv_shape(order, b, hkv, m, d), cache_dt)
-            vc = T.match_buffer(vc_h, kv_shape(order, b, hkv, m, d), cache_dt)
-            q = T.match_buffer(q_h, (b, hq, s, d), dt)
-            where = T.meta_var(contiguous(past))
-            write_q(qkv, cos, sin, q)
-            write_kv(qkv, cos, sin, kc, vc, where)
-    elif not page:
-        @T.prim_func(s_tir=True)
-        def main(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
-                 ks_h: T.handle, vs_h: T.handle, q_h: T.handle, past: T.int64):
-            T.func_attr({"tirx.noalias": True})
-            b = T.int64()
-            s = T.int64()
-            m = T.int64()
-            qkv = T.match_buffer(qkv_h, (b, s, width), dt)
-            cos = T.match_buffer(cos_h, (b, s, rd), dt)
-            sin = T.match_buffer(sin_h, (b, s, rd), dt)
-            kc = T.match_buffer(kc_h, kv_shape(order, b, hkv, m, d), cache_dt)
-            vc = T.match_buffer(vc_h, kv_shape(order, b, hkv, m, d), cache_dt)
-            ks = T.match_buffer(ks_h, kv_shape(order, b, hkv, m), dt)
-            vsc = T.match_buffer(vs_h, kv_shape(order, b, hkv, m), dt)
-            q = T.match_buffer(q_h, (b, hq, s, d), dt)
-            where = T.meta_var(contiguous(past))
-            write_q(qkv, cos, sin, q)
-            write_int8(qkv, cos, sin, kc, vc, ks, vsc, where)
-    elif not spec.kv_int8:
-        @T.prim_func(s_tir=True)
-        def main(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
-                 blocks_h: T.handle, lengths_h: T.handle, q_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            b = T.int64()
-            s = T.int64()
-            n = T.int64()
-            mb = T.int64()
-            qkv = T.match_buffer(qkv_h, (b, s, width), dt)
-            cos = T.match_buffer(cos_h, (b, s, rd), dt)
-            sin = T.match_buffer(sin_h, (b, s, rd), dt)
-            kc = T.match_buffer(kc_h, kv_shape(order, n, hkv, page, d), cache_dt)
-            vc = T.match_buffer(vc_h, kv_shape(order, n, hkv, page, d), cache_dt)
-            blocks = T.match_buffer(blocks_h, (b, mb), "int32")
-            lengths = T.match_buffer(lengths_h, (b,), "int32")
-            q = T.match_buffer(q_h, (b, hq, s, d), dt)
-            where = T.meta_var(paged(blocks, lengths))
-            write_q(qkv, cos, sin, q)
-            write_kv(qkv, cos, sin, kc, vc, where)
-    else:
-        @T.prim_func(s_tir=True)
-        def main(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle,
-                 ks_h: T.handle, vs_h: T.handle, blocks_h: T.handle, lengths_h: T.handle, q_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            b = T.int64()
-            s = T.int64()
-            n = T.int64()
-            mb = T.int64()
-            qkv = T.match_buffer(qkv_h, (b, s, width), dt)
-            cos = T.match_buffer(cos_h, (b, s, rd), dt)
-            sin = T.match_buffer(sin_h, (b, s, rd), dt)
-            kc = T.match_buffer(kc_h, kv_shape(order, n, hkv, page, d), cache_dt)
-            vc = T.match_buffer(vc_h, kv_shape(order, n, hkv, page, d), cache_dt)
-            ks = T.match_buffer(ks_h, kv_shape(order, n, hkv, page), dt)
-            vsc = T.match_buffer(vs_h, kv_shape(order, n, hkv, page), dt)
-            blocks = T.match_buffer(blocks_h, (b, mb), "int32")
-            lengths = T.match_buffer(lengths_h, (b,), "int32")
-            q = T.match_buffer(q_h, (b, hq, s, d), dt)
-            where = T.meta_var(paged(blocks, lengths))
-            write_q(qkv, cos, sin, q)
-            write_int8(qkv, cos, sin, kc, vc, ks, vsc, where)
-    return main
+    def slot(past, blocks, lengths):
+        return paged(blocks, lengths) if page else contiguous(past)
+
+    @T.prim_func(s_tir=True)
+    def main(qkv_h: T.handle, cos_h: T.handle, sin_h: T.handle, kc_h: T.handle, vc_h: T.handle, ks_h: T.handle,
+             vs_h: T.handle, blocks_h: T.handle, lengths_h: T.handle, q_h: T.handle, past: T.int64):
+        T.func_attr({"tirx.noalias": True})
+        qkv = T.match_buffer(qkv_h, (b, s, width), dt)
+        cos = T.match_buffer(cos_h, (bt, s, rd), dt)
+        sin = T.match_buffer(sin_h, (bt, s, rd), dt)
+        kc = T.match_buffer(kc_h, caches, cache_dt)
+        vc = T.match_buffer(vc_h, caches, cache_dt)
+        ks = T.match_buffer(ks_h, scales, dt)
+        vsc = T.match_buffer(vs_h, scales, dt)
+        blocks = T.match_buffer(blocks_h, (b, mb), "int32")
+        lengths = T.match_buffer(lengths_h, (b,), "int32")
+        q = T.match_buffer(q_h, (b, hq, s, d), dt)
+        where = T.meta_var(slot(past, blocks, lengths))
+        write_q(qkv, cos, sin, q)
+        write_caches(qkv, cos, sin, kc, vc, ks, vsc, where)
+
+    taken = [True, bool(spec.rotary_dim), bool(spec.rotary_dim), True, True, spec.kv_int8, spec.kv_int8,
+             bool(page), bool(page), True, not page]
+    return tirx.PrimFunc([p for p, t in zip(main.params, taken) if t], main.body, main.ret_type, main.attrs)
+
+
+def args_and_views(node, args: tuple[str, ...]) -> tuple[tuple[str, ...], tuple]:
+    """The step's arguments as the kernel takes them (`cache_layout.rope_cache_args`' less the
+    tables a kernel without rotation has no parameters for) and their views: the rotary tables
+    [batch, 1, seq, d] as [batch, seq, d]."""
+    args = tuple(a for a in args if a)  # "" only for the tables of a rope without rotation
+    tables = {v.name: v for v in node.inputs[3:5] if v is not None}
+    return args, tuple((t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
+                       if t is not None and len(t.shape) != 3 else None for t in map(tables.get, args))
 
 
 def build(spec: RopeCacheSpec, target: dict):
@@ -206,7 +170,7 @@ def _bodies(spec: RopeCacheSpec):
                 q[vb, vh, vs, vd] = rotated(qkv, vb, vs, off + vh * d, vd, cos, sin)
 
     @T.macro
-    def write_kv(qkv, cos, sin, kc, vc, where):
+    def write_kv(qkv, cos, sin, kc, vc, ks, vsc, where):  # f32 caches: no scales (ks, vsc unread)
         for bi, hi, si, di in T.grid(qkv.shape[0], hkv, qkv.shape[1], d):
             with T.sblock("kv"):
                 vb, vh, vs, vd = T.axis.remap("SSSS", [bi, hi, si, di])

@@ -48,7 +48,7 @@ def numpy_threads(seconds: float = 1.0) -> float:
 def llmc_gemv(seconds: float = 1.0) -> float:
     from llmc.backends.tvm.linear import LinearSpec, build, pack
     from llmc.backends.tvm.target import host
-    from llmc.runtime.executor import aligned_empty
+    from llmc.runtime.host import aligned_empty
 
     n = k = int((BYTES // 4) ** 0.5)
     w, x, y = aligned_empty((n // 64, k, 64), np.float32), aligned_empty((1, k), np.float32), aligned_empty((1, n), np.float32)

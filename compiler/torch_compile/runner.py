@@ -154,58 +154,61 @@ class TorchPlan:
 
         steps = []
         for step in self.plan:
-            lay_outs = [None] * len(step.args)
-            copies, start = [], None
-            if step.kind == "linear":  # x, residual and y as [rows, features]; weights as packed
-                lay_outs = [None if name in self.weights or len(self.layouts[name][0]) <= 2 else _rows
-                            for name in step.args]
-                dims = tuple(env[d] for d in step.dims)
-            elif step.kind == "attention":  # unmasked, it takes the keys' length: the whole cache
+            # each argument as the step's view shows it (the same bytes, or broadcast: `_viewed`)
+            views = [None if v is None else tuple(evaluate(d, env) for d in v)
+                     for v in step.views or [None] * len(step.args)]
+            arg_names, copies, start = step.args, [], None
+            # The caches are the caller's here, not a runtime's: attention and rope_cache see them
+            # as they are (the past's length, a new present or the static cache itself)
+            if step.kind == "attention":  # unmasked, it takes the keys' length: the whole cache
                 dims = (shape(step.args[1])[2],) * len(step.dims)
             elif step.kind == "rope_cache":
-                qkv, cos, sin, k, v, *rest = step.args
-                batch, seq = shape(qkv)[:2]
-                lay_outs[1:3] = [_tables(batch, seq)] * 2
-                copies = [(self.present_of[c], c) for c in (k, v) if c in self.present_of
+                at = _caches_at(step)
+                past_k, past_v = step.args[at:at + 2]
+                k, v = self._cache_args(step)[:2]
+                copies = [(self.present_of[c], c) for c in (past_k, past_v) if c in self.present_of
                           and self.present_of[c] not in self.aliases]
-                call_names = [qkv, cos, sin, *self._cache_args(step)[:2], *rest]
-                if k in self.positions_of:
-                    start, dims = (self.positions_of[k], seq, shape(k)[2], k), ()
+                arg_names = step.args[:at] + (k, v) + step.args[at + 2:]
+                seq = shape(step.args[0])[1]
+                if past_k in self.positions_of:
+                    start, dims = (self.positions_of[past_k], seq, shape(past_k)[2], past_k), ()
                 else:
-                    dims = (shape(call_names[3])[2] - seq,)
+                    dims = (shape(k)[2] - seq,)
             else:
                 dims = tuple(env[d] for d in step.dims)
-            arg_names = call_names if step.kind == "rope_cache" else step.args
             call, patches = [], []
-            for j, (name, lay_out) in enumerate(zip(arg_names, lay_outs)):
-                if not name:  # rope_cache without rotary: the kernel ignores its tables
-                    call.append(_no_tables(batch, seq))
-                elif name in fixed and (lay_out is None or lay_out is _rows):  # the same tensor every call
-                    call.append(lay_out(fixed[name]) if lay_out else fixed[name])
+            for j, (name, view) in enumerate(zip(arg_names, views)):
+                t = fixed.get(name)
+                if t is not None and (view is None or t.numel() == math.prod(view)):  # the same tensor every call
+                    call.append(t if view is None else t.view(view))
                 else:
                     call.append(None)
-                    patches.append((j, name, lay_out))
+                    patches.append((j, name, view and _viewed(view)))
             steps.append((self.functions[step.kernel], call, patches, copies, dims, start))
         return fixed, steps
 
     def _cache_args(self, step) -> tuple[str, ...]:
         """The caches a rope_cache step writes, the presents (a static one's is its input
         itself), and a static cache's positions."""
-        k, v = step.args[3:5]
+        at = _caches_at(step)
+        k, v = step.args[at:at + 2]
         return (self.present_of.get(k, k), self.present_of.get(v, v)) + \
             ((self.positions_of[k],) if k in self.positions_of else ())
 
 
-def _rows(t):
-    return t.view(-1, t.shape[-1])
+def _caches_at(step) -> int:
+    """Where a rope_cache step's caches are among its arguments: (qkv, [cos, sin,] k, v, q), the
+    tables only with rotation (a graph here has no int8 or paged cache)."""
+    return len(step.args) - 3
 
 
-def _tables(batch, seq):
-    """A rotary table [b, 1, s, d] as the kernel takes it, [batch, s, d]: the positions of one
-    sequence serve all of a batch when torch computed them once."""
+def _viewed(shape: tuple[int, ...]):
+    """A tensor as its step's view shows it: the same bytes, or, where torch computed it once for
+    a batch of sequences (rotary tables of positions [1, seq]), broadcast to the view's batch."""
     def lay_out(t):
-        t = t.reshape(t.shape[0], seq, -1)
-        return t if t.shape[0] == batch else t.expand(batch, -1, -1).contiguous()
+        if t.numel() == math.prod(shape):
+            return t.view(shape)
+        return t.reshape(1, *shape[1:]).expand(shape).contiguous()
     return lay_out
 
 
@@ -224,9 +227,3 @@ def _first_position(positions, seq: int, length: int, cache: str) -> int:
         raise LlmcError(f"{cache}: a static cache is written at {seq} consecutive positions inside its {length}; "
                         f"got {positions.reshape(-1).tolist()[:8]}")
     return start
-
-
-def _no_tables(batch, seq):
-    import torch
-
-    return torch.empty((batch, seq, 2), dtype=torch.float32)

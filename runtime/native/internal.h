@@ -73,7 +73,7 @@ int sample_token(const float *logits, int n, rng *r, double temperature, int top
 
 /* ---- the artifact (artifact.c): opened and verified as the Python runtime's open_artifact does ---- */
 #define FORMAT "llmc-artifact"
-#define FORMAT_VERSION 5
+#define FORMAT_VERSION 6
 #define WEIGHTS "weights.safetensors"
 typedef struct {
     char *dir;        /* the artifact's directory */

@@ -40,8 +40,10 @@ typedef struct {
     llmc_call call;     /* kernel i of the library is step i's */
     const char *kernel;
     int kind, nargs, ndims, writes_logits;
-    int *args;          /* value indices; -1: a slot the kernel leaves unread */
+    int *args;          /* value indices */
     int *dims;          /* atom indices */
+    int *view_ndim;     /* per argument: the dims of its view, -1 for none (the value's own shape) */
+    dim (*views)[MAX_DIMS];
     DLTensor *tensors;
     int64_t (*shapes)[MAX_DIMS];
     TVMFFIAny *packed;  /* the arguments, then the dims */
@@ -66,7 +68,6 @@ struct llmc_model {
     int *eos;
     int n_eos;
     uint8_t *arena, *caches;
-    float *no_tables;
     size_t arena_bytes, cache_bytes;
     double *scratch;
     int *order;
@@ -415,8 +416,7 @@ static int plan_memory(llmc_model *m) {
     m->arena_bytes = arena;
     m->arena = aligned_alloc64(arena);
     m->caches = aligned_alloc64(m->cache_bytes);
-    m->no_tables = aligned_alloc64((size_t)m->max_seq * 2 * sizeof(float));
-    if (!m->arena || !m->caches || !m->no_tables) {
+    if (!m->arena || !m->caches) {
         set_error("cannot allocate %.2f GiB for the KV caches and activations",
                   (double)(m->arena_bytes + m->cache_bytes) / (1 << 30));
         return -1;
@@ -545,6 +545,23 @@ static int read_model(llmc_model *m) {
     return 0;
 }
 
+/* step s's view of argument a (null: none) */
+static int read_view(llmc_model *m, const json *j, step *s, int a, const char *where, const char *at) {
+    s->view_ndim[a] = -1;
+    if (j->type == JSON_NULL) return 0;
+    if (j->type != JSON_ARRAY || j->count > MAX_DIMS) {
+        set_error("%s: %s.views[%d]: expected null or a shape of at most %d dims", where, at, a, MAX_DIMS);
+        return -1;
+    }
+    s->view_ndim[a] = (int)j->count;
+    for (size_t d = 0; d < j->count; d++) {
+        char here[700];
+        snprintf(here, sizeof here, "%s: %s.views[%d][%zu]", where, at, a, d);
+        if (dims_read(&m->atoms, &j->items[d], &s->views[a][d], here)) return -1;
+    }
+    return 0;
+}
+
 static int read_plan(llmc_model *m, const json *plans, const json *functions) {
     const char *where = m->art.where;
     const json *forward = field(plans, "forward", JSON_ARRAY, "plans");
@@ -564,7 +581,12 @@ static int read_plan(llmc_model *m, const json *plans, const json *functions) {
         const json *kernel = field(j, "kernel", JSON_STRING, at), *kind = kernel ? field(j, "kind", JSON_STRING, at) : NULL;
         const json *args = kind ? field(j, "args", JSON_ARRAY, at) : NULL;
         const json *dims = args ? field(j, "dims", JSON_ARRAY, at) : NULL;
-        if (!dims) return fail_at(where);
+        const json *views = dims ? field(j, "views", JSON_ARRAY, at) : NULL;
+        if (!views) return fail_at(where);
+        if (views->count != args->count) {
+            set_error("%s: %s.views: %zu views for %zu arguments", where, at, views->count, args->count);
+            return -1;
+        }
         s->kernel = kernel->string;
         s->kind = -1;
         for (int k = 0; k < 5; k++)
@@ -584,7 +606,12 @@ static int read_plan(llmc_model *m, const json *plans, const json *functions) {
         s->tensors = calloc(args->count + 1, sizeof *s->tensors);
         s->shapes = calloc(args->count + 1, sizeof *s->shapes);
         s->packed = calloc(args->count + dims->count + 1, sizeof *s->packed);
-        if (!s->args || !s->dims || !s->tensors || !s->shapes || !s->packed) { set_error("out of memory"); return -1; }
+        s->view_ndim = calloc(args->count + 1, sizeof *s->view_ndim);
+        s->views = calloc(args->count + 1, sizeof *s->views);
+        if (!s->args || !s->dims || !s->tensors || !s->shapes || !s->packed || !s->view_ndim || !s->views) {
+            set_error("out of memory");
+            return -1;
+        }
         s->call = (llmc_call){i, s->nargs + s->ndims, s->ndims, 0, s->packed, s->dims};
         for (int a = 0; a < s->nargs; a++) {
             const json *name = &args->items[a];
@@ -592,16 +619,19 @@ static int read_plan(llmc_model *m, const json *plans, const json *functions) {
                 set_error("%s: %s.args[%d]: expected a name", where, at, a);
                 return -1;
             }
-            s->args[a] = name->string[0] ? lookup(m, name->string) : -1;
-            if (name->string[0] && s->args[a] < 0) {
+            if (!name->string[0]) {  /* CPU kernels declare every parameter they take */
+                set_error("%s: %s.args[%d]: an unread slot (\"\"), which only a GPU plan has", where, at, a);
+                return -1;
+            }
+            s->args[a] = lookup(m, name->string);
+            if (s->args[a] < 0) {
                 set_error("%s: %s.args[%d]: value '%s' is not described in plans.values", where, at, a, name->string);
                 return -1;
             }
-            if (s->args[a] >= 0) {
-                value *v = &m->values[s->args[a]];
-                if (v->first > i) v->first = i;
-                if (v->last < i) v->last = i;
-            }
+            value *v = &m->values[s->args[a]];
+            if (v->first > i) v->first = i;
+            if (v->last < i) v->last = i;
+            if (read_view(m, &views->items[a], s, a, where, at)) return -1;
             s->tensors[a].shape = s->shapes[a];
             s->tensors[a].device.device_type = 1;  /* kDLCPU */
             s->packed[a].type_index = FFI_DLTENSOR;
@@ -664,14 +694,10 @@ static int fail_at_step(int i) {
     return -1;
 }
 
-/* [..., k] as the GEMM kernels take rows: [rows, k] (the same bytes) */
-static void flatten_rows(DLTensor *t) {
-    if (t->ndim <= 2) return;
-    int64_t rows = 1;
-    for (int d = 0; d < t->ndim - 1; d++) rows *= t->shape[d];
-    t->shape[1] = t->shape[t->ndim - 1];
-    t->shape[0] = rows;
-    t->ndim = 2;
+static int64_t elements(const int64_t *shape, int ndim) {
+    int64_t n = 1;
+    for (int d = 0; d < ndim; d++) n *= shape[d];
+    return n;
 }
 
 static int run(llmc_model *m, const int32_t *ids, int seq, int past, int last_logits, const float **out,
@@ -718,13 +744,6 @@ static int run(llmc_model *m, const int32_t *ids, int seq, int past, int last_lo
         for (int a = 0; a < s->nargs; a++) {
             DLTensor *t = &s->tensors[a];
             int64_t *shape = s->shapes[a];
-            if (s->args[a] < 0) {  /* rope_cache without rotary: its tables are left unread */
-                t->data = m->no_tables;
-                t->dtype = (DLDataType){2, 32, 1};
-                t->ndim = 3;
-                shape[0] = 1; shape[1] = seq; shape[2] = 2;
-                continue;
-            }
             const value *v = &m->values[s->args[a]];
             t->data = v->data;
             t->dtype = v->dtype;
@@ -742,12 +761,15 @@ static int run(llmc_model *m, const int32_t *ids, int seq, int past, int last_lo
                 }
                 continue;
             }
-            if (s->kind == KIND_LINEAR) flatten_rows(t);
-            else if (s->kind == KIND_ROPE_CACHE && (a == 1 || a == 2)) {  /* tables [b, 1, s, d] -> [b, s, d] */
-                int64_t all = 1;
-                for (int d = 0; d < t->ndim; d++) all *= shape[d];
-                shape[0] = 1; shape[1] = seq; shape[2] = all / (seq ? seq : 1);
-                t->ndim = 3;
+            if (s->view_ndim[a] >= 0) {  /* the plan's view of the same bytes */
+                int64_t n = elements(shape, t->ndim);
+                t->ndim = s->view_ndim[a];
+                for (int d = 0; d < t->ndim; d++) shape[d] = dims_value(&s->views[a][d], at);
+                if (elements(shape, t->ndim) != n) {
+                    set_error("plans.forward[%d].views[%d]: the view of '%s' holds %lld elements, the value %lld", i, a,
+                              v->name, (long long)elements(shape, t->ndim), (long long)n);
+                    return -1;
+                }
             }
         }
         if (llmc_kernels_run(m->kernels, &s->call, 1, atoms, &in_kernels)) return fail_at_step(i);
@@ -892,12 +914,15 @@ void llmc_free(llmc_model *m) {
     if (!m) return;
     for (int i = 0; i < m->n_steps; i++) {
         step *s = &m->steps[i];
-        free(s->args); free(s->dims); free(s->tensors); free(s->shapes); free(s->packed);
+        for (int a = 0; a < s->nargs && s->views && s->view_ndim; a++)
+            for (int d = 0; d < s->view_ndim[a]; d++) free(s->views[a][d].terms);
+        free(s->args); free(s->dims); free(s->tensors); free(s->shapes); free(s->packed); free(s->view_ndim);
+        free(s->views);
     }
     for (int i = 0; i < m->n_values; i++)
         for (int d = 0; d < m->values[i].ndim; d++) free(m->values[i].shape[d].terms);
     free(m->steps); free(m->values); free(m->table); free(m->eos);
-    free(m->arena); free(m->caches); free(m->no_tables); free(m->scratch); free(m->order);
+    free(m->arena); free(m->caches); free(m->scratch); free(m->order);
     free(m->atom_env); free(m->atom_last); free(m->atom_cache);
     if (m->weights_map) munmap(m->weights_map, m->weights_size);
     llmc_kernels_free(m->kernels);

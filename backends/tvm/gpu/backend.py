@@ -86,7 +86,10 @@ def plan_node(node: Node, graph: Graph, max_seq: int, kind: str, choose):
         qkv, offset, args = rope_cache_args(node, graph)
         spec = replace(rope_cache.RopeCacheSpec.of(node), row_width=qkv.shape[-1], offset=offset,
                        kv_int8=kv_int8(graph), order=kv_order(graph), page_tokens=pages)
-        bindings = {"b": "batch", "s": "seq", "m": str(max_seq), "mb": blocks}
+        tables = node.inputs[3]
+        bindings = {"b": "batch", "bt": dim_text(tables.shape[0]) if tables is not None else "1", "s": "seq",
+                    "m": str(max_seq), "mb": blocks}
+        args, _ = rope_cache.args_and_views(node, args)  # device buffers are flat: no views
         return repr(spec), one(lambda: rope_cache.prim_func(spec), bindings), \
             [Step("", "rope_cache", args)]
     if node.op in injective.LOWERINGS:
