@@ -21,12 +21,12 @@ from ..plan import Step, UnsupportedGraph, encode_dim, node_key
 from ..cache_layout import attention_args, kv_int8, kv_order, kv_pages, rope_cache_args
 from ..packing import NIBBLES
 from . import injective
+from .kernels import linear
 
 DIMS = ("past", "total", "batch", "seq")  # the scalars every step passes (past, total via D)
 POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "int64": "*i64", "int32": "*i32",
            "int8": "*i8", "uint8": "*u8", "bool": "*i1"}
 DECODE_ROWS = 4  # GEMMs of up to this many rows run the GEMV kernel
-PREFILL_ROWS = 128  # the row count the prefill knobs are tuned at
 ACTIVATIONS = {"": 0, "relu": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}
 
 
@@ -81,26 +81,12 @@ def _rows(x, where: str) -> tuple:
     raise UnsupportedGraph(f"{where}: rows {rows} are not a multiple of batch * seq or batch")
 
 
-def linear_knobs(out_n: int) -> list[Knob]:
-    """The GEMM's knobs, defaults first. Decode (`gemv`): output rows per program and warps; the
-    default gives enough programs that every SM streams (several hundred on a GPU of 100+ SMs),
-    each reading BLOCK_N whole rows. Prefill (`gemm`): the output tile (BLOCK_M x BLOCK_N),
-    warps and pipeline stages. Defaults are untuned starting points; a table tuned on a GPU
-    replaces them (`llmc compile --tuning FILE`)."""
-    block_n = 16 if out_n < 2048 else max(4, min(16, 1 << ((out_n // 512).bit_length() - 1)))
-    return [Knob("gemv_block_n", (block_n, *(b for b in (4, 8, 16, 32) if b != block_n)), 1),
-            Knob("gemv_warps", (4, 2, 8), 1),
-            Knob("gemm_tile", ("64x64", "128x64", "64x128", "128x128", "32x64"), PREFILL_ROWS),
-            Knob("gemm_warps", (4, 8), PREFILL_ROWS),
-            Knob("gemm_stages", (3, 2, 4), PREFILL_ROWS)]
-
-
 class Planner:
     """Kernel specs and steps for the nodes of one graph."""
 
     def __init__(self, graph: Graph, dtypes: dict[str, str], dot_f16: bool, choose=None):
         self.graph, self.dtypes, self.dot_f16 = graph, dtypes, dot_f16
-        self.choose = choose or Chooser()  # each GEMM's configuration (`linear_knobs`)
+        self.choose = choose or Chooser()  # each GEMM's configuration (`kernels.linear.knobs`)
         self.seq_major = int(kv_order(graph) == "bshd")  # the caches' axis order (`cache_layout.lay_out_caches`)
         self.page = kv_pages(graph)  # tokens per block of a paged cache; 0: contiguous
         self.scratch: dict[str, tuple[str, list]] = {}  # values the plan adds: {name: (dtype, IR shape)}
@@ -160,7 +146,7 @@ class Planner:
         key = repr(("linear", common))
 
         def make(name):
-            c = self.choose(name, key, linear_knobs(out_n))
+            c = self.choose(name, key, [Knob(*k) for k in linear.knobs(out_n)])
             gemv = TritonKernel("linear", "gemv", dict(common, BLOCK_N=c["gemv_block_n"], BLOCK_K=max(block_k, 16)),
                                 signature, [[_cdiv(out_n, c["gemv_block_n"])], [_cdiv(rows, 1)], []],
                                 num_warps=c["gemv_warps"], num_stages=2)

@@ -2,7 +2,8 @@
 
 These are the small ops a compiled graph keeps besides its fused kernels: the embedding gather,
 and the per-step mask and rotary-table construction (range, compare, and, where, cast, cos, sin,
-concat, expand, gather_nd, ...). Shapes are symbolic: each named dim (batch, seq, past) becomes
+concat, expand, gather_nd, ...); the standalone norms (`norm.py`) are lowered through the same
+table. Shapes are symbolic: each named dim (batch, seq, past) becomes
 a TIR variable bound from the buffers at run time, and each `dims` value is evaluated the same way.
 Their schedules are plain: small ops run serial, since a parallel launch costs more than them.
 """
@@ -10,6 +11,8 @@ Their schedules are plain: small ops run serial, since a parallel launch costs m
 from __future__ import annotations
 
 from llmc.ir.symbolic import Sym
+
+from .norm import NORMS
 
 
 class Dims:
@@ -202,46 +205,6 @@ def _slice(node, ins, out_shape, dims):
     return te.compute(out_shape, lambda *i: x(*(b + j * st for j, b, st in zip(i, begin, stride))), name="slice")
 
 
-def _norm(node, ins, out_shape, dims):
-    """layer_norm / rms_norm over the last axis, on their own (most norms are GEMM prologues;
-    these are the ones whose output is read by more than GEMMs)."""
-    x, scale, *bias = ins
-    return _normalized(node, lambda *i: x(*i), x.shape, scale, bias, out_shape, node.op == "layer_norm")
-
-
-def _add_norm(node, ins, out_shapes, dims):
-    """add_norm: the residual sum s = a + b (the first output) and norm(s) (the second). The
-    norm reads a + b itself, not s: a kernel then never reads what it writes."""
-    from tvm import te
-
-    a, b, scale, *bias = ins
-    s = te.compute(out_shapes[0], lambda *i: a(*i) + b(*i), name="sum")
-    return [s, _normalized(node, lambda *i: a(*i) + b(*i), a.shape, scale, bias, out_shapes[1],
-                           node.attrs["norm"] == "layer")]
-
-
-def _normalized(node, x, shape, scale, bias, out_shape, centered: bool):
-    """norm(x) over the last axis of `shape`: rms, or layer (`centered`) with its bias."""
-    from tvm import te, tirx
-
-    k = shape[-1]
-    dt = scale.dtype
-    n = k.astype(dt)
-    if centered:
-        r = te.reduce_axis((0, k), name="r")
-        total = te.compute(shape[:-1], lambda *i: te.sum(x(*i, r), axis=r), name="total")
-    dev = (lambda *i: x(*i) - total(*i[:-1]) / n) if centered else x
-    r2 = te.reduce_axis((0, k), name="r2")
-    squares = te.compute(shape[:-1], lambda *i: te.sum(dev(*i, r2) * dev(*i, r2), axis=r2), name="squares")
-    eps = tirx.const(node.attrs["epsilon"], dt)
-    inv = te.compute(shape[:-1], lambda *i: 1 / te.sqrt(squares(*i) / n + eps), name="inv")
-
-    def body(*i):
-        y = dev(*i) * inv(*i[:-1]) * scale(i[-1])
-        return y + bias[0](i[-1]) if bias else y
-    return te.compute(out_shape, body, name="normed")
-
-
 def _range(node, ins, out_shape, dims):
     from tvm import te
 
@@ -284,8 +247,7 @@ LOWERINGS = {**{op: _elementwise(fn) for op, fn in UNARY.items()},
              "where": _elementwise(_where),
              **{op: _view for op in ("reshape", "squeeze", "unsqueeze", "flatten", "identity")},
              "concat": _concat, "expand": _expand, "transpose": _transpose, "gather": _gather, "gather_nd": _gather_nd,
-             "range": _range, "dims": _dims, "split": _split, "slice": _slice,
-             "layer_norm": _norm, "rms_norm": _norm, "add_norm": _add_norm}
+             "range": _range, "dims": _dims, "split": _split, "slice": _slice, **NORMS}
 MULTI_OUTPUT = {"split", "add_norm"}
 
 

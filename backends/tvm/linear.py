@@ -23,7 +23,7 @@ its L2 across row blocks. The tile is a knob (`knobs`): 6 x 4 vectors fills 24 o
 registers, and with 128 rows runs at 440-480 GFLOP/s on both Zen 5 cores, as fast as
 onnxruntime's MLAS; AVX2's 16 registers hold a quarter of that (each 16-lane vector is two).
 Fewer rows (decode) go one by one over the same tasks, which then read the weights at memory
-bandwidth (benchmarks/gemv_bandwidth.py); a clamped 6-row tile would do 6x the arithmetic,
+bandwidth (llmc.tools.gemv_bandwidth); a clamped 6-row tile would do 6x the arithmetic,
 which dequantizing kernels feel.
 
 Quantized weights (`quant`): int8 with a per-channel scale applied to the sums, or 4-bit

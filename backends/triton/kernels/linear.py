@@ -17,6 +17,23 @@ input features 2i and 2i + 1 in the low and high nibble; scales and zeros [n, k 
 import triton
 import triton.language as tl
 
+PREFILL_ROWS = 128  # the row count the prefill knobs are tuned at
+
+
+def knobs(out_n: int) -> list[tuple]:
+    """The tuner's knobs of a GEMM of `out_n` output features, each (name, values with the default
+    first, the rows it is measured at): `llmc.backends.knobs.Knob`. Decode (`gemv`): output rows
+    per program and warps; the default gives enough programs that every SM streams (several
+    hundred on a GPU of 100+ SMs), each reading BLOCK_N whole rows. Prefill (`gemm`): the output
+    tile (BLOCK_M x BLOCK_N), warps and pipeline stages. Defaults are untuned starting points; a
+    table tuned on a GPU replaces them (`llmc compile --tuning FILE`)."""
+    block_n = 16 if out_n < 2048 else max(4, min(16, 1 << ((out_n // 512).bit_length() - 1)))
+    return [("gemv_block_n", (block_n, *(b for b in (4, 8, 16, 32) if b != block_n)), 1),
+            ("gemv_warps", (4, 2, 8), 1),
+            ("gemm_tile", ("64x64", "128x64", "64x128", "128x128", "32x64"), PREFILL_ROWS),
+            ("gemm_warps", (4, 8), PREFILL_ROWS),
+            ("gemm_stages", (3, 2, 4), PREFILL_ROWS)]
+
 
 @triton.jit
 def rows_of(batch, seq, SEQ_ROWS: tl.constexpr, ROWS_MUL: tl.constexpr):

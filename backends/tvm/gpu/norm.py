@@ -1,5 +1,5 @@
 """Norms that stand alone on GPUs (opencl, metal): `rms_norm`, `layer_norm` and `add_norm`
-(`injective._normalized`; most norms are GEMM prologues, `gpu.linear`).
+(`tvm.norm.normalized`; most norms are GEMM prologues, `gpu.linear`).
 
 A work-group per row, its `threads` threads over the features: each sums a strided share of
 the row, the row's statistics (layer norm: the mean, then the squared deviations) meet in

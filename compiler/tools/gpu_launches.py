@@ -1,7 +1,7 @@
 """Kernel launches and bytes of one step of a GPU artifact (--target opencl or metal), counted
 from its launch tables: not timed (pocl's times say nothing of a phone's GPU).
 
-    python benchmarks/gpu_launches.py model.llmc --past 128 [--seq 1]
+    python -m llmc.tools.gpu_launches model.llmc --past 128 [--seq 1]
 
 Prints the launches by plan step kind (GEMMs, attention, rope_cache, small ops), and the bytes of
 the intermediates kernels pass through global memory, at the given dims, batch 1.

@@ -1,7 +1,7 @@
 """Kernels: llmc's pass pipeline against onnxruntime's transformers optimizer on the same ONNX
 exports (tiny zoo models, KV cache, the decode graph).
 
-    python benchmarks/fusion_vs_onnxruntime.py [--json]
+    python -m llmc.tools.fusion_vs_onnxruntime [--json]
 
 A kernel is a node that is not a pure view or shape computation (Reshape, Squeeze, Unsqueeze,
 Shape/Gather/Concat/Slice/Cast/Range arithmetic, Constant, Identity), for both. Per layer: the

@@ -3,7 +3,7 @@ shapes of the zoo's benchmark models, as GB/s of weights read and as a fraction 
 machine's streaming read bandwidth. Weights are cold: several copies rotate, more bytes than
 the last-level cache holds.
 
-    python benchmarks/gemv_bandwidth.py [--repeats 5]
+    python -m llmc.tools.gemv_bandwidth [--repeats 5]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ SHAPES = {  # (out_features, in_features)
 COLD_BYTES = 512 << 20  # more than any L3 of the machines we run on
 
 
-def _time(fn, sets, repeats):
+def time_cold(fn, sets, repeats):
     """Median over repeats of the mean time per call, rotating through the weight copies."""
     fn(*sets[0])
     results = []
@@ -64,10 +64,10 @@ def main():
         kernel = build(LinearSpec(n, k), target)["main"]
         y = tvm.runtime.tensor(np.zeros((1, n), np.float32), dev)
         tx = tvm.runtime.tensor(x, dev)
-        t_tvm = _time(lambda w: kernel(tx, w, y), [(tvm.runtime.tensor(pack(w), dev),) for w in ws], args.repeats)
-        t_np = _time(lambda w: w @ x[0], [(w,) for w in ws], args.repeats)
+        t_tvm = time_cold(lambda w: kernel(tx, w, y), [(tvm.runtime.tensor(pack(w), dev),) for w in ws], args.repeats)
+        t_np = time_cold(lambda w: w @ x[0], [(w,) for w in ws], args.repeats)
         xt = torch.from_numpy(x[0])
-        t_torch = _time(lambda w: torch.mv(w, xt), [(torch.from_numpy(w),) for w in ws], args.repeats)
+        t_torch = time_cold(lambda w: torch.mv(w, xt), [(torch.from_numpy(w),) for w in ws], args.repeats)
         gb = lambda t: nbytes / t / 1e9  # noqa: E731
         print(f"| {name} [{n}x{k}] | {nbytes / 1e6:.1f} | {gb(t_tvm):.1f} ({gb(t_tvm) / bw:.0%}) | "
               f"{gb(t_np):.1f} | {gb(t_torch):.1f} |")

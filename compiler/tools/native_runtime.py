@@ -4,7 +4,7 @@ memory (the process's maximum resident set) against weights + KV cache, and the 
 Each run is a fresh process doing what a user does (load, prefill, greedy decode); the two
 runtimes alternate round by round, and medians are reported.
 
-    python benchmarks/native_runtime.py [MODEL ...] [--quant fp32 w8 w4] [--prompt-len 128]
+    python -m llmc.tools.native_runtime [MODEL ...] [--quant fp32 w8 w4] [--prompt-len 128]
                                         [--new-tokens 128] [--repeats 3] [--threads N]
 
 MODEL: zoo names (default llama-0.5b gpt2-124m). Artifacts are compiled with context prompt + new

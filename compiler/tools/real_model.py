@@ -1,6 +1,6 @@
 """Speed on a real model against llama.cpp on the same weights, each system alone.
 
-    python benchmarks/real_model.py [--model smollm2-135m-instruct] [--threads 2] [--runs 3]
+    python -m llmc.tools.real_model [--model smollm2-135m-instruct] [--threads 2] [--runs 3]
                                     [--prompt-len 128] [--new-tokens 128] [--background N] [--nice 19]
 
 For fp32, w8 and w4 g32: llmc's artifact (the runtime alone, in a process of its own:

@@ -5,7 +5,7 @@ together; the contiguous one runs the prompts one after another, as llmc does wi
 Each run is a fresh process doing what a user does (load, `generate` over the list); the two
 artifacts alternate round by round and medians are reported. Both give the same tokens (checked).
 
-    python benchmarks/paged_cache.py [MODEL] [--context 1024] [--lengths 20 100 300 600]
+    python -m llmc.tools.paged_cache [MODEL] [--context 1024] [--lengths 20 100 300 600]
                                      [--new-tokens 64] [--page 16] [--repeats 3] [--threads N]
 """
 

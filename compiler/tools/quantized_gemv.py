@@ -4,7 +4,7 @@ shapes: decode (1 row, weights cold: several copies rotate, more bytes than the 
 cache holds) as GB/s of weight bytes read and a share of this machine's read bandwidth, and
 prefill (128 rows) in ms.
 
-    python benchmarks/quantized_gemv.py [--repeats 5] [--rows 128]
+    python -m llmc.tools.quantized_gemv [--repeats 5] [--rows 128]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import platform
 
 import numpy as np
-from gemv_bandwidth import COLD_BYTES, _time  # this script's folder is on the path
+from .gemv_bandwidth import COLD_BYTES, time_cold
 
 SHAPES = {  # (out_features, in_features)
     "llama-0.5b gate_up": (8192, 1536), "llama-0.5b down": (1536, 4096), "llama-0.5b lm_head": (32000, 1536),
@@ -63,7 +63,7 @@ def main():
                     x = tvm.runtime.tensor(rng.standard_normal((rows, k), dtype=np.float32), dev)
                     y = tvm.runtime.tensor(np.zeros((rows, n), np.float32), dev)
                     sets = [(c,) for c in (copies if rows == 1 else copies[:1])]
-                    times[act, rows] = _time(lambda c: kernel(x, *c, y), sets, args.repeats)
+                    times[act, rows] = time_cold(lambda c: kernel(x, *c, y), sets, args.repeats)
             gb = lambda t: nbytes / t / 1e9  # noqa: E731
             d0, d1 = gb(times[0, 1]), gb(times[32, 1])
             p0, p1 = times[0, args.rows] * 1e3, times[32, args.rows] * 1e3
