@@ -113,9 +113,11 @@ def test_rope_cache_matches_reference(spec, seq, past, device, rng):
               rng.standard_normal((batch, spec.kv_heads, MAX_SEQ, d)).astype(np.float32) for _ in range(2)]
     caches += [rng.random((batch, spec.kv_heads, MAX_SEQ)).astype(np.float32) for _ in range(2 * int8)]
     env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
-    q, _, _, _, *after = run(device, rope_cache.prim_func(spec), [qkv, cos, sin, *caches],
-                          [((batch, spec.heads, seq, d), np.float32)], env,
-                          {"b": "batch", "s": "seq", "m": str(MAX_SEQ)})
+    tables = [cos, sin] if spec.rotary_dim else []  # a kernel without rotation takes none
+    q, *after = run(device, rope_cache.prim_func(spec), [qkv, *tables, *caches],
+                    [((batch, spec.heads, seq, d), np.float32)], env,
+                    {"b": "batch", "bt": "batch", "s": "seq", "m": str(MAX_SEQ)})
+    after = after[1 + len(tables):]
     qp, kp, vp = np.split(qkv, [spec.heads * d, (spec.heads + spec.kv_heads) * d], axis=-1)
     rotary = spec.rotary_dim > 0
     empty = np.zeros((batch, spec.kv_heads, 0, d), np.float32)
