@@ -59,6 +59,18 @@ def test_cpu_artifacts_run_on_libllmc_without_tvm(artifacts):
     assert runs[0] == runs[1]
 
 
+def test_spin_time_is_a_knob_that_changes_no_token(artifacts):
+    """LLMC_SPIN_US: how long the kernels' threads wait for work before they sleep. Sleeping at
+    once (0) or spinning long gives the same tokens; a value that is not microseconds is named."""
+    code = _KERNEL_RUNTIME.format(threads=2)
+    runs = [_fresh(code.replace("sys.argv[1]", repr(str(artifacts("llama-tiny")))), LLMC_SPIN_US=spin).split()[:-3]
+            for spin in ("0", "100000")]
+    assert runs[0] == runs[1]
+    bad = subprocess.run([sys.executable, "-c", code, str(artifacts("llama-tiny"))], capture_output=True, text=True,
+                         env={**os.environ, "LLMC_SPIN_US": "soon"})
+    assert bad.returncode != 0 and "LLMC_SPIN_US=soon: expected the microseconds" in bad.stderr
+
+
 def test_a_later_model_may_use_fewer_threads_and_a_forked_child_runs(artifacts):
     """The pool starts once per process with the first model's threads; a later model with fewer
     gets them (and the same tokens); a forked child (no worker threads of its own) runs serially."""

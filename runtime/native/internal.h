@@ -36,7 +36,10 @@ enum { FFI_NONE = 0, FFI_INT = 1, FFI_DLTENSOR = 7 };
 typedef int (*kernel_fn)(void *self, const TVMFFIAny *args, int32_t num_args, TVMFFIAny *result);
 
 /* ---- the kernels' thread pool and the hooks a TVM kernel library calls (pool.c) ---- */
-int pool_start(int threads);  /* once per process; returns the threads used (later: at most the first's) */
+/* Once per process; returns the threads used (later: at most the first's). Workers spin
+ * `spin_us` microseconds for the next launch before they sleep. */
+int pool_start(int threads, int64_t spin_us);
+#define DEFAULT_SPIN_US 1000
 void pool_use(int threads);   /* the threads that take tasks from now on: a model's count */
 /* Fill a kernel library's hook slots (parallel launch, workspace); -1 naming a missing slot. */
 int pool_install_hooks(void *library, const char *path);

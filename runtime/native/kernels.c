@@ -76,7 +76,20 @@ llmc_kernels *llmc_kernels_load(const char *library, const char *const *names, i
         llmc_kernels_free(k);
         return NULL;
     }
-    k->threads = pool_start(threads);
+    int64_t spin = DEFAULT_SPIN_US;
+    const char *text = getenv("LLMC_SPIN_US");
+    if (text && *text) {
+        char *end;
+        long long v = strtoll(text, &end, 10);
+        if (*end || v < 0 || v > 1000000) {
+            set_error("LLMC_SPIN_US=%s: expected the microseconds the kernels' threads wait for work before "
+                      "they sleep, from 0 (at once) to 1000000", text);
+            llmc_kernels_free(k);
+            return NULL;
+        }
+        spin = v;
+    }
+    k->threads = pool_start(threads, spin);
     return k;
 }
 

@@ -9,7 +9,7 @@
  *
  * A decode step launches a few hundred parallel loops a few microseconds apart, so the workers
  * spin between launches (a futex wake-up costs tens of microseconds) and sleep only after
- * about a millisecond without work. */
+ * `spin_ns` without work (LLMC_SPIN_US; 0: sleep at once, as llama.cpp's --poll 0). */
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -34,6 +34,7 @@ static struct {
     int num_task;
     atomic_int finished, failed;
     atomic_int sleepers;
+    int64_t spin_ns;    /* how long a worker spins for the next launch before it sleeps */
     pthread_mutex_t lock;
     pthread_cond_t wake;
 } P = {.threads = 1, .active = 1, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
@@ -80,8 +81,10 @@ static void *worker(void *arg) {
     int self = (int)(intptr_t)arg;
     uint64_t seen = 0;
     for (;;) {
-        for (long spins = 0; atomic_load_explicit(&P.generation, memory_order_acquire) == seen; spins++) {
-            if (spins < 200000) { relax(); continue; }
+        double since = now_seconds();
+        for (long spins = 1; atomic_load_explicit(&P.generation, memory_order_acquire) == seen; spins++) {
+            /* the clock is read every 256 pauses: a pause is tens of cycles, a clock read more */
+            if (spins % 256 || (now_seconds() - since) * 1e9 < (double)P.spin_ns) { relax(); continue; }
             pthread_mutex_lock(&P.lock);
             atomic_fetch_add(&P.sleepers, 1);
             while (atomic_load(&P.generation) == seen) pthread_cond_wait(&P.wake, &P.lock);
@@ -170,10 +173,11 @@ static void forked(void) {
     P.threads = P.active = 1;
 }
 
-int pool_start(int threads) {
+int pool_start(int threads, int64_t spin_us) {
     if (threads < 1) threads = 1;
     if (P.workers)  /* started once per process, as TVM's pool; later models may use fewer */
         return threads < P.threads ? threads : P.threads;
+    P.spin_ns = spin_us * 1000;
     P.workers = calloc((size_t)threads, sizeof *P.workers);
     if (!P.workers) return 1;
     pthread_atfork(NULL, NULL, forked);
