@@ -15,8 +15,9 @@ as the sequences grow.
 What differs between devices is how feeds go in, kernels are called and logits come out (`_step`):
 the CPU's libllmc calls take tensors viewed at the plan's shapes (`host.py`), the CUDA driver
 takes pointers and replays decode steps as graphs (`cuda.py`), OpenCL and Metal launch the
-kernel groups TVM lowered each function to (`gpu.py`). None of them knows an op kind: a step
-says how its kernel sees each argument (`views`).
+kernel groups TVM lowered each function to (`gpu.py`). None of them reshapes an argument by op
+kind: a step says how its kernel sees each argument (`views`). (The one use of a step's kind is
+the CPU's last-position logits: a GEMM computes each row alone.)
 """
 
 from __future__ import annotations
