@@ -1,6 +1,6 @@
 """The TVM attention kernel against the op's numpy definition: grouped-query heads, additive
 masks with fully masked rows, causal alignment, merged or separate heads, odd head dims, one
-build run at decode and prefill lengths, reading the first kv_len rows of max_seq-row caches."""
+build run at decode and prefill lengths (both of its paths), reading the first kv_len rows of max_seq-row caches."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ SPECS = [
 def test_kernel_matches_reference(spec, rng):
     kernel = build(spec, host())
     dev = tvm.cpu(0)
-    for batch, seq, kv_len in ((1, 1, 9), (2, 7, 7), (1, 3, 11)):  # decode, prefill, chunk
+    # decode, prefill (in query tiles, the last one partial), a chunk below a tile, a chunk of
+    # whole tiles past cached keys, a prefill over several vectors of keys
+    for batch, seq, kv_len in ((1, 1, 9), (2, 7, 7), (1, 3, 11), (2, 4, 20), (1, 21, 37)):
         q = rng.standard_normal((batch, spec.heads, seq, spec.head_dim)).astype(np.float32)
         max_seq = kv_len + 5  # rows past kv_len must not be read
         caches = [rng.standard_normal((batch, spec.kv_heads, max_seq, spec.head_dim)).astype(np.float32)
@@ -81,7 +83,7 @@ def test_int8_cache_kernel_matches_reference_on_the_dequantized_cache(spec, rng)
                                                 is_causal=True, page_tokens=3),
                                   AttentionSpec(heads=3, kv_heads=3, head_dim=13, scale=0.3, merge_heads=False,
                                                 kv_int8=True, page_tokens=5)], ids=["gqa-mask", "mqa-causal", "int8"])
-@pytest.mark.parametrize("seq", [1, 3])
+@pytest.mark.parametrize("seq", [1, 3, 6])  # decode, a chunk, a chunk of query tiles
 def test_paged_kernel_reads_each_sequence_to_its_own_length(spec, seq, rng):
     """Two sequences holding different lengths in one batch: each attends to its own blocks up
     to its own length (+ its causal position), as if alone; the slots past a sequence's length

@@ -10,12 +10,16 @@ seq, kv_len and max_seq are symbolic: one build serves prefill and
 every decode step. A query that sees no key (its row of the mask all -inf) gets zeros, as the
 op says. Without a mask, kv_len comes as a trailing scalar (the run-time `total`: past + seq).
 
-Schedule: every stage runs in parallel over (batch, heads, queries); P @ V keeps d in vector lanes; the
-dot products over d vectorize because the target lets LLVM reassociate (`target.host`), and the
-softmax's exp is TVM's polynomial one. At decode (12 query / 4 kv heads, d 128, 1024 cached
-positions) it reads 4 MB in 0.09 ms, about 46 GB/s. It is still one parallel launch per stage
-(8); one parallel region per head would save those launches (TVM 0.27 refused the
-compute_at/parallel combination tried).
+Two paths, taken at run time by the query count (`prim_func`). Decode (fewer than QUERIES
+queries): every stage in parallel over (batch, heads, queries); the dot products over d
+vectorize because the target lets LLVM reassociate (`target.host`), P @ V keeps d in vector
+lanes. At decode (12 query / 4 kv heads, d 128, 1024 cached positions) it reads 4 MB in 0.09 ms,
+about 46 GB/s. Prefill: tasks of QUERIES queries of one head; the keys are transposed once per
+call to [d, keys], so Q K^T is a register tile of QUERIES x 16 scores (broadcast q, one key
+vector load serving every query) and P @ V one of QUERIES x d outputs: SmolLM2's 128-token
+prefill spends 6.9 ms in attention over 30 layers, 19.3 before (dot products each ending in a
+horizontal sum). A causal prefill still computes the masked half of its scores. The softmax's
+exp is TVM's polynomial one on both paths. Each stage is one parallel launch (8 per path).
 """
 
 from __future__ import annotations
@@ -78,9 +82,13 @@ class Operands:
 
     def at(self, cache, bi, hi, ti, *di):
         """Query head hi's kv head in `cache`, at position ti."""
+        return self.at_kv(cache, bi, hi // (self.spec.heads // self.spec.kv_heads), ti, *di)
+
+    def at_kv(self, cache, bi, hk, ti, *di):
+        """KV head hk in `cache`, at position ti."""
         spec = self.spec
         row, pos = kv_slot(spec.page_tokens, self.paging[0] if self.paging else None, bi, ti)
-        return cache[tuple(kv_index(spec.order, row, hi // (spec.heads // spec.kv_heads), pos, *di))]
+        return cache[tuple(kv_index(spec.order, row, hk, pos, *di))]
 
     def dot(self, bi, hi, si, ti, rd):
         """q . k over the reduction axis rd (to sum)."""
@@ -116,62 +124,186 @@ class Operands:
             self.paging + [y] + ([] if self.mask is not None else [t])
 
 
-def prim_func(spec: AttentionSpec):
+QUERIES, KEYS = 4, 16  # a prefill task's queries; keys per vector of scores
+
+
+def _softmax_pv(ops: Operands, raw, rows: tuple, where, kv, prefix: str):
+    """The stages after the scores' dot products, over `rows` (the leading axes; `where(*row)`
+    gives the row's (sequence, head, query)) and `kv` keys, of which those past kv_len are
+    padding (scores -inf): scores, max, exp, sum and P @ V. Returns (pv, inv): the unnormalized
+    outputs [*rows, d] and each row's 1 / sum (0 for a row that sees no key)."""
     from tvm import te, tirx, topi
+
+    spec, (_, _, t, _) = ops.spec, ops.dims
+    d, dt, neg_inf = spec.head_dim, spec.dtype, ops.neg_inf
+    n = len(rows)
+
+    def score(*a):
+        *row, ti = a
+        bi, hi, si = where(*row)
+        x = ops.score(raw(*a), bi, hi, si, tirx.min(ti, t - 1))
+        return x if kv.same_as(t) else tirx.Select(ti < t, x, neg_inf)
+    scores = te.compute((*rows, kv), score, name=prefix + "scores")
+    rt = te.reduce_axis((0, kv), name="rt")
+    mx = te.compute(rows, lambda *r: te.max(scores[(*r, rt)], axis=rt), name=prefix + "mx")
+    # rows that see no key: subtract 0 instead of -inf, and give zero weights below
+    safe = te.compute(rows, lambda *r: tirx.Select(mx[r] == neg_inf, tirx.const(0, dt), mx[r]), name=prefix + "safe")
+    # TVM's polynomial exp (2.7e-7 relative error, exp(-inf) = 0) vectorizes; the intrinsic is a
+    # scalar library call per score
+    ex = topi.fast_exp(te.compute((*rows, kv), lambda *a: scores[a] - safe[a[:n]], name=prefix + "shifted"))
+    rt = te.reduce_axis((0, kv), name="rt2")
+    den = te.compute(rows, lambda *r: te.sum(ex[(*r, rt)], axis=rt), name=prefix + "den")
+    inv = te.compute(rows, lambda *r: tirx.Select(den[r] > 0, 1 / den[r], tirx.const(0, dt)), name=prefix + "inv")
+    rt = te.reduce_axis((0, kv), name="rt3")
+
+    def pv(*a):
+        *row, di = a
+        bi, hi, _ = where(*row)
+        at = tirx.min(rt, t - 1)  # a padding key's weight is 0
+        return te.sum(ops.weight(ex[(*row, rt)], bi, hi, at) * ops.value(bi, hi, at, di), axis=rt)
+    return te.compute((*rows, d), pv, name=prefix + "pv"), inv
+
+
+def prim_func(spec: AttentionSpec):
+    """Two paths in one function, taken by the query count: below QUERIES (decode), each
+    (sequence, head, query) alone, its dot products over the head dim; from QUERIES on
+    (prefill), tasks of QUERIES queries of one head, the keys transposed once ([d, keys]) so
+    that Q K^T and P V are register-tiled products (QUERIES x KEYS scores, QUERIES x d outputs)
+    with no horizontal sums. The other path's stages have extent 0."""
+    from tvm import te, tirx
 
     ops = Operands(spec)
     b, s, t, _ = ops.dims
-    h, d, dt = spec.heads, spec.head_dim, spec.dtype
+    h, d, group = spec.heads, spec.head_dim, spec.heads // spec.kv_heads
+    tiled = s >= QUERIES
+    few = tirx.if_then_else(tiled, 0, s)
     rd = te.reduce_axis((0, d), name="rd")
-    raw = te.compute((b, h, s, t), lambda bi, hi, si, ti: te.sum(ops.dot(bi, hi, si, ti, rd), axis=rd), name="raw")
-    scores = te.compute((b, h, s, t), lambda bi, hi, si, ti: ops.score(raw[bi, hi, si, ti], bi, hi, si, ti),
-                        name="scores")
-    neg_inf = ops.neg_inf
-    rt = te.reduce_axis((0, t), name="rt")
-    mx = te.compute((b, h, s), lambda bi, hi, si: te.max(scores[bi, hi, si, rt], axis=rt), name="mx")
-    # rows that see no key: subtract 0 instead of -inf, and give zero weights below
-    safe = te.compute((b, h, s), lambda bi, hi, si: tirx.Select(mx[bi, hi, si] == neg_inf,
-                                                                  tirx.const(0, dt), mx[bi, hi, si]), name="safe")
-    # TVM's polynomial exp (2.7e-7 relative error, exp(-inf) = 0) vectorizes; the intrinsic is a
-    # scalar library call per score
-    ex = topi.fast_exp(te.compute((b, h, s, t), lambda bi, hi, si, ti: scores[bi, hi, si, ti] - safe[bi, hi, si],
-                                  name="shifted"))
-    rt2 = te.reduce_axis((0, t), name="rt2")
-    den = te.compute((b, h, s), lambda bi, hi, si: te.sum(ex[bi, hi, si, rt2], axis=rt2), name="den")
-    inv = te.compute((b, h, s), lambda bi, hi, si: tirx.Select(den[bi, hi, si] > 0, 1 / den[bi, hi, si],
-                                                                tirx.const(0, dt)), name="inv")
-    rt3 = te.reduce_axis((0, t), name="rt3")
-    out = te.compute((b, h, s, d), lambda bi, hi, si, di: te.sum(
-        ops.weight(ex[bi, hi, si, rt3], bi, hi, rt3) * ops.value(bi, hi, rt3, di), axis=rt3), name="pv")
-    if spec.merge_heads:
-        y = te.compute((b, s, h * d), lambda bi, si, c: out[bi, c // d, si, c % d] * inv[bi, c // d, si], name="y")
-    else:
-        y = te.compute((b, h, s, d), lambda bi, hi, si, di: out[bi, hi, si, di] * inv[bi, hi, si], name="y")
+    raw = te.compute((b, h, few, t), lambda bi, hi, si, ti: te.sum(ops.dot(bi, hi, si, ti, rd), axis=rd), name="raw")
+    pv, inv = _softmax_pv(ops, lambda *a: raw[a], (b, h, few), lambda bi, hi, si: (bi, hi, si), t, "")
+
+    Q, K = (tirx.const(v, "int64") for v in (QUERIES, KEYS))
+    nq = (s + Q - 1) // Q  # query tiles per sequence and head
+    tasks = tirx.if_then_else(tiled, b * h * nq, 0)
+    vectors = tirx.if_then_else(tiled, (t + K - 1) // K, 0)  # of KEYS keys, the last one padded
+    keys = vectors * K
+
+    def where(x, r):  # task x's row r: (sequence, head, query), the last tile's rows past s clamped
+        return x // (h * nq), x // nq % h, tirx.min(x % nq * Q + r, s - 1)
+    kt = te.compute((b, spec.kv_heads, d, keys), lambda bi, hk, di, ti: ops.at_kv(
+        ops.k, bi, hk, tirx.min(ti, t - 1), di).astype(spec.dtype), name="kt")
+    rd = te.reduce_axis((0, d), name="rd")
+
+    def tile_dot(x, r, vi, lane):
+        bi, hi, si = where(x, r)
+        return te.sum(ops.q[bi, hi, si, rd] * kt[bi, hi // group, rd, vi * K + lane], axis=rd)
+    traw = te.compute((tasks, Q, vectors, K), tile_dot, name="traw")  # whole vectors: no predicated lanes
+    tpv, tinv = _softmax_pv(ops, lambda x, r, ti: traw[x, r, ti // K, ti % K], (tasks, Q), where, keys, "t")
+
+    def layout(fn, rows, name):  # the output's layout of fn(sequence, head, query, feature)
+        if spec.merge_heads:
+            return te.compute((rows, s, h * d), lambda bi, si, c: fn(bi, c // d, si, c % d), name=name)
+        return te.compute((rows, h, s, d), lambda bi, hi, si, di: fn(bi, hi, si, di), name=name)
+
+    def tiled_out(bi, hi, si, di):
+        x, r = (bi * h + hi) * nq + si // Q, si % Q
+        return tpv[x, r, di] * tinv[x, r]
+    ty = layout(tiled_out, tirx.if_then_else(tiled, b, 0), "ty")
+
+    def out(bi, hi, si, di):  # the clamps are no-ops that keep the region analysis in bounds
+        fi = tirx.min(si, few - 1)
+        at = (tirx.min(bi, ty.shape[0] - 1), si, hi * d + di) if spec.merge_heads else \
+            (tirx.min(bi, ty.shape[0] - 1), hi, si, di)
+        return tirx.if_then_else(tiled, ty[at], pv[bi, hi, fi, di] * inv[bi, hi, fi])
+    y = layout(out, b, "y")
     return te.create_prim_func(ops.args(y, t))
 
 
-def schedule(spec: AttentionSpec):
+def function(spec: AttentionSpec):
+    """The scheduled kernel, each path's stages behind its branch: the other path's stages
+    have no iterations, but each would still wake the thread pool."""
+    sch, paths = _schedule(spec)
+    func = sch.mod["main"]
+    tiled = func.params[0].shape[2] >= QUERIES  # the queries of q
+    return _branched(sch, func, {True: paths["t"], False: paths[""]}, tiled)
+
+
+def _schedule(spec: AttentionSpec):
+    """(schedule, each path's blocks by prefix: "" decode, "t" prefill)."""
     import tvm
 
     sch = tvm.s_tir.Schedule(prim_func(spec))
-    sch.compute_inline(sch.get_sblock("shifted"))
-    for name in ("raw", "scores", "mx", "safe", "T_fast_exp", "den", "inv", "pv"):
-        block = sch.get_sblock(name)
-        loops = sch.get_loops(block)
-        # (batch, heads, queries): a prefill's 128 queries of 9 heads balance over the threads,
-        # which 9 tasks of (batch, heads) did not
-        sch.parallel(sch.fuse(*loops[:3]))
+    exp = {}  # topi names both paths' exp stages alike: each is its shifted scores' consumer
+    for prefix in ("", "t"):
+        shifted = sch.get_sblock(prefix + "shifted")
+        exp[prefix] = sch.get_consumers(shifted)[0]
+        sch.compute_inline(shifted)
+    paths = {prefix: [sch.get_sblock(prefix + n) for n in ("raw", "scores", "mx", "safe", "den", "inv", "pv")]
+             + [exp[prefix]] for prefix in ("", "t")}
+    paths["t"].append(sch.get_sblock("kt"))
+    # decode: every stage in parallel over (batch, heads, queries)
+    for block in paths[""]:
+        sch.parallel(sch.fuse(*sch.get_loops(block)[:3]))
     # P @ V: the kv position outside, d in vector lanes
     pv = sch.get_sblock("pv")
     _, di, rt = sch.get_loops(pv)
     sch.reorder(rt, di)
     sch.vectorize(sch.get_loops(sch.decompose_reduction(pv, rt))[-1])
+
+    # prefill: the keys transposed, then every stage in parallel over tasks
+    kt = sch.get_sblock("kt")
+    sch.parallel(sch.fuse(*sch.get_loops(kt)[:3]))
+    for block in [sch.get_sblock(n) for n in ("tscores", "tmx", "tsafe", "tden", "tinv")] + [exp["t"]]:
+        sch.parallel(sch.get_loops(block)[0])
+    for block in (sch.get_sblock("tscores"), exp["t"]):  # whole vectors of keys
+        sch.vectorize(sch.split(sch.get_loops(block)[-1], [None, KEYS])[1])
+    _register_tile(sch, "traw")
+    _register_tile(sch, "tpv")
+    ty = sch.get_sblock("ty")
+    sch.parallel(sch.fuse(*sch.get_loops(ty)[:2]))
+    paths["t"].append(ty)
     y = sch.get_sblock("y")
     sch.parallel(sch.fuse(*sch.get_loops(y)[:2]))
-    return sch
+    return sch, paths
+
+
+def _branched(sch, func, paths: dict, cond):
+    """func with the outermost loops of paths[True]'s blocks run only where `cond` holds and
+    those of paths[False] only where it does not (the rest as they were). Each branch is a
+    block: TVM allocates a buffer in the innermost block around its uses, so a path's scratch
+    is allocated only when the path runs."""
+    from tvm import s_tir, tirx
+
+    root = func.body.block
+    tops = {key: [sch.get(sch.get_loops(b)[0]) for b in blocks] for key, blocks in paths.items()}
+
+    def path(stmt):
+        return next((key for key, loops in tops.items() if any(stmt.same_as(lp) for lp in loops)), None)
+    stmts = list(root.body)
+    branches = [tirx.IfThenElse(c, s_tir.SBlockRealize([], True, s_tir.SBlock(
+        [], [], [], f"path_{int(key)}", tirx.SeqStmt([st for st in stmts if path(st) is key]))), None)
+        for key, c in ((True, cond), (False, tirx.Not(cond)))]
+    body = tirx.SeqStmt(branches + [st for st in stmts if path(st) is None])
+    block = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init,
+                         root.alloc_buffers, root.match_buffers, root.annotations)
+    return func.with_body(s_tir.SBlockRealize(func.body.iter_values, func.body.predicate, block))
+
+
+def _register_tile(sch, name: str):
+    """A task's QUERIES rows x a vector of outputs (KEYS scores, or d features) accumulated in
+    registers over the reduction, each loaded operand serving every row."""
+    block = sch.get_sblock(name)
+    x, r, *outer, jl, red = sch.get_loops(block)  # outer: the vectors of scores
+    sch.reorder(x, *outer, red, r, jl)
+    sch.parallel(x)
+    local = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(local, (x, *outer)[-1])
+    sch.vectorize(sch.get_loops(local)[-1])
+    sch.unroll(r)
+    sch.vectorize(jl)
+    sch.decompose_reduction(block, red)
 
 
 def build(spec: AttentionSpec, target: dict):
     import tvm
 
-    return tvm.compile(schedule(spec).mod, target=tvm.target.Target(target))
+    return tvm.compile(tvm.IRModule({"main": function(spec)}), target=tvm.target.Target(target))

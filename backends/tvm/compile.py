@@ -53,7 +53,7 @@ def _plan_node(node: Node, graph: Graph, target: dict, isa: str | None, register
     int8, pages = kv_int8(graph), kv_pages(graph)
     if node.op == "attention":
         spec = replace(attention.AttentionSpec.of(node), kv_int8=int8, order=kv_order(graph), page_tokens=pages)
-        return repr(spec), _func(lambda name: attention.schedule(spec).mod["main"]), [Step(
+        return repr(spec), _func(lambda name: attention.function(spec)), [Step(
             "", "attention", attention_args(node, graph), () if spec.masked else ("total",))]
     if node.op == "rope_cache":
         qkv, offset, args = rope_cache_args(node, graph)
