@@ -5,7 +5,8 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 
-ROOTS = {"llmc": "compiler", "llmc.passes": "passes", "llmc.backends": "backends", "llmc.runtime": "runtime"}
+ROOTS = {"llmc": "compiler", "llmc.passes": "passes", "llmc.backends": "backends", "llmc.runtime": "runtime",
+         "llmc.serve": "serve"}
 
 setup(
     package_dir=ROOTS,

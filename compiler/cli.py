@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -152,6 +153,25 @@ def _parser() -> argparse.ArgumentParser:
     _load_arguments(ppl)
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     ppl.set_defaults(run=_perplexity)
+
+    srv = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API, many clients at once "
+                                       "(continuous batching; needs the serve extra)")
+    srv.add_argument("artifact")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", help="the model's name in the API (default: the artifact's)")
+    srv.add_argument("--max-batch", type=_positive, default=8, help="sequences decoded together (a paged KV cache "
+                     "is needed for more than 1)")
+    srv.add_argument("--max-queue", type=_positive, default=64, help="requests waiting before new ones get 429")
+    srv.add_argument("--prefill-chunk", type=_positive, default=256, metavar="TOKENS",
+                     help="prompt tokens prefilled per iteration, between decode steps")
+    srv.add_argument("--kv-blocks", type=_positive, metavar="N", help="a budget of KV cache blocks; past it the "
+                     "newest sequence is preempted and recomputed later (default: as many as the batch needs)")
+    srv.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $LLMC_API_KEY, else none)")
+    srv.add_argument("--threads", type=int, help="kernel threads (default: every core, or $LLMC_NUM_THREADS)")
+    srv.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
+                     help="at SIGTERM, how long running requests may go on before they are aborted")
+    srv.set_defaults(run=_serve)
 
     ben = sub.add_parser("bench", help="prefill and decode speed against onnxruntime, PyTorch eager and torch.compile")
     ben.add_argument("model", help="a zoo model name (all peers) or an ONNX decoder with KV cache (llmc only)")
@@ -417,6 +437,23 @@ def _sampling_arguments(p) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def _serve(args) -> int:
+    from .serve.server import Options, serve
+
+    serve(Options(args.artifact, host=args.host, port=args.port, model_name=args.served_model_name,
+                  max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                  kv_blocks=args.kv_blocks, api_key=args.api_key or os.environ.get("LLMC_API_KEY"),
+                  threads=args.threads, grace=args.grace))
+    return 0
 
 
 def _load_arguments(p) -> None:

@@ -118,3 +118,25 @@ def test_paged_kernel_reads_each_sequence_to_its_own_length(spec, seq, rng):
         want = get_op("attention").ref(q[b:b + 1], k[b:b + 1, :, :own], v[b:b + 1, :, :own], m, scale=spec.scale,
                                        merge_heads=int(spec.merge_heads))
         assert rel_err(out.numpy()[b:b + 1], want) < 1e-5, (b, seq)
+
+
+@pytest.mark.parametrize("seq", [1, 5])  # decode, prefill (both paths)
+def test_a_sequence_gets_the_same_bits_in_any_batch(seq, rng):
+    """A sequence's output is bit-for-bit what it is alone, whatever the batch's longest length
+    (its kv_len): the serving engine's tokens must not depend on what else runs."""
+    spec = AttentionSpec(heads=4, kv_heads=2, head_dim=16, scale=0.25)
+    kernel, dev = build(spec, host()), tvm.cpu(0)
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in
+               ((2, 4, seq, 16), (2, 2, 64, 16), (2, 2, 64, 16)))
+
+    def run(lengths, kv_len):  # sequence b sees its first lengths[b] keys
+        mask = np.where(np.arange(kv_len) < np.array(lengths)[:, None], 0, -np.inf).astype(np.float32)
+        mask = np.broadcast_to(mask[:, None, None, :], (len(lengths), 1, seq, kv_len)).copy()
+        out = tvm.runtime.tensor(np.zeros((len(lengths), seq, 64), np.float32), dev)
+        n = len(lengths)
+        kernel["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a[:n]), dev) for a in (q, k, v)],
+                       tvm.runtime.tensor(mask, dev), out)
+        return out.numpy()
+    alone = run([13], 13)
+    for longest in (14, 16, 17, 33, 64):
+        assert np.array_equal(run([13, longest], longest)[0], alone[0]), longest

@@ -142,7 +142,7 @@ def _softmax_pv(ops: Operands, raw, rows: tuple, where, kv, prefix: str):
         *row, ti = a
         bi, hi, si = where(*row)
         x = ops.score(raw(*a), bi, hi, si, tirx.min(ti, t - 1))
-        return x if kv.same_as(t) else tirx.Select(ti < t, x, neg_inf)
+        return tirx.Select(ti < t, x, neg_inf)
     scores = te.compute((*rows, kv), score, name=prefix + "scores")
     rt = te.reduce_axis((0, kv), name="rt")
     mx = te.compute(rows, lambda *r: te.max(scores[(*r, rt)], axis=rt), name=prefix + "mx")
@@ -151,8 +151,19 @@ def _softmax_pv(ops: Operands, raw, rows: tuple, where, kv, prefix: str):
     # TVM's polynomial exp (2.7e-7 relative error, exp(-inf) = 0) vectorizes; the intrinsic is a
     # scalar library call per score
     ex = topi.fast_exp(te.compute((*rows, kv), lambda *a: scores[a] - safe[a[:n]], name=prefix + "shifted"))
-    rt = te.reduce_axis((0, kv), name="rt2")
-    den = te.compute(rows, lambda *r: te.sum(ex[(*r, rt)], axis=rt), name=prefix + "den")
+    # the sum in KEYS lanes, key i in lane i % KEYS, then across the lanes: an order that does
+    # not depend on kv, so a sequence's sum is the same in any batch (a batch's kv is its longest
+    # sequence's; the keys past a sequence's own add exact zeros)
+    K = tirx.const(KEYS, "int64")
+    vectors = te.reduce_axis((0, (kv + K - 1) // K), name="rt2")
+
+    def lane_sum(*a):
+        *row, lane = a
+        ti = vectors * K + lane.astype("int64")
+        return te.sum(tirx.if_then_else(ti < kv, ex[(*row, ti)], tirx.const(0, dt)), axis=vectors)
+    lanes = te.compute((*rows, K), lane_sum, name=prefix + "lanes")
+    lane = te.reduce_axis((0, K), name="lane")
+    den = te.compute(rows, lambda *r: te.sum(lanes[(*r, lane)], axis=lane), name=prefix + "den")
     inv = te.compute(rows, lambda *r: tirx.Select(den[r] > 0, 1 / den[r], tirx.const(0, dt)), name=prefix + "inv")
     rt = te.reduce_axis((0, kv), name="rt3")
 
@@ -177,11 +188,16 @@ def prim_func(spec: AttentionSpec):
     h, d, group = spec.heads, spec.head_dim, spec.heads // spec.kv_heads
     tiled = s >= QUERIES
     few = tirx.if_then_else(tiled, 0, s)
-    rd = te.reduce_axis((0, d), name="rd")
-    raw = te.compute((b, h, few, t), lambda bi, hi, si, ti: te.sum(ops.dot(bi, hi, si, ti, rd), axis=rd), name="raw")
-    pv, inv = _softmax_pv(ops, lambda *a: raw[a], (b, h, few), lambda bi, hi, si: (bi, hi, si), t, "")
-
     Q, K = (tirx.const(v, "int64") for v in (QUERIES, KEYS))
+    # both paths run over the keys padded to whole vectors, the padding masked: every stage's
+    # vectors then hold the same keys whatever kv_len is, so a sequence's result does not depend
+    # on the batch's longest (LLVM's scalar remainders round differently)
+    padded = (t + K - 1) // K * K
+    rd = te.reduce_axis((0, d), name="rd")
+    raw = te.compute((b, h, few, padded), lambda bi, hi, si, ti: te.sum(
+        ops.dot(bi, hi, si, tirx.min(ti, t - 1), rd), axis=rd), name="raw")
+    pv, inv = _softmax_pv(ops, lambda *a: raw[a], (b, h, few), lambda bi, hi, si: (bi, hi, si), padded, "")
+
     nq = (s + Q - 1) // Q  # query tiles per sequence and head
     tasks = tirx.if_then_else(tiled, b * h * nq, 0)
     vectors = tirx.if_then_else(tiled, (t + K - 1) // K, 0)  # of KEYS keys, the last one padded
@@ -237,7 +253,7 @@ def _schedule(spec: AttentionSpec):
         shifted = sch.get_sblock(prefix + "shifted")
         exp[prefix] = sch.get_consumers(shifted)[0]
         sch.compute_inline(shifted)
-    paths = {prefix: [sch.get_sblock(prefix + n) for n in ("raw", "scores", "mx", "safe", "den", "inv", "pv")]
+    paths = {prefix: [sch.get_sblock(prefix + n) for n in ("raw", "scores", "mx", "safe", "lanes", "den", "inv", "pv")]
              + [exp[prefix]] for prefix in ("", "t")}
     paths["t"].append(sch.get_sblock("kt"))
     # decode: every stage in parallel over (batch, heads, queries)
@@ -252,9 +268,13 @@ def _schedule(spec: AttentionSpec):
     # prefill: the keys transposed, then every stage in parallel over tasks
     kt = sch.get_sblock("kt")
     sch.parallel(sch.fuse(*sch.get_loops(kt)[:3]))
-    for block in [sch.get_sblock(n) for n in ("tscores", "tmx", "tsafe", "tden", "tinv")] + [exp["t"]]:
+    for block in [sch.get_sblock(n) for n in ("tscores", "tmx", "tsafe", "tlanes", "tden", "tinv")] + [exp["t"]]:
         sch.parallel(sch.get_loops(block)[0])
-    for block in (sch.get_sblock("tscores"), exp["t"]):  # whole vectors of keys
+    for name in ("lanes", "tlanes"):  # a vector of KEYS partial sums (LLVM vectorizes the lanes: TVM
+        block = sch.get_sblock(name)   # refuses to, under the decode path's fused parallel loop)
+        *_, lane, vectors = sch.get_loops(block)
+        sch.reorder(vectors, lane)
+    for block in (sch.get_sblock("scores"), exp[""], sch.get_sblock("tscores"), exp["t"]):  # whole vectors of keys
         sch.vectorize(sch.split(sch.get_loops(block)[-1], [None, KEYS])[1])
     _register_tile(sch, "traw")
     _register_tile(sch, "tpv")
