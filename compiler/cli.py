@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import logging
 import os
 import shutil
@@ -172,6 +173,21 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
                      help="at SIGTERM, how long running requests may go on before they are aborted")
     srv.set_defaults(run=_serve)
+
+    bs = sub.add_parser("bench-serve", help="serving speed of an OpenAI-compatible server (llmc serve, llama-server, "
+                                            "vLLM): TTFT, inter-token latency and output tokens/s per concurrency")
+    bs.add_argument("url", help="the server's base URL, e.g. http://127.0.0.1:8000")
+    bs.add_argument("--model", help="the model name to send (default: none; servers of one model accept that)")
+    load = bs.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=_positive, nargs="+", default=[1, 2, 4, 8, 16],
+                      help="requests in flight at once, one run per level")
+    load.add_argument("--rate", type=float, help="Poisson arrivals at this many requests/s instead")
+    bs.add_argument("--requests", type=_positive, default=16, help="requests per level")
+    bs.add_argument("--input-len", type=_positive, default=40, help="words of each prompt")
+    bs.add_argument("--output-len", type=_positive, default=64, help="tokens generated per request (ignore_eos)")
+    bs.add_argument("--api-key", help="sent as Authorization: Bearer KEY")
+    bs.add_argument("--json", metavar="FILE", help="also write the rows as JSON here")
+    bs.set_defaults(run=_bench_serve)
 
     ben = sub.add_parser("bench", help="prefill and decode speed against onnxruntime, PyTorch eager and torch.compile")
     ben.add_argument("model", help="a zoo model name (all peers) or an ONNX decoder with KV cache (llmc only)")
@@ -454,6 +470,27 @@ def _serve(args) -> int:
                   kv_blocks=args.kv_blocks, api_key=args.api_key or os.environ.get("LLMC_API_KEY"),
                   threads=args.threads, grace=args.grace))
     return 0
+
+
+def _bench_serve(args) -> int:
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise LlmcError("llmc bench-serve needs aiohttp (pip install aiohttp)") from None
+    from .tools import bench_serve
+
+    rows = bench_serve.run(args.url, args.model, args.concurrency, args.rate, args.requests, args.input_len,
+                           args.output_len, args.api_key)
+    print(f"{args.url}: {args.requests} requests per level, prompts of {args.input_len} words, "
+          f"{args.output_len} tokens out")
+    print(bench_serve.table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    failed = sum(r["failed"] for r in rows)
+    if failed:
+        print(f"llmc: {failed} requests failed: {rows[0]['errors'] or [e for r in rows for e in r['errors']][:3]}",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _load_arguments(p) -> None:

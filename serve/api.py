@@ -272,9 +272,11 @@ class Completion:
                                  "top_logprobs": [{"token": self._token(t), "logprob": lp,
                                                    "bytes": list(self._token(t).encode())}
                                                   for t, lp in o.top_logprobs]} for o in outputs]}
-        return {"tokens": [self._token(o.token) for o in outputs], "token_logprobs": [o.logprob for o in outputs],
+        tokens = [self._token(o.token) for o in outputs]
+        offsets = [sum(map(len, tokens[:i])) for i in range(len(tokens))]  # within this answer's text
+        return {"tokens": tokens, "token_logprobs": [o.logprob for o in outputs],
                 "top_logprobs": [{self._token(t): lp for t, lp in o.top_logprobs} for o in outputs],
-                "text_offset": []}
+                "text_offset": offsets}
 
     @staticmethod
     def usage(last: Output) -> dict:

@@ -138,3 +138,29 @@ def test_a_soak_leaks_nothing(artifact):
     assert [request[-1] for request in warm + rest] == [200] * 300
     assert 429 in codes  # the queue was full at times
     assert after - before < 64 * 1024, (before, after)  # kB
+
+
+def test_sigterm_finishes_or_aborts_what_runs_within_the_grace_period(artifact):
+    import signal
+    import threading
+
+    with server(artifact, "--grace", "2") as (url, proc):
+        got = []
+
+        def stream():
+            try:
+                with httpx2.stream("POST", f"{url}/v1/completions", timeout=60,
+                                   json={"prompt": "Once", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+                    got.extend(line for line in r.iter_lines() if line)
+            except httpx2.TransportError:
+                got.append("cut")
+        reader = threading.Thread(target=stream)
+        reader.start()
+        while metric(url, "llmc_running") != 1:
+            time.sleep(0.05)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0  # the fixture checks the status again
+        assert time.monotonic() - start < 15
+        reader.join(timeout=30)
+    assert got and len(got) < 400  # it was cut: 400 tokens take longer than the grace period
