@@ -164,7 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=_positive, default=8, help="sequences decoded together (a paged KV cache "
                      "is needed for more than 1)")
     srv.add_argument("--max-queue", type=_positive, default=64, help="requests waiting before new ones get 429")
-    srv.add_argument("--prefill-chunk", type=_positive, default=256, metavar="TOKENS",
+    srv.add_argument("--prefill-chunk", type=_positive, default=64, metavar="TOKENS",
                      help="prompt tokens prefilled per iteration, between decode steps")
     srv.add_argument("--kv-blocks", type=_positive, metavar="N", help="a budget of KV cache blocks; past it the "
                      "newest sequence is preempted and recomputed later (default: as many as the batch needs)")

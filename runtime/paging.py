@@ -38,12 +38,16 @@ class BlockPool:
         if need <= 0:
             return
         if need > len(self.free):
-            capacity = max(self.capacity + self.capacity // 2 + 1, self.capacity + need - len(self.free))
+            self.ensure(max(self.capacity + self.capacity // 2 + 1, self.capacity + need - len(self.free)))
+        blocks += [self.free.pop() for _ in range(need)]
+        self.peak = max(self.peak, self.capacity - len(self.free))
+
+    def ensure(self, capacity: int) -> None:
+        """At least `capacity` blocks, allocated now (a server's pool, grown once at start)."""
+        if capacity > self.capacity:
             self._grow(capacity)
             self.free[:0] = range(capacity - 1, self.capacity - 1, -1)
             self.capacity = capacity
-        blocks += [self.free.pop() for _ in range(need)]
-        self.peak = max(self.peak, self.capacity - len(self.free))
 
     def release(self, seq: int) -> None:
         """Sequence `seq` ended: its blocks go back to the free list."""

@@ -3,8 +3,9 @@
 Each iteration of the loop (its own thread; the model's kernels release no lock it needs)
   1. drops the sequences whose clients left, their KV blocks back at once;
   2. admits waiting requests in arrival order while a batch slot is free;
-  3. prefills at most `prefill_chunk` prompt tokens, oldest sequence first, so a long prompt is
-     prefilled over several iterations and the running sequences keep their pace;
+  3. prefills one chunk of at most `prefill_chunk` tokens of the oldest prompt not yet in the
+     cache, so a long prompt is prefilled over several iterations and the running sequences keep
+     their pace (a step reads every weight once: one prefill step per iteration, not several);
   4. decodes every sequence past its prompt in one step, each at its own length over the
      paged KV cache, and samples each one's next token with its own seeded generator.
 
@@ -99,7 +100,7 @@ class _Sequence:
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 256,
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 64,
                  kv_blocks: int | None = None, metrics=None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise LlmcError(f"max_batch {max_batch}, max_queue {max_queue}, prefill_chunk {prefill_chunk}: "
@@ -126,7 +127,32 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="llmc-engine", daemon=True)
         model._reset(max_batch)
+        self._reserve_blocks()
+        self._warm_up()
         self._thread.start()
+
+    def _reserve_blocks(self) -> None:
+        """The pool at its full size now (the budget, or every slot at full context), so that no
+        step stops to grow it and copy the caches; where memory is short, it grows as needed."""
+        pages = self._pages()
+        if pages is None:
+            return
+        full = self.kv_blocks or self.max_batch * -(-self.model.max_seq_len // self.page_tokens)
+        try:
+            pages.ensure(full)
+        except LlmcError as e:
+            log.warning("KV cache pool not reserved in full (%s): it grows as sequences need", e)
+
+    def _warm_up(self) -> None:
+        """Run a decode step at every batch size and a full prefill chunk once, so that their
+        kernel calls are bound before the first request (as servers capture their graphs at
+        start): binding a step's shape takes about as long as running it."""
+        vocab_safe = 0  # token id 0 exists in every vocabulary
+        self.model._step(np.full((1, min(self.prefill_chunk, self.model.max_seq_len)), vocab_safe), [0], [0],
+                         last_only=True)
+        for batch in range(1, self.max_batch + 1):
+            self.model._step(np.full((batch, 1), vocab_safe), [0] * batch, list(range(batch)), last_only=True)
+        self.model._reset(self.max_batch)  # the same batch: the slots' blocks are free again
 
     # -- what the HTTP layer calls (any thread; submit from an asyncio loop) --
 
@@ -251,19 +277,19 @@ class Engine:
             self.running.append(seq)
 
     def _iterate(self, work: list[_Sequence]) -> None:
-        budget = self.prefill_chunk
+        # one prefill step per iteration, of the oldest unfinished prompt: each step reads every
+        # weight once, so two short chunks would cost nearly two steps of the running sequences' time
         for seq in work:
-            if seq.slot is None or seq.done:  # preempted or ended since the iteration began
+            if seq.slot is None or seq.done or seq.fed == len(seq.prompt):  # preempted, ended or prefilled
                 continue
-            if seq.fed < len(seq.prompt) and budget > 0:
-                chunk = seq.prompt[seq.fed:seq.fed + budget]
-                if not self._make_room(seq, seq.fed + len(chunk)):
-                    continue
-                logits = self.model._step(np.array([chunk]), [seq.fed], [seq.slot], last_only=True)
-                seq.fed += len(chunk)
-                budget -= len(chunk)
-                if seq.fed == len(seq.prompt) and not seq.out:  # a preempted one's next token is known
-                    self._sampled(seq, logits[0, -1])
+            chunk = seq.prompt[seq.fed:seq.fed + self.prefill_chunk]
+            if not self._make_room(seq, seq.fed + len(chunk)):
+                continue
+            logits = self.model._step(np.array([chunk]), [seq.fed], [seq.slot], last_only=True)
+            seq.fed += len(chunk)
+            if seq.fed == len(seq.prompt) and not seq.out:  # a preempted one's next token is known
+                self._sampled(seq, logits[0, -1])
+            break
         decoding = [s for s in work if s.decoding and s.slot is not None and not s.done]
         decoding = [s for s in decoding if s.slot is not None and self._make_room(s, len(s.prompt) + 1)]
         decoding = [s for s in decoding if s.slot is not None]  # room for a later one can preempt an earlier

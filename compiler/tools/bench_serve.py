@@ -77,7 +77,7 @@ async def _level(url: str, model: str | None, prompts: list[str], output_len: in
             return await _one(session, f"{url}/v1/completions", body, headers)
 
     timeout = aiohttp.ClientTimeout(total=3600)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
         start = time.perf_counter()
         tasks = []
         for prompt in prompts:
