@@ -129,8 +129,8 @@ QUERIES, KEYS = 4, 16  # a prefill task's queries; keys per vector of scores
 
 def _softmax_pv(ops: Operands, raw, rows: tuple, where, kv, prefix: str):
     """The stages after the scores' dot products, over `rows` (the leading axes; `where(*row)`
-    gives the row's (sequence, head, query)) and `kv` keys, of which those past kv_len are
-    padding (scores -inf): scores, max, exp, sum and P @ V. Returns (pv, inv): the unnormalized
+    gives the row's (sequence, head, query)) and `kv` keys, a whole number of KEYS-key vectors,
+    of which those past kv_len are padding (scores -inf): scores, max, exp, sum and P @ V. Returns (pv, inv): the unnormalized
     outputs [*rows, d] and each row's 1 / sum (0 for a row that sees no key)."""
     from tvm import te, tirx, topi
 
@@ -152,16 +152,12 @@ def _softmax_pv(ops: Operands, raw, rows: tuple, where, kv, prefix: str):
     # scalar library call per score
     ex = topi.fast_exp(te.compute((*rows, kv), lambda *a: scores[a] - safe[a[:n]], name=prefix + "shifted"))
     # the sum in KEYS lanes, key i in lane i % KEYS, then across the lanes: an order that does
-    # not depend on kv, so a sequence's sum is the same in any batch (a batch's kv is its longest
-    # sequence's; the keys past a sequence's own add exact zeros)
+    # not depend on kv (whole vectors of keys), so a sequence's sum is the same in any batch (a
+    # batch's kv is its longest sequence's; the keys past a sequence's own add exact zeros)
     K = tirx.const(KEYS, "int64")
-    vectors = te.reduce_axis((0, (kv + K - 1) // K), name="rt2")
-
-    def lane_sum(*a):
-        *row, lane = a
-        ti = vectors * K + lane.astype("int64")
-        return te.sum(tirx.if_then_else(ti < kv, ex[(*row, ti)], tirx.const(0, dt)), axis=vectors)
-    lanes = te.compute((*rows, K), lane_sum, name=prefix + "lanes")
+    vectors = te.reduce_axis((0, kv // K), name="rt2")
+    lanes = te.compute((*rows, K), lambda *a: te.sum(ex[(*a[:n], vectors * K + a[n].astype("int64"))], axis=vectors),
+                       name=prefix + "lanes")
     lane = te.reduce_axis((0, K), name="lane")
     den = te.compute(rows, lambda *r: te.sum(lanes[(*r, lane)], axis=lane), name=prefix + "den")
     inv = te.compute(rows, lambda *r: tirx.Select(den[r] > 0, 1 / den[r], tirx.const(0, dt)), name=prefix + "inv")
