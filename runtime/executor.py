@@ -129,15 +129,26 @@ class Executor:
     def _unbind(self) -> None:
         """Forget what was prepared over the old buffers (bound calls, captured graphs)."""
 
-    def run(self, feeds: dict[str, np.ndarray], batch: int, seq: int, past: int, **options) -> np.ndarray:
+    def run(self, feeds: dict[str, np.ndarray], batch: int, seq: int, past: int, rows=None,
+            **options) -> np.ndarray:
         """One forward step of `seq` new tokens in each of `batch` sequences over `feeds` (the
         token ids, and the mask and positions where the model takes them; no past: the caches
         hold it); `options` are the executor's (`last_logits`: the last position's logits
         only). Returns the logits, an array the caller owns (or one the executor reuses, as
-        its docstring says)."""
+        its docstring says). With `rows` (a step of one token per sequence), the logits of
+        those sequences only, [len(rows), vocab], in an array the caller owns."""
         check_step(self.max_seq, self.batch, self.pages, batch, seq, past)
         env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
+        if rows is not None:
+            if seq != 1:
+                raise LlmcError(f"logits of some rows: a step of one token per sequence, not {seq}")
+            return self._step_rows(feeds, env, rows)
         return self._step(feeds, env, **options)
 
     def _step(self, feeds: dict[str, np.ndarray], env: dict[str, int], **options) -> np.ndarray:
         raise NotImplementedError
+
+    def _step_rows(self, feeds: dict[str, np.ndarray], env: dict[str, int], rows) -> np.ndarray:
+        """`run` with `rows`: here every row's logits, then those asked for (the CPU's computes
+        only those)."""
+        return np.array(self._step(feeds, env)[rows, -1])

@@ -170,22 +170,59 @@ class CpuExecutor(Executor):
         bound = self._bound.get(key)
         if bound is None:
             bound = self._bound[key] = self.kernels.bind([self._bind(step, env, last_logits) for step in self.plan])
-        for name, a in feeds.items():
-            if name in self.values:  # a feed the compiled graph never reads has no buffer
-                self._array(name, env)[...] = a
-        seconds = None if self.timing is None else np.zeros(len(self.plan))
-        try:
-            bound.run(env, dict(env, seq=1), seconds)
-        except KernelRefused as e:  # a kernel checks its arguments: the plan disagrees with it
-            step = self.plan[e.index]
-            raise LlmcError(f"plans.forward[{e.index}]: kernel {step['kernel']!r} refused the values "
-                            f"{[a for a in step['args'] if a]}: {e.message}") from None
-        if seconds is not None:
-            for step, s in zip(self.plan, seconds):
-                self.timing[step["kernel"]] = self.timing.get(step["kernel"], 0.0) + float(s)
+        self._feed(feeds, env)
+        self._run(bound, env, dict(env, seq=1))
         if every_position:
             return self.logits_out
         return self._array(self.logits, dict(env, seq=1) if last_logits else env).copy()
+
+    def _step_rows(self, feeds, env, rows) -> np.ndarray:
+        """The logits of `rows` only, [len(rows), vocab], of a step of one token per sequence
+        (a server's ragged step: of a prompt chunk's rows only the last may want logits). Every
+        step but the logits GEMM is bound per batch; the GEMM per number of rows, over its input
+        rows gathered into buffers of its own between the two runs."""
+        *body, head = self.plan
+        if not self.last_only or head["args"][-1] != self.logits:  # the logits come some other way
+            return super()._step_rows(feeds, env, rows)
+        self.logits_out = None
+        batch, n = env["batch"], len(rows)
+        bound = self._bound.get((batch, "body"))
+        if bound is None:
+            bound = self._bound[batch, "body"] = self.kernels.bind([self._bind(s, env, False) for s in body])
+        if not n:  # no row wants logits (a prompt's chunk that does not end it)
+            self._feed(feeds, env)
+            self._run(bound, env, env, end=len(body))
+            return np.empty((0, evaluate(self.values[self.logits]["shape"][-1], env)), np.float32)
+        head_env = dict(env, batch=n)
+        if ("head", n) not in self._bound:
+            args, inputs = self._head_args(head, env, head_env)
+            self._bound["head", n] = self.kernels.bind([Call(head["kernel"], args, {}, [], head["dims"], True)]), inputs
+        head_call, inputs = self._bound["head", n]
+        self._feed(feeds, env)
+        self._run(bound, env, env, end=len(body))
+        for buffer, make in inputs:
+            np.take(make(env).reshape(batch, -1), rows, axis=0, out=buffer)
+        self._run(head_call, head_env, head_env, first=len(body))
+        return self._array(self.logits, head_env).reshape(n, -1).copy()
+
+    def _feed(self, feeds, env) -> None:
+        for name, a in feeds.items():
+            if name in self.values:  # a feed the compiled graph never reads has no buffer
+                self._array(name, env)[...] = a
+
+    def _run(self, bound, env, last_env, first: int = 0, end: int | None = None) -> None:
+        """Run bound calls, plan steps `first` to `end`; a kernel refusing its arguments is named."""
+        steps = self.plan[first:end]
+        seconds = None if self.timing is None else np.zeros(len(steps))
+        try:
+            bound.run(env, last_env, seconds)
+        except KernelRefused as e:  # a kernel checks its arguments: the plan disagrees with it
+            step = self.plan[first + e.index]
+            raise LlmcError(f"plans.forward[{first + e.index}]: kernel {step['kernel']!r} refused the values "
+                            f"{[a for a in step['args'] if a]}: {e.message}") from None
+        if seconds is not None:
+            for step, s in zip(steps, seconds):
+                self.timing[step["kernel"]] = self.timing.get(step["kernel"], 0.0) + float(s)
 
     def _bind(self, step, env, last_logits) -> Call:
         """One plan step's call: each argument viewed as the step says."""
@@ -207,22 +244,27 @@ class CpuExecutor(Executor):
 
     def _bind_last_logits(self, step, env):
         """The logits GEMM over the last position only (a GEMM's rows are computed each alone):
-        its activations [b, s, k] become [b, k] (a view at batch 1, else copied into a kept
-        buffer before the call), its output the logits viewed at seq 1; dims it takes are the
-        last position's (seq 1)."""
+        its activations [b, s, k] become [b, k], copied into buffers of their own before the
+        call, its output the logits viewed at seq 1; dims it takes are the last position's."""
+        args, inputs = self._head_args(step, env, dict(env, seq=1))
+        copies = [(buffer, make(env).reshape(env["batch"], env["seq"], -1)[:, -1]) for buffer, make in inputs]
+        return Call(step["kernel"], args, {}, copies, step["dims"], True)
+
+    def _head_args(self, step, env, head_env) -> tuple[list, list]:
+        """The logits GEMM's arguments for some rows of its input (head_env's batch x seq): each
+        activation a buffer of those rows, the output the logits viewed at head_env. Returns the
+        arguments and (buffer, the activation's maker) pairs, for the caller to fill the buffers."""
         if step["kind"] != "linear":
             raise LlmcError(f"the logits come from a {step['kind']} kernel; only a GEMM computes them per position")
-        args, copies = [], []
-        last_env = dict(env, seq=1)
+        args, inputs = [], []
         for name, view in zip(step["args"][:-1], step["views"]):
-            a = self._maker(name, view)(env)
+            make = self._maker(name, view)
+            a = make(env)
             if name and name not in self.weight_names:  # an activation [b, s, k] (or its rows)
-                rows = a.reshape(env["batch"], env["seq"], -1)[:, -1]
-                if env["batch"] > 1:
-                    buf = aligned_empty(rows.shape, rows.dtype)
-                    copies.append((buf, rows))
-                    rows = buf
-                a = rows
+                buffer = aligned_empty((head_env["batch"] * head_env["seq"], a.size // (env["batch"] * env["seq"])),
+                                       a.dtype)
+                inputs.append((buffer, make))
+                a = buffer
             args.append(a)
-        args.append(self._array(self.logits, last_env, step["views"][-1]))
-        return Call(step["kernel"], args, {}, copies, step["dims"], True)
+        args.append(self._array(self.logits, head_env, step["views"][-1]))
+        return args, inputs

@@ -26,6 +26,9 @@ from .text import Text
 
 log = logging.getLogger(__name__)
 
+ROW_BUCKET = 8  # a ragged step of more rows is padded to a multiple of this many (`Model.step_rows`)
+_SCRATCH = -1  # the padding rows' sequence in the block pool (never a caller's)
+
 
 class Model:
     def __init__(self, path, threads: int | None = None, interpret: bool = False, device: int | None = None):
@@ -132,6 +135,50 @@ class Model:
         if greedy:
             return self.executor.run(feeds, batch, seq, total - seq, greedy=True)
         return self.executor.run(feeds, batch, seq, total - seq, last_logits=last_only)
+
+    def step_rows(self, tokens, positions, seqs, logits_of) -> np.ndarray:
+        """One step over a ragged batch of a paged cache's sequences: row r is token `tokens[r]`
+        of sequence `seqs[r]` at position `positions[r]`. A server mixes one row per decoding
+        sequence with a chunk of a prompt's rows (one sequence at consecutive positions); every
+        row's key and value are in the cache before attention reads, so each row sees the rows
+        of its sequence before it. Rows are computed each alone, as in any other batch. Returns
+        the logits of rows `logits_of`, [len(logits_of), vocab], computed for those rows only.
+
+        Past ROW_BUCKET rows, the batch is padded to a multiple of it (rows of a scratch
+        sequence's position 0), so that a server meets a few step shapes, each bound once."""
+        pages = getattr(self.executor, "pages", None)
+        roles = self.manifest["model"]["roles"]
+        if not pages or roles["positions"] not in self.executor.values:
+            raise LlmcError("a ragged step needs an artifact with a paged KV cache (--kv-layout paged:N)")
+        tokens, positions, seqs, logits_of = list(tokens), list(positions), list(seqs), list(logits_of)
+        if not tokens or not len(tokens) == len(positions) == len(seqs):
+            raise LlmcError(f"a ragged step: {len(tokens)} tokens, {len(positions)} positions and {len(seqs)} "
+                            "sequences; give one of each per row, at least one row")
+        if min(positions) < 0 or any(not 0 <= r < len(tokens) for r in logits_of):
+            raise LlmcError(f"a ragged step of {len(tokens)} rows: positions must be >= 0 and logits_of rows in "
+                            f"0..{len(tokens) - 1}")
+        self._cached = []
+        pad = padded_rows(len(tokens)) - len(tokens)
+        tokens = np.array(tokens + [0] * pad, np.int64)[:, None]
+        lengths = np.array(positions + [0] * pad, np.int64)
+        seqs = seqs + [_SCRATCH] * pad
+        total = int(lengths.max()) + 1
+        if total > self.max_seq_len:
+            raise LlmcError(f"context of {total} tokens exceeds the {self.max_seq_len} this artifact was compiled for")
+        need: dict[int, int] = {}
+        for s, at in zip(seqs, lengths.tolist()):
+            need[s] = max(need.get(s, 0), at + 1)
+        for s, length in need.items():
+            pages.reserve(s, length)
+        feeds = {roles["tokens"]: tokens, roles["mask"]: (np.arange(total) <= lengths[:, None]).astype(np.int64),
+                 roles["positions"]: lengths[:, None], KV_BLOCKS: pages.table(seqs),
+                 KV_LENGTHS: lengths.astype(np.int32)}
+        feeds = {name: a for name, a in feeds.items() if name in self.executor.values}
+        self.check_ids(feeds)
+        try:
+            return self.executor.run(feeds, len(seqs), 1, total - 1, rows=logits_of)
+        finally:
+            pages.release(_SCRATCH)
 
     @property
     def has_tokenizer(self) -> bool:
@@ -277,6 +324,11 @@ class Model:
             if token in self.eos_token_ids or len(out) == max_new_tokens:
                 return out
             feed = [token]
+
+
+def padded_rows(rows: int) -> int:
+    """The rows a ragged step of `rows` rows runs (`Model.step_rows`)."""
+    return rows if rows <= ROW_BUCKET else -(-rows // ROW_BUCKET) * ROW_BUCKET
 
 
 def _is_batch(prompt_ids) -> bool:

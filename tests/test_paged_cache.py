@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import rel_err, run_cli
 from test_end_to_end import _onnxruntime_greedy
 
 import llmc
@@ -86,6 +86,75 @@ def test_files_nobody_here_made(name, tmp_path, rng):
     alone = runtime.load(llmc.compile(path, output=tmp_path / "c.llmc", max_seq_len=64))
     prompts = _prompts(rng, 256, (3, 11, 20))
     assert paged.generate(prompts, 12) == [alone.generate(p, 12) for p in prompts]
+
+
+def _ragged_case(name, artifacts, rng, **compile_options):
+    """A ragged step against plain steps: A's prompt and B's first 5 tokens prefilled by plain
+    steps; then one ragged step of B's next 6 tokens (a chunk) and A's next token (a decode row),
+    and the same rows again split over two steps with other company."""
+    model = runtime.load(artifacts(name, kv_layout=LAYOUT, **compile_options))
+    a, b = _prompts(rng, zoo.get(name).config().vocab_size, (9, 11))
+    model.executor.reset(batch=24)
+    want_a = model._step(np.array([a]), [0], [0])[0]
+    want_b = model._step(np.array([b]), [0], [1])[0]
+    model.executor.reset(batch=24)
+    model._step(np.array([a[:8]]), [0], [0])
+    model._step(np.array([b[:5]]), [0], [1])
+    rows = (b[5:] + [a[8]], list(range(5, 11)) + [8], [1] * 6 + [0])
+    together = model.step_rows(*rows, range(7))
+    model.executor.reset(batch=24)
+    model._step(np.array([a[:8]]), [0], [0])
+    model._step(np.array([b[:5]]), [0], [1])
+    apart = np.concatenate([model.step_rows(b[5:8], [5, 6, 7], [1] * 3, range(3)),
+                            model.step_rows([a[8]] + b[8:] + [7] * 10, [8, 8, 9, 10] + [0] * 10,
+                                            [0, 1, 1, 1] + [2] * 10, [1, 2, 3, 0])])
+    return model, together, apart, np.concatenate([want_b[5:], want_a[8:]])
+
+
+# slow (CI) for every family but llama: compiles with a paged cache each (the onnxruntime test's)
+@pytest.mark.parametrize("name", [pytest.param(m.name, marks=[] if m.name == "llama-tiny" else pytest.mark.slow)
+                                  for m in zoo.TINY_DECODERS])
+def test_a_ragged_step_computes_each_row_as_plain_steps_do(name, artifacts, rng):
+    """Rows of several sequences at their own positions in one step (`Model.step_rows`, the
+    server's step): the logits plain steps give (to rounding: the prefill's attention sums in
+    another order), the same bits in any company (17 rows, padded to 24, or 3 and 14), and only
+    the rows asked for; the padding's scratch blocks go back."""
+    model, together, apart, want = _ragged_case(name, artifacts, rng)
+    assert rel_err(together, want) < 1e-5, f"{name}: {rel_err(together, want)}"
+    np.testing.assert_array_equal(together, apart)
+    assert sorted(model.executor.pages.held) == [0, 1, 2]  # no scratch sequence (-1) left holding blocks
+
+
+def test_a_ragged_step_with_an_int8_cache(artifacts, rng):
+    model, together, apart, want = _ragged_case("llama-tiny", artifacts, rng, kv_cache="int8")
+    assert rel_err(together, want) < 1e-5
+    np.testing.assert_array_equal(together, apart)
+
+
+def test_a_ragged_step_needs_a_paged_cache(artifacts):
+    from llmc.runtime.errors import LlmcError
+
+    model = runtime.load(artifacts("llama-tiny"))
+    model.executor.reset(batch=2)
+    with pytest.raises(LlmcError, match="needs an artifact with a paged KV cache"):
+        model.step_rows([1, 2], [0, 0], [0, 1], [0, 1])
+
+
+@pytest.mark.parametrize("rows,message", [
+    (([1, 2], [0], [0, 1], [0]), "2 tokens, 1 positions and 2 sequences"),
+    (([], [], [], []), "at least one row"),
+    (([1, 2], [0, -1], [0, 0], [1]), "positions must be >= 0"),
+    (([1, 2], [0, 1], [0, 0], [2]), "logits_of rows in 0..1"),
+    (([1, 2], [0, 200], [0, 0], [1]), "context of 201 tokens exceeds the 128"),
+    (([1, 10**6], [0, 1], [0, 0], [1]), "outside the vocabulary"),
+])
+def test_a_bad_ragged_step_is_refused_by_name(rows, message, artifacts):
+    from llmc.runtime.errors import LlmcError
+
+    model = runtime.load(artifacts("llama-tiny", kv_layout=LAYOUT))
+    model.executor.reset(batch=4)
+    with pytest.raises(LlmcError, match=message):
+        model.step_rows(*rows)
 
 
 def test_block_pool_takes_grows_and_gives_back():
