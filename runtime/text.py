@@ -32,15 +32,40 @@ class Text:
         return self.tokenizer.decode(list(ids))
 
     def stream(self, on_text: Callable[[str], None]) -> Callable[[int], None]:
-        """A token callback that passes on the text each token adds. Tokens can end inside a
-        character (byte-level BPE): text is held back until the decoding no longer ends in a
-        replacement character."""
-        ids, shown = [], [0]
+        """A token callback that passes on the text each token adds (`Increments`)."""
+        increments = Increments(self)
 
         def on_token(token: int) -> None:
-            ids.append(token)
-            text = self.decode(ids)
-            if not text.endswith("\ufffd") and len(text) > shown[0]:
-                on_text(text[shown[0]:])
-                shown[0] = len(text)
+            piece = increments.add(token)
+            if piece:
+                on_text(piece)
         return on_token
+
+
+class Increments:
+    """The text a growing list of tokens adds, token by token, each step decoding the few tokens
+    since the last settled text (not the whole list: a long answer's per-token cost stays flat).
+    The window starts a token before the new ones, as in vLLM and transformers' streamers, so a
+    decoder that drops a text's leading space (SentencePiece) or merges across tokens is given
+    its context. Tokens can end inside a character (byte-level BPE): their text waits until the
+    decoding no longer ends in a replacement character."""
+
+    def __init__(self, text: Text):
+        self.text, self.ids = text, []
+        self.start = self.settled = 0  # the window's first token; the first not yet shown
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        return self._since(final=False)
+
+    def rest(self) -> str:
+        """What is still held back (an unfinished character, as decoded): the text's end."""
+        return self._since(final=True)
+
+    def _since(self, final: bool) -> str:
+        shown = self.text.decode(self.ids[self.start:self.settled])
+        text = self.text.decode(self.ids[self.start:])
+        if len(text) <= len(shown) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.start, self.settled = self.settled, len(self.ids)
+        return text[len(shown):]

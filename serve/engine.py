@@ -3,15 +3,19 @@
 Each iteration of the loop (its own thread; the model's kernels release no lock it needs)
   1. drops the sequences whose clients left, their KV blocks back at once;
   2. admits waiting requests in arrival order while a batch slot is free;
-  3. prefills one chunk of at most `prefill_chunk` tokens of the oldest prompt not yet in the
-     cache, so a long prompt is prefilled over several iterations and the running sequences keep
-     their pace (a step reads every weight once: one prefill step per iteration, not several);
-  4. decodes every sequence past its prompt in one step, each at its own length over the
-     paged KV cache, and samples each one's next token with its own seeded generator.
+  3. runs one step over a ragged batch (`Model.step_rows`): a row for every sequence past its
+     prompt, each at its own length over the paged KV cache, and at most `prefill_chunk` tokens
+     of the prompts not yet in the cache, oldest first, so a step reads every weight once for
+     both and a long prompt is prefilled over several steps while the running sequences keep
+     their pace (chunked prefill, as in Sarathi and vLLM; llama-server batches the same way).
+     A step in which no sequence decodes takes up to `IDLE_CHUNK` prompt tokens;
+  4. samples each decoding sequence's next token, and a prompt's first when its last chunk ran,
+     with the request's own seeded generator.
 
-A request's tokens do not depend on what else runs: its rows of a step are computed as they
-would be alone (the kernels compute each row by itself, in the same order), and its sampling
-generator is its own. An artifact without a paged cache serves one sequence at a time.
+A request's tokens do not depend on what else runs: the kernels compute each row of a step by
+itself, in the same order in a batch of any size, and its sampling generator is its own. An
+artifact without a paged cache serves one sequence at a time (its chunks and tokens as plain
+steps).
 
 With a block budget (`kv_blocks`), a step that would need more blocks than the budget holds
 preempts the most recently admitted sequence first: its blocks go back and it waits at the
@@ -35,9 +39,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..runtime.errors import LlmcError
+from ..runtime.model import padded_rows
 from ..runtime.sampling import Rng, check_options, sample
+from ..runtime.text import Increments
 
 log = logging.getLogger(__name__)
+
+# prompt tokens a step takes when no sequence decodes (none waits on it): 64 rows run the GEMMs
+# near their peak, and the chunk's own time to first token is what is left to shorten
+IDLE_CHUNK = 64
 
 
 class RequestError(LlmcError):
@@ -88,6 +98,8 @@ class _Sequence:
     prompt: list[int] = field(default_factory=list)  # what to prefill: the prompt, then what was generated
     fed: int = 0  # tokens of `prompt` in the cache
     out: list[int] = field(default_factory=list)
+    text: str = ""  # the output's text so far (`increments`' settled text)
+    increments: Increments | None = None
     shown: int = 0  # characters of the text already emitted
     slot: int | None = None
     last_token_at: float = 0.0
@@ -100,7 +112,7 @@ class _Sequence:
 
 
 class Engine:
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 64,
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 16,
                  kv_blocks: int | None = None, metrics=None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise LlmcError(f"max_batch {max_batch}, max_queue {max_queue}, prefill_chunk {prefill_chunk}: "
@@ -126,7 +138,10 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="llmc-engine", daemon=True)
-        model._reset(max_batch)
+        # a step's rows: one per running sequence and a prompt chunk's (padded: `padded_rows`)
+        self.idle_chunk = max(prefill_chunk, IDLE_CHUNK)
+        self.rows = padded_rows(max(max_batch + prefill_chunk, self.idle_chunk)) if self.paged else 1
+        model._reset(self.rows)
         self._reserve_blocks()
         self._warm_up()
         self._thread.start()
@@ -144,15 +159,23 @@ class Engine:
             log.warning("KV cache pool not reserved in full (%s): it grows as sequences need", e)
 
     def _warm_up(self) -> None:
-        """Run a decode step at every batch size and a full prefill chunk once, so that their
-        kernel calls are bound before the first request (as servers capture their graphs at
-        start): binding a step's shape takes about as long as running it."""
-        vocab_safe = 0  # token id 0 exists in every vocabulary
-        self.model._step(np.full((1, min(self.prefill_chunk, self.model.max_seq_len)), vocab_safe), [0], [0],
-                         last_only=True)
-        for batch in range(1, self.max_batch + 1):
-            self.model._step(np.full((batch, 1), vocab_safe), [0] * batch, list(range(batch)), last_only=True)
-        self.model._reset(self.max_batch)  # the same batch: the slots' blocks are free again
+        """Run a step of every row count the loop can meet, and the logits of every number of
+        rows it can ask for, so that their kernel calls are bound before the first request (as
+        servers capture their graphs at start): binding a step's shape takes about as long as
+        running it."""
+        if not self.paged:
+            chunk = min(self.idle_chunk, self.model.max_seq_len)
+            for length in {chunk, 1}:
+                self.model._step(np.zeros((1, length), np.int64), [0], [0], last_only=True)
+            return
+        def step(rows: int, logits: int) -> None:  # token 0 (in every vocabulary) at position 0 of the slots
+            self.model.step_rows([0] * rows, [0] * rows, [r % self.max_batch for r in range(rows)], range(logits))
+
+        for rows in sorted({padded_rows(n) for n in range(1, self.rows + 1)}):
+            step(rows, 1)
+        for n in range(2, self.max_batch + 1):  # a step samples one row per running sequence at most
+            step(n, n)
+        self.model._reset(self.rows)  # the same batch: the blocks are free again
 
     # -- what the HTTP layer calls (any thread; submit from an asyncio loop) --
 
@@ -277,31 +300,49 @@ class Engine:
             self.running.append(seq)
 
     def _iterate(self, work: list[_Sequence]) -> None:
-        # one prefill step per iteration, of the oldest unfinished prompt: each step reads every
-        # weight once, so two short chunks would cost nearly two steps of the running sequences' time
-        for seq in work:
-            if seq.slot is None or seq.done or seq.fed == len(seq.prompt):  # preempted, ended or prefilled
-                continue
-            chunk = seq.prompt[seq.fed:seq.fed + self.prefill_chunk]
-            if not self._make_room(seq, seq.fed + len(chunk)):
-                continue
-            logits = self.model._step(np.array([chunk]), [seq.fed], [seq.slot], last_only=True)
-            seq.fed += len(chunk)
-            if seq.fed == len(seq.prompt) and not seq.out:  # a preempted one's next token is known
-                self._sampled(seq, logits[0, -1])
-            break
+        # the running sequences' rooms first: prompts wait for them, not they for prompts
         decoding = [s for s in work if s.decoding and s.slot is not None and not s.done]
         decoding = [s for s in decoding if s.slot is not None and self._make_room(s, len(s.prompt) + 1)]
-        decoding = [s for s in decoding if s.slot is not None]  # room for a later one can preempt an earlier
-        if not decoding:
+        # (sequence, its prompt tokens this step), oldest first; a step nobody decodes in delays nobody
+        chunks, budget = [], self.prefill_chunk if decoding else self.idle_chunk
+        for seq in work:
+            if budget and seq.slot is not None and not seq.done and seq.fed < len(seq.prompt):
+                take = seq.prompt[seq.fed:seq.fed + budget]
+                if self._make_room(seq, seq.fed + len(take)):
+                    chunks.append((seq, take))
+                    budget -= len(take)
+        # room for a later one can preempt an earlier one
+        chunks = [(seq, take) for seq, take in chunks if seq.slot is not None]
+        decoding = [s for s in decoding if s.slot is not None]
+        if not chunks and not decoding:
             return
-        ids = np.array([[s.out[-1]] for s in decoding])
-        logits = self.model._step(ids, [len(s.prompt) for s in decoding], [s.slot for s in decoding],
-                                  last_only=True)
-        for row, seq in enumerate(decoding):
+        tokens, positions, slots, sampled = [], [], [], []  # sampled: (row, sequence) of the logits taken
+        for seq, take in chunks:
+            tokens += take
+            positions += range(seq.fed, seq.fed + len(take))
+            slots += [seq.slot] * len(take)
+            if seq.fed + len(take) == len(seq.prompt) and not seq.out:  # a preempted one's next token is known
+                sampled.append((len(tokens) - 1, seq))
+        for seq in decoding:
+            tokens.append(seq.out[-1])
+            positions.append(len(seq.prompt))
+            slots.append(seq.slot)
+            sampled.append((len(tokens) - 1, seq))
+        logits = self._forward(tokens, positions, slots, [row for row, _ in sampled])
+        for seq, take in chunks:
+            seq.fed += len(take)
+        for seq in decoding:
             seq.prompt.append(seq.out[-1])  # its key and value are cached now
             seq.fed += 1
-            self._sampled(seq, logits[row, -1])
+        for (_, seq), row in zip(sampled, logits):
+            self._sampled(seq, row)
+
+    def _forward(self, tokens: list[int], positions: list[int], seqs: list[int], logits_of: list[int]) -> np.ndarray:
+        """The logits of rows `logits_of` of a step; without a paged cache the rows are one
+        sequence's at consecutive positions (a chunk or a token): a plain step."""
+        if self.paged:
+            return self.model.step_rows(tokens, positions, seqs, logits_of)
+        return self.model._step(np.array([tokens]), [positions[0]], [seqs[0]], last_only=True)[:, -1]
 
     def _make_room(self, seq: _Sequence, length: int) -> bool:
         """Blocks for `seq` at `length` tokens within the budget, preempting the most recently
@@ -346,8 +387,7 @@ class Engine:
         seq.out.append(token)
         logprob, top = _logprobs(logits, token, r.logprobs) if r.logprobs is not None else (None, None)
         eos = token in self.model.eos_token_ids and not r.ignore_eos
-        shown = seq.out[:-1] if eos else seq.out
-        text, stopped = self._text(seq, shown, final=eos or len(seq.out) == r.max_tokens)
+        text, stopped = self._text(seq, None if eos else token, final=eos or len(seq.out) == r.max_tokens)
         reason = "stop" if eos or stopped else "length" if len(seq.out) == r.max_tokens else None
         output = Output(token, text, logprob, top, reason, len(r.prompt), len(seq.out))
         if reason:
@@ -356,13 +396,19 @@ class Engine:
         else:
             seq.emit(output)
 
-    def _text(self, seq: _Sequence, ids: list[int], final: bool) -> tuple[str, bool]:
-        """The text `ids` add past what was shown, and whether a stop string ended it. Held back:
-        a character not yet complete, and a tail that may begin a stop string."""
+    def _text(self, seq: _Sequence, token: int | None, final: bool) -> tuple[str, bool]:
+        """The text `token` (None: no text, an end token) adds past what was shown, and whether
+        a stop string ended it. Held back: a character not yet complete, and a tail that may
+        begin a stop string."""
         if not self.model.has_tokenizer:
             return "", False
-        text = self.model.text.decode(ids)
-        stops = seq.request.stop
+        if seq.increments is None:
+            seq.increments = Increments(self.model.text)
+        if token is not None:
+            seq.text += seq.increments.add(token)
+        if final:
+            seq.text += seq.increments.rest()
+        text, stops = seq.text, seq.request.stop
         for stop in stops:
             at = text.find(stop, max(0, seq.shown - len(stop) + 1))
             if at >= 0:
@@ -371,11 +417,8 @@ class Engine:
                 return piece, True
         end = len(text)
         if not final:
-            if text.endswith("\ufffd"):
-                end = len(text.rstrip("\ufffd"))
-            held = max((k for stop in stops for k in range(1, len(stop)) if text[:end].endswith(stop[:k])),
+            end -= max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k], 0, end)),
                        default=0)
-            end -= held
         piece = text[seq.shown:end] if end > seq.shown else ""
         seq.shown = max(seq.shown, end)
         return piece, False

@@ -27,7 +27,7 @@ class Options:
     model_name: str | None = None
     max_batch: int = 8
     max_queue: int = 64
-    prefill_chunk: int = 64
+    prefill_chunk: int = 16
     kv_blocks: int | None = None
     api_key: str | None = None
     threads: int | None = None
