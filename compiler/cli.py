@@ -169,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
                      "more tokens/s, smaller a lower inter-token latency (default: 16)")
     srv.add_argument("--kv-blocks", type=_positive, metavar="N", help="a budget of KV cache blocks; past it the "
                      "newest sequence is preempted and recomputed later (default: as many as the batch needs)")
+    srv.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                     help="compute every prompt in full (by default a prompt starting with the tokens of an earlier "
+                     "one reuses the cached KV blocks of that prefix)")
     srv.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $LLMC_API_KEY, else none)")
     srv.add_argument("--threads", type=int, help="kernel threads (default: every core, or $LLMC_NUM_THREADS)")
     srv.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
@@ -468,7 +471,7 @@ def _serve(args) -> int:
 
     serve(Options(args.artifact, host=args.host, port=args.port, model_name=args.served_model_name,
                   max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                  kv_blocks=args.kv_blocks, api_key=args.api_key or os.environ.get("LLMC_API_KEY"),
+                  kv_blocks=args.kv_blocks, prefix_cache=args.prefix_cache, api_key=args.api_key or os.environ.get("LLMC_API_KEY"),
                   threads=args.threads, grace=args.grace))
     return 0
 

@@ -113,7 +113,7 @@ class _Sequence:
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = 16,
-                 kv_blocks: int | None = None, metrics=None):
+                 kv_blocks: int | None = None, prefix_cache: bool = True, metrics=None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise LlmcError(f"max_batch {max_batch}, max_queue {max_queue}, prefill_chunk {prefill_chunk}: "
                             "need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1")
@@ -135,6 +135,8 @@ class Engine:
         self.running: list[_Sequence] = []  # in admission order
         self.free_slots = list(range(max_batch - 1, -1, -1))
         self.preemptions = 0
+        self.prefix_cache = prefix_cache and self.paged
+        self.cached_tokens = 0  # prompt tokens whose keys and values came from cached blocks
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="llmc-engine", daemon=True)
@@ -240,8 +242,8 @@ class Engine:
         with self._cond:
             pages = self._pages()
             return {"running": len(self.running), "waiting": len(self.waiting),
-                    "kv_blocks_used": _blocks_held(pages),
-                    "preemptions": self.preemptions}
+                    "kv_blocks_used": pages.in_use() if pages else 0,
+                    "preemptions": self.preemptions, "prefix_cached_tokens": self.cached_tokens}
 
     def shutdown(self, grace: float = 30.0) -> None:
         """Admit nothing more, let what runs finish for up to `grace` seconds, abort the rest."""
@@ -297,6 +299,9 @@ class Engine:
             seq.slot = self.free_slots.pop()
             if not self.paged:
                 self.model._reset(1)
+            if self.prefix_cache:  # its first step computes one token at least: its logits are needed
+                seq.fed = self._pages().share(seq.slot, seq.prompt, len(seq.prompt) - 1)
+                self.cached_tokens += seq.fed
             self.running.append(seq)
 
     def _iterate(self, work: list[_Sequence]) -> None:
@@ -334,6 +339,9 @@ class Engine:
         for seq in decoding:
             seq.prompt.append(seq.out[-1])  # its key and value are cached now
             seq.fed += 1
+        if self.prefix_cache:
+            for seq in [s for s, _ in chunks] + decoding:
+                self._pages().register(seq.slot, seq.prompt, seq.fed)
         for (_, seq), row in zip(sampled, logits):
             self._sampled(seq, row)
 
@@ -352,7 +360,7 @@ class Engine:
             return True
         need = -(-length // self.page_tokens) - len(pages.held.get(seq.slot, []))
         with self._cond:
-            while _blocks_held(pages) + need > self.kv_blocks:
+            while pages.in_use() + need > self.kv_blocks:
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
@@ -452,11 +460,6 @@ def _emitter(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
         except RuntimeError:  # the loop is closed
             pass
     return emit
-
-
-def _blocks_held(pages) -> int:
-    """Blocks the sequences hold (read from any thread: the values are copied in one step)."""
-    return sum(map(len, list(pages.held.values()))) if pages is not None else 0
 
 
 def _logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:

@@ -1,9 +1,9 @@
 """The server's Prometheus metrics (`GET /metrics`), fed by the engine as it works.
 
 Gauges are read from the engine when scraped (requests running and waiting, KV blocks held,
-preemptions); counters and histograms are updated as tokens come (prompt and generated
-tokens, finished requests, time to first token, inter-token latency). Each server has a
-registry of its own."""
+preemptions, prompt tokens served from cached blocks); counters and histograms are updated as
+tokens come (prompt and generated tokens, finished requests, time to first token, inter-token
+latency). Each server has a registry of its own."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ class Metrics:
         self.registry = r = CollectorRegistry()
         for key, doc in (("running", "requests in the running batch"), ("waiting", "requests waiting for a slot"),
                          ("kv_blocks_used", "KV cache blocks held by sequences"),
-                         ("preemptions", "sequences preempted for KV blocks since start")):
+                         ("preemptions", "sequences preempted for KV blocks since start"),
+                         ("prefix_cached_tokens", "prompt tokens whose KV blocks were reused since start")):
             Gauge(f"llmc_{key}", doc, registry=r).set_function(lambda key=key: stats().get(key, 0))
         self.prompt_tokens = Counter("llmc_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("llmc_generation_tokens", "tokens generated", registry=r)

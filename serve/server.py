@@ -29,6 +29,7 @@ class Options:
     max_queue: int = 64
     prefill_chunk: int = 16
     kv_blocks: int | None = None
+    prefix_cache: bool = True
     api_key: str | None = None
     threads: int | None = None
     grace: float = 30.0
@@ -58,7 +59,7 @@ def serve(options: Options) -> None:
             model = runtime.load(options.artifact, threads=options.threads)
             state.engine = Engine(model, max_batch=options.max_batch, max_queue=options.max_queue,
                                   prefill_chunk=options.prefill_chunk, kv_blocks=options.kv_blocks,
-                                  metrics=app.state.metrics)
+                                  prefix_cache=options.prefix_cache, metrics=app.state.metrics)
             log.warning("serving %s as %r on http://%s:%d (batch %d, %s KV cache)", options.artifact, name,
                         options.host, options.port, state.engine.max_batch,
                         "paged" if state.engine.paged else "contiguous")

@@ -175,6 +175,29 @@ def test_block_pool_takes_grows_and_gives_back():
     assert len(pool.free) == 7 and not pool.held
 
 
+def test_block_pool_shares_a_cached_prefix_and_evicts_it_last():
+    pool = BlockPool(page_tokens=4, max_blocks=8, capacity=6, grow=lambda n: None)
+    a = list(range(100, 111))  # 11 tokens: 2 whole blocks
+    pool.reserve(0, 11)
+    pool.register(0, a, 11)
+    assert pool.share(1, a[:8] + [1, 2, 3], limit=10) == 8  # both whole blocks
+    assert pool.held[1] == pool.held[0][:2] and pool.in_use() == 3
+    assert pool.share(2, [100, 101, 102, 9, 9], limit=4) == 0  # a block's last token differs
+    pool.release(2)
+    assert pool.share(3, a, limit=7) == 4  # at most `limit` tokens: one whole block
+    pool.release(3)
+    pool.release(0)
+    pool.release(1)
+    assert pool.in_use() == 0 and len(pool.free) == 6
+    assert pool.share(4, a, limit=10) == 8  # released, still cached
+    pool.release(4)
+    pool.reserve(5, 4 * 4)  # the 4 uncached free blocks first
+    assert pool.share(6, a, limit=10) == 8
+    pool.release(6)
+    pool.reserve(7, 2 * 4)  # now the cached ones, whose prefixes are forgotten
+    assert pool.share(8, a, limit=10) == 0 and not pool.prefixes
+
+
 @pytest.mark.parametrize("args,message", [
     (["--kv-layout", "paged:0"], "N, the tokens of a block, must be an integer from 1 to 4096"),
     (["--kv-layout", "paged:x"], "N, the tokens of a block"),

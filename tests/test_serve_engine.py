@@ -1,6 +1,6 @@
 """The serving engine without HTTP (llmc.serve.engine), on llama-tiny with a paged KV cache:
 sequences joining and leaving the batch get exactly the tokens they get alone, with chunked
-prefill and under preemption; aborted requests give their blocks back; bad requests and a
+prefill, under preemption and reusing a shared prefix's cached blocks; aborted requests give their blocks back; bad requests and a
 full queue are refused before anything runs."""
 
 from __future__ import annotations
@@ -50,6 +50,40 @@ def test_concurrent_requests_get_the_tokens_they_get_alone(paged, kv_blocks, rng
     assert got == want
     assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
     assert (stats["preemptions"] > 0) == (kv_blocks is not None)
+
+
+@pytest.mark.parametrize("kv_blocks", [None, 8], ids=["blocks-enough", "preempting"])
+def test_a_shared_prefix_is_computed_once_and_changes_no_token(paged, kv_blocks, rng):
+    """A conversation's second turn (the first turn, its answer and a new message) and requests
+    sharing a 40-token system prompt reuse the cached blocks of what they share (whole blocks of
+    16, the last token always computed) and get the tokens they get alone."""
+    alone = runtime.load(paged)
+    system = [int(t) for t in rng.integers(0, 100, 40)]
+    first = Request(tuple(system + [7, 8, 9]), 30, ignore_eos=True)
+    engine = Engine(runtime.load(paged), max_batch=4, prefill_chunk=16, kv_blocks=kv_blocks)
+    try:
+        answer = _run(engine, [first])[0]
+        second = Request(first.prompt + tuple(answer) + (5, 6), 10, ignore_eos=True)
+        others = [Request(tuple(system + [int(t) for t in rng.integers(0, 100, n)]), 12, ignore_eos=True)
+                  for n in (1, 9, 23)]
+        got = _run(engine, [second, *others])
+        stats = engine.stats()
+    finally:
+        engine.shutdown(grace=1)
+    assert [answer, *got] == [alone.generate(list(r.prompt), r.max_tokens) for r in [first, second, *others]]
+    # the second turn: 75 tokens, 4 whole blocks cached (64); each other request: 2 blocks (32)
+    assert stats["prefix_cached_tokens"] >= 64 + 3 * 32 if kv_blocks is None else stats["prefix_cached_tokens"] > 0
+    assert stats["kv_blocks_used"] == 0
+
+
+def test_without_prefix_cache_every_prompt_is_computed(paged):
+    engine = Engine(runtime.load(paged), max_batch=2, prefix_cache=False)
+    try:
+        _run(engine, [Request(tuple(range(1, 40)), 4)])
+        _run(engine, [Request(tuple(range(1, 40)), 4)])
+        assert engine.stats()["prefix_cached_tokens"] == 0
+    finally:
+        engine.shutdown(grace=1)
 
 
 def test_a_request_left_early_leaves_the_batch_and_gives_its_blocks_back(paged):
