@@ -58,6 +58,7 @@ class Model:
         self._template = None
         self._cached: list[int] = []  # the tokens whose keys and values a batch of one holds, in order
         self.index_bounds = m["model"]["index_bounds"]
+        self.fixed_batch = _fixed_batch(m)
         self.memory = memory.footprint(m, weights, art.file(WEIGHTS).stat().st_size)
         if cuda:
             self.threads = None
@@ -98,6 +99,7 @@ class Model:
         if input_ids.ndim != 2 or input_ids.dtype.kind not in "iu" or 0 in input_ids.shape:
             raise LlmcError(f"input_ids: expected integer token ids [batch, seq], got {input_ids.dtype}{list(input_ids.shape)}")
         batch = input_ids.shape[0]
+        self._check_batch(batch)
         if type(past) is not int or past < 0:
             raise LlmcError(f"past {past!r}: must be an integer >= 0")
         if past == 0:
@@ -159,6 +161,7 @@ class Model:
                             f"0..{len(tokens) - 1}")
         self._cached = []
         pad = padded_rows(len(tokens)) - len(tokens)
+        self._check_batch(len(tokens) + pad)
         tokens = np.array(tokens + [0] * pad, np.int64)[:, None]
         lengths = np.array(positions + [0] * pad, np.int64)
         seqs = seqs + [_SCRATCH] * pad
@@ -179,6 +182,12 @@ class Model:
             return self.executor.run(feeds, len(seqs), 1, total - 1, rows=logits_of)
         finally:
             pages.release(_SCRATCH)
+
+    def _check_batch(self, batch: int) -> None:
+        if self.fixed_batch and batch != self.fixed_batch:
+            tokens = self.manifest["model"]["roles"]["tokens"]
+            raise LlmcError(f"this artifact's graph fixes a batch of {self.fixed_batch} (its input {tokens!r} is "
+                            f"[{self.fixed_batch}, seq]): a step of {batch} sequences cannot run; give one at a time")
 
     @property
     def has_tokenizer(self) -> bool:
@@ -217,7 +226,7 @@ class Model:
         # sequences at different lengths in one step need a paged cache, and each one's positions
         # fed: a graph without them derives positions from the step's past, which one sequence has
         paged = self.manifest["model"]["kv_cache"]["layout"]["page_tokens"] > 0
-        if paged and self.manifest["model"]["roles"]["positions"] in self.executor.values:
+        if paged and self.manifest["model"]["roles"]["positions"] in self.executor.values and not self.fixed_batch:
             return self._decode(prompts, max_new_tokens, sampling, on_token)
         return [self._decode([p], max_new_tokens, sampling, on_token and (lambda _, t, i=i: on_token(i, t)))[0]
                 for i, p in enumerate(prompts)]
@@ -324,6 +333,13 @@ class Model:
             if token in self.eos_token_ids or len(out) == max_new_tokens:
                 return out
             feed = [token]
+
+
+def _fixed_batch(manifest: dict) -> int | None:
+    """The batch a static-batch export fixes (its token input's first dim a number), else None."""
+    tokens = manifest["model"]["roles"]["tokens"]
+    shape = next((i["shape"] for i in manifest["model"]["inputs"] if i["name"] == tokens), None)
+    return int(shape[0]) if shape and str(shape[0]).isdigit() else None
 
 
 def padded_rows(rows: int) -> int:

@@ -120,9 +120,11 @@ class Engine:
         self.model = model
         layout = model.manifest["model"]["kv_cache"]["layout"]
         roles = model.manifest["model"]["roles"]
-        self.paged = layout["page_tokens"] > 0 and roles.get("positions") in model.executor.values
+        self.paged = layout["page_tokens"] > 0 and roles.get("positions") in model.executor.values and \
+            not model.fixed_batch
         if not self.paged and max_batch > 1:
-            log.warning("this artifact has no paged KV cache (compile with --kv-layout paged:16): "
+            log.warning("this artifact's graph fixes a batch of 1: serving one sequence at a time" if model.fixed_batch
+                        else "this artifact has no paged KV cache (compile with --kv-layout paged:16): "
                         "serving one sequence at a time")
             max_batch = 1
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk

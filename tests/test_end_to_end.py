@@ -22,9 +22,10 @@ from llmc.runtime.errors import LlmcError
 STEPS = 32
 
 
-def _onnxruntime_greedy(name, prompt, steps):
-    """Greedy decoding driven through onnxruntime; returns the tokens and each step's logits."""
-    path = export(name, exporter="dynamo", kv_cache=True)
+def _onnxruntime_greedy(name, prompt, steps, **export_options):
+    """Greedy decoding driven through onnxruntime (on the dynamo export, or as `export_options`
+    say); returns the tokens and each step's logits."""
+    path = export(name, **{"exporter": "dynamo", "kv_cache": True, **export_options})
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     cfg = zoo.get(name).config()

@@ -68,16 +68,20 @@ def pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _rows(x, where: str) -> tuple:
+def _rows(x, where: str, fixed_batch: bool) -> tuple:
     """The rows of a GEMM or norm input: the product of its leading dims, which the kernels
-    compute as batch * seq * mul (seq_rows) or batch * mul."""
+    compute as batch * seq * mul (seq_rows) or batch * mul. In a graph that fixes a batch of 1
+    (a static-batch export; the runtime runs it one sequence at a time) seq * mul and mul are
+    those rows with batch 1."""
     rows = _poly(*x.shape[:-1])
     sym = rows if isinstance(rows, Sym) else None
     terms = sym.terms if sym is not None else {(): rows}
     if len(terms) == 1:
         (monomial, mul), = terms.items()
-        if monomial in (("batch", "seq"), ("batch",)):
-            return rows, monomial == ("batch", "seq"), mul
+        seq_rows = {("batch", "seq")} | ({("seq",)} if fixed_batch else set())
+        batch_rows = {("batch",)} | ({()} if fixed_batch else set())
+        if monomial in seq_rows | batch_rows:
+            return rows, monomial in seq_rows, mul
     raise UnsupportedGraph(f"{where}: rows {rows} are not a multiple of batch * seq or batch")
 
 
@@ -89,6 +93,9 @@ class Planner:
         self.choose = choose or Chooser()  # each GEMM's configuration (`kernels.linear.knobs`)
         self.seq_major = int(kv_order(graph) == "bshd")  # the caches' axis order (`cache_layout.lay_out_caches`)
         self.page = kv_pages(graph)  # tokens per block of a paged cache; 0: contiguous
+        tokens = graph.metadata.get("roles", {}).get("tokens")
+        # a static-batch export's token ids are [1, seq] (`_rows`)
+        self.fixed_batch = any(v.name == tokens and v.shape[0] == 1 for v in graph.inputs)
         self.scratch: dict[str, tuple[str, list]] = {}  # values the plan adds: {name: (dtype, IR shape)}
 
     def dtype(self, name: str) -> str:
@@ -134,7 +141,7 @@ class Planner:
         n, k = node.inputs[1].shape
         gated = bool(node.attrs["gated"])
         out_n = n // 2 if gated else n
-        rows, seq_rows, mul = _rows(x, node.name)
+        rows, seq_rows, mul = _rows(x, node.name, self.fixed_batch)
         group = node.attrs["group_size"] or 0
         block_k = min(pow2(k), 256 if not quant == "w4" else min(256, group))
         common = dict(K=k, N=out_n, NORM={"": 0, "rms": 1, "layer": 2}[node.attrs["norm"]],
@@ -225,7 +232,7 @@ class Planner:
         args = (a.name, b.name if add else "", scale.name, bias.name if bias is not None else "",
                 outs[0] if add else "", outs[-1])
         n = a.shape[-1]
-        rows, seq_rows, mul = _rows(a, node.name)
+        rows, seq_rows, mul = _rows(a, node.name, self.fixed_batch)
         layer = node.op == "layer_norm" or node.attrs.get("norm") == "layer"
         consts = dict(N=n, ADD=int(add), LAYER=int(layer), HAS_BIAS=int(bias is not None),
                       EPS=float(node.attrs["epsilon"]), BLOCK=pow2(n), SEQ_ROWS=int(seq_rows), ROWS_MUL=mul)

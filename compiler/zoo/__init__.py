@@ -173,9 +173,10 @@ class ZooModel:
         return training.token_ids(split, n)
 
     def export(self, *, kv_cache: bool = True, exporter: str = "dynamo", dtype: str = "f32",
-               opset: int | None = None, external_data: bool = False,
+               opset: int | None = None, external_data: bool = False, static_batch: bool = False,
                cache_dir: str | os.PathLike | None = None) -> Path:
-        """Export to ONNX (cached) and return the path of `model.onnx`."""
+        """Export to ONNX (cached) and return the path of `model.onnx`; `static_batch`: batch 1
+        fixed in every input's shape, as mobile and some hand exports do."""
         if exporter not in ("dynamo", "torchscript"):
             raise ValueError(f"exporter must be 'dynamo' or 'torchscript', not {exporter!r}")
         if dtype not in ("f32", "f16"):
@@ -187,10 +188,12 @@ class ZooModel:
         key = json.dumps(dict(
             zoo=_ZOO_FORMAT, config=self.config().to_dict(), kv=kv_cache, exporter=exporter,
             dtype=dtype, opset=opset, external=external_data, torch=torch.__version__,
+            **({"static_batch": True} if static_batch else {}),
             transformers=transformers.__version__, **self._training_key()),
             sort_keys=True, default=str)
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        tag = f"{self.name}-{'kv' if kv_cache else 'nokv'}-{exporter}-{dtype}-op{opset or 'default'}"
+        tag = f"{self.name}-{'kv' if kv_cache else 'nokv'}-{exporter}-{dtype}-op{opset or 'default'}" + \
+            "-batch1" * static_batch
         out_dir = Path(cache_dir or default_cache_dir()) / f"{tag}-{digest}"
         path = out_dir / "model.onnx"
         if path.exists():
@@ -200,7 +203,7 @@ class ZooModel:
         tmp = Path(tempfile.mkdtemp(prefix=f".{tag}-", dir=out_dir.parent))
         try:
             _export(self, tmp / "model.onnx", kv_cache=kv_cache, exporter=exporter, dtype=dtype,
-                    opset=opset, external_data=external_data)
+                    opset=opset, external_data=external_data, static_batch=static_batch)
             if self.package:  # its tokenizer, chat template and configs beside it, as exporters leave them
                 for name, file in model_files.find(self.hf_folder(cache_dir)).items():
                     shutil.copyfile(file, tmp / name)
@@ -271,13 +274,13 @@ def get(name: str) -> ZooModel:
         raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}") from None
 
 
-def _export(zm: ZooModel, path: Path, *, kv_cache, exporter, dtype, opset, external_data):
+def _export(zm: ZooModel, path: Path, *, kv_cache, exporter, dtype, opset, external_data, static_batch):
     import torch
 
     model = zm.build_torch(dtype)
     cfg = model.config
     wrapper = _wrapper_class()(model, kv_cache)
-    batch, seq, past = 2, 3, 4 if kv_cache else 0
+    batch, seq, past = 1 if static_batch else 2, 3, 4 if kv_cache else 0
     rng = np.random.default_rng(0)
     example = zm.feeds(rng, batch=batch, seq=seq, past=past, kv_cache=kv_cache, dtype=dtype)
     input_names = list(example)
@@ -293,10 +296,10 @@ def _export(zm: ZooModel, path: Path, *, kv_cache, exporter, dtype, opset, exter
     if opset is not None:
         kwargs["opset_version"] = opset
     if exporter == "dynamo":
-        kwargs["dynamic_shapes"] = _dynamic_shapes(input_names, kv_cache)
+        kwargs["dynamic_shapes"] = _dynamic_shapes(input_names, kv_cache, static_batch)
         kwargs["dynamo"] = True
     else:
-        kwargs["dynamic_axes"] = _dynamic_axes(input_names, output_names, kv_cache)
+        kwargs["dynamic_axes"] = _dynamic_axes(input_names, output_names, kv_cache, static_batch)
         kwargs["dynamo"] = False
         kwargs.pop("external_data")
     # The exporters print progress on stdout; keep stdout for results (`llmc zoo export`).
@@ -310,30 +313,30 @@ def _export(zm: ZooModel, path: Path, *, kv_cache, exporter, dtype, opset, exter
                   size_threshold=0)
 
 
-def _dynamic_shapes(input_names: list[str], kv_cache: bool):
+def _dynamic_shapes(input_names: list[str], kv_cache: bool, static_batch: bool):
     """The dynamo exporter's spec: one dict per positional input, the past tensors (varargs)
-    as one trailing tuple."""
+    as one trailing tuple; without axis 0 (batch) when it is static."""
     from torch.export import Dim
 
-    batch, seq = Dim("batch"), Dim("seq", max=4096)
+    batch, seq = {} if static_batch else {0: Dim("batch")}, Dim("seq", max=4096)
     total, past = Dim("total", max=8192), Dim("past", max=8192)
-    shapes = [{0: batch, 1: total if (name == "attention_mask" and kv_cache) else seq}
+    shapes = [{**batch, 1: total if (name == "attention_mask" and kv_cache) else seq}
               for name in input_names if not name.startswith("past_key_values.")]
     if not kv_cache:
         return tuple(shapes)
-    return (*shapes, tuple({0: batch, 2: past} for n in input_names if n.startswith("past_")))
+    return (*shapes, tuple({**batch, 2: past} for n in input_names if n.startswith("past_")))
 
 
-def _dynamic_axes(input_names, output_names, kv_cache: bool):
+def _dynamic_axes(input_names, output_names, kv_cache: bool, static_batch: bool):
     """The TorchScript exporter's spec, with the same dim names as the dynamo one."""
-    axes = {}
+    axes, batch = {}, {} if static_batch else {0: "batch"}
     for name in input_names + output_names:
         if name.startswith(("past_key_values.", "present.")):
-            axes[name] = {0: "batch", 2: "past" if name.startswith("past") else "total"}
+            axes[name] = {**batch, 2: "past" if name.startswith("past") else "total"}
         elif name == "attention_mask" and kv_cache:
-            axes[name] = {0: "batch", 1: "total"}
+            axes[name] = {**batch, 1: "total"}
         else:
-            axes[name] = {0: "batch", 1: "seq"}
+            axes[name] = {**batch, 1: "seq"}
     return axes
 
 
