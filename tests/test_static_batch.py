@@ -93,3 +93,15 @@ def test_the_server_serves_a_static_batch_artifact_one_request_at_a_time(compile
         assert asyncio.run(all_of()) == want
     finally:
         engine.shutdown(grace=1)
+
+
+@pytest.mark.parametrize("target", ["arm64", "metal"])
+def test_targets_that_cannot_run_here_compile_it(target, tmp_path):
+    """arm64 runs under qemu with the native runtime (one sequence: test_native_runtime), metal on
+    a Mac: here, that their plans are made."""
+    import json
+
+    art = llmc.compile(export(NAME, exporter="dynamo", static_batch=True), target=target,
+                       output=tmp_path / "m.llmc", max_seq_len=64)
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["model"]["inputs"][0]["shape"] == ["1", "seq"] and manifest["plans"]["forward"]
