@@ -97,6 +97,19 @@ _FAMILIES = {
     "bert": _bert,
 }
 
+# Llama with long-context rotary embeddings: the frequencies scaled as transformers scales them
+# (`rope_scaling`, which transformers 5 reads into `rope_parameters`) from an original context of
+# 32 positions, so that tests reach past it within the tiny context of 128.
+_ROPE_SCALINGS = {
+    "llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32),
+    "linear": dict(rope_type="linear", factor=4.0),
+}
+_FAMILIES.update({f"llama-rope-{kind}": _llama_like("LlamaConfig", "LlamaForCausalLM", rope_scaling=scaling,
+                                                    rope_theta=10000.0)
+                  for kind, scaling in _ROPE_SCALINGS.items()})
+
 # Named realistic sizes for benchmarks.
 _BENCH_SIZES = {
     "gpt2-124m": ("gpt2", dict(hidden=768, layers=12, heads=12, inter=3072, vocab=50257, ctx=1024)),
@@ -254,6 +267,7 @@ ZOO: dict[str, ZooModel] = {
     **{f"{fam}-tiny": ZooModel(f"{fam}-tiny", fam, dict(_TINY)) for fam in _FAMILIES},
     **{name: ZooModel(name, fam, sizes) for name, (fam, sizes) in _BENCH_SIZES.items()},
     **{name: ZooModel(name, fam, sizes, TRAIN_STEPS) for name, (fam, sizes) in _TRAINED_SIZES.items()},
+    **{f"llama-rope-{kind}": ZooModel(f"llama-rope-{kind}", f"llama-rope-{kind}", dict(_TINY)) for kind in _ROPE_SCALINGS},
     # real trained models, from packages on the index (`pretrained`)
     "smollm2-135m-instruct": ZooModel("smollm2-135m-instruct", "llama", dict(hidden=576, layers=30, heads=9,
                                       kv_heads=3, inter=1536, vocab=49152, ctx=8192), package=pretrained.SMOLLM2),

@@ -1,0 +1,65 @@
+"""Long-context rotary embeddings (issue 34, item 3): Llama with `rope_type` llama3, YaRN and
+linear scaling from an original context of 32 positions (zoo `llama-rope-*`), held past that
+context to onnxruntime's greedy tokens and teacher-forced logits on the same file, and to
+transformers' own logits, from both PyTorch exporters; on the cuda target (Triton's interpreter) and opencl (pocl) too.
+(LongRoPE, Phi-3.5's short and long factors chosen by the step's largest position, needs a
+reduction kernel no target has yet: not supported.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import rel_err
+from test_cuda_target import _greedy
+from test_end_to_end import _onnxruntime_greedy
+from zoo_cases import export
+
+import llmc
+from llmc import runtime, zoo
+
+KINDS = ("llama3", "yarn", "linear")
+PROMPT, STEPS = 44, 6  # positions 0..49: past the original 32
+
+
+def _prompt(rng):
+    return rng.integers(0, 256, PROMPT).tolist()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_past_the_original_context_the_tokens_and_logits_are_the_reference(kind, artifacts, rng):
+    name = f"llama-rope-{kind}"
+    config = zoo.get(name).config()
+    assert (getattr(config, "rope_parameters", None) or config.rope_scaling)["rope_type"] == kind
+    prompt = _prompt(rng)
+    want_tokens, want_logits = _onnxruntime_greedy(name, prompt, STEPS)
+    model = runtime.load(artifacts(name))
+    tokens, logits = _greedy(model, prompt, STEPS)
+    assert tokens == want_tokens
+    for step in range(STEPS):
+        assert rel_err(logits[step], want_logits[step]) < 1e-4, (kind, step)
+    # transformers itself, every position of the prompt (the export could have dropped the scaling)
+    import torch
+
+    with torch.no_grad():
+        reference = zoo.get(name).build_torch()(torch.tensor([prompt])).logits[0].numpy()
+    model.executor.reset(batch=1)
+    assert rel_err(model.forward(np.array([prompt]), past=0)[0], reference) < 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_torchscript_export_too(kind, tmp_path, rng):
+    name = f"llama-rope-{kind}"
+    prompt = _prompt(rng)
+    want, _ = _onnxruntime_greedy(name, prompt, STEPS, exporter="torchscript")
+    art = llmc.compile(export(name, exporter="torchscript", kv_cache=True), output=tmp_path / "m.llmc", max_seq_len=128)
+    assert runtime.load(art).generate(prompt, STEPS) == want
+
+
+@pytest.mark.parametrize("target", ["cuda", "opencl"])
+def test_gpu_targets_scale_the_rotary_as_the_reference(target, tmp_path, rng):
+    name = "llama-rope-llama3"
+    prompt = _prompt(rng)
+    want, _ = _onnxruntime_greedy(name, prompt, 4)
+    art = llmc.compile(export(name, exporter="dynamo", kv_cache=True), target=target, output=tmp_path / "m.llmc",
+                       max_seq_len=128)
+    assert _greedy(runtime.load(art, interpret=target == "cuda"), prompt, 4)[0] == want
