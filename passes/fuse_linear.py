@@ -52,9 +52,12 @@ def _activation(name):
 
 
 def _halves(m) -> str | None:
+    """The split cuts the GEMM's features (its last axis, spelled -1 or by number, as the dynamo
+    exporter writes Phi-3's gate_up) into two halves of one width."""
     split = m.nodes["split"]
-    sizes = split.attrs["sizes"]
-    if len(split.outputs) != 2 or sizes is None or sizes[0] != sizes[1] or split.attrs["axis"] not in (-1,):
+    rank = split.inputs[0].type.rank
+    halves = [out.shape[-1] for out in split.outputs]
+    if len(halves) != 2 or halves[0] != halves[1] or split.attrs["axis"] % rank != rank - 1:
         return f"{split.name} does not cut the GEMM output into two equal halves"
     return _no_residual(m)
 

@@ -172,21 +172,39 @@ def test_qkv_near_misses(rng, variant, reason):
         assert any(reason in m.reason for m in report.near_misses), report.near_misses
 
 
-def test_geglu_epilogue_golden(rng):
-    """linear -> halves -> gelu(gate) * up becomes one GEMM with a gated GELU epilogue."""
+def _gated_mlp(rng, act="gelu", axis=-1, sizes=(6, 6)):
+    """sizes None: two equal parts by `num_outputs` alone (ONNX Split-18)."""
+    g, x = _graph()
+    parts = sizes or (6, 6)
+    w = g.add_param("w", rng.standard_normal((sum(parts), HIDDEN)).astype(np.float32))
+    (y,) = g.add_node("linear", [x, w])
+    gate, up, *_ = g.add_node("split", [y], {"axis": axis, "sizes": sizes, "num_outputs": len(parts)})
+    (a,) = g.add_node(act, [gate])
+    (out,) = g.add_node("mul", [a, up], output_names=["out"])
+    g.outputs.append(out)
+    return g
+
+
+@pytest.mark.parametrize("act,axis,sizes", [
+    ("gelu", -1, (6, 6)),
+    ("silu", 2, None),  # Phi-3's gate_up as the dynamo exporter writes it: Split(axis=2, num_outputs=2)
+])
+def test_gated_epilogue_golden(act, axis, sizes, rng):
+    """linear -> halves -> act(gate) * up becomes one GEMM with a gated epilogue."""
     from llmc.passes.fuse_linear import fuse_linear
 
-    g, x = _graph()
-    w = g.add_param("w", rng.standard_normal((12, HIDDEN)).astype(np.float32))
-    (y,) = g.add_node("linear", [x, w])
-    gate, up = g.add_node("split", [y], {"axis": -1, "sizes": (6, 6), "num_outputs": 2})
-    (act,) = g.add_node("gelu", [gate])
-    (out,) = g.add_node("mul", [act, up], output_names=["out"])
-    g.outputs.append(out)
-    g, report = _run(g, fuse_linear, rng)
+    g, report = _run(_gated_mlp(rng, act, axis, sizes), fuse_linear, rng)
     assert [n.op for n in g.nodes] == ["fused_linear"]
-    assert g.nodes[0].attrs["gated"] == 1 and g.nodes[0].attrs["activation"] == "gelu"
-    assert report.rewrites["gated_gelu"] == 1
+    assert g.nodes[0].attrs["gated"] == 1 and g.nodes[0].attrs["activation"] == act
+    assert report.rewrites[f"gated_{act}"] == 1
+
+
+def test_gated_epilogue_near_miss_three_parts(rng):
+    from llmc.passes.fuse_linear import fuse_linear
+
+    g, report = _run(_gated_mlp(rng, "silu", -1, (4, 4, 4)), fuse_linear, rng)
+    assert "gated_silu" not in report.rewrites
+    assert any("does not cut the GEMM output into two equal halves" in m.reason for m in report.near_misses)
 
 
 def test_add_norm_golden(rng):

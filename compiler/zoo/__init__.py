@@ -91,6 +91,8 @@ _FAMILIES = {
     "llama": _llama_like("LlamaConfig", "LlamaForCausalLM"),
     "mistral": _llama_like("MistralConfig", "MistralForCausalLM"),
     "qwen2": _llama_like("Qwen2Config", "Qwen2ForCausalLM"),
+    # one gate_up projection and one qkv projection, each split (token ids within the tiny vocabulary)
+    "phi3": _llama_like("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "gpt-neox": _neox,
     "opt": _opt,
     "phi": _phi,
@@ -106,9 +108,11 @@ _ROPE_SCALINGS = {
     "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32),
     "linear": dict(rope_type="linear", factor=4.0),
 }
-_FAMILIES.update({f"llama-rope-{kind}": _llama_like("LlamaConfig", "LlamaForCausalLM", rope_scaling=scaling,
-                                                    rope_theta=10000.0)
-                  for kind, scaling in _ROPE_SCALINGS.items()})
+# variants of a family: not among the families every test runs (`TINY_DECODERS`)
+_VARIANTS = {f"llama-rope-{kind}": _llama_like("LlamaConfig", "LlamaForCausalLM", rope_scaling=scaling,
+                                               rope_theta=10000.0)
+             for kind, scaling in _ROPE_SCALINGS.items()}
+_BUILDERS = {**_FAMILIES, **_VARIANTS}
 
 # Named realistic sizes for benchmarks.
 _BENCH_SIZES = {
@@ -154,7 +158,7 @@ class ZooModel:
 
         if self.package:
             return transformers.AutoConfig.from_pretrained(self.hf_folder())
-        config_cls, _, kwargs = _FAMILIES[self.family](self.sizes)
+        config_cls, _, kwargs = _BUILDERS[self.family](self.sizes)
         return getattr(transformers, config_cls)(**kwargs)
 
     def build_torch(self, dtype: str = "f32"):
@@ -166,7 +170,7 @@ class ZooModel:
         if self.package:
             model = transformers.AutoModelForCausalLM.from_pretrained(self.hf_folder(), dtype=torch.float32).eval()
             return model.half() if dtype == "f16" else model
-        _, model_cls, _ = _FAMILIES[self.family](self.sizes)
+        _, model_cls, _ = _BUILDERS[self.family](self.sizes)
         torch.manual_seed(0)
         model = getattr(transformers, model_cls)(self.config()).eval()
         if self.train_steps:
