@@ -78,6 +78,8 @@ def _one_node(op, shapes, params=()):
     ("concat", [("n", 2, 5), ("n", 2, 3)], [], {"axis": -1}),
     ("expand", [(1, 3, 1)], [[4, 3, 5]], {}),
     ("gelu", [("n", 7)], [], {"approximate": "tanh"}),
+    ("silu", [("n", 7)], [], {}),
+    ("relu", [("n", 7)], [], {}),
     ("where", [("n", 6)], [], {}),
 ])
 def test_one_op_matches_reference(op, shapes, params, attrs, rng, tmp_path):

@@ -64,7 +64,8 @@ def _shape_only(node, pos) -> bool:
 
 UNARY = {"gelu": None, "neg": "-({0})", "cos": "tl.cos({0})", "sin": "tl.sin({0})", "exp": "tl.exp({0})",
          "sqrt": "tl.sqrt({0})", "tanh": "(1.0 - 2.0 / (tl.exp(tl.minimum(2.0 * {0}, 40.0)) + 1.0))",
-         "sigmoid": "(1.0 / (1.0 + tl.exp(-({0}))))", "reciprocal": "(1.0 / {0})", "not": "({0} == 0)",
+         "sigmoid": "(1.0 / (1.0 + tl.exp(-({0}))))", "silu": "({0} / (1.0 + tl.exp(-({0}))))",
+         "relu": "tl.maximum({0}, 0.0)", "reciprocal": "(1.0 / {0})", "not": "({0} == 0)",
          "cast": "{0}"}
 BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "max": "tl.maximum({0}, {1})",
           "min": "tl.minimum({0}, {1})", "equal": "({0} == {1})", "less": "({0} < {1})",
@@ -82,7 +83,7 @@ def _elementwise(w: Writer, i: list[str], out) -> str:
         return GELU[node.attrs["approximate"]].format(x)
     if node.op == "where":
         return f"tl.where({args[0]} != 0, {args[1]}, {args[2]})"
-    if node.op in ("cos", "sin", "exp", "sqrt", "tanh", "sigmoid"):
+    if node.op in ("cos", "sin", "exp", "sqrt", "tanh", "sigmoid", "silu"):
         args = [f"{args[0]}.to(tl.float32)"]
     if node.op == "cast" and node.attrs["to"].numpy().name == "bool":
         return f"({args[0]} != 0)"

@@ -81,13 +81,15 @@ def _tvm():
     return te, tirx
 
 
-def _gelu(x, node):
+def _activation(x, node):
+    """An activation the GEMM epilogues also apply (`linear.activation_expr`), standalone where
+    no GEMM took it."""
     from .linear import activation_expr
 
-    return activation_expr(x, "gelu_tanh" if node.attrs["approximate"] == "tanh" else "gelu")
+    return activation_expr(x, "gelu_tanh" if node.op == "gelu" and node.attrs["approximate"] == "tanh" else node.op)
 
 
-UNARY = {"gelu": _gelu, "neg": lambda x, node: -x, "cos": lambda x, node: _tvm()[0].cos(x),
+UNARY = {"gelu": _activation, "silu": _activation, "relu": _activation, "neg": lambda x, node: -x, "cos": lambda x, node: _tvm()[0].cos(x),
          "sin": lambda x, node: _tvm()[0].sin(x), "exp": lambda x, node: _tvm()[0].exp(x),
          "sqrt": lambda x, node: _tvm()[0].sqrt(x), "tanh": lambda x, node: _tvm()[0].tanh(x),
          "sigmoid": lambda x, node: _tvm()[0].sigmoid(x), "reciprocal": lambda x, node: 1 / x,
