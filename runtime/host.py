@@ -189,17 +189,15 @@ class CpuExecutor(Executor):
         bound = self._bound.get((batch, "body"))
         if bound is None:
             bound = self._bound[batch, "body"] = self.kernels.bind([self._bind(s, env, False) for s in body])
+        self._feed(feeds, env)
+        self._run(bound, env, env, end=len(body))
         if not n:  # no row wants logits (a prompt's chunk that does not end it)
-            self._feed(feeds, env)
-            self._run(bound, env, env, end=len(body))
             return np.empty((0, evaluate(self.values[self.logits]["shape"][-1], env)), np.float32)
         head_env = dict(env, batch=n)
         if ("head", n) not in self._bound:
             args, inputs = self._head_args(head, env, head_env)
             self._bound["head", n] = self.kernels.bind([Call(head["kernel"], args, {}, [], head["dims"], True)]), inputs
         head_call, inputs = self._bound["head", n]
-        self._feed(feeds, env)
-        self._run(bound, env, env, end=len(body))
         for buffer, make in inputs:
             np.take(make(env).reshape(batch, -1), rows, axis=0, out=buffer)
         self._run(head_call, head_env, head_env, first=len(body))
