@@ -140,17 +140,19 @@ def rope_qkv(node: Node):
 
 def rope_cache_args(node: Node, graph: Graph):
     """(merged projection, q's column in it, the step's args) of a rope_cache: the projection,
-    the rotary tables ("" without rotation), the caches (without a past, the node's own outputs,
-    written from position 0), an int8 cache's scales, and q out."""
+    the rotary tables ("" without rotation), the q/k norms' weights ("" without), the caches
+    (without a past, the node's own outputs, written from position 0), an int8 cache's scales,
+    and q out."""
     qkv, offset = rope_qkv(node)
     cos, sin, past_k, past_v = node.inputs[3:7]
+    norms = [w.name if w is not None else "" for w in (list(node.inputs[8:10]) + [None, None])[:2]]
     caches = [past_k.name, past_v.name] if past_k is not None else [v.name for v in node.outputs[1:]]
     int8 = kv_int8(graph)
     if past_k is None and (int8 or kv_pages(graph)):
         raise UnsupportedGraph(f"{node.name}: an int8 or paged KV cache needs a graph with past_key_values", node.name)
     tables = [cos.name, sin.name] if cos is not None else ["", ""]
     scales = [c + SCALE for c in caches] * int8
-    return qkv, offset, (qkv.name, *tables, *caches, *scales, *_paging(graph), node.outputs[0].name)
+    return qkv, offset, (qkv.name, *tables, *norms, *caches, *scales, *_paging(graph), node.outputs[0].name)
 
 
 def attention_args(node: Node, graph: Graph) -> tuple[str, ...]:

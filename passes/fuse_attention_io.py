@@ -1,10 +1,11 @@
 """Fuse what surrounds attention into its two neighbours.
 
-Before: the projections are split into heads (reshape + transpose), q and k rotated, k and v
-appended to the cache (or written into a static one at given positions, and read whole or
+Before: the projections are split into heads (reshape + transpose), q and k RMS-normalized
+(Qwen3, Gemma 3: each head; OLMo 2: the whole projection; most families: not at all) and
+rotated, k and v appended to the cache (or written into a static one at given positions, and read whole or
 through a slice), and after attention the heads are merged back (transpose + reshape).
 After: `rope_cache` takes the projections as the GEMM wrote them ([batch, seq, heads*head_dim])
-and does the split, the rotation and the cache write in one kernel; attention writes its output
+and does the split, the q/k norms, the rotation and the cache write in one kernel; attention writes its output
 with the heads already merged.
 """
 
@@ -13,23 +14,32 @@ from __future__ import annotations
 import itertools
 
 from .manager import rule_pass
-from .pattern import Op, Rule, Var
+from .pattern import Const, Op, Rule, Var
 
 TO_HEADS = {"perm": (0, 2, 1, 3)}
 
 
-def _heads(name, **kwargs):
-    """x [batch, seq, heads*dim] -> [batch, heads, seq, dim]"""
-    return Op("transpose", Op("reshape", Var(name), Var(f"{name}_shape"), bind=f"{name}_split"),
-              attrs=TO_HEADS, **kwargs)
+def _heads(name, norm="", **kwargs):
+    """x [batch, seq, heads*dim] -> [batch, heads, seq, dim], RMS-normalized before the split
+    (norm "all") or after it (norm "head")."""
+    x = Op("rms_norm", Var(name), Const(f"{name}_w"), bind=f"{name}_norm") if norm == "all" else Var(name)
+    x = Op("reshape", x, Var(f"{name}_shape"), bind=f"{name}_split")
+    if norm == "head":
+        x = Op("rms_norm", x, Const(f"{name}_w"), bind=f"{name}_norm")
+    return Op("transpose", x, attrs=TO_HEADS, **kwargs)
 
 
 def _variants():
-    for rotary, cached, masked in itertools.product((1, 0), ("kv_append", "kv_write", "kv_write_read", None), (1, 0)):
+    # the q/k norms (first: a variant without them would take a normalized q as the projection)
+    # come with a rotation in every family that has them
+    for norm, rotary, cached, masked in itertools.product(("head", "all", ""), (1, 0),
+                                                          ("kv_append", "kv_write", "kv_write_read", None), (1, 0)):
+        if norm and not rotary:
+            continue
         # without a cache, the keys and values may be graph outputs too (a functional cache
         # that starts empty): rope_cache's k and v outputs then stand in for them
-        q, v = _heads("q"), _heads("v", bind="v_heads", shared=not cached)
-        k = _heads("k", bind="k_heads", shared=not (cached or rotary))
+        q, v = _heads("q", norm), _heads("v", bind="v_heads", shared=not cached)
+        k = _heads("k", norm, bind="k_heads", shared=not (cached or rotary))
         if rotary:
             q = Op("rotary", q, Var("cos"), Var("sin"), bind="q_rot")
             k = Op("rotary", k, Var("cos"), Var("sin"), bind="k_rot", shared=not cached)
@@ -54,16 +64,36 @@ def _fits(m) -> str | None:
         if x.type.rank != 3 or split.type.rank != 4 or not isinstance(split.shape[2], int) \
                 or split.shape[:2] != x.shape[:2]:
             return f"{split.name} does not split {x.name} [batch, seq, hidden] into heads"
+    return _norms_fit(m) if "q_norm" in m.nodes else None
+
+
+def _norms_fit(m) -> str | None:
+    q, k = m.nodes["q_norm"], m.nodes["k_norm"]
+    if q.attrs["epsilon"] != k.attrs["epsilon"]:
+        return f"{q.name} and {k.name} have different epsilons"
+    for norm in (q, k):
+        x = norm.inputs[0]
+        if norm.attrs["axis"] not in (-1, x.type.rank - 1):
+            return f"{norm.name} normalizes from axis {norm.attrs['axis']}, not the last"
     return None
+
+
+def _qk_norm(m) -> dict:
+    if "q_norm" not in m.nodes:
+        return {}
+    per_head = m.nodes["q_norm"].inputs[0].type.rank == 4
+    return dict(qk_norm="head" if per_head else "all", norm_epsilon=m.nodes["q_norm"].attrs["epsilon"])
 
 
 def _build(m, b):
     heads = m.nodes["q_split"].outputs[0].shape[2]
     kv_heads = m.nodes["k_split"].outputs[0].shape[2]
     inputs = [m["q"], m["k"], m["v"], m.values.get("cos"), m.values.get("sin"),
-              m.values.get("past_k"), m.values.get("past_v"), m.values.get("positions")]
+              m.values.get("past_k"), m.values.get("past_v"), m.values.get("positions"),
+              m.values.get("q_w"), m.values.get("k_w")]
     rotary_dim = m.nodes["q_rot"].attrs["rotary_dim"] if "q_rot" in m.nodes else 0
-    q, k, v = b.emit_multi("rope_cache", inputs, heads=heads, kv_heads=kv_heads, rotary_dim=rotary_dim)
+    q, k, v = b.emit_multi("rope_cache", inputs, heads=heads, kv_heads=kv_heads, rotary_dim=rotary_dim,
+                           **_qk_norm(m))
     attn = m.nodes["attn"]
     k_read, v_read = ([b.emit("slice", [c, *m.nodes[read].inputs[1:]], **m.nodes[read].attrs)
                        for c, read in ((k, "k_read"), (v, "v_read"))] if "k_read" in m.nodes else (k, v))

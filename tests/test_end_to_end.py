@@ -30,7 +30,7 @@ def _onnxruntime_greedy(name, prompt, steps, **export_options):
     names = [o.name for o in session.get_outputs()]
     cfg = zoo.get(name).config()
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     past = {f"past_key_values.{i}.{k}": np.zeros((1, kv_heads, 0, head_dim), np.float32)
             for i in range(cfg.num_hidden_layers) for k in ("key", "value")}
     ids, new, tokens, logits = list(prompt), list(prompt), [], []

@@ -172,9 +172,14 @@ def test_paged_attention_reads_each_sequence_to_its_own_length(case, rng):
         assert rel_err(y.numpy()[b:b + 1], want) < 1e-5, b
 
 
-@pytest.mark.parametrize("rotary,cache,order", [(r, c, "bhsd") for r in (16, 8, 0) for c in ("float32", "float16", "int8")]
-                         + [(16, "float32", "bshd"), (8, "int8", "bshd")])
-def test_rope_cache(rotary, cache, order, rng):
+NO_NORM = dict(QK_NORM=0, EPS=0.0, BW=16)
+
+
+@pytest.mark.parametrize("rotary,cache,order,norm", [(r, c, "bhsd", "") for r in (16, 8, 0)
+                                                     for c in ("float32", "float16", "int8")]
+                         + [(16, "float32", "bshd", ""), (8, "int8", "bshd", ""),
+                            (16, "float32", "bhsd", "head"), (8, "int8", "bhsd", "all"), (16, "float32", "bhsd", "all")])
+def test_rope_cache(rotary, cache, order, norm, rng):
     b, s, past, heads, kv_heads, d, max_seq, offset = 2, 3, 5, 4, 2, 16, 16, 8
     width = offset + (heads + 2 * kv_heads) * d + 4  # q, k, v sit inside a wider projection row
     qkv = rng.standard_normal((b, s, width)).astype(np.float32)
@@ -183,17 +188,21 @@ def test_rope_cache(rotary, cache, order, rng):
     past_k, past_v = (rng.standard_normal((b, kv_heads, past, d)).astype(np.float32) for _ in range(2))
     parts = np.split(qkv[..., offset:offset + (heads + 2 * kv_heads) * d], [heads * d, (heads + kv_heads) * d], -1)
     tables = (cos[:, None], sin[:, None]) if rotary else (None, None)
-    want_q, want_k, want_v = rope_cache(*parts, *tables, past_k, past_v, heads=heads, kv_heads=kv_heads,
-                                        rotary_dim=rotary)
+    norms = [(1 + 0.5 * rng.standard_normal(d * (h if norm == "all" else 1))).astype(np.float32)
+             for h in (heads, kv_heads)] if norm else [None, None]
+    want_q, want_k, want_v = rope_cache(*parts, *tables, past_k, past_v, None, *norms, heads=heads, kv_heads=kv_heads,
+                                        rotary_dim=rotary, qk_norm=norm, norm_epsilon=1e-6)
     int8 = cache == "int8"
     kc, vc = (np.zeros((b, kv_heads, max_seq, d), np.int8 if int8 else cache) for _ in range(2))
     ks, vs = (np.zeros((b, kv_heads, max_seq), np.float32) for _ in range(2))
     kc_t, vc_t, ks_t, vs_t = (_t(in_kv_order(c, order)) for c in (kc, vc, ks, vs))
     q = torch.zeros(b, heads, s, d)
     consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, ROTARY=rotary, ROW=width, OFFSET=offset,
-                  MAX_SEQ=max_seq, KV_INT8=int(int8), BD=16, SEQ_MAJOR=int(order == "bshd"), **CONTIGUOUS)
+                  MAX_SEQ=max_seq, KV_INT8=int(int8), BD=16, SEQ_MAJOR=int(order == "bshd"), **CONTIGUOUS,
+                  QK_NORM=("", "head", "all").index(norm), EPS=1e-6, BW=32)  # BW < heads * d: a loop
     K["rope_cache"].rope_cache[(b * s, heads + 2 * kv_heads)](
-        _t(qkv), _t(cos if rotary else None), _t(sin if rotary else None), kc_t, vc_t, ks_t, vs_t, NONE, NONE, q,
+        _t(qkv), _t(cos if rotary else None), _t(sin if rotary else None), *map(_t, norms), kc_t, vc_t, ks_t, vs_t,
+        NONE, NONE, q,
         _dims(past, past + s), b, s, **consts)
     assert np.abs(q.numpy() - want_q).max() < 1e-5
     new = slice(past, past + s)
@@ -230,9 +239,9 @@ def test_paged_rope_cache_writes_each_sequence_at_its_own_length(int8, rng):
     pools = [_t(to_pages(c, table, blocks, page)) for c in before]
     q = torch.zeros(b, heads, s, d)
     consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, ROTARY=d, ROW=width, OFFSET=0, MAX_SEQ=max_seq,
-                  KV_INT8=int(int8), BD=16, SEQ_MAJOR=0, PAGE=page, MAX_BLOCKS=table.shape[1])
+                  KV_INT8=int(int8), BD=16, SEQ_MAJOR=0, PAGE=page, MAX_BLOCKS=table.shape[1], **NO_NORM)
     K["rope_cache"].rope_cache[(b * s, heads + 2 * kv_heads)](
-        _t(qkv), _t(cos), _t(sin), *pools, _t(table), _t(lengths), q, _dims(int(lengths.max()), 0), b, s, **consts)
+        _t(qkv), _t(cos), _t(sin), NONE, NONE, *pools, _t(table), _t(lengths), q, _dims(int(lengths.max()), 0), b, s, **consts)
     assert np.abs(q.numpy() - want_q).max() < 1e-5
     got = [from_pages(p.numpy(), table, max_seq) for p in pools]
     written = [want_k, want_v] if not int8 else [*(r[0] for r in map(quantize_rows, (want_k, want_v))),

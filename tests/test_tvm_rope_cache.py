@@ -1,7 +1,7 @@
 """The TVM rope_cache kernel against the op's numpy definition: full, partial and no rotary,
-GQA, prefill into an empty cache and decode steps after a past, written in place into the
-runtime's [batch, kv_heads, max_seq, head_dim] caches (or [batch, max_seq, kv_heads, head_dim])
-without touching other rows."""
+GQA, q/k norms per head and over the whole projection, prefill into an empty cache and decode
+steps after a past, written in place into the runtime's [batch, kv_heads, max_seq, head_dim]
+caches (or [batch, max_seq, kv_heads, head_dim]) without touching other rows."""
 
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ def _check(spec, rng, batch, seq, past, table_batch=None):
     d = spec.head_dim
     qkv = rng.standard_normal((batch, seq, (spec.heads + 2 * spec.kv_heads) * d)).astype(np.float32)
     cos, sin, tables = _tables(spec, rng, table_batch or batch, seq)
+    norms = [(1 + 0.5 * rng.standard_normal(spec.norm_width(h))).astype(np.float32) for h in (spec.heads, spec.kv_heads)]
     caches = [rng.standard_normal((batch, spec.kv_heads, MAX_SEQ, d)).astype(np.float32) for _ in range(2)]
     dev = tvm.cpu(0)
-    args = [tvm.runtime.tensor(a, dev) for a in (qkv, *tables, *(in_kv_order(c, spec.order) for c in caches))]
+    args = [tvm.runtime.tensor(a, dev) for a in (qkv, *tables, *norms * bool(spec.qk_norm),
+                                                 *(in_kv_order(c, spec.order) for c in caches))]
     q = tvm.runtime.tensor(np.zeros((batch, spec.heads, seq, d), np.float32), dev)
     kernel(*args, q, past)
     cos, sin = (np.broadcast_to(t, (batch, *t.shape[1:])) for t in (cos, sin))
@@ -40,17 +42,21 @@ def _check(spec, rng, batch, seq, past, table_batch=None):
     qp, kp, vp = np.split(qkv, [spec.heads * d, (spec.heads + spec.kv_heads) * d], axis=-1)
     rotary = spec.rotary_dim > 0
     want = get_op("rope_cache").ref(qp, kp, vp, cos[:, None] if rotary else None, sin[:, None] if rotary else None,
-                                    caches[0][:, :, :past], caches[1][:, :, :past], heads=spec.heads,
-                                    kv_heads=spec.kv_heads, rotary_dim=spec.rotary_dim % d)
-    assert rel_err(q.numpy(), want[0]) < 1e-6
+                                    caches[0][:, :, :past], caches[1][:, :, :past], None,
+                                    *(norms if spec.qk_norm else [None, None]), heads=spec.heads,
+                                    kv_heads=spec.kv_heads, rotary_dim=spec.rotary_dim % d, qk_norm=spec.qk_norm,
+                                    norm_epsilon=spec.norm_epsilon)
+    assert rel_err(q.numpy(), want[0]) < 2e-6
     for got, before, w in zip((in_kv_order(a.numpy(), spec.order) for a in args[-2:]), caches, want[1:]):
-        assert rel_err(got[:, :, :past + seq], w) < 1e-6
+        assert rel_err(got[:, :, :past + seq], w) < 2e-6
         np.testing.assert_array_equal(got[:, :, past + seq:], before[:, :, past + seq:])
 
 
 @pytest.mark.parametrize("spec", [RopeCacheSpec(4, 2, 16, 16), RopeCacheSpec(4, 4, 12, 4),
-                                  RopeCacheSpec(3, 3, 10, 0), RopeCacheSpec(4, 2, 16, 16, order="bshd")],
-                         ids=["gqa-full", "partial", "none", "gqa-bshd"])
+                                  RopeCacheSpec(3, 3, 10, 0), RopeCacheSpec(4, 2, 16, 16, order="bshd"),
+                                  RopeCacheSpec(4, 2, 24, 24, qk_norm="head", norm_epsilon=1e-6),
+                                  RopeCacheSpec(6, 2, 10, 10, qk_norm="all", norm_epsilon=1e-5)],
+                         ids=["gqa-full", "partial", "none", "gqa-bshd", "qk-norm-head", "qk-norm-all"])
 @pytest.mark.parametrize("batch,seq,past", [(2, 5, 0), (1, 1, 7), (2, 3, 4)], ids=["prefill", "decode", "chunk"])
 def test_kernel_matches_reference(spec, batch, seq, past, rng):
     _check(spec, rng, batch, seq, past)

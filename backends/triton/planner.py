@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from llmc.ir.graph import Graph, Node
 from llmc.ir.symbolic import Sym
+from llmc.ops.transformer import QK_NORMS
 
 from ..knobs import Chooser, Knob
 from ..plan import Step, UnsupportedGraph, encode_dim, node_key
@@ -205,16 +206,18 @@ class Planner:
         qkv, offset, args = rope_cache_args(node, self.graph)
         args = list(args)
         if not kv_int8(self.graph):
-            args[5:5] = ["", ""]
-        if not self.page:
             args[7:7] = ["", ""]
+        if not self.page:
+            args[9:9] = ["", ""]
         q = node.outputs[0]
         heads, kv_heads, d = node.attrs["heads"], node.attrs["kv_heads"], q.shape[3]
         rotary = node.inputs[3] is not None
         rd = (node.attrs["rotary_dim"] or d) if rotary else 0
         consts = dict(HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, ROTARY=rd, ROW=qkv.shape[-1], OFFSET=offset,
                       MAX_SEQ=self.max_seq(node), KV_INT8=int(kv_int8(self.graph)), BD=pow2(d),
-                      SEQ_MAJOR=self.seq_major, **self.paging(node))
+                      SEQ_MAJOR=self.seq_major, **self.paging(node),
+                      QK_NORM=QK_NORMS.index(node.attrs["qk_norm"]), EPS=float(node.attrs["norm_epsilon"]),
+                      BW=min(1024, pow2(heads * d)))
         batch, seq = q.shape[0], q.shape[2]
         grid = [[_cdiv(_poly(batch, seq), 1)], [[heads + 2 * kv_heads, 1]], []]
         kernel = TritonKernel("rope_cache", "rope_cache", consts, self.signature(args), grid, num_warps=1)

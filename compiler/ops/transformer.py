@@ -9,7 +9,7 @@ from ..ir.dtypes import DType
 from ..ir.graph import TensorType
 from .elementwise import sigmoid
 from .infer import same_dtype
-from .nn import _f32
+from .nn import _f32, layer_norm, rms_norm
 from .registry import REQUIRED, register
 
 
@@ -103,12 +103,17 @@ def kv_write(cache, positions, new):
 
 def _split_heads(x, heads):
     b, s, _ = x.shape
-    return x.reshape(b, s, heads, -1).transpose(0, 2, 1, 3)
+    return x.reshape(b, s, heads, -1)
 
 
-def _rope_cache_infer(inputs, heads, kv_heads, rotary_dim):
-    q, k, v, cos, sin, past_k, past_v, positions = (list(inputs) + [None] * 8)[:8]
+QK_NORMS = ("", "head", "all")
+
+
+def _rope_cache_infer(inputs, heads, kv_heads, rotary_dim, qk_norm, norm_epsilon):
+    q, k, v, cos, sin, past_k, past_v, positions, q_norm, k_norm = (list(inputs) + [None] * 10)[:10]
     same_dtype("rope_cache", [q, k, v])
+    if qk_norm not in QK_NORMS or (q_norm is None) != (qk_norm == ""):
+        raise ValueError(f"rope_cache: qk_norm {qk_norm!r} with{'out' * (q_norm is None)} norm weights")
     b, s = q.shape[:2]
 
     def heads_of(x, n, past):
@@ -118,16 +123,25 @@ def _rope_cache_infer(inputs, heads, kv_heads, rotary_dim):
     return [heads_of(q, heads, None), heads_of(k, kv_heads, past_k), heads_of(v, kv_heads, past_v)]
 
 
-@register("rope_cache", ("q", "k", "v", "cos?", "sin?", "past_k?", "past_v?", "positions?"),
-          {"heads": REQUIRED, "kv_heads": REQUIRED, "rotary_dim": 0}, infer=_rope_cache_infer)
-def rope_cache(q, k, v, cos=None, sin=None, past_k=None, past_v=None, positions=None, heads=1, kv_heads=1,
-               rotary_dim=0):
+@register("rope_cache", ("q", "k", "v", "cos?", "sin?", "past_k?", "past_v?", "positions?", "q_norm?", "k_norm?"),
+          {"heads": REQUIRED, "kv_heads": REQUIRED, "rotary_dim": 0, "qk_norm": "", "norm_epsilon": 0.0},
+          infer=_rope_cache_infer)
+def rope_cache(q, k, v, cos=None, sin=None, past_k=None, past_v=None, positions=None, q_norm=None, k_norm=None,
+               heads=1, kv_heads=1, rotary_dim=0, qk_norm="", norm_epsilon=0.0):
     """Split the projections [batch, seq, heads*head_dim] into heads, apply the rotary embedding
     to q and k (when cos/sin are given), and write k and v behind the cached past. Returns q
     [batch, heads, seq, head_dim] and the caches [batch, kv_heads, past+seq, head_dim]; with
     `positions`, the caches are static ([batch, kv_heads, max_len, head_dim]) and k and v are
-    written at those positions (`kv_write`)."""
+    written at those positions (`kv_write`).
+    With `qk_norm`, q and k are RMS-normalized before the rotation, by the weights q_norm and
+    k_norm: "head", each head on its own (Qwen3, Gemma 3: weights [head_dim]); "all", the whole
+    projection (OLMo 2: weights [heads*head_dim] and [kv_heads*head_dim])."""
+    if qk_norm == "all":
+        q, k = rms_norm(q, q_norm, epsilon=norm_epsilon), rms_norm(k, k_norm, epsilon=norm_epsilon)
     q, k, v = _split_heads(q, heads), _split_heads(k, kv_heads), _split_heads(v, kv_heads)
+    if qk_norm == "head":
+        q, k = rms_norm(q, q_norm, epsilon=norm_epsilon), rms_norm(k, k_norm, epsilon=norm_epsilon)
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     if cos is not None:
         q, k = rotary(q, cos, sin, rotary_dim), rotary(k, cos, sin, rotary_dim)
     if positions is not None:
@@ -209,8 +223,6 @@ def fused_linear(x, w, bias=None, residual=None, norm_scale=None, norm_bias=None
     With `quant`, w is quantized and `dequantize(w, w_scale, w_zero, quant, group_size)` is the
     weight. With `act_block` too, h is quantized to int8 in blocks of that many features
     (`quantize_activations`) before the product: the kernels multiply integers."""
-    from .nn import layer_norm, rms_norm
-
     if quant:
         w = dequantize(w, w_scale, w_zero, quant, group_size)
     if norm == "rms":
@@ -243,8 +255,6 @@ def _add_norm_infer(inputs, norm, epsilon):
           infer=_add_norm_infer)
 def add_norm(a, b, scale, bias=None, norm="rms", epsilon=1e-5):
     """The residual sum and its normalization: (a + b, norm(a + b))."""
-    from .nn import layer_norm, rms_norm
-
     s = a + b
     y = rms_norm(s, scale, epsilon=epsilon) if norm == "rms" else layer_norm(s, scale, bias, epsilon=epsilon)
     return s, y

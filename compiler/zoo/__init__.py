@@ -39,7 +39,7 @@ from .pretrained import Package
 log = logging.getLogger(__name__)
 
 # Bump when the export procedure changes in a way the cache key does not capture.
-_ZOO_FORMAT = 1
+_ZOO_FORMAT = 2
 
 _TINY = dict(hidden=64, layers=2, heads=4, inter=128, vocab=256, ctx=128)
 
@@ -93,6 +93,10 @@ _FAMILIES = {
     "qwen2": _llama_like("Qwen2Config", "Qwen2ForCausalLM"),
     # one gate_up projection and one qkv projection, each split (token ids within the tiny vocabulary)
     "phi3": _llama_like("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # q/k norms: an RMSNorm over each head's queries and keys (Qwen3; head_dim 24, not
+    # hidden / heads) or over the whole projections (OLMo 2, whose norms follow attention and MLP)
+    "qwen3": _llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=24),
+    "olmo2": _llama_like("Olmo2Config", "Olmo2ForCausalLM", pad_token_id=0, eos_token_id=2),
     "gpt-neox": _neox,
     "opt": _opt,
     "phi": _phi,
@@ -162,8 +166,8 @@ class ZooModel:
         return getattr(transformers, config_cls)(**kwargs)
 
     def build_torch(self, dtype: str = "f32"):
-        """The transformers model with seeded random weights (then trained, for the trained
-        models), in eval mode."""
+        """The transformers model with seeded random weights (its norm weights and biases too,
+        which transformers starts constant), then trained for the trained models, in eval mode."""
         import torch
         import transformers
 
@@ -173,6 +177,10 @@ class ZooModel:
         _, model_cls, _ = _BUILDERS[self.family](self.sizes)
         torch.manual_seed(0)
         model = getattr(transformers, model_cls)(self.config()).eval()
+        with torch.no_grad():  # norm weights and biases start constant (ones, zeros): make each its own
+            for p in model.parameters():
+                if p.dim() == 1 and bool((p == p[0]).all()):
+                    p.add_(0.1 * torch.randn_like(p))
         if self.train_steps:
             from . import training
 
@@ -258,7 +266,7 @@ class ZooModel:
         if kv_cache:
             heads = cfg.num_attention_heads
             kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-            head_dim = cfg.hidden_size // heads
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
             np_dtype = np.float16 if dtype == "f16" else np.float32
             for i in range(cfg.num_hidden_layers):
                 for kind in ("key", "value"):
@@ -297,7 +305,7 @@ def _export(zm: ZooModel, path: Path, *, kv_cache, exporter, dtype, opset, exter
 
     model = zm.build_torch(dtype)
     cfg = model.config
-    wrapper = _wrapper_class()(model, kv_cache)
+    wrapper = _wrapper_class()(model, kv_cache).eval()
     batch, seq, past = 1 if static_batch else 2, 3, 4 if kv_cache else 0
     rng = np.random.default_rng(0)
     example = zm.feeds(rng, batch=batch, seq=seq, past=past, kv_cache=kv_cache, dtype=dtype)
