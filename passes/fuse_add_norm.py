@@ -1,6 +1,7 @@
 """Fuse a residual add with the norm that reads it: one op, two outputs (the sum, which the
-residual stream carries on, and its normalization). Runs after the GEMM fusions, for the adds
-that did not become a GEMM's epilogue."""
+residual stream carries on, and its normalization); and a residual add with the norm it adds
+(post-norm: residual + norm(x), one op). Runs after the GEMM fusions, for the adds that did not
+become a GEMM's epilogue."""
 
 from __future__ import annotations
 
@@ -32,5 +33,25 @@ RULES = [
     Rule("add_layer_norm", Op("layer_norm", ADD, Var("g"), bind="norm", rest=True), _build("layer"),
          check=_last_axis),
 ]
+
+
+
+def _post(m, b):
+    norm = m.nodes["norm"]
+    return b.emit("norm_add", [m["residual"], *norm.inputs], norm="rms" if norm.op == "rms_norm" else "layer",
+                  epsilon=norm.attrs["epsilon"])
+
+
+def _post_fits(m) -> str | None:
+    norm = m.nodes["norm"]
+    if norm.attrs["axis"] not in (-1, norm.outputs[0].type.rank - 1):
+        return "the norm is not over the last axis"
+    return None if m["residual"].shape == norm.outputs[0].shape else "the add broadcasts"
+
+
+# Post-norm (OLMo 2, Gemma 2/3's sandwich): the residual plus a normalized GEMM output. The norm
+# needs the whole row of the GEMM's output, so it cannot be the GEMM's epilogue: it takes the add.
+RULES += [Rule(f"{op}_add", Op("add", Var("residual"), Op(op, Var("x"), rest=True, bind="norm")), _post,
+               check=_post_fits) for op in ("rms_norm", "layer_norm")]
 
 fuse_add_norm = rule_pass("fuse_add_norm", RULES)

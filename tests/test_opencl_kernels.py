@@ -174,10 +174,11 @@ def test_linear_matches_reference(case, rows, device, rng):
 
 @pytest.mark.parametrize("op,attrs,params", [
     ("rms_norm", {"epsilon": 1e-6}, 1), ("layer_norm", {"epsilon": 1e-5}, 2),
-    ("add_norm", {"norm": "rms", "epsilon": 1e-6}, 1), ("add_norm", {"norm": "layer", "epsilon": 1e-5}, 2)])
+    ("add_norm", {"norm": "rms", "epsilon": 1e-6}, 1), ("add_norm", {"norm": "layer", "epsilon": 1e-5}, 2),
+    ("norm_add", {"norm": "rms", "epsilon": 1e-6}, 1)])
 def test_norm_matches_reference(op, attrs, params, device, rng):
     """Norms that stand alone (`gpu.norm`): a work-group per row, the statistics in cross-thread
-    reductions; add_norm's sum beside them. Rows over two symbolic dims, 200 features (not a
+    reductions; add_norm's sum beside them; norm_add's residual in the norm's last stage. Rows over two symbolic dims, 200 features (not a
     multiple of the threads)."""
     from llmc.backends.tvm.gpu import norm as gpu_norm
     from llmc.ir.dtypes import DType
@@ -186,7 +187,7 @@ def test_norm_matches_reference(op, attrs, params, device, rng):
 
     g, width = Graph(), 200
     shape = (Sym.var("batch"), Sym.var("seq"), width)
-    inputs = [g.add_input(f"x{i}", TensorType(shape, DType.f32)) for i in range(2 if op == "add_norm" else 1)]
+    inputs = [g.add_input(f"x{i}", TensorType(shape, DType.f32)) for i in range(2 if op in ("add_norm", "norm_add") else 1)]
     consts = [rng.standard_normal(width).astype(np.float32) for _ in range(params)]
     g.add_node(op, inputs + [g.add_param(f"p{i}", c) for i, c in enumerate(consts)], attrs)
     node = g.nodes[0]

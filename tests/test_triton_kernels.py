@@ -258,17 +258,19 @@ def test_paged_rope_cache_writes_each_sequence_at_its_own_length(int8, rng):
             np.testing.assert_array_equal(g[i, :, kept], old[i, :, kept])  # no other slot changed
 
 
-@pytest.mark.parametrize("op", ["add_rms", "add_layer", "rms", "layer"])
+@pytest.mark.parametrize("op", ["add_rms", "add_layer", "rms", "layer", "rms_residual"])
 def test_norm(op, rng):
     rows, n = 5, 37
     a, b = rng.standard_normal((rows, n)).astype(np.float32), rng.standard_normal((rows, n)).astype(np.float32)
     scale, bias = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
-    add, layer = op.startswith("add"), op.endswith("layer")
+    add, layer, residual = op.startswith("add"), op.endswith("layer"), op.endswith("residual")
     s = a + b if add else a
     want = layer_norm(s, scale, bias, epsilon=1e-5) if layer else rms_norm(s, scale, epsilon=1e-5)
+    want = want + b if residual else want  # norm_add: b + norm(a)
     y, s_out = torch.zeros(rows, n), torch.zeros(rows, n)
     K["norm"].norm[(rows,)](_t(a), _t(b), _t(scale), _t(bias), s_out, y, _dims(0, 0), 1, rows, N=n, ADD=int(add),
-                             LAYER=int(layer), HAS_BIAS=int(layer), EPS=1e-5, SEQ_ROWS=1, ROWS_MUL=1, BLOCK=64)
+                             LAYER=int(layer), HAS_BIAS=int(layer), EPS=1e-5, SEQ_ROWS=1, ROWS_MUL=1, BLOCK=64,
+                             RESIDUAL=int(residual))
     assert rel_err(y.numpy(), want) < 1e-5
     if add:
         assert np.abs(s_out.numpy() - s).max() < 1e-6

@@ -63,6 +63,7 @@ def _one_node(op, shapes, params=(), **attrs):
     ("add_norm", [("n", 3, 24)] * 2, [np.float32(np.arange(24) / 7), np.float32(np.arange(24) / 5 - 1)],
      {"norm": "layer", "epsilon": 1e-5}),
     ("add_norm", [("n", 24)] * 2, [np.float32(np.arange(24) / 7)], {"norm": "rms", "epsilon": 1e-6}),
+    ("norm_add", [("n", 3, 24)] * 2, [np.float32(np.arange(24) / 7)], {"norm": "rms", "epsilon": 1e-6}),
     ("silu", [("n", 3, 8)], [], {}),  # activations no GEMM took (Phi-3's split gate before the fix)
     ("relu", [("n", 8)], [], {}),
     ("gelu", [("n", 8)], [], {"approximate": "tanh"}),

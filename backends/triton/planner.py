@@ -125,7 +125,7 @@ class Planner:
             return self.attention(node)
         if node.op == "rope_cache":
             return self.rope_cache(node)
-        if node.op in ("add_norm", "rms_norm", "layer_norm"):
+        if node.op in ("add_norm", "norm_add", "rms_norm", "layer_norm"):
             return self.norm(node)
         if node.op in injective.LOWERINGS:
             return self.injective(node)
@@ -225,20 +225,22 @@ class Planner:
             [Step("", "rope_cache", tuple(args), DIMS)]
 
     def norm(self, node: Node):
-        add = node.op == "add_norm"
+        add, post = node.op == "add_norm", node.op == "norm_add"
         inputs = list(node.inputs) + [None] * 4
-        a, b, scale, bias = inputs[:4] if add else (inputs[0], None, *inputs[1:3])
+        a, b, scale, bias = inputs[:4] if add else (inputs[1], inputs[0], *inputs[2:4]) if post else \
+            (inputs[0], None, *inputs[1:3])
         if add and a.shape != b.shape:
             raise UnsupportedGraph(f"{node.name}: add_norm of {a.type} and {b.type}: the kernel adds equal shapes",
                                    node.name)
         outs = [v.name for v in node.outputs]
-        args = (a.name, b.name if add else "", scale.name, bias.name if bias is not None else "",
+        args = (a.name, b.name if b is not None else "", scale.name, bias.name if bias is not None else "",
                 outs[0] if add else "", outs[-1])
         n = a.shape[-1]
         rows, seq_rows, mul = _rows(a, node.name, self.fixed_batch)
         layer = node.op == "layer_norm" or node.attrs.get("norm") == "layer"
         consts = dict(N=n, ADD=int(add), LAYER=int(layer), HAS_BIAS=int(bias is not None),
-                      EPS=float(node.attrs["epsilon"]), BLOCK=pow2(n), SEQ_ROWS=int(seq_rows), ROWS_MUL=mul)
+                      EPS=float(node.attrs["epsilon"]), BLOCK=pow2(n), SEQ_ROWS=int(seq_rows), ROWS_MUL=mul,
+                      RESIDUAL=int(post))
         kernel = TritonKernel("norm", "norm", consts, self.signature(args), [[_cdiv(rows, 1)], [], []], num_warps=4)
         return repr(("norm", consts, kernel.signature)), lambda name: {name: kernel}, \
             [Step("", "norm", args, DIMS)]

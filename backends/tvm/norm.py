@@ -1,5 +1,6 @@
 """Norms on their own as TVM kernels (TE definitions, lowered with the injective ops): layer_norm
-and rms_norm over the last axis, and add_norm (the residual sum and its norm). Most norms are
+and rms_norm over the last axis, add_norm (the residual sum and its norm) and norm_add (a
+residual plus a norm: post-norm). Most norms are
 GEMM prologues (`linear.py`); these are the ones whose output is read by more than GEMMs. The
 OpenCL/Metal schedule of the same definitions is `gpu/norm.py`.
 """
@@ -25,8 +26,16 @@ def add_norm(node, ins, out_shapes, dims):
                            node.attrs["norm"] == "layer")]
 
 
-def normalized(node, x, shape, scale, bias, out_shape, centered: bool):
-    """norm(x) over the last axis of `shape`: rms, or layer (`centered`) with its bias."""
+def norm_add(node, ins, out_shape, dims):
+    """norm_add: residual + norm(x), the residual added in the norm's last stage."""
+    residual, x, scale, *bias = ins
+    return normalized(node, lambda *i: x(*i), x.shape, scale, bias, out_shape, node.attrs["norm"] == "layer",
+                      residual)
+
+
+def normalized(node, x, shape, scale, bias, out_shape, centered: bool, residual=None):
+    """norm(x) over the last axis of `shape`: rms, or layer (`centered`) with its bias; plus
+    `residual` when given."""
     from tvm import te, tirx
 
     k = shape[-1]
@@ -43,8 +52,9 @@ def normalized(node, x, shape, scale, bias, out_shape, centered: bool):
 
     def body(*i):
         y = dev(*i) * inv(*i[:-1]) * scale(i[-1])
-        return y + bias[0](i[-1]) if bias else y
+        y = y + bias[0](i[-1]) if bias else y
+        return y + residual(*i) if residual is not None else y
     return te.compute(out_shape, body, name="normed")
 
 
-NORMS = {"layer_norm": norm, "rms_norm": norm, "add_norm": add_norm}
+NORMS = {"layer_norm": norm, "rms_norm": norm, "add_norm": add_norm, "norm_add": norm_add}

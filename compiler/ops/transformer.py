@@ -256,5 +256,23 @@ def _add_norm_infer(inputs, norm, epsilon):
 def add_norm(a, b, scale, bias=None, norm="rms", epsilon=1e-5):
     """The residual sum and its normalization: (a + b, norm(a + b))."""
     s = a + b
-    y = rms_norm(s, scale, epsilon=epsilon) if norm == "rms" else layer_norm(s, scale, bias, epsilon=epsilon)
-    return s, y
+    return s, _normalized(s, scale, bias, norm, epsilon)
+
+
+def _normalized(x, scale, bias, norm, epsilon):
+    return rms_norm(x, scale, epsilon=epsilon) if norm == "rms" else layer_norm(x, scale, bias, epsilon=epsilon)
+
+
+def _norm_add_infer(inputs, norm, epsilon):
+    residual, x = inputs[:2]
+    same_dtype("norm_add", [residual, x])
+    if residual.shape != x.shape:
+        raise ValueError(f"norm_add: residual {residual.type} and normalized {x.type} differ")
+    return [x.type]
+
+
+@register("norm_add", ("residual", "x", "scale", "bias?"), {"norm": REQUIRED, "epsilon": 1e-5},
+          infer=_norm_add_infer)
+def norm_add(residual, x, scale, bias=None, norm="rms", epsilon=1e-5):
+    """A post-norm residual step (OLMo 2, Gemma 2/3): residual + norm(x)."""
+    return (residual + _normalized(x, scale, bias, norm, epsilon)).astype(x.dtype)

@@ -1,5 +1,6 @@
-"""Norms that stand alone in Triton: `add_norm` (s = a + b; y = norm(s)) and `rms_norm` /
-`layer_norm` (ADD 0: y = norm(a)), over the last N features. Rows as `linear.rows_of` counts them;
+"""Norms that stand alone in Triton: `add_norm` (s = a + b; y = norm(s)), `rms_norm` /
+`layer_norm` (ADD 0: y = norm(a)) and `norm_add` (RESIDUAL 1: y = norm(a) + b), over the last N
+features. Rows as `linear.rows_of` counts them;
 one program per row, f32 arithmetic. Grid (rows,)."""
 
 import triton
@@ -11,7 +12,7 @@ from .linear import rows_of  # noqa: F401 (a jit function the kernel calls)
 @triton.jit
 def norm(A, B, SCALE, BIAS, S, Y, D, batch, seq,
          N: tl.constexpr, ADD: tl.constexpr, LAYER: tl.constexpr, HAS_BIAS: tl.constexpr, EPS: tl.constexpr,
-         SEQ_ROWS: tl.constexpr, ROWS_MUL: tl.constexpr, BLOCK: tl.constexpr):
+         SEQ_ROWS: tl.constexpr, ROWS_MUL: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
     row = tl.program_id(0)
     if row >= rows_of(batch, seq, SEQ_ROWS, ROWS_MUL):
         return
@@ -30,4 +31,6 @@ def norm(A, B, SCALE, BIAS, S, Y, D, batch, seq,
     y = dev * rstd * tl.load(SCALE + cols, mask=mask, other=0.0)
     if HAS_BIAS:
         y += tl.load(BIAS + cols, mask=mask, other=0.0)
+    if RESIDUAL:
+        y += tl.load(B + row * N + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * N + cols, y, mask=mask)

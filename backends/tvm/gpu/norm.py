@@ -1,5 +1,5 @@
-"""Norms that stand alone on GPUs (opencl, metal): `rms_norm`, `layer_norm` and `add_norm`
-(`tvm.norm.normalized`; most norms are GEMM prologues, `gpu.linear`).
+"""Norms that stand alone on GPUs (opencl, metal): `rms_norm`, `layer_norm`, `add_norm` and
+`norm_add` (`tvm.norm.normalized`; most norms are GEMM prologues, `gpu.linear`).
 
 A work-group per row, its `threads` threads over the features: each sums a strided share of
 the row, the row's statistics (layer norm: the mean, then the squared deviations) meet in
@@ -16,7 +16,7 @@ from __future__ import annotations
 from .lowering import bind_reduction, rfactor, split_exactly
 from ...knobs import Knob
 
-OPS = ("rms_norm", "layer_norm", "add_norm")
+OPS = ("rms_norm", "layer_norm", "add_norm", "norm_add")
 THREADS = (128, 64, 256)
 GRID = ("blockIdx.x", "blockIdx.y", "blockIdx.z")
 
