@@ -21,18 +21,20 @@ TO_HEADS = {"perm": (0, 2, 1, 3)}
 
 def _heads(name, norm="", **kwargs):
     """x [batch, seq, heads*dim] -> [batch, heads, seq, dim], RMS-normalized before the split
-    (norm "all") or after it (norm "head")."""
-    x = Op("rms_norm", Var(name), Const(f"{name}_w"), bind=f"{name}_norm") if norm == "all" else Var(name)
-    x = Op("reshape", x, Var(f"{name}_shape"), bind=f"{name}_split")
-    if norm == "head":
-        x = Op("rms_norm", x, Const(f"{name}_w"), bind=f"{name}_norm")
+    (norm "all"), after it (norm "head") or after the transpose (norm "head_t")."""
+    def normed(x, shared=False):
+        return Op("rms_norm", x, Const(f"{name}_w"), bind=f"{name}_norm", shared=shared)
+    x = Op("reshape", normed(Var(name)) if norm == "all" else Var(name), Var(f"{name}_shape"), bind=f"{name}_split")
+    x = normed(x) if norm == "head" else x
+    if norm == "head_t":  # the norm is the head split's last op (bound as the norm: it comes with a rotation)
+        return normed(Op("transpose", x, attrs=TO_HEADS), kwargs.get("shared", False))
     return Op("transpose", x, attrs=TO_HEADS, **kwargs)
 
 
 def _variants():
     # the q/k norms (first: a variant without them would take a normalized q as the projection)
     # come with a rotation in every family that has them
-    for norm, rotary, cached, masked in itertools.product(("head", "all", ""), (1, 0),
+    for norm, rotary, cached, masked in itertools.product(("head", "head_t", "all", ""), (1, 0),
                                                           ("kv_append", "kv_write", "kv_write_read", None), (1, 0)):
         if norm and not rotary:
             continue

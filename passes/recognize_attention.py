@@ -4,6 +4,7 @@ What exporters write for `F.scaled_dot_product_attention` (and eager attention) 
 where the scale is applied and whether a NaN guard follows the softmax:
 
     s = (q * a) @ (k^T * b)          or   (q @ k^T) * a   or   q @ k^T
+    s = tanh(s) * c                  (optional: Gemma 2's soft-capping, a = scale / c)
     p = softmax(s + mask, -1)        (mask optional: additive, [batch, 1, seq, kv])
     p = where(isnan(p), 0, p)        (optional: fully masked rows give zeros)
     y = p @ v
@@ -33,7 +34,7 @@ def _scalar(name):
 def _variants():
     last = {"axis": lambda a: a in (-1, 3)}
     # most specific first: a variant without a scale would take `k * scale` for k^T
-    for q_scale, k_scale, s_scale, masked, guarded in itertools.product((1, 0), repeat=5):
+    for q_scale, k_scale, s_scale, capped, masked, guarded in itertools.product((1, 0), repeat=6):
         if s_scale and (q_scale or k_scale):
             continue
         q = Op("mul", Q, _scalar("qs")) if q_scale else Q
@@ -41,6 +42,8 @@ def _variants():
         s = Op("matmul", q, kt)
         if s_scale:
             s = Op("mul", s, _scalar("ss"))
+        if capped:
+            s = Op("mul", Op("tanh", s), _scalar("cap"))
         if masked:
             s = Op("add", s, MASK)
         # the guard reads the softmax twice: its two uses are both inside the pattern
@@ -78,9 +81,10 @@ def _fits(m) -> str | None:
 
 def _build(m, b):
     scales = [float(m.data(n).reshape(-1)[0]) for n in ("qs", "ks", "ss") if n in m.values]
+    cap = float(m.data("cap").reshape(-1)[0]) if "cap" in m.values else 0.0
     k = b.emit("transpose", [m["kt"]], perm=(0, 1, 3, 2))
     return b.emit("attention", [m["q"], k, m["v"], m.values.get("mask")],
-                  scale=math.prod(scales) if scales else 1.0, is_causal=0)
+                  scale=(math.prod(scales) if scales else 1.0) * (cap or 1.0), is_causal=0, softcap=cap)
 
 
 def _unrepeat(slot):

@@ -2,7 +2,8 @@
 
 Under past + seq <= max_seq_len, expressions exporters write for the general case simplify:
 Mistral's sliding window of 4096 positions gives `min(past, 4095)` and `past[-4095:]`, which are
-`past` and `past` when the context is shorter than the window. Types are re-inferred under that
+`past` and `past` when the context is shorter than the window (and Gemma's `min(past + seq,
+1023)` is `past + seq` for a context of 1024). Types are re-inferred under that
 assumption, and slices that became identities go. The bound is recorded in
 `graph.metadata["max_seq_len"]`: a runtime must refuse longer contexts.
 """
@@ -17,9 +18,9 @@ from .manager import Pass, PassContext
 CONTEXT_DIMS = ("past", "seq", "total")
 
 
-def bounds(graph: Graph) -> dict[str, int]:
+def bounds(graph: Graph) -> dict:
     limit = graph.metadata.get("max_seq_len")
-    return {d: limit for d in CONTEXT_DIMS} if limit else {}
+    return {**{d: limit for d in CONTEXT_DIMS}, ("past", "seq"): limit} if limit else {}
 
 
 def _identity_slice(graph: Graph, node) -> bool:

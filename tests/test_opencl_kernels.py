@@ -72,7 +72,8 @@ SMALL_CHUNKS = {"chunk": 8, "threads": 4}  # several chunks, the last one partia
                  marks=pytest.mark.slow),  # causal prefill
     (attention.AttentionSpec(6, 2, 16, 0.25, masked=False, is_causal=True, merge_heads=False), 1, 12, SMALL_CHUNKS),
     (attention.AttentionSpec(4, 2, 16, 0.25, kv_int8=True), 3, 14, SMALL_CHUNKS),  # masked chunk, int8 cache
-], ids=["masked-chunk", "causal-prefill", "causal-decode-heads", "int8"])
+    (attention.AttentionSpec(4, 2, 16, 0.25, softcap=0.7), 3, 14, SMALL_CHUNKS),  # Gemma 2's soft-capping
+], ids=["masked-chunk", "causal-prefill", "causal-decode-heads", "int8", "softcap"])
 def test_attention_matches_reference(spec, seq, past, config, device, rng):
     """Split-K attention (`gpu.attention`): a work-group per chunk of keys, then the chunks
     combined; a chunk past the keys and a query that sees no key (zeros) included."""
@@ -91,15 +92,18 @@ def test_attention_matches_reference(spec, seq, past, config, device, rng):
               [(out_shape, np.float32)],
               env, {"kv_len": "total", "max_seq": str(MAX_SEQ)})[0]
     want = get_op("attention").ref(q, k[:, :, :total], v[:, :, :total], mask if spec.masked else None,
-                                   scale=spec.scale, is_causal=int(spec.is_causal), merge_heads=int(spec.merge_heads))
+                                   scale=spec.scale, is_causal=int(spec.is_causal), merge_heads=int(spec.merge_heads),
+                                   softcap=spec.softcap)
     assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("spec", [rope_cache.RopeCacheSpec(4, 2, 16, 16),
                                   pytest.param(rope_cache.RopeCacheSpec(4, 4, 12, 4), marks=pytest.mark.slow),
                                   pytest.param(rope_cache.RopeCacheSpec(3, 3, 10, 0), marks=pytest.mark.slow),
-                                  rope_cache.RopeCacheSpec(4, 2, 16, 16, kv_int8=True)],
-                         ids=["gqa-full", "partial", "none", "int8"])
+                                  rope_cache.RopeCacheSpec(4, 2, 16, 16, kv_int8=True),
+                                  rope_cache.RopeCacheSpec(4, 2, 12, 12, qk_norm="head", norm_epsilon=1e-6),
+                                  rope_cache.RopeCacheSpec(4, 2, 12, 12, qk_norm="all", norm_epsilon=1e-5)],
+                         ids=["gqa-full", "partial", "none", "int8", "qk-norm-head", "qk-norm-all"])
 @pytest.mark.parametrize("seq,past", [(5, 0), (1, 7)], ids=["prefill", "decode"])
 def test_rope_cache_matches_reference(spec, seq, past, device, rng):
     """Queries rotated out, keys and values written into the caches at past + i in place, no
@@ -114,17 +118,20 @@ def test_rope_cache_matches_reference(spec, seq, past, device, rng):
     caches += [rng.random((batch, spec.kv_heads, MAX_SEQ)).astype(np.float32) for _ in range(2 * int8)]
     env = {"batch": batch, "seq": seq, "past": past, "total": past + seq}
     tables = [cos, sin] if spec.rotary_dim else []  # a kernel without rotation takes none
-    q, *after = run(device, rope_cache.prim_func(spec), [qkv, *tables, *caches],
+    norms = [(1 + 0.5 * rng.standard_normal(spec.norm_width(h))).astype(np.float32)
+             for h in (spec.heads, spec.kv_heads)] if spec.qk_norm else []
+    q, *after = run(device, rope_cache.prim_func(spec), [qkv, *tables, *norms, *caches],
                     [((batch, spec.heads, seq, d), np.float32)], env,
                     {"b": "batch", "bt": "batch", "s": "seq", "m": str(MAX_SEQ)})
-    after = after[1 + len(tables):]
+    after = after[1 + len(tables) + len(norms):]
     qp, kp, vp = np.split(qkv, [spec.heads * d, (spec.heads + spec.kv_heads) * d], axis=-1)
     rotary = spec.rotary_dim > 0
     empty = np.zeros((batch, spec.kv_heads, 0, d), np.float32)
     want_q, want_k, want_v = get_op("rope_cache").ref(qp, kp, vp, cos[:, None] if rotary else None,
-                                                      sin[:, None] if rotary else None, empty, empty,
-                                                      heads=spec.heads, kv_heads=spec.kv_heads,
-                                                      rotary_dim=spec.rotary_dim % d)
+                                                      sin[:, None] if rotary else None, empty, empty, None,
+                                                      *(norms or [None, None]), heads=spec.heads,
+                                                      kv_heads=spec.kv_heads, rotary_dim=spec.rotary_dim % d,
+                                                      qk_norm=spec.qk_norm, norm_epsilon=spec.norm_epsilon)
     assert rel_err(q, want_q) < 1e-6
     new = slice(past, past + seq)
     written = [want_k, want_v]

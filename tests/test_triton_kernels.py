@@ -91,6 +91,7 @@ ATTENTION_CASES = {
     "masked-split-batch": dict(b=2, h=6, kvh=2, s=3, past=45, d=24, masked=True, causal=False, splits=4),
     "decode-int8": dict(b=1, h=4, kvh=2, s=1, past=33, d=16, masked=False, causal=True, splits=2, cache="int8"),
     "decode-f16": dict(b=1, h=4, kvh=2, s=2, past=50, d=32, masked=True, causal=False, splits=2, cache="float16"),
+    "softcap-split": dict(b=1, h=4, kvh=2, s=3, past=30, d=16, masked=True, causal=False, splits=2, softcap=0.5),
 }
 
 
@@ -114,13 +115,15 @@ def test_attention(case, order, rng):
         mask = np.where(rng.random((b, 1, s, total)) < 0.8, 0, -np.inf).astype(np.float32)
         mask[0, 0, 0, :] = -np.inf  # a query that sees no key gets zeros
     merge = case.get("merge", 1)
+    softcap = case.get("softcap", 0.0)
     want = attention(q, kf[:, :, :total], vf[:, :, :total], mask, scale=0.3, is_causal=int(case["causal"]),
-                     merge_heads=merge)
+                     merge_heads=merge, softcap=softcap)
     bd = max(16, 1 << (d - 1).bit_length())
     y, partials = torch.zeros(want.shape), torch.zeros(b * h * s * splits * (bd + 1))
     consts = dict(HEADS=h, KV_HEADS=kvh, HEAD_DIM=d, MAX_SEQ=max_seq, SCALE=0.3, MASKED=int(case["masked"]),
                   CAUSAL=int(case["causal"]), KV_INT8=int(cache == "int8"), MERGE_HEADS=merge, SPLITS=splits,
-                  DOT_F16=0, BLOCK_M=16, BLOCK_N=16, BD=bd, SEQ_MAJOR=int(order == "bshd"), **CONTIGUOUS)
+                  DOT_F16=0, BLOCK_M=16, BLOCK_N=16, BD=bd, SEQ_MAJOR=int(order == "bshd"), **CONTIGUOUS,
+                  SOFTCAP=softcap)
     kc, vc, ks, vs = (in_kv_order(c, order) for c in (kc, vc, ks, vs))
     args = (_t(q), _t(kc), _t(vc), _t(ks), _t(vs), _t(mask), NONE, NONE, y, partials, _dims(past, total), b, s)
     K["attention"].partial[(-(-s // 16), b * h, splits)](*args, **consts)
@@ -157,7 +160,7 @@ def test_paged_attention_reads_each_sequence_to_its_own_length(case, rng):
     y, partials = torch.zeros(batch, h, seq, d), torch.zeros(batch * h * seq * splits * (bd + 1))
     consts = dict(HEADS=h, KV_HEADS=kvh, HEAD_DIM=d, MAX_SEQ=max_seq, SCALE=scale, MASKED=int(case["masked"]),
                   CAUSAL=0, KV_INT8=int(int8), MERGE_HEADS=0, SPLITS=splits, DOT_F16=0, BLOCK_M=16, BLOCK_N=16,
-                  BD=bd, SEQ_MAJOR=0, PAGE=page, MAX_BLOCKS=table.shape[1])
+                  BD=bd, SEQ_MAJOR=0, PAGE=page, MAX_BLOCKS=table.shape[1], SOFTCAP=0.0)
     pools = [_t(to_pages(c, table, blocks, page)) if c is not None else NONE for c in caches]
     args = (_t(q), *pools, _t(mask if case["masked"] else None), _t(table), _t(lengths), y, partials,
             _dims(int(lengths.max()), total), batch, seq)

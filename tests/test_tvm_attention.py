@@ -18,11 +18,13 @@ SPECS = [
     AttentionSpec(heads=6, kv_heads=6, head_dim=13, scale=0.3, merge_heads=False),     # MHA, odd dim
     AttentionSpec(heads=4, kv_heads=1, head_dim=8, scale=0.5, masked=False, is_causal=True),  # MQA
     AttentionSpec(heads=4, kv_heads=2, head_dim=16, scale=0.25, order="bshd"),         # GQA, seq-major cache
+    AttentionSpec(heads=4, kv_heads=2, head_dim=16, scale=0.25, softcap=0.7),          # Gemma 2's soft-capping
 ]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"h{s.heads}kv{s.kv_heads}d{s.head_dim}"
-                         f"{'-mask' * s.masked}{'-causal' * s.is_causal}{'-merged' * s.merge_heads}-{s.order}")
+                         f"{'-mask' * s.masked}{'-causal' * s.is_causal}{'-merged' * s.merge_heads}-{s.order}"
+                         f"{'-softcap' * bool(s.softcap)}")
 def test_kernel_matches_reference(spec, rng):
     kernel = build(spec, host())
     dev = tvm.cpu(0)
@@ -40,7 +42,8 @@ def test_kernel_matches_reference(spec, rng):
         mask[:, :, 0, :] = -np.inf  # a query that sees no key: zeros, not NaN
         args = [q, *(in_kv_order(c, spec.order) for c in caches)] + [mask] * spec.masked
         want = get_op("attention").ref(q, k, v, mask if spec.masked else None, scale=spec.scale,
-                                       is_causal=int(spec.is_causal), merge_heads=int(spec.merge_heads))
+                                       is_causal=int(spec.is_causal), merge_heads=int(spec.merge_heads),
+                                       softcap=spec.softcap)
         out = tvm.runtime.tensor(np.zeros(want.shape, np.float32), dev)
         kernel["main"](*[tvm.runtime.tensor(a, dev) for a in args], out, *([] if spec.masked else [kv_len]))
         got = out.numpy()

@@ -188,7 +188,7 @@ class Planner:
                       SCALE=scale, MASKED=int(masked), CAUSAL=int(bool(node.attrs["is_causal"])), KV_INT8=int(int8),
                       MERGE_HEADS=int(bool(node.attrs["merge_heads"])), SPLITS=splits, DOT_F16=int(self.dot_f16),
                       BLOCK_M=16, BLOCK_N=64 if d <= 128 else 32, BD=bd, SEQ_MAJOR=self.seq_major,
-                      **self.paging(node))
+                      **self.paging(node), SOFTCAP=float(node.attrs["softcap"]))
         seq, batch = q.shape[2], q.shape[0]
         partial = node.outputs[0].name + ".partial"
         args.append(partial)

@@ -42,6 +42,7 @@ class AttentionSpec:
     kv_int8: bool = False  # int8 caches with per-(head, token) scales (rope_cache.quantize_rows)
     order: str = "bhsd"  # the caches' axis order (`plan.KV_ORDERS`)
     page_tokens: int = 0  # a paged cache's block size (`cache_layout.lay_out_caches`); 0: contiguous
+    softcap: float = 0.0  # scores soft-capped: softcap * tanh(score / softcap) (Gemma 2); 0: not
 
     @staticmethod
     def of(node) -> "AttentionSpec":
@@ -49,7 +50,7 @@ class AttentionSpec:
         return AttentionSpec(heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[3],
                              scale=node.attrs["scale"], masked=len(node.inputs) > 3 and node.inputs[3] is not None,
                              is_causal=bool(node.attrs["is_causal"]), merge_heads=bool(node.attrs["merge_heads"]),
-                             dtype=q.dtype.numpy().name)
+                             dtype=q.dtype.numpy().name, softcap=node.attrs["softcap"])
 
     def arg_names(self) -> list[str]:
         return ["q", "k", "v"] + ["k_scale", "v_scale"] * self.kv_int8 + ["mask"] * self.masked + \
@@ -102,6 +103,9 @@ class Operands:
         x = raw * tirx.const(spec.scale, spec.dtype)
         if spec.kv_int8:  # the key's scale factors out of its dot product
             x = x * self.at(self.scales[0], bi, hi, ti)
+        if spec.softcap:
+            cap = tirx.const(spec.softcap, spec.dtype)
+            x = cap * tirx.tanh(x / cap)
         if self.mask is not None:
             x = x + self.mask[bi, 0, si, ti]
         if spec.page_tokens:  # causal within each sequence's own length (the batch's may differ)

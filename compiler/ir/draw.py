@@ -30,11 +30,15 @@ def _layer_hits(graph: Graph, k: int) -> list[int]:
 
 def layer_nodes(graph: Graph, k: int) -> list:
     """The nodes of transformer layer `k`, in topological order: from the first to the last
-    node of that layer, and before layer k+1 starts (exporters share identical weights, such
-    as all-ones norm scales, across layers)."""
+    node of that layer, after layer k-1 ends (work scoped to the layer but hoisted before the
+    layers, such as Gemma 3's mask of its global layers, is not the layer's) and before layer
+    k+1 starts (exporters share identical weights, such as all-ones norm scales, across layers)."""
     hits, following = _layer_hits(graph, k), _layer_hits(graph, k + 1)
+    preceding = _layer_hits(graph, k - 1) if k else []
     if following:
         hits = [i for i in hits if i < following[0]]
+    if preceding:
+        hits = [i for i in hits if i > preceding[-1]]
     return graph.nodes[hits[0]:hits[-1] + 1] if hits else []
 
 

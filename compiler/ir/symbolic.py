@@ -149,15 +149,16 @@ def div(a: Dim, b: Dim) -> Dim:
     return opaque(f"({a})//({b})")
 
 
-# Upper bounds on named dims that simplification may assume (see `assume_upper_bounds`).
-_UPPER: dict[str, int] = {}
+# Upper bounds on named dims, or on sums of them (a tuple of names), that simplification may
+# assume (see `assume_upper_bounds`).
+_UPPER: dict[str | tuple[str, ...], int] = {}
 
 
 @contextlib.contextmanager
-def assume_upper_bounds(bounds: dict[str, int]):
-    """Within this block, max/min simplify using dim <= bound for the named dims (all dims are
-    >= 0). A compiler that specializes for a context length uses it; its runtime must then
-    refuse longer contexts."""
+def assume_upper_bounds(bounds: dict[str | tuple[str, ...], int]):
+    """Within this block, max/min simplify using dim <= bound for the named dims, and sum <= bound
+    for the sums named by tuples (all dims are >= 0). A compiler that specializes for a context
+    length uses it (past + seq <= context); its runtime must then refuse longer contexts."""
     saved = dict(_UPPER)
     _UPPER.update(bounds)
     try:
@@ -169,8 +170,14 @@ def assume_upper_bounds(bounds: dict[str, int]):
 
 def upper_bound(d: Dim) -> int | None:
     """The largest value `d` can take under the assumed bounds, or None if unbounded."""
-    total = 0
-    for m, c in _terms(d).items():
+    terms, total = dict(_terms(d)), 0
+    for group, limit in _UPPER.items():  # k * (a + b) <= k * limit, the rest term by term
+        k = min(terms.get((name,), 0) for name in group) if isinstance(group, tuple) else 0
+        if k > 0:
+            for name in group:
+                terms[(name,)] -= k
+            total += k * limit
+    for m, c in terms.items():
         if c < 0 and m:
             continue  # a monomial of dims is >= 0: a negative term of one only lowers the value
         p = c

@@ -116,7 +116,7 @@ for _name, _fn in {"reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": n
 
 
 # attention ------------------------------------------------------------------------------------
-def _attention_infer(inputs, scale, is_causal, merge_heads):
+def _attention_infer(inputs, scale, is_causal, merge_heads, softcap):
     q, k, v = inputs[:3]
     same_dtype("attention", [q, k, v])
     for t in (k, v):
@@ -127,9 +127,9 @@ def _attention_infer(inputs, scale, is_causal, merge_heads):
     return [q.type.with_shape(q.shape[:-1] + v.shape[-1:])]
 
 
-@register("attention", ("q", "k", "v", "mask?"), {"scale": None, "is_causal": 0, "merge_heads": 0},
+@register("attention", ("q", "k", "v", "mask?"), {"scale": None, "is_causal": 0, "merge_heads": 0, "softcap": 0.0},
           infer=_attention_infer)
-def attention(q, k, v, mask=None, scale=None, is_causal=0, merge_heads=0):
+def attention(q, k, v, mask=None, scale=None, is_causal=0, merge_heads=0, softcap=0.0):
     """softmax(q @ k^T * scale + mask) @ v over [batch, heads, seq, head_dim] tensors.
 
     k and v may have fewer heads than q (grouped-query attention: each k/v head serves
@@ -137,12 +137,15 @@ def attention(q, k, v, mask=None, scale=None, is_causal=0, merge_heads=0):
     to [batch, heads, seq_q, seq_kv]. With `is_causal`, query i sees keys up to
     i + seq_kv - seq_q (the queries are the last seq_q positions). A query that sees no key at
     all gets zeros (as ONNX Attention defines it), not NaN. With `merge_heads` the output is
-    [batch, seq, heads * head_dim], ready for the output projection.
+    [batch, seq, heads * head_dim], ready for the output projection. With `softcap` (Gemma 2)
+    the scaled scores are soft-capped before the mask: softcap * tanh(scores / softcap).
     """
     k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)
     v = np.repeat(v, q.shape[1] // v.shape[1], axis=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = np.matmul(_f32(q), np.swapaxes(_f32(k), -1, -2)) * np.float32(scale)
+    if softcap:
+        scores = np.float32(softcap) * np.tanh(scores / np.float32(softcap))
     s, t = scores.shape[-2:]
     if is_causal:
         visible = np.arange(t)[None, :] <= np.arange(s)[:, None] + (t - s)

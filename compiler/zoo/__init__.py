@@ -97,6 +97,18 @@ _FAMILIES = {
     # hidden / heads) or over the whole projections (OLMo 2, whose norms follow attention and MLP)
     "qwen3": _llama_like("Qwen3Config", "Qwen3ForCausalLM", head_dim=24),
     "olmo2": _llama_like("Olmo2Config", "Olmo2ForCausalLM", pad_token_id=0, eos_token_id=2),
+    # Gemma 2: sandwich norms computing x * (1 + w), GeGLU (tanh), embeddings scaled by
+    # sqrt(hidden), sliding-window layers between global ones, attention and final logits
+    # soft-capped (caps small enough to bend a tiny model's logits)
+    "gemma2": _llama_like("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, query_pre_attn_scalar=24,
+                          sliding_window=256, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Gemma 3 (text): Gemma 2's layout with q/k norms, no soft-capping, and its own rotary base
+    # for the sliding-window layers
+    "gemma3": lambda s: _llama_like(
+        "Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=24, query_pre_attn_scalar=20, sliding_window=256,
+        layer_types=["sliding_attention", "full_attention"] * (s["layers"] // 2) + ["sliding_attention"] * (s["layers"] % 2),
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)(s),
     "gpt-neox": _neox,
     "opt": _opt,
     "phi": _phi,

@@ -55,7 +55,7 @@ def partial(Q, K, V, KS, VS, MASK, BLOCKS, LENGTHS, Y, P, D, batch, seq,
             SCALE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, KV_INT8: tl.constexpr,
             MERGE_HEADS: tl.constexpr, SPLITS: tl.constexpr, DOT_F16: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, SEQ_MAJOR: tl.constexpr,
-            PAGE: tl.constexpr, MAX_BLOCKS: tl.constexpr):
+            PAGE: tl.constexpr, MAX_BLOCKS: tl.constexpr, SOFTCAP: tl.constexpr):
     """Grid (cdiv(seq, BLOCK_M), batch * heads, SPLITS). Paged, attention is causal within each
     sequence's own length: the pool's other positions are other sequences'."""
     total = tl.load(D + 1)
@@ -94,6 +94,8 @@ def partial(Q, K, V, KS, VS, MASK, BLOCKS, LENGTHS, Y, P, D, batch, seq,
         else:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         s = s * SCALE
+        if SOFTCAP > 0:  # SOFTCAP * tanh(s / SOFTCAP), tanh through exp (saturates to +-1)
+            s = SOFTCAP * (1.0 - 2.0 / (tl.exp(2.0 * s / SOFTCAP) + 1.0))
         visible = q_mask[:, None] & k_mask[None, :]
         if CAUSAL or PAGE > 0:
             visible = visible & (ks[None, :] <= past + qs[:, None])
@@ -139,7 +141,7 @@ def merge(Q, K, V, KS, VS, MASK, BLOCKS, LENGTHS, Y, P, D, batch, seq,
           SCALE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, KV_INT8: tl.constexpr,
           MERGE_HEADS: tl.constexpr, SPLITS: tl.constexpr, DOT_F16: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, SEQ_MAJOR: tl.constexpr,
-          PAGE: tl.constexpr, MAX_BLOCKS: tl.constexpr):
+          PAGE: tl.constexpr, MAX_BLOCKS: tl.constexpr, SOFTCAP: tl.constexpr):
     """The slices' outputs weighted by their share of the softmax; grid (cdiv(seq, BLOCK_M),
     batch * heads). Takes `partial`'s arguments, so one launch description serves both."""
     bh = tl.program_id(1)
