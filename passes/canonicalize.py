@@ -1,7 +1,9 @@
 """Canonical forms, so that one recognition pattern covers the spellings exporters produce.
 
 - division becomes multiplication (by a folded constant, or by `reciprocal`);
-- a `MatMul` whose inner dim is 1 (an outer product) becomes a broadcast `mul`;
+- a `MatMul` whose inner dim is 1 (an outer product) becomes a broadcast `mul`, and a batched
+  one written as a 3-D `bmm` between reshapes (torch's decomposition of a 4-D matmul) is one
+  4-D `MatMul` again;
 - `MatMul` by a constant 2-D weight becomes `linear` with the weight transposed once, at compile
   time, to [out_features, in_features], and a following bias `Add` joins it;
 - a fused QKV interleaved per head (GPT-NeoX) is reordered to [q | k | v] blocks;
@@ -151,6 +153,21 @@ def _outer_product(m, b):
     return b.emit("mul", [m["x"], m["y"]])
 
 
+def _batched_fits(m) -> str | None:
+    a, b, out = m["x"], m["y"], m.nodes["out"].outputs[0]
+    flat = [m.nodes[n].outputs[0] for n in ("fa", "fb")]
+    if a.type.rank < 3 or a.type.rank != b.type.rank or a.shape[:-2] != b.shape[:-2]:
+        return "the operands do not share their batch dims"
+    if any(f.type.rank != 3 or f.shape[1:] != x.shape[-2:] for f, x in zip(flat, (a, b))) or \
+            out.shape != a.shape[:-1] + b.shape[-1:]:
+        return "the reshapes do not flatten and restore the batch dims"
+    return None
+
+
+def _batched(m, b):
+    return b.emit("matmul", [m["x"], m["y"]])
+
+
 def _rows_fit(m) -> str | None:
     x, part = m.nodes["lin"].outputs[0], m.nodes["slice"].outputs[0]
     start, end, axis, step = (m[n].sym for n in ("st", "en", "ax", "sp"))
@@ -272,6 +289,8 @@ RULES = [
                                            attrs={"perm": (0, 2, 1)}), S2, bind="outer"),
          _swap_last_two, check=_swap_fits, near_miss_depth=4),
     Rule("outer_product", Op("matmul", X, Y), _outer_product, check=_inner_one, near_miss_depth=9),
+    Rule("batched_matmul", Op("reshape", Op("matmul", Op("reshape", X, S, bind="fa"), Op("reshape", Y, S2, bind="fb")),
+                              Var("s3"), bind="out"), _batched, check=_batched_fits, near_miss_depth=9),
     Rule("matmul_to_linear", Op("matmul", X, Const("w", where=_is_2d)), _to_linear,
          check=_inner_fits),
     Rule("linear_bias", Op("add", Op("linear", X, W), B), _with_bias, check=_bias_fits,

@@ -34,7 +34,7 @@ def test_inspect_summary(capsys):
     assert "past_key_values.0.key    f32[batch, 2, past, 16]" in out
     assert "present.1.value          f32[batch, 2, past + seq, 16]" in out
     assert "symbolic dims: batch, past, seq, total" in out
-    assert "parameters: 106,603 in" in out  # the weights, and the constants of the graph
+    assert "parameters: 106,859 in" in out  # the weights, and the constants of the graph
     assert "matmul             19" in out
 
 

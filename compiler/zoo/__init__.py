@@ -191,7 +191,7 @@ class ZooModel:
         model = getattr(transformers, model_cls)(self.config()).eval()
         with torch.no_grad():  # norm weights and biases start constant (ones, zeros): make each its own
             for p in model.parameters():
-                if p.dim() == 1 and bool((p == p[0]).all()):
+                if p.dim() == 1 and not p.is_meta and bool((p == p[0]).all()):
                     p.add_(0.1 * torch.randn_like(p))
         if self.train_steps:
             from . import training
