@@ -1,9 +1,10 @@
 """Long-context rotary embeddings (issue 34, item 3): Llama with `rope_type` llama3, YaRN and
-linear scaling from an original context of 32 positions (zoo `llama-rope-*`), held past that
-context to onnxruntime's greedy tokens and teacher-forced logits on the same file, and to
-transformers' own logits, from both PyTorch exporters; on the cuda target (Triton's interpreter) and opencl (pocl) too.
-(LongRoPE, Phi-3.5's short and long factors chosen by the step's largest position, needs a
-reduction kernel no target has yet: not supported.)"""
+linear scaling from an original context of 32 positions (zoo `llama-rope-*`), and Phi-3.5's
+LongRoPE (zoo `phi3-longrope`: short and long factors chosen by the step's largest position, a
+reduction in the graph), held past that context to onnxruntime's greedy tokens and
+teacher-forced logits on the same file, and to transformers' own logits; from both PyTorch
+exporters (the TorchScript one cannot export LongRoPE: `aten::copy`); on the cuda target
+(Triton's interpreter) and opencl (pocl) too."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from zoo_cases import export
 import llmc
 from llmc import runtime, zoo
 
-KINDS = ("llama3", "yarn", "linear")
+MODELS = {"llama3": "llama-rope-llama3", "yarn": "llama-rope-yarn", "linear": "llama-rope-linear",
+          "longrope": "phi3-longrope"}
+KINDS = tuple(MODELS)
 PROMPT, STEPS = 44, 6  # positions 0..49: past the original 32
 
 
@@ -27,7 +30,7 @@ def _prompt(rng):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_past_the_original_context_the_tokens_and_logits_are_the_reference(kind, artifacts, rng):
-    name = f"llama-rope-{kind}"
+    name = MODELS[kind]
     config = zoo.get(name).config()
     assert (getattr(config, "rope_parameters", None) or config.rope_scaling)["rope_type"] == kind
     prompt = _prompt(rng)
@@ -46,18 +49,26 @@ def test_past_the_original_context_the_tokens_and_logits_are_the_reference(kind,
     assert rel_err(model.forward(np.array([prompt]), past=0)[0], reference) < 1e-4
 
 
-@pytest.mark.parametrize("kind", KINDS)
+def test_longrope_switches_factors_when_decoding_crosses_the_original_context(artifacts, rng):
+    """A prompt within the original 32 positions (short factors), decoded past it (long factors
+    from then on, for the new tokens' keys and queries): onnxruntime's steps on the same file."""
+    prompt = rng.integers(0, 256, 28).tolist()
+    want, _ = _onnxruntime_greedy("phi3-longrope", prompt, 10)
+    assert runtime.load(artifacts("phi3-longrope")).generate(prompt, 10) == want
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "longrope"])
 def test_the_torchscript_export_too(kind, tmp_path, rng):
-    name = f"llama-rope-{kind}"
+    name = MODELS[kind]
     prompt = _prompt(rng)
     want, _ = _onnxruntime_greedy(name, prompt, STEPS, exporter="torchscript")
     art = llmc.compile(export(name, exporter="torchscript", kv_cache=True), output=tmp_path / "m.llmc", max_seq_len=128)
     assert runtime.load(art).generate(prompt, STEPS) == want
 
 
+@pytest.mark.parametrize("name", ["llama-rope-llama3", "phi3-longrope"])
 @pytest.mark.parametrize("target", ["cuda", "opencl"])
-def test_gpu_targets_scale_the_rotary_as_the_reference(target, tmp_path, rng):
-    name = "llama-rope-llama3"
+def test_gpu_targets_scale_the_rotary_as_the_reference(target, name, tmp_path, rng):
     prompt = _prompt(rng)
     want, _ = _onnxruntime_greedy(name, prompt, 4)
     art = llmc.compile(export(name, exporter="dynamo", kv_cache=True), target=target, output=tmp_path / "m.llmc",

@@ -81,10 +81,14 @@ def _one_node(op, shapes, params=()):
     ("silu", [("n", 7)], [], {}),
     ("relu", [("n", 7)], [], {}),
     ("where", [("n", 6)], [], {}),
+    ("reduce_max", [("n", 3, 8)], [], {"axes": None, "keepdims": 0}),  # LongRoPE's largest position
+    ("reduce_min", [("n", 3, 8)], [], {"axes": (1,), "keepdims": 1}),
+    ("reduce_sum", [("n", 3, 8)], [], {"axes": (0, 2), "keepdims": 0}),
+    ("reduce_mean", [("n", 3, 8)], [], {"axes": (-1,), "keepdims": 1}),
 ])
 def test_one_op_matches_reference(op, shapes, params, attrs, rng, tmp_path):
-    """Ops the zoo's graphs do not all hold (transpose, slices, concat, expand), on a symbolic
-    leading dim (batch, passed as an argument)."""
+    """Ops the zoo's graphs do not all hold (transpose, slices, concat, expand, reductions), on a
+    symbolic leading dim (batch, passed as an argument)."""
     g, inputs = _one_node(op, shapes, params)
     if op == "where":
         from llmc.ir.dtypes import DType

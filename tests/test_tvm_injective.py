@@ -64,6 +64,10 @@ def _one_node(op, shapes, params=(), **attrs):
      {"norm": "layer", "epsilon": 1e-5}),
     ("add_norm", [("n", 24)] * 2, [np.float32(np.arange(24) / 7)], {"norm": "rms", "epsilon": 1e-6}),
     ("norm_add", [("n", 3, 24)] * 2, [np.float32(np.arange(24) / 7)], {"norm": "rms", "epsilon": 1e-6}),
+    ("reduce_max", [("n", 3, 8)], [], {"axes": None, "keepdims": 0}),  # LongRoPE's largest position
+    ("reduce_min", [("n", 3, 8)], [], {"axes": (1,), "keepdims": 1}),
+    ("reduce_sum", [("n", 3, 8)], [], {"axes": (0, 2), "keepdims": 0}),
+    ("reduce_mean", [("n", 3, 8)], [], {"axes": (-1,), "keepdims": 1}),
     ("silu", [("n", 3, 8)], [], {}),  # activations no GEMM took (Phi-3's split gate before the fix)
     ("relu", [("n", 8)], [], {}),
     ("gelu", [("n", 8)], [], {"approximate": "tanh"}),

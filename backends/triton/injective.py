@@ -12,6 +12,7 @@ current lengths. Sizes are computed in int64.
 from __future__ import annotations
 
 from llmc.ir.symbolic import Sym
+from llmc.ops.nn import reduction_axes
 from llmc.runtime.dims import parse
 
 BLOCK = 1024
@@ -172,10 +173,38 @@ def _dims(w: Writer, i: list[str], out) -> str:
     return f"(({expr}) + {i[0]} * 0)"
 
 
+COMBINE = {"reduce_max": "tl.maximum({0}, {1})", "reduce_min": "tl.minimum({0}, {1})",
+           "reduce_sum": "({0} + {1})", "reduce_mean": "({0} + {1})"}
+
+
+def _reduce(w: Writer, i: list[str], out) -> list[str]:
+    """Lines leaving in `acc` the reduction of the input's elements at output coordinates i: a
+    loop over the reduced axes' flat index (from the first element: any dtype, any op)."""
+    node, x = w.node, w.inputs[0]
+    axes, keep = reduction_axes(len(x.shape), node.attrs["axes"]), node.attrs["keepdims"]
+    count = numel([x.shape[a] for a in axes])
+    outer = [c for a, c in enumerate(i) if a not in axes] if keep else list(i)  # the kept axes' coordinates
+
+    def index(r):  # the input's coordinates at flat index r of the reduced axes
+        coords, rest = {}, r
+        for a in reversed(axes):
+            coords[a] = f"(({rest}) % {dim_code(x.shape[a])})"
+            rest = f"(({rest}) // {dim_code(x.shape[a])})"
+        kept = iter(outer)
+        return [coords[a] if a in axes else next(kept) for a in range(len(x.shape))]
+    first, rest = index("0"), index("r")
+    lines = [f"    acc = {w.load(0, first)}", f"    for r in range(1, {count}):",
+             f"        acc = {COMBINE[node.op].format('acc', w.load(0, rest))}"]
+    if node.op == "reduce_mean":
+        lines.append(f"    acc = acc / ({count})")
+    return lines
+
+
 LOWERINGS = {**{op: _elementwise for op in (*UNARY, *BINARY, "where")},
              **{op: _view for op in ("reshape", "squeeze", "unsqueeze", "flatten", "identity")},
              "concat": _concat, "expand": _expand, "transpose": _transpose, "gather": _gather,
-             "gather_nd": _gather_nd, "range": _range, "dims": _dims, "slice": _slice, "split": None}
+             "gather_nd": _gather_nd, "range": _range, "dims": _dims, "slice": _slice, "split": None,
+             **{op: None for op in COMBINE}}
 
 
 def _coordinates(out, name="f") -> tuple[list[str], list[str]]:
@@ -219,6 +248,11 @@ def source(node, name: str) -> str:
             idx[axis] = f"({i[axis]} + {offset})"
             lines.append(f"    tl.store(OUT{k} + f, {w.load(0, idx)}, mask=m)")
             offset = f"({offset} + {dim_code(out.shape[axis])})"
+    elif node.op in COMBINE:
+        (out,) = outs
+        coords, i = _coordinates(out)
+        lines += coords + [f"    m = f < {numel(out.shape)}"] + _reduce(w, i, out) + \
+            [f"    tl.store(OUT0 + f, acc.to({TL_TYPES[out.dtype.numpy().name]}), mask=m)"]
     else:
         (out,) = outs
         coords, i = _coordinates(out)

@@ -2,7 +2,7 @@
 
 These are the small ops a compiled graph keeps besides its fused kernels: the embedding gather,
 and the per-step mask and rotary-table construction (range, compare, and, where, cast, cos, sin,
-concat, expand, gather_nd, ...); the standalone norms (`norm.py`) are lowered through the same
+concat, expand, gather_nd, a reduction such as LongRoPE's largest position, ...); the standalone norms (`norm.py`) are lowered through the same
 table. Shapes are symbolic: each named dim (batch, seq, past) becomes
 a TIR variable bound from the buffers at run time, and each `dims` value is evaluated the same way.
 Their schedules are plain: small ops run serial, since a parallel launch costs more than them.
@@ -11,6 +11,7 @@ Their schedules are plain: small ops run serial, since a parallel launch costs m
 from __future__ import annotations
 
 from llmc.ir.symbolic import Sym
+from llmc.ops.nn import reduction_axes
 
 from .norm import NORMS
 
@@ -244,12 +245,39 @@ def _split(node, ins, out_shapes, dims):
     return outs
 
 
+def _reduce(node, ins, out_shape, dims):
+    """reduce_max/min/sum/mean over constant axes: LongRoPE's largest position, say."""
+    from tvm import te
+
+    (x,) = ins
+    axes, keep = reduction_axes(len(x.shape), node.attrs["axes"]), node.attrs["keepdims"]
+    rs = [te.reduce_axis((0, x.shape[a]), name=f"r{a}") for a in axes]
+
+    def at(i):  # output coordinates -> the input's, the reduced axes' from rs
+        index, r, k = [], iter(rs), 0
+        for a in range(len(x.shape)):
+            reduced = a in axes
+            index.append(next(r) if reduced else i[k])
+            k += 1 if keep or not reduced else 0
+        return index
+    combine = {"reduce_max": te.max, "reduce_min": te.min}.get(node.op, te.sum)
+    y = te.compute(out_shape, lambda *i: combine(x(*at(i)), axis=rs), name="reduce")
+    if node.op != "reduce_mean":
+        return y
+    count = 1
+    for a in axes:
+        count = count * x.shape[a]
+    return te.compute(out_shape, lambda *i: y(*i) / count.astype(x.dtype), name="mean")
+
+
+REDUCTIONS = ("reduce_max", "reduce_min", "reduce_sum", "reduce_mean")
 LOWERINGS = {**{op: _elementwise(fn) for op, fn in UNARY.items()},
              **{op: _elementwise(fn) for op, fn in BINARY.items()},
              "where": _elementwise(_where),
              **{op: _view for op in ("reshape", "squeeze", "unsqueeze", "flatten", "identity")},
              "concat": _concat, "expand": _expand, "transpose": _transpose, "gather": _gather, "gather_nd": _gather_nd,
-             "range": _range, "dims": _dims, "split": _split, "slice": _slice, **NORMS}
+             "range": _range, "dims": _dims, "split": _split, "slice": _slice, **NORMS,
+             **{op: _reduce for op in REDUCTIONS}}
 MULTI_OUTPUT = {"split", "add_norm"}
 
 

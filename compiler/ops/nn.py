@@ -90,13 +90,13 @@ def rms_norm(x, scale, axis=-1, epsilon=1e-5):
 
 
 # reductions -----------------------------------------------------------------------------------
-def _reduce_axes(rank, axes):
+def reduction_axes(rank, axes):
     return tuple(range(rank)) if axes is None else tuple(sorted(normalize_axis(a, rank) for a in axes))
 
 
 def _reduce_infer(inputs, axes, keepdims):
     x = inputs[0]
-    red = _reduce_axes(x.type.rank, axes)
+    red = reduction_axes(x.type.rank, axes)
     shape = [1 if i in red else d for i, d in enumerate(x.shape) if keepdims or i not in red]
     return [x.type.with_shape(shape)]
 
@@ -104,7 +104,7 @@ def _reduce_infer(inputs, axes, keepdims):
 def _register_reduce(name, fn):
     @register(name, ("x",), {"axes": None, "keepdims": 1}, infer=_reduce_infer)
     def ref(x, axes, keepdims):
-        out = fn(_f32(x), axis=_reduce_axes(x.ndim, axes), keepdims=bool(keepdims))
+        out = fn(_f32(x), axis=reduction_axes(x.ndim, axes), keepdims=bool(keepdims))
         return np.asarray(out).astype(x.dtype)
 
     ref.__doc__ = f"{name} over `axes` (all when None)."

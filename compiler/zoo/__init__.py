@@ -128,6 +128,13 @@ _ROPE_SCALINGS = {
 _VARIANTS = {f"llama-rope-{kind}": _llama_like("LlamaConfig", "LlamaForCausalLM", rope_scaling=scaling,
                                                rope_theta=10000.0)
              for kind, scaling in _ROPE_SCALINGS.items()}
+# Phi-3.5's LongRoPE: short factors up to the original context of 32, long ones past it, chosen by
+# the step's largest position (a context of 128 = 4x: attention scaled by sqrt(1 + ln 4 / ln 32))
+_LONG_FACTORS = dict(short_factor=[1.0 + 0.1 * i for i in range(8)], long_factor=[1.5 + 0.5 * i for i in range(8)],
+                     factor=4.0, original_max_position_embeddings=32)
+_VARIANTS["phi3-longrope"] = _llama_like("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, bos_token_id=1,
+                                         eos_token_id=2, rope_scaling=dict(rope_type="longrope", **_LONG_FACTORS),
+                                         original_max_position_embeddings=32)
 _BUILDERS = {**_FAMILIES, **_VARIANTS}
 
 # Named realistic sizes for benchmarks.
@@ -292,6 +299,7 @@ ZOO: dict[str, ZooModel] = {
     **{name: ZooModel(name, fam, sizes) for name, (fam, sizes) in _BENCH_SIZES.items()},
     **{name: ZooModel(name, fam, sizes, TRAIN_STEPS) for name, (fam, sizes) in _TRAINED_SIZES.items()},
     **{f"llama-rope-{kind}": ZooModel(f"llama-rope-{kind}", f"llama-rope-{kind}", dict(_TINY)) for kind in _ROPE_SCALINGS},
+    "phi3-longrope": ZooModel("phi3-longrope", "phi3-longrope", dict(_TINY)),
     # real trained models, from packages on the index (`pretrained`)
     "smollm2-135m-instruct": ZooModel("smollm2-135m-instruct", "llama", dict(hidden=576, layers=30, heads=9,
                                       kv_heads=3, inter=1536, vocab=49152, ctx=8192), package=pretrained.SMOLLM2),
