@@ -290,7 +290,7 @@ RULES = [
          _swap_last_two, check=_swap_fits, near_miss_depth=4),
     Rule("outer_product", Op("matmul", X, Y), _outer_product, check=_inner_one, near_miss_depth=9),
     Rule("batched_matmul", Op("reshape", Op("matmul", Op("reshape", X, S, bind="fa"), Op("reshape", Y, S2, bind="fb")),
-                              Var("s3"), bind="out"), _batched, check=_batched_fits, near_miss_depth=9),
+                              Var("s3"), bind="out"), _batched, check=_batched_fits, near_miss_depth=4),
     Rule("matmul_to_linear", Op("matmul", X, Const("w", where=_is_2d)), _to_linear,
          check=_inner_fits),
     Rule("linear_bias", Op("add", Op("linear", X, W), B), _with_bias, check=_bias_fits,

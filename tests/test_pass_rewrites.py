@@ -85,6 +85,21 @@ def test_canonicalize_matmul_by_a_2d_constant_is_a_linear_and_takes_its_bias(rng
     assert report.rewrites["matmul_to_linear"] == 1 and report.rewrites["linear_bias"] == 1
 
 
+@pytest.mark.parametrize("restored", [True, False])
+def test_canonicalize_makes_a_bmm_between_reshapes_one_batched_matmul(restored, rng):
+    """torch's 4-D matmul: [b, h, s, d] @ [b, h, d, t] as bmm over [b*h, ...] between reshapes;
+    a near miss when the output is not restored to [b, h, s, t]."""
+    g = Graph("t")
+    a, b = _f32(g, "a", (2, 3, 5, 4)), _f32(g, "b", (2, 3, 4, 6))
+    flat_a, flat_b = (g.add_node("reshape", [x, _const(g, f"s{n}", [6, *x.shape[2:]])])[0] for n, x in ((0, a), (1, b)))
+    (p,) = g.add_node("matmul", [flat_a, flat_b])
+    (y,) = g.add_node("reshape", [p, _const(g, "s2", [2, 3, 5, 6] if restored else [3, 2, 5, 6])], output_names=["y"])
+    g.outputs.append(y)
+    g, report = _run(g, canonicalize, rng)
+    assert ([op for op, _ in _ops(g)] == ["matmul"]) == restored
+    assert restored or any("restore the batch dims" in m.reason for m in report.near_misses)
+
+
 def test_canonicalize_leaves_integer_division_and_a_bias_that_does_not_fit(rng):
     g = Graph("t")
     x = _f32(g, "x", (batch, 8))
@@ -231,19 +246,29 @@ def test_recognize_rotary_leaves_halves_cut_elsewhere(rng):
 HEADS, HEAD_DIM = 2, 4
 
 
-def _attention_graph(rng, merged_width=HEADS * HEAD_DIM):
-    """q, k, v [batch, seq, heads*dim] split into heads, q and k rotated, the cache appended,
-    attention, the heads merged back: what the KV cache pass leaves around attention."""
+def _attention_graph(rng, merged_width=HEADS * HEAD_DIM, qk_norm="", k_eps=1e-6):
+    """q, k, v [batch, seq, heads*dim] split into heads, q and k RMS-normalized (qk_norm "all":
+    before the split, "head": after it, "head_t": after the transpose) and rotated, the cache
+    appended, attention, the heads merged back: what the KV cache pass leaves around attention."""
     g = Graph("t")
     q, k, v = (_f32(g, n, (batch, seq, HEADS * HEAD_DIM)) for n in "qkv")
     cos, sin = _f32(g, "cos", (batch, 1, seq, HEAD_DIM)), _f32(g, "sin", (batch, 1, seq, HEAD_DIM))
     past_k, past_v = (_f32(g, n, (batch, HEADS, past, HEAD_DIM)) for n in ("past_k", "past_v"))
     split = g.add_node("dims", [], {"values": (batch, seq, HEADS, HEAD_DIM)})[0]
 
-    def heads(x):
-        return g.add_node("transpose", [g.add_node("reshape", [x, split])[0]], {"perm": (0, 2, 1, 3)})[0]
-    (qr,) = g.add_node("rotary", [heads(q), cos, sin])
-    (kr,) = g.add_node("rotary", [heads(k), cos, sin])
+    def normed(x, name, eps=1e-6):
+        width = HEADS * HEAD_DIM if qk_norm == "all" else HEAD_DIM
+        w = g.add_param(f"{name}_norm", (1 + 0.3 * rng.standard_normal(width)).astype(np.float32))
+        return g.add_node("rms_norm", [x, w], {"epsilon": eps})[0]
+
+    def heads(x, name=""):
+        x = normed(x, name, k_eps if name == "k" else 1e-6) if name and qk_norm == "all" else x
+        x = g.add_node("reshape", [x, split])[0]
+        x = normed(x, name, k_eps if name == "k" else 1e-6) if name and qk_norm == "head" else x
+        x = g.add_node("transpose", [x], {"perm": (0, 2, 1, 3)})[0]
+        return normed(x, name, k_eps if name == "k" else 1e-6) if name and qk_norm == "head_t" else x
+    (qr,) = g.add_node("rotary", [heads(q, "q" * bool(qk_norm)), cos, sin])
+    (kr,) = g.add_node("rotary", [heads(k, "k" * bool(qk_norm)), cos, sin])
     (kc,) = g.add_node("kv_append", [past_k, kr], output_names=["present_k"])
     (vc,) = g.add_node("kv_append", [past_v, heads(v)], output_names=["present_v"])
     (o,) = g.add_node("attention", [qr, kc, vc])
@@ -264,6 +289,21 @@ def test_fuse_attention_io_makes_rope_cache_and_attention_with_merged_heads(rng)
     assert report.rewrites == {"rope_cache": 1, "merge_heads": 1}
 
 
+@pytest.mark.parametrize("qk_norm", ["head", "head_t", "all"])
+def test_fuse_attention_io_takes_the_qk_norms_into_rope_cache(qk_norm, rng):
+    g, report = _run(_attention_graph(rng, qk_norm=qk_norm), fuse_attention_io, rng)
+    assert [op for op, _ in _ops(g)] == ["rope_cache", "attention"]
+    rope = g.nodes[0]
+    assert [v.name for v in rope.inputs[8:]] == ["q_norm", "k_norm"]
+    assert rope.attrs["qk_norm"] == ("all" if qk_norm == "all" else "head") and rope.attrs["norm_epsilon"] == 1e-6
+
+
+def test_fuse_attention_io_leaves_qk_norms_of_different_epsilons(rng):
+    g, report = _run(_attention_graph(rng, qk_norm="head", k_eps=1e-5), fuse_attention_io, rng)
+    assert "rope_cache" not in [op for op, _ in _ops(g)]
+    assert any("different epsilons" in m.reason for m in report.near_misses)
+
+
 def test_fuse_attention_io_leaves_a_reshape_that_does_not_merge_the_heads(rng):
     g = _attention_graph(rng)
     # [batch, seq, heads, dim] viewed as [batch, seq * heads, dim]: not the merged heads
@@ -278,6 +318,29 @@ def test_fuse_attention_io_leaves_a_reshape_that_does_not_merge_the_heads(rng):
     assert "rope_cache" in [op for op, _ in _ops(g)]
     assert [n.attrs["merge_heads"] for n in g.nodes if n.op == "attention"] == [0]
     assert any("does not merge the heads" in m.reason for m in report.near_misses)
+
+
+# fuse_add_norm (post-norm) --------------------------------------------------------------------
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_fuse_add_norm_takes_a_residual_plus_a_norm_into_norm_add(broadcast, rng):
+    """OLMo 2 and Gemma's post-norm, residual + rms_norm(x), is one norm_add; a residual that
+    broadcasts is left alone, saying so."""
+    from llmc.passes.fuse_add_norm import fuse_add_norm
+
+    g = Graph("t")
+    x = _f32(g, "x", (batch, seq, 8))
+    residual = _f32(g, "residual", (1, 1, 8) if broadcast else (batch, seq, 8))
+    w = g.add_param("w", (1 + 0.3 * rng.standard_normal(8)).astype(np.float32))
+    (n,) = g.add_node("rms_norm", [x, w], {"epsilon": 1e-6})
+    (y,) = g.add_node("add", [residual, n], output_names=["y"])
+    g.outputs.append(y)
+    g, report = _run(g, fuse_add_norm, rng)
+    if broadcast:
+        assert [op for op, _ in _ops(g)] == ["rms_norm", "add"]
+        assert any("broadcasts" in m.reason for m in report.near_misses)
+    else:
+        assert _ops(g) == [("norm_add", ["residual", "x", "w"])] and g.nodes[0].attrs["epsilon"] == 1e-6
 
 
 # specialize_context ---------------------------------------------------------------------------
@@ -302,6 +365,43 @@ def test_specialize_context_drops_a_window_longer_than_the_context(rng):
 def test_specialize_context_keeps_a_window_shorter_than_the_context(rng):
     g, report = _run(_window_graph(), specialize_context, rng, CompileOptions(max_seq_len=8192))
     assert [op for op, _ in _ops(g)] == ["slice", "neg"] and not report.rewrites
+
+
+def _appended_window_graph(window):
+    """Gemma's sliding-window layer: the cache appended, then its last `window` positions kept."""
+    g = Graph("t")
+    cache, new = _f32(g, "cache", (batch, 2, past, 4)), _f32(g, "new", (batch, 2, seq, 4))
+    (cat,) = g.add_node("concat", [cache, new], {"axis": 2})
+    (y,) = g.add_node("slice", [cat, _const(g, "s", [-window]), _const(g, "e", [2**62]), _const(g, "a", [2]),
+                                _const(g, "p", [1])], output_names=["y"])
+    g.outputs.append(y)
+    return g
+
+
+@pytest.mark.parametrize("window,context,kept", [(1023, 1023, False), (1023, 1024, True)])
+def test_specialize_context_bounds_past_plus_seq_by_the_context(window, context, kept, rng):
+    """min(past + seq, 1023) is past + seq for a context of 1023 (each of past and seq alone could
+    be 1023: only their sum's bound decides it)."""
+    g, _ = _run(_appended_window_graph(window), specialize_context, rng, CompileOptions(max_seq_len=context))
+    assert ("slice" in [op for op, _ in _ops(g)]) == kept
+
+
+# kv_cache -------------------------------------------------------------------------------------
+
+def test_kv_cache_records_an_appended_cache_and_refuses_one_it_cuts(rng):
+    from llmc.errors import LlmcError
+    from llmc.passes.kv_cache import kv_cache
+
+    g = Graph("t")
+    cache, new = _f32(g, "cache", (batch, 2, past, 4)), _f32(g, "new", (batch, 2, seq, 4))
+    (y,) = g.add_node("concat", [cache, new], {"axis": 2}, output_names=["present"])
+    g.outputs.append(y)
+    g, _ = _run(g, kv_cache, rng)
+    assert _ops(g) == [("kv_append", ["cache", "new"])]
+    assert g.metadata["kv_cache"]["entries"] == [{"past": "cache", "present": "present"}]
+    # a window shorter than the context: the runtime's cache would be fed empty, so it is refused
+    with pytest.raises(LlmcError, match="cache: the layer's cache is not written whole"):
+        run_passes(_appended_window_graph(7), [kv_cache], PassContext(options=CompileOptions(max_seq_len=None)))
 
 
 # half_weights and quantize_activations ----------------------------------------------------------

@@ -81,6 +81,8 @@ def _one_node(op, shapes, params=()):
     ("silu", [("n", 7)], [], {}),
     ("relu", [("n", 7)], [], {}),
     ("where", [("n", 6)], [], {}),
+    ("rotary", [("n", 4, 3, 12), ("n", 1, 3, 12), ("n", 1, 3, 12)], [], {"rotary_dim": 0}),  # no cache kernel took it
+    ("rotary", [("n", 2, 3, 12), (1, 1, 3, 4), (1, 1, 3, 4)], [], {"rotary_dim": 4}),  # partial, tables of one sequence
     ("reduce_max", [("n", 3, 8)], [], {"axes": None, "keepdims": 0}),  # LongRoPE's largest position
     ("reduce_min", [("n", 3, 8)], [], {"axes": (1,), "keepdims": 1}),
     ("reduce_sum", [("n", 3, 8)], [], {"axes": (0, 2), "keepdims": 0}),

@@ -68,6 +68,8 @@ def _one_node(op, shapes, params=(), **attrs):
     ("reduce_min", [("n", 3, 8)], [], {"axes": (1,), "keepdims": 1}),
     ("reduce_sum", [("n", 3, 8)], [], {"axes": (0, 2), "keepdims": 0}),
     ("reduce_mean", [("n", 3, 8)], [], {"axes": (-1,), "keepdims": 1}),
+    ("rotary", [("n", 4, 3, 12), ("n", 1, 3, 12), ("n", 1, 3, 12)], [], {"rotary_dim": 0}),  # no cache kernel took it
+    ("rotary", [("n", 2, 3, 12), (1, 1, 3, 4), (1, 1, 3, 4)], [], {"rotary_dim": 4}),  # partial, tables of one sequence
     ("silu", [("n", 3, 8)], [], {}),  # activations no GEMM took (Phi-3's split gate before the fix)
     ("relu", [("n", 8)], [], {}),
     ("gelu", [("n", 8)], [], {"approximate": "tanh"}),

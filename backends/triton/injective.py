@@ -161,6 +161,20 @@ def _slice(w: Writer, i: list[str], out) -> str:
     return w.load(0, [f"({b} + ({j}) * {st})" for j, b, st in zip(i, begin, stride)])
 
 
+def _rotary(w: Writer, i: list[str], out) -> str:
+    """A rotary embedding no cache kernel took: the first rotary_dim features of each head
+    rotate, the rest pass through (reads masked to the features each side needs)."""
+    d = w.inputs[0].shape[-1]
+    rd = w.node.attrs["rotary_dim"] or d
+    half, *lead, f = rd // 2, *i
+    x = w.load(0, i)
+    lo = w.load(0, [*lead, f"({f} + {half})"]).replace("mask=m", f"mask=m & ({f} < {half})")
+    hi = w.load(0, [*lead, f"({f} - {half})"]).replace("mask=m", f"mask=m & ({f} >= {half}) & ({f} < {rd})")
+    turn = f"tl.minimum({f}, {rd - 1})"
+    cos, sin = (w.broadcast(k, [*lead, turn]) for k in (1, 2))
+    return f"tl.where({f} < {rd}, {x} * {cos} + tl.where({f} < {half}, -{lo}, {hi}) * {sin}, {x})"
+
+
 def _range(w: Writer, i: list[str], out) -> str:
     return f"({w.load(0, [])} + {i[0]} * {w.load(2, [])})"
 
@@ -204,6 +218,7 @@ LOWERINGS = {**{op: _elementwise for op in (*UNARY, *BINARY, "where")},
              **{op: _view for op in ("reshape", "squeeze", "unsqueeze", "flatten", "identity")},
              "concat": _concat, "expand": _expand, "transpose": _transpose, "gather": _gather,
              "gather_nd": _gather_nd, "range": _range, "dims": _dims, "slice": _slice, "split": None,
+             "rotary": _rotary,
              **{op: None for op in COMBINE}}
 
 

@@ -245,6 +245,25 @@ def _split(node, ins, out_shapes, dims):
     return outs
 
 
+def _rotary(node, ins, out_shape, dims):
+    """A rotary embedding no cache kernel took (`ops.transformer.rotary`): the first rotary_dim
+    features of each head rotate, the rest pass through."""
+    from tvm import te, tirx
+
+    x, cos, sin = ins
+    d = int(x.shape[-1])
+    rd = node.attrs["rotary_dim"] or d
+    half = rd // 2
+
+    def body(*i):
+        *lead, f = i
+        turn = tirx.min(f, rd - 1)  # the tables' feature (read only where f < rd)
+        partner = tirx.if_then_else(f < half, -x(*lead, tirx.min(f + half, d - 1)), x(*lead, tirx.max(f - half, 0)))
+        c, s_ = (t(*_broadcast_index(t, [*lead, turn])) for t in (cos, sin))
+        return tirx.if_then_else(f < rd, x(*i) * c + partner * s_, x(*i))
+    return te.compute(out_shape, body, name="rotary")
+
+
 def _reduce(node, ins, out_shape, dims):
     """reduce_max/min/sum/mean over constant axes: LongRoPE's largest position, say."""
     from tvm import te
@@ -277,7 +296,7 @@ LOWERINGS = {**{op: _elementwise(fn) for op, fn in UNARY.items()},
              **{op: _view for op in ("reshape", "squeeze", "unsqueeze", "flatten", "identity")},
              "concat": _concat, "expand": _expand, "transpose": _transpose, "gather": _gather, "gather_nd": _gather_nd,
              "range": _range, "dims": _dims, "split": _split, "slice": _slice, **NORMS,
-             **{op: _reduce for op in REDUCTIONS}}
+             **{op: _reduce for op in REDUCTIONS}, "rotary": _rotary}
 MULTI_OUTPUT = {"split", "add_norm"}
 
 
