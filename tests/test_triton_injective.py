@@ -21,7 +21,7 @@ from llmc.runtime.interpret import load_package
 
 torch = pytest.importorskip("torch")
 
-FUSED = {"fused_linear", "attention", "rope_cache", "add_norm", "rms_norm", "layer_norm"}  # kernels/*.py
+FUSED = {"fused_linear", "attention", "rope_cache", "add_norm", "norm_add", "rms_norm", "layer_norm"}  # kernels/*.py
 
 
 def _run(node, inputs, outs, env, tmp_path):
