@@ -78,6 +78,19 @@ def kv_order(graph: Graph) -> str:
     return graph.metadata.get("kv_cache", {}).get("layout", {}).get("order", "bhsd")
 
 
+def _check_every_past_is_cached(graph: Graph) -> None:
+    """An imported decoder's past inputs must all be caches the runtime owns: one the cache pass
+    could not take would be fed empty at every step (wrong tokens, silently)."""
+    if "roles" not in graph.metadata:  # torch.compile: the caller feeds every input
+        return
+    cached = {e["past"] for e in graph.metadata.get("kv_cache", {}).get("entries", [])}
+    for v in graph.inputs:
+        if v.type.rank == 4 and v.shape[2] == Sym.var("past") and v.name not in cached:
+            raise UnsupportedGraph(f"{v.name}: the layer's cache is not written whole to a graph output (a sliding "
+                                   "window shorter than the context keeps only its last positions?); compile with "
+                                   "a context the window covers (--max-seq-len)", v.name)
+
+
 def lay_out_caches(graph: Graph, dtype: str, order: str = "bhsd", page_tokens: int = 0) -> dict:
     """Record the KV cache's layout in `graph.metadata["kv_cache"]`: its encoding ("f32", "f16"
     or "int8") and its descriptor (`layout`: the axis order, KV_ORDERS; `page_tokens`, 0 for one
@@ -92,6 +105,7 @@ def lay_out_caches(graph: Graph, dtype: str, order: str = "bhsd", page_tokens: i
     grow; two more values are the runtime's to give at every step: KV_BLOCKS, int32 [batch,
     max_blocks], each sequence's blocks in position order, and KV_LENGTHS, int32 [batch], the
     positions each sequence already holds (its own `past`: sequences of a batch may differ)."""
+    _check_every_past_is_cached(graph)
     cache = graph.metadata.get("kv_cache")
     if cache is None:  # a graph from torch.compile: its caller owns the caches, if any
         return {}

@@ -6,9 +6,6 @@ since its kernels read it."""
 
 from __future__ import annotations
 
-from llmc.errors import LlmcError
-from llmc.ir.symbolic import Sym
-
 from .manager import Pass, PassContext
 from .pattern import Op, Rule, Var, apply_rules
 
@@ -29,12 +26,6 @@ def _run(graph, ctx: PassContext):
                       and _past(n.inputs[0]) is None),
                      key=lambda n: position[n.outputs[0]])
     entries = [{"past": n.inputs[0].name, "present": n.outputs[0].name} for n in appends]
-    cached = {e["past"] for e in entries}
-    for v in graph.inputs:  # a past left out would be fed empty by the runtime: wrong tokens, silently
-        if v.type.rank == 4 and v.shape[2] == Sym.var("past") and v.name not in cached:
-            raise LlmcError(f"{v.name}: the layer's cache is not written whole to a graph output (a sliding "
-                            "window shorter than the context keeps only its last positions?); compile with a "
-                            "context the window covers (--max-seq-len)")
     if entries:
         graph.metadata["kv_cache"] = {"entries": entries}
     return graph

@@ -57,7 +57,9 @@ def test_longrope_switches_factors_when_decoding_crosses_the_original_context(ar
     assert runtime.load(artifacts("phi3-longrope")).generate(prompt, 10) == want
 
 
-@pytest.mark.parametrize("kind", [k for k in KINDS if k != "longrope"])
+# llama3 by default, the other scalings with the slow tests (the default run's time is bounded)
+@pytest.mark.parametrize("kind", [k if k == "llama3" else pytest.param(k, marks=pytest.mark.slow)
+                                  for k in KINDS if k != "longrope"])
 def test_the_torchscript_export_too(kind, tmp_path, rng):
     name = MODELS[kind]
     prompt = _prompt(rng)
@@ -66,7 +68,7 @@ def test_the_torchscript_export_too(kind, tmp_path, rng):
     assert runtime.load(art).generate(prompt, STEPS) == want
 
 
-@pytest.mark.parametrize("name", ["llama-rope-llama3", "phi3-longrope"])
+@pytest.mark.parametrize("name", ["llama-rope-llama3", pytest.param("phi3-longrope", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("target", ["cuda", "opencl"])
 def test_gpu_targets_scale_the_rotary_as_the_reference(target, name, tmp_path, rng):
     prompt = _prompt(rng)

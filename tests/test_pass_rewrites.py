@@ -388,8 +388,9 @@ def test_specialize_context_bounds_past_plus_seq_by_the_context(window, context,
 
 # kv_cache -------------------------------------------------------------------------------------
 
-def test_kv_cache_records_an_appended_cache_and_refuses_one_it_cuts(rng):
-    from llmc.errors import LlmcError
+def test_kv_cache_records_an_appended_cache_and_the_backend_refuses_one_it_cut(rng):
+    from llmc.backends.cache_layout import lay_out_caches
+    from llmc.backends.plan import UnsupportedGraph
     from llmc.passes.kv_cache import kv_cache
 
     g = Graph("t")
@@ -399,9 +400,12 @@ def test_kv_cache_records_an_appended_cache_and_refuses_one_it_cuts(rng):
     g, _ = _run(g, kv_cache, rng)
     assert _ops(g) == [("kv_append", ["cache", "new"])]
     assert g.metadata["kv_cache"]["entries"] == [{"past": "cache", "present": "present"}]
-    # a window shorter than the context: the runtime's cache would be fed empty, so it is refused
-    with pytest.raises(LlmcError, match="cache: the layer's cache is not written whole"):
-        run_passes(_appended_window_graph(7), [kv_cache], PassContext(options=CompileOptions(max_seq_len=None)))
+    # a window shorter than the context: the runtime would feed that past empty, so the backend
+    # refuses the graph (the pass leaves it as it is: a pass keeps meaning, it does not judge)
+    cut, _ = _run(_appended_window_graph(7), kv_cache, rng)
+    cut.metadata["roles"] = {"tokens": "ids"}  # an imported decoder's
+    with pytest.raises(UnsupportedGraph, match="cache: the layer's cache is not written whole"):
+        lay_out_caches(cut, "f32")
 
 
 # half_weights and quantize_activations ----------------------------------------------------------
